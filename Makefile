@@ -1,0 +1,40 @@
+# Two entry points: `make run` (main job on the bundled sample data) and `make test`.
+# Both create a project-local virtual environment first; nothing is installed globally.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv run test lint format bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first and pinned: the CPU build on this machine's disk (a plain `torch` pulls CUDA).
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: venv
+	$(BIN)/prefpack run
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: lint
+	$(BIN)/python -m pytest
+
+bench: venv
+	$(BIN)/python -m benchmarks.normalize_curate
+	$(BIN)/python -m benchmarks.pack
+	$(BIN)/python -m benchmarks.train
+
+clean:
+	rm -rf $(VENV) store .dagster .pytest_cache .ruff_cache .hypothesis

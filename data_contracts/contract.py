@@ -1,0 +1,147 @@
+"""A contract: a versioned Arrow schema plus named row rules, in two modes.
+
+Modelled on dataframely: a schema you can read field by field, rules that are named
+boolean Polars expressions (True = the row is valid), and two ways to apply them:
+`validate` raises with counts per failed rule, `split` returns the valid rows and the
+invalid ones labelled with the first rule they broke. Rule names are stable strings that
+double as quarantine and drop reasons, so row accounting uses one vocabulary.
+
+Every non-nullable field gets an implicit rule `null_<field>`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+Rule = Callable[[], pl.Expr]
+ROW_INDEX = "__row_index"
+
+
+class ContractError(ValueError):
+    """Data does not satisfy a contract; the message names the columns or rules."""
+
+
+@dataclass(frozen=True)
+class Contract:
+    """A named, versioned schema with row rules.
+
+    Attributes:
+        name: the contract's name, e.g. "preference_pair".
+        version: bumped whenever the bytes a stage writes would change.
+        schema: the Arrow schema; field metadata carries a "description".
+        rules: rule name -> zero-argument function building a Polars expression that is
+            True for valid rows. Evaluated in order; a row is labelled with the first rule
+            it breaks.
+    """
+
+    name: str
+    version: str
+    schema: pa.Schema
+    rules: Mapping[str, Rule] = field(default_factory=dict)
+
+    def missing_columns(self, columns: list[str]) -> list[str]:
+        """Names of schema fields absent from `columns`, in schema order."""
+        present = set(columns)
+        return [f.name for f in self.schema if f.name not in present]
+
+    def conform(self, table: pa.Table, source: str = "table") -> pa.Table:
+        """Select the schema's columns in order and cast them to the schema's types.
+
+        Raises:
+            ContractError: naming `source` and every missing column, or the column whose
+                type cannot be cast.
+        """
+        missing = self.missing_columns(table.column_names)
+        if missing:
+            raise ContractError(
+                f"{source}: missing column(s) for {self.name} v{self.version}: "
+                + ", ".join(missing)
+            )
+        columns = []
+        for f in self.schema:
+            try:
+                columns.append(table.column(f.name).cast(f.type))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+                raise ContractError(
+                    f"{source}: column {f.name!r} has type {table.schema.field(f.name).type}, "
+                    f"{self.name} needs {f.type}: {err}"
+                ) from err
+        return pa.Table.from_arrays(columns, schema=self.schema)
+
+    def _all_rules(self) -> dict[str, Rule]:
+        rules: dict[str, Rule] = {}
+        for f in self.schema:
+            if not f.nullable:
+                rules[f"null_{f.name}"] = lambda name=f.name: pl.col(name).is_not_null()
+        rules.update(self.rules)
+        return rules
+
+    def label(self, table: pa.Table) -> pl.DataFrame:
+        """Each row's first broken rule (null when valid), with its row index.
+
+        Returns:
+            A frame with columns `__row_index` (u32) and `rule` (str or null).
+        """
+        frame = pl.from_arrow(table)
+        assert isinstance(frame, pl.DataFrame)
+        first_broken: pl.Expr = pl.lit(None, dtype=pl.String)
+        for name, rule in reversed(list(self._all_rules().items())):
+            first_broken = (
+                pl.when(rule().fill_null(False).not_()).then(pl.lit(name)).otherwise(first_broken)
+            )
+        return frame.with_row_index(ROW_INDEX).select(ROW_INDEX, first_broken.alias("rule"))
+
+    def problems(self, table: pa.Table) -> dict[str, int]:
+        """Count of rows per broken rule (empty when every row is valid)."""
+        labels = self.label(table).filter(pl.col("rule").is_not_null())
+        counts = labels.group_by("rule").len().sort("rule")
+        return dict(zip(counts["rule"].to_list(), counts["len"].to_list(), strict=True))
+
+    def validate(self, table: pa.Table, source: str = "table") -> pa.Table:
+        """Conform `table` and raise if any row breaks a rule.
+
+        Raises:
+            ContractError: with the count of rows per broken rule and the first row index
+                of each.
+        """
+        table = self.conform(table, source)
+        labels = self.label(table).filter(pl.col("rule").is_not_null())
+        if labels.height:
+            first = labels.group_by("rule").agg(
+                pl.len().alias("rows"), pl.col(ROW_INDEX).min().alias("first_row")
+            )
+            detail = "; ".join(
+                f"{r['rule']}: {r['rows']} row(s), first at row {r['first_row']}"
+                for r in first.sort("rule").iter_rows(named=True)
+            )
+            raise ContractError(f"{source}: {self.name} v{self.version} rules broken: {detail}")
+        return table
+
+    def split(self, table: pa.Table, source: str = "table") -> tuple[pa.Table, pa.Table]:
+        """Conform `table` and separate valid from invalid rows.
+
+        Returns:
+            (valid rows, invalid rows with two extra columns: `__row_index`, the row's
+            index in `table`, and `rule`, the first rule it broke). Row order is kept.
+        """
+        table = self.conform(table, source)
+        labels = self.label(table)
+        valid_mask = labels["rule"].is_null().to_arrow()
+        invalid = table.filter(pc.invert(valid_mask))
+        bad_labels = labels.filter(pl.col("rule").is_not_null())
+        invalid = invalid.append_column(
+            ROW_INDEX, bad_labels[ROW_INDEX].to_arrow().cast(pa.int64())
+        ).append_column("rule", bad_labels["rule"].to_arrow().cast(pa.string()))
+        return table.filter(valid_mask), invalid
+
+
+def described(
+    name: str, type_: pa.DataType, description: str, nullable: bool = False, **meta: str
+) -> pa.Field:
+    """An Arrow field with a description (and any extra facts) in its metadata."""
+    return pa.field(name, type_, nullable=nullable, metadata={"description": description, **meta})

@@ -1,0 +1,34 @@
+"""Test tiers.
+
+- Unit and property tests (the default): pure functions on tiny inputs, hypothesis for
+  invariants. Fast; every run.
+- `slow`: end-to-end runs (whole Dagster graph, the real webserver, multi-process DDP).
+  Still part of `make test`, which stays well under 15 minutes on 2 cores.
+- `gpu`: needs CUDA (FlexAttention backward). Skipped with a stated reason on machines
+  without a GPU, and reported by pytest's `-ra` summary, never silently.
+
+Tests never touch the network or `../shared`; fixtures live in `tests/fixtures`, written
+by us in each source's real schema.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    """Every test starts from the same random state."""
+    random.seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture
+def fixtures_dir() -> Path:
+    return FIXTURES

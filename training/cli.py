@@ -1,0 +1,9 @@
+"""Subcommands of `prefpack` that belong to `training/`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register this area's subcommands (none yet)."""
