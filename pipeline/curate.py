@@ -1,0 +1,436 @@
+"""Curate canonical pairs: named, configurable rules, applied as a funnel.
+
+Each rule is a Polars expression that is True for the pairs it keeps; its name is the drop
+reason in the report. Rules run in the order of `RULES`, each on what the ones before it
+kept, so a pair is counted once, under the first rule that drops it, and
+
+    rows_in = rows_out + sum(dropped by reason)
+
+Where a rule's column is null for a pair (no margin, no language, ...) the rule does not
+apply to it. Margin and score thresholds are on the source's own scale (the pairs' metadata
+`score_scale` names it), so they are off by default. The AIR study of preference data found
+moderate margins and high absolute chosen scores work best: set `min_margin`, `max_margin`
+and `min_chosen_score` per source to follow it.
+
+The report also gives, for sources with per-attribute scores (HelpSteer's five,
+UltraFeedback's four aspects), how often each attribute agrees with the chosen/rejected
+order, conflicts with it, or ties, over the curated pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_contracts import preference_pair
+from pipeline.io import (
+    PAIRS_FILE,
+    REPORT_FILE,
+    atomic_directory,
+    pairs_path,
+    write_json,
+    write_parquet,
+)
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class CurateConfig:
+    """What curation keeps. Each field's `help` says what it does (the CLI flags and the
+    Dagster config are built from these fields); None turns a threshold off."""
+
+    drop_empty: bool = field(
+        default=True, metadata=_help("drop pairs whose chosen or rejected is empty or blank")
+    )
+    drop_identical: bool = field(
+        default=True,
+        metadata=_help("drop pairs whose chosen and rejected are equal after text normalization"),
+    )
+    drop_ties: bool = field(
+        default=True, metadata=_help("drop pairs with margin 0: no preference to learn")
+    )
+    dedup: bool = field(
+        default=True,
+        metadata=_help("keep the first of pairs equal in normalized prompt, chosen and rejected"),
+    )
+    languages: tuple[str, ...] | None = field(
+        default=None, metadata=_help("keep only these languages (pairs without one are kept)")
+    )
+    exclude_languages: tuple[str, ...] | None = field(
+        default=None, metadata=_help("drop these languages")
+    )
+    domains: tuple[str, ...] | None = field(
+        default=None, metadata=_help("keep only these domains (pairs without one are kept)")
+    )
+    exclude_domains: tuple[str, ...] | None = field(
+        default=None, metadata=_help("drop these domains")
+    )
+    max_prompt_chars: int | None = field(
+        default=16_000, metadata=_help("drop prompts longer than this, all messages (~4k tokens)")
+    )
+    min_response_chars: int | None = field(
+        default=None, metadata=_help("drop pairs whose shorter response has fewer characters")
+    )
+    max_response_chars: int | None = field(
+        default=16_000, metadata=_help("drop pairs whose longer response has more characters")
+    )
+    min_margin: float | None = field(
+        default=None, metadata=_help("drop pairs with a smaller margin (source scale)")
+    )
+    max_margin: float | None = field(
+        default=None, metadata=_help("drop pairs with a larger margin (source scale)")
+    )
+    min_chosen_score: float | None = field(
+        default=None, metadata=_help("drop pairs whose chosen scores lower (source scale)")
+    )
+    contamination_ngram: int = field(
+        default=13,
+        metadata=_help(
+            "word n-gram size of the contamination check against eval prompts (shorter eval "
+            "prompts must equal the whole prompt)"
+        ),
+    )
+    max_pairs_per_prompt: int | None = field(
+        default=None,
+        metadata=_help("keep at most this many pairs per prompt, largest margins first"),
+    )
+
+
+@dataclass(frozen=True)
+class Curated:
+    """The output of `curate`.
+
+    Attributes:
+        pairs: the kept pairs, in input order, with the input's schema and metadata.
+        report: the funnel (rows_in, dropped by rule, rows_out), the config, per-source
+            counts and attribute agreement.
+    """
+
+    pairs: pa.Table
+    report: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------
+# Helper columns, computed once
+
+
+def _normalized(text: pl.Expr) -> pl.Expr:
+    """Text as compared by the rules: NFKC, lower case, whitespace collapsed."""
+    folded = text.str.normalize("NFKC").str.to_lowercase()
+    return folded.str.replace_all(r"\s+", " ").str.strip_chars()
+
+
+def _helpers() -> list[pl.Expr]:
+    contents = pl.col("prompt").list.eval(pl.element().struct.field("content"))
+    turns = pl.col("prompt").list.eval(
+        pl.element().struct.field("role") + pl.lit(": ") + pl.element().struct.field("content")
+    )
+    return [
+        _normalized(turns.list.join("\n")).alias("__prompt_key"),
+        _normalized(contents.list.join(" ")).alias("__prompt_text"),
+        _normalized(pl.col("chosen")).alias("__chosen_key"),
+        _normalized(pl.col("rejected")).alias("__rejected_key"),
+        contents.list.eval(pl.element().str.len_chars()).list.sum().alias("__prompt_chars"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------
+# Rules: name -> (config -> keep expression, or None when the rule is off)
+
+
+def _in(column: str, values: Sequence[str] | None, keep_listed: bool) -> pl.Expr | None:
+    if values is None:
+        return None
+    listed = pl.col(column).str.to_lowercase().is_in([v.lower() for v in values])
+    return pl.col(column).is_null() | (listed if keep_listed else ~listed)
+
+
+def _at_least(expr: pl.Expr, bound: float | None) -> pl.Expr | None:
+    return None if bound is None else expr >= bound
+
+
+def _at_most(expr: pl.Expr, bound: float | None) -> pl.Expr | None:
+    return None if bound is None else expr <= bound
+
+
+def _prompt_cap(c: CurateConfig) -> pl.Expr | None:
+    if c.max_pairs_per_prompt is None:
+        return None
+    # Largest margin first (no margin last), then input order.
+    rank = pl.int_range(pl.len()).over(
+        "__prompt_key",
+        order_by=[pl.col("margin").fill_null(-np.inf).neg(), pl.col("__position")],
+    )
+    return rank < c.max_pairs_per_prompt
+
+
+def _shorter_response() -> pl.Expr:
+    return pl.min_horizontal(pl.col("chosen").str.len_chars(), pl.col("rejected").str.len_chars())
+
+
+def _longer_response() -> pl.Expr:
+    return pl.max_horizontal(pl.col("chosen").str.len_chars(), pl.col("rejected").str.len_chars())
+
+
+RULES: dict[str, Callable[[CurateConfig], pl.Expr | None]] = {
+    "empty_response": lambda c: (
+        (pl.col("__chosen_key") != "") & (pl.col("__rejected_key") != "") if c.drop_empty else None
+    ),
+    "identical_responses": lambda c: (
+        pl.col("__chosen_key") != pl.col("__rejected_key") if c.drop_identical else None
+    ),
+    "tie": lambda c: pl.col("margin") != 0 if c.drop_ties else None,
+    "duplicate": lambda c: (
+        pl.struct("__prompt_key", "__chosen_key", "__rejected_key").is_first_distinct()
+        if c.dedup
+        else None
+    ),
+    "language_not_included": lambda c: _in("language", c.languages, keep_listed=True),
+    "language_excluded": lambda c: _in("language", c.exclude_languages, keep_listed=False),
+    "domain_not_included": lambda c: _in("domain", c.domains, keep_listed=True),
+    "domain_excluded": lambda c: _in("domain", c.exclude_domains, keep_listed=False),
+    "prompt_too_long": lambda c: _at_most(pl.col("__prompt_chars"), c.max_prompt_chars),
+    "response_too_short": lambda c: _at_least(_shorter_response(), c.min_response_chars),
+    "response_too_long": lambda c: _at_most(_longer_response(), c.max_response_chars),
+    "margin_below_min": lambda c: _at_least(pl.col("margin"), c.min_margin),
+    "margin_above_max": lambda c: _at_most(pl.col("margin"), c.max_margin),
+    "score_below_min": lambda c: _at_least(pl.col("score_chosen"), c.min_chosen_score),
+    "contaminated": lambda c: ~pl.col("__contaminated"),
+    "over_prompt_cap": _prompt_cap,
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Contamination: word n-gram overlap with eval prompts
+
+
+def _word_hashes(frame: pl.DataFrame, text: str) -> tuple[np.ndarray, np.ndarray]:
+    """(owner row, hash) of every word of `text`, in order."""
+    words = (
+        frame.select(pl.int_range(pl.len()).alias("row"), pl.col(text).str.extract_all(r"\w+"))
+        .explode(text)
+        .drop_nulls(text)
+    )
+    return words["row"].to_numpy(), words[text].hash(seed=0).to_numpy()
+
+
+def _ngram_hashes(rows: np.ndarray, hashes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(owner row, hash) of every n-gram of consecutive words of one row (u64 polynomial)."""
+    count = len(hashes) - n + 1
+    if count <= 0:
+        return np.empty(0, np.int64), np.empty(0, np.uint64)
+    acc = np.zeros(count, np.uint64)
+    with np.errstate(over="ignore"):
+        for k in range(n):
+            acc = acc * np.uint64(1_000_003) + hashes[k : k + count]
+    same_row = rows[:count] == rows[n - 1 : n - 1 + count]
+    return rows[:count][same_row], acc[same_row]
+
+
+def contaminated(prompt_text: pl.Series, eval_prompts: Sequence[str], n: int) -> np.ndarray:
+    """bool per prompt: shares a word n-gram with an eval prompt, or equals a shorter one.
+
+    Args:
+        prompt_text: normalized prompt texts (see `_normalized`).
+        eval_prompts: raw eval prompt texts; normalized here the same way.
+        n: n-gram size in words.
+    """
+    evals = pl.DataFrame({"t": pl.Series(eval_prompts, dtype=pl.String)}).select(
+        _normalized(pl.col("t")).alias("t")
+    )
+    pairs = prompt_text.alias("t").to_frame()
+    eval_rows, eval_words = _word_hashes(evals, "t")
+    pair_rows, pair_words = _word_hashes(pairs, "t")
+    hit = np.zeros(len(pairs), bool)
+    _, eval_grams = _ngram_hashes(eval_rows, eval_words, n)
+    owners, grams = _ngram_hashes(pair_rows, pair_words, n)
+    hit[owners[np.isin(grams, eval_grams)]] = True
+    # Eval prompts shorter than n words: the pair's whole prompt must equal one of them.
+    lengths = np.bincount(eval_rows, minlength=len(evals))
+    short = evals.filter(pl.Series(lengths < n))["t"].str.extract_all(r"\w+").list.join(" ")
+    whole = pairs["t"].str.extract_all(r"\w+").list.join(" ")
+    hit |= whole.is_in(short.filter(short != "")).to_numpy()
+    return hit
+
+
+def load_eval_prompts(path: str | Path) -> list[str]:
+    """Eval prompts from a `.txt` file (one per line) or a JSON lines / Parquet file with a
+    `prompt` string column.
+
+    Raises:
+        FileNotFoundError: naming the missing file.
+        ValueError: naming the file when it has no `prompt` column.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such eval prompts file")
+    if path.suffix == ".txt":
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return [line for line in lines if line.strip()]
+    frame = pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_ndjson(path)
+    if "prompt" not in frame.columns:
+        raise ValueError(f"{path}: eval prompts need a 'prompt' column; found {frame.columns}")
+    return frame["prompt"].cast(pl.String).drop_nulls().to_list()
+
+
+# ---------------------------------------------------------------------------------------
+# Attribute agreement
+
+
+def attribute_agreement(pairs: pl.DataFrame) -> dict[str, dict[str, dict[str, float]]]:
+    """Per source and attribute: pairs where chosen's attribute is higher (agree), lower
+    (conflict) or equal (tie) than rejected's, and the agree rate."""
+    entry = pl.List(pl.Struct({"key": pl.String, "value": pl.Float64}))
+    sides = {}
+    for side in ("chosen", "rejected"):
+        sides[side] = (
+            pairs.select(
+                "source",
+                pl.int_range(pl.len()).alias("row"),
+                pl.col(f"{side}_attributes").cast(entry).alias("a"),
+            )
+            .explode("a")
+            .drop_nulls("a")
+            .unnest("a")
+        )
+    both = sides["chosen"].join(sides["rejected"], on=["source", "row", "key"], suffix="_r")
+    counts = (
+        both.group_by("source", "key")
+        .agg(
+            pl.len().alias("pairs"),
+            (pl.col("value") > pl.col("value_r")).sum().alias("agree"),
+            (pl.col("value") < pl.col("value_r")).sum().alias("conflict"),
+            (pl.col("value") == pl.col("value_r")).sum().alias("tie"),
+        )
+        .with_columns((pl.col("agree") / pl.col("pairs")).round(4).alias("agree_rate"))
+        .sort("source", "key")
+    )
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for row in counts.iter_rows(named=True):
+        source, key = row.pop("source"), row.pop("key")
+        out.setdefault(source, {})[key] = row
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def curate(
+    pairs: pa.Table, config: CurateConfig, eval_prompts: Sequence[str] | None = None
+) -> Curated:
+    """Apply the rules of `config` to `pairs`, counting every drop by rule.
+
+    Args:
+        pairs: canonical pairs (`preference_pair.SCHEMA`), e.g. `Normalized.pairs`.
+        config: which rules run and their thresholds.
+        eval_prompts: prompts of evaluation sets; pairs whose prompt overlaps one are dropped
+            as `contaminated` (off when None).
+
+    Returns:
+        The kept pairs (input order, schema and metadata unchanged) and the report.
+
+    Raises:
+        data_contracts.ContractError: `pairs` does not satisfy the `preference_pair` contract.
+    """
+    preference_pair.CONTRACT.validate(pairs, source="pairs to curate")
+    frame = pl.from_arrow(
+        pairs.select(
+            [
+                "source",
+                "prompt",
+                "chosen",
+                "rejected",
+                "margin",
+                "score_chosen",
+                "domain",
+                "language",
+            ]
+        )
+    )
+    assert isinstance(frame, pl.DataFrame)
+    frame = frame.with_columns(*_helpers(), pl.int_range(pl.len()).alias("__position"))
+    rules = dict(RULES)
+    if eval_prompts is None:
+        del rules["contaminated"]
+    else:
+        hit = contaminated(frame["__prompt_text"], eval_prompts, config.contamination_ngram)
+        frame = frame.with_columns(pl.Series("__contaminated", hit))
+    dropped: dict[str, int] = {}
+    for name, rule in rules.items():
+        keep = rule(config)
+        if keep is None:
+            continue
+        before = frame.height
+        frame = frame.filter(keep.fill_null(True))
+        dropped[name] = before - frame.height
+    mask = np.zeros(pairs.num_rows, bool)
+    mask[frame["__position"].to_numpy()] = True
+    kept = pairs.filter(pa.array(mask))
+    report = {
+        "rows_in": pairs.num_rows,
+        "dropped": dropped,
+        "rows_out": kept.num_rows,
+        "config": dataclasses.asdict(config),
+        "eval_prompts": None if eval_prompts is None else len(eval_prompts),
+        "score_scale": json.loads((pairs.schema.metadata or {}).get(b"score_scale", b"{}")),
+        "sources": _per_source(pairs, kept),
+        "attribute_agreement": attribute_agreement(_attribute_frame(kept)),
+    }
+    return Curated(kept, report)
+
+
+def read_pairs(paths: Sequence[str | Path]) -> pa.Table:
+    """Read and concatenate pairs files (or normalize output dirs), merging `score_scale`.
+
+    Raises:
+        FileNotFoundError: naming a path that holds no pairs file.
+        data_contracts.ContractError: naming a file that is not canonical pairs.
+    """
+    tables, scales = [], {}
+    for path in paths:
+        file = pairs_path(path)
+        table = preference_pair.CONTRACT.conform(pq.read_table(file), source=str(file))
+        scales.update(json.loads((table.schema.metadata or {}).get(b"score_scale", b"{}")))
+        tables.append(table)
+    metadata = {**preference_pair.SCHEMA.metadata, b"score_scale": json.dumps(scales)}
+    return pa.concat_tables(tables).replace_schema_metadata(metadata)
+
+
+def _attribute_frame(table: pa.Table) -> pl.DataFrame:
+    frame = pl.from_arrow(table.select(["source", "chosen_attributes", "rejected_attributes"]))
+    assert isinstance(frame, pl.DataFrame)
+    return frame
+
+
+def _per_source(before: pa.Table, after: pa.Table) -> dict[str, dict[str, int]]:
+    def count(table: pa.Table) -> dict[str, int]:
+        counts = pl.Series(table["source"]).value_counts()
+        return dict(counts.iter_rows())
+
+    rows_in, rows_out = count(before), count(after)
+    return {s: {"rows_in": n, "rows_out": rows_out.get(s, 0)} for s, n in sorted(rows_in.items())}
+
+
+def write_curated(result: Curated, out_dir: str | Path) -> Path:
+    """Write the curated `pairs.parquet` and `report.json` atomically.
+
+    Returns:
+        `out_dir`, complete; the same result always gives the same bytes.
+    """
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        write_parquet(result.pairs, tmp / PAIRS_FILE)
+        write_json(result.report, tmp / REPORT_FILE)
+    return out_dir

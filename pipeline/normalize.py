@@ -1,0 +1,289 @@
+"""Normalize one source into canonical preference pairs, with full row accounting.
+
+    read (ingest) -> cast to the raw contract -> raw rules -> adapter rows -> prompt rules
+    -> adapter pairs -> drop chosen == rejected -> pair ids -> preference_pair
+
+Every row in ends in exactly one place: a pair (one row per pair, or two for HelpSteer's
+rating rows), quarantine (with a reason code and the raw row), or a counted drop for rows
+that are fine but form no pair. The report states the three and `normalize` checks that
+they add up:
+
+    rows_in = rows_paired + sum(quarantined) + sum(dropped),  rows_paired = pairs_out * rows_per_pair
+
+"Rows in" are the records of the input: JSON lines (blank lines are not rows), array
+elements, or table rows. For HelpSteer and HelpSteer2 a row is one rated response.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+from tqdm import tqdm
+
+from data_contracts import preference_pair, quarantine
+from data_contracts.raw_sources import SHAPES
+from pipeline import ingest
+from pipeline.io import (
+    PAIRS_FILE,
+    QUARANTINE_FILE,
+    REPORT_FILE,
+    atomic_directory,
+    write_json,
+    write_parquet,
+)
+from pipeline.sources import Source, SourceOptions, get_source
+from pipeline.sources.base import ATTRIBUTES_DTYPE, ORDER_SHIFT, PAIR_COLUMNS, first_reason
+
+_PAIR_RULES = preference_pair.CONTRACT.rules
+
+
+@dataclass(frozen=True)
+class Normalized:
+    """The output of `normalize`.
+
+    Attributes:
+        pairs: conforms to `preference_pair.SCHEMA`; metadata `score_scale` names the scale.
+        quarantine: conforms to `quarantine.SCHEMA`, ordered by file and row.
+        report: rows in, pairs out, quarantined and dropped by reason (see module doc).
+    """
+
+    pairs: pa.Table
+    quarantine: pa.Table
+    report: dict[str, Any]
+
+
+def _has_text() -> pl.Expr:
+    content = pl.element().struct.field("content").str.strip_chars()
+    return pl.col("prompt").list.eval(content.str.len_chars() > 0).list.any()
+
+
+PROMPT_CHECKS = (
+    (pl.col("prompt").is_null(), "missing_field", "no prompt"),
+    (
+        ~_PAIR_RULES["unknown_role"](),
+        "unknown_role",
+        f"prompt roles must be {', '.join(preference_pair.ROLES)}",
+    ),
+    (~_PAIR_RULES["null_message_content"](), "null_message_content", "a message has no content"),
+    (~_has_text(), "empty_prompt", "the prompt has no message with text"),
+    (~_PAIR_RULES["no_user_turn"](), "no_user_turn", "the prompt does not end with a user turn"),
+)
+
+
+def normalize(source: str, input: str | Path, **source_options: Any) -> Normalized:
+    """Read `input` as `source` and map it to canonical pairs.
+
+    Args:
+        source: one of `pipeline.sources.SOURCES` (helpsteer, helpsteer2,
+            helpsteer2_preference, helpsteer3, ultrafeedback, ultrafeedback_binarized,
+            generic).
+        input: a local file or directory, or a hub id (loaded through `datasets`).
+        **source_options: the source's options (`SOURCES[source].options`), e.g.
+            `rejected="random"` for ultrafeedback or `chosen_column="better"` for generic.
+
+    Returns:
+        Pairs, quarantined rows and the report.
+
+    Raises:
+        ValueError: an unknown source or option.
+        pipeline.ingest.IngestError: a missing, unreadable or unloadable input.
+        data_contracts.ContractError: a file without the source's required columns.
+    """
+    adapter = get_source(source)
+    options = adapter.make_options(source_options)
+    hub = ingest.HubOptions(
+        config=options.hub_config or adapter.hub.config,
+        data_dir=options.hub_data_dir or adapter.hub.data_dir,
+        split=options.split or adapter.hub.split,
+    )
+    files = ingest.read(input, hub)
+    frames, problems = [], []
+    for number, raw in enumerate(
+        tqdm(files, desc=f"normalize {source}", unit="file", disable=None)
+    ):
+        frame, file_problems = _valid_rows(adapter, options, raw, number)
+        frames.append(frame)
+        problems.append(file_problems)
+    valid = pl.concat(frames)
+
+    rows = adapter.rows(valid, options)
+    split = pl.lit(options.split) if options.split else pl.coalesce("split", "__split")
+    own_reason, own_message = first_reason(*PROMPT_CHECKS)
+    rows = rows.with_columns(
+        split.cast(pl.String).alias("split"),
+        pl.coalesce("__reason", own_reason).alias("__reason"),
+        pl.when(pl.col("__reason").is_null())
+        .then(own_message)
+        .otherwise(pl.col("__message"))
+        .alias("__message"),
+    )
+    problems.append(
+        rows.filter(pl.col("__reason").is_not_null()).select(
+            "__file", "__row_index", pl.col("__reason").alias("reason"), pl.col("__message")
+        )
+    )
+    pairs, dropped = adapter.pairs(rows.filter(pl.col("__reason").is_null()), options)
+    identical = pl.col("chosen") == pl.col("rejected")
+    n_identical = int(pairs.select(identical.sum()).item())
+    if n_identical:
+        dropped["identical_responses"] = n_identical * adapter.rows_per_pair
+    pairs = pairs.filter(~identical.fill_null(False)).sort("__order")
+
+    scale = adapter.score_scale(options)
+    table = _pairs_table(source, pairs, scale)
+    quarantined = _quarantine_table(source, files, pl.concat(problems))
+    report = _report(adapter, options, input, files, table, quarantined, dropped, scale)
+    return Normalized(table, quarantined, report)
+
+
+def _valid_rows(
+    adapter: Source, options: SourceOptions, raw: ingest.RawFile, number: int
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """One file cast to the raw contract: (rows that pass its rules, problems of the rest)."""
+    contract = adapter.contract
+    conformed = ingest.conform(
+        raw,
+        contract,
+        SHAPES.get(contract.name, {}),
+        partial(adapter.convert, options=options),
+        adapter.columns(options),
+    )
+    frame = pl.from_arrow(conformed.table)
+    assert isinstance(frame, pl.DataFrame)
+    index = pl.Series("__row_index", conformed.row_index, pl.Int64)
+    frame = frame.with_columns(
+        pl.lit(number, dtype=pl.Int64).alias("__file"),
+        index,
+        ((pl.lit(number, dtype=pl.Int64) * (1 << ORDER_SHIFT)) + index).alias("__order"),
+        pl.lit(raw.split or adapter.default_split, dtype=pl.String).alias("__split"),
+        contract.label(conformed.table)["rule"].alias("__rule"),
+    )
+    read_problems = pl.DataFrame(
+        conformed.problems,
+        schema={"__row_index": pl.Int64, "reason": pl.String, "__message": pl.String},
+        orient="row",
+    ).unique("__row_index", keep="first", maintain_order=True)
+    frame = frame.join(read_problems.select("__row_index"), on="__row_index", how="anti")
+    rule = pl.col("__rule")
+    missing = rule.str.starts_with("null_")
+    field_name = rule.str.strip_prefix("null_")
+    broken = frame.filter(rule.is_not_null()).select(
+        "__row_index",
+        pl.when(missing).then(pl.lit("missing_field")).otherwise(rule).alias("reason"),
+        pl.when(missing)
+        .then(pl.format("field '{}' is missing or null", field_name))
+        .otherwise(pl.format(f"breaks rule '{{}}' of {contract.name} v{contract.version}", rule))
+        .alias("__message"),
+    )
+    file_problems = pl.concat([read_problems, broken]).with_columns(
+        pl.lit(number, dtype=pl.Int64).alias("__file")
+    )
+    valid = frame.filter(rule.is_null()).drop("__rule")
+    return valid, file_problems.select("__file", "__row_index", "reason", "__message")
+
+
+def _pairs_table(source: str, pairs: pl.DataFrame, scale: str) -> pa.Table:
+    """Canonical pairs with ids, cast to `preference_pair.SCHEMA`, scale in the metadata."""
+    ids = [
+        # The contract's hash is the id; one call per pair is its batch boundary.
+        preference_pair.make_pair_id(source, prompt, chosen, rejected)
+        for prompt, chosen, rejected in pairs.select("prompt", "chosen", "rejected").iter_rows()
+    ]
+    frame = pairs.select(
+        pl.Series("pair_id", ids, pl.String),
+        pl.lit(source).alias("source"),
+        *(pl.col(c) for c in PAIR_COLUMNS if not c.endswith("_attributes")),
+        *(
+            pl.col(c).cast(ATTRIBUTES_DTYPE).cast(pl.Map(pl.String, pl.Float64))
+            for c in ("chosen_attributes", "rejected_attributes")
+        ),
+    )
+    table = preference_pair.CONTRACT.conform(frame.to_arrow(), source=f"{source} pairs")
+    metadata = {**preference_pair.SCHEMA.metadata, b"score_scale": json.dumps({source: scale})}
+    table = table.replace_schema_metadata(metadata)
+    preference_pair.CONTRACT.validate(table, source=f"{source} pairs")  # a bug if it fails
+    return table.replace_schema_metadata(metadata)
+
+
+def _quarantine_table(source: str, files: list[ingest.RawFile], problems: pl.DataFrame) -> pa.Table:
+    """Quarantine rows in file and row order, each with its raw row."""
+    problems = problems.sort("__file", "__row_index")
+    labels, raws = [], []
+    for number, part in problems.group_by("__file", maintain_order=True):
+        raw = files[int(number[0])]
+        indices = part["__row_index"].to_list()
+        labels += [raw.label] * len(indices)
+        raws += raw.raw(indices)
+    table = pa.table(
+        {
+            "source": pa.array([source] * problems.height, pa.string()),
+            "file": pa.array(labels, pa.string()),
+            "row_index": problems["__row_index"].to_arrow().cast(pa.int64()),
+            "reason": problems["reason"].to_arrow().cast(pa.string()),
+            "message": problems["__message"].to_arrow().cast(pa.string()),
+            "raw": pa.array(raws, pa.string()),
+        }
+    )
+    return quarantine.CONTRACT.validate(table, source=f"{source} quarantine")
+
+
+def _counts(values: pa.Array | pa.ChunkedArray) -> dict[str, int]:
+    """Value -> count, sorted by value."""
+    counts = pl.Series(values).value_counts().sort(by=pl.first())
+    return dict(counts.iter_rows())
+
+
+def _report(
+    adapter: Source,
+    options: SourceOptions,
+    input: str | Path,
+    files: list[ingest.RawFile],
+    pairs: pa.Table,
+    quarantined: pa.Table,
+    dropped: dict[str, int],
+    scale: str,
+) -> dict[str, Any]:
+    rows_in = sum(f.rows for f in files)
+    rows_paired = pairs.num_rows * adapter.rows_per_pair
+    by_reason = _counts(quarantined["reason"])
+    dropped = dict(sorted(dropped.items()))
+    accounted = rows_paired + sum(by_reason.values()) + sum(dropped.values())
+    if accounted != rows_in:
+        raise RuntimeError(
+            f"{adapter.name}: row accounting broken: {rows_in} rows in, {rows_paired} paired, "
+            f"{by_reason} quarantined, {dropped} dropped"
+        )
+    return {
+        "source": adapter.name,
+        "input": str(input),
+        "options": dataclasses.asdict(options),
+        "score_scale": scale,
+        "files": [{"file": f.label, "rows": f.rows} for f in files],
+        "rows_in": rows_in,
+        "rows_per_pair": adapter.rows_per_pair,
+        "rows_paired": rows_paired,
+        "pairs_out": pairs.num_rows,
+        "quarantined": by_reason,
+        "dropped": dropped,
+    }
+
+
+def write_normalized(result: Normalized, out_dir: str | Path) -> Path:
+    """Write `pairs.parquet`, `quarantine.parquet` and `report.json` atomically.
+
+    Returns:
+        `out_dir`, complete; the same result always gives the same bytes.
+    """
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        write_parquet(result.pairs, tmp / PAIRS_FILE)
+        write_parquet(result.quarantine, tmp / QUARANTINE_FILE)
+        write_json(result.report, tmp / REPORT_FILE)
+    return out_dir
