@@ -261,7 +261,7 @@ def contaminated(prompt_text: pl.Series, eval_prompts: Sequence[str], n: int) ->
     lengths = np.bincount(eval_rows, minlength=len(evals))
     short = evals.filter(pl.Series(lengths < n))["t"].str.extract_all(r"\w+").list.join(" ")
     whole = pairs["t"].str.extract_all(r"\w+").list.join(" ")
-    hit |= whole.is_in(short.filter(short != "")).to_numpy()
+    hit |= whole.is_in(short.filter(short != "").to_list()).to_numpy()
     return hit
 
 
@@ -401,9 +401,9 @@ def read_pairs(paths: Sequence[str | Path]) -> pa.Table:
     tables, scales = [], {}
     for path in paths:
         file = pairs_path(path)
-        table = preference_pair.CONTRACT.conform(pq.read_table(file), source=str(file))
+        table = pq.read_table(file)
         scales.update(json.loads((table.schema.metadata or {}).get(b"score_scale", b"{}")))
-        tables.append(table)
+        tables.append(preference_pair.CONTRACT.conform(table, source=str(file)))
     metadata = {**preference_pair.SCHEMA.metadata, b"score_scale": json.dumps(scales)}
     return pa.concat_tables(tables).replace_schema_metadata(metadata)
 

@@ -1,0 +1,217 @@
+"""Curation rules, the funnel, contamination and attribute agreement on hand-made pairs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import polars as pl
+import pyarrow as pa
+import pytest
+
+from data_contracts import preference_pair
+from pipeline.curate import (
+    RULES,
+    CurateConfig,
+    contaminated,
+    curate,
+    load_eval_prompts,
+    read_pairs,
+    write_curated,
+)
+from pipeline.normalize import normalize, write_normalized
+from pipeline.sample_data import sample_path
+
+BASE = {
+    "source": "t",
+    "split": "train",
+    "prompt": [{"role": "user", "content": "What is the capital of France?"}],
+    "chosen": "Paris.",
+    "rejected": "Lyon.",
+    "score_chosen": 8.0,
+    "score_rejected": 4.0,
+    "margin": 4.0,
+    "domain": "general",
+    "language": "english",
+    "chosen_attributes": None,
+    "rejected_attributes": None,
+    "rationale": None,
+}
+NO_RULES = CurateConfig(
+    drop_empty=False,
+    drop_identical=False,
+    drop_ties=False,
+    dedup=False,
+    max_prompt_chars=None,
+    max_response_chars=None,
+)
+
+
+def _pairs(*changes: dict, metadata: dict | None = None) -> pa.Table:
+    rows = []
+    for i, change in enumerate(changes):
+        row = BASE | {"prompt": [{"role": "user", "content": f"Question {i}?"}]} | change
+        row["pair_id"] = preference_pair.make_pair_id(
+            row["source"], row["prompt"], row["chosen"], row["rejected"]
+        )
+        rows.append(row)
+    table = pa.Table.from_pylist(rows, schema=preference_pair.SCHEMA)
+    scale = {b"score_scale": json.dumps(metadata or {"t": "0-10"})}
+    return table.replace_schema_metadata({**preference_pair.SCHEMA.metadata, **scale})
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+@pytest.mark.parametrize(
+    ("rule", "change", "config"),
+    [
+        ("empty_response", {"rejected": " \n\t"}, {"drop_empty": True}),
+        ("identical_responses", {"rejected": "  PARIS. "}, {"drop_identical": True}),
+        ("tie", {"margin": 0.0, "score_rejected": 8.0}, {"drop_ties": True}),
+        ("language_not_included", {"language": "French"}, {"languages": ("english",)}),
+        ("language_excluded", {"language": "French"}, {"exclude_languages": ("french",)}),
+        ("domain_not_included", {"domain": "code"}, {"domains": ("general",)}),
+        ("domain_excluded", {"domain": "code"}, {"exclude_domains": ("code",)}),
+        ("prompt_too_long", {"prompt": _user("x" * 50)}, {"max_prompt_chars": 49}),
+        ("response_too_short", {"rejected": "No"}, {"min_response_chars": 3}),
+        ("response_too_long", {"chosen": "y" * 21}, {"max_response_chars": 20}),
+        ("margin_below_min", {"margin": 0.5}, {"min_margin": 1.0}),
+        ("margin_above_max", {"margin": 9.0}, {"max_margin": 5.0}),
+        ("score_below_min", {"score_chosen": 3.0}, {"min_chosen_score": 5.0}),
+    ],
+)
+def test_each_rule_drops_what_it_names(rule: str, change: dict, config: dict) -> None:
+    table = _pairs({}, change)
+    result = curate(table, dataclasses.replace(NO_RULES, **config))
+    assert result.report["dropped"] == {rule: 1}
+    assert result.pairs["pair_id"].to_pylist() == [table["pair_id"][0].as_py()]
+    # The same rule switched off keeps both.
+    assert curate(table, NO_RULES).pairs.num_rows == 2
+
+
+def test_defaults_drop_empty_identical_ties_and_duplicates_first_rule_wins() -> None:
+    table = _pairs(
+        {},
+        {"chosen": "", "margin": 0.0},  # empty and a tie: counted once, as empty
+        {"chosen": "Lyon."},  # identical to rejected
+        {"margin": 0.0},
+        {"prompt": _user("Question 0?"), "chosen": "paris.", "rejected": "LYON."},  # dup of 0
+    )
+    report = curate(table, CurateConfig()).report
+    assert {k: v for k, v in report["dropped"].items() if v} == {
+        "empty_response": 1,
+        "identical_responses": 1,
+        "tie": 1,
+        "duplicate": 1,
+    }
+    assert report["rows_in"] == 5 and report["rows_out"] == 1
+    assert report["rows_in"] == report["rows_out"] + sum(report["dropped"].values())
+
+
+def test_rules_do_not_apply_to_null_columns() -> None:
+    table = _pairs({"margin": None, "score_chosen": None, "language": None, "domain": None})
+    config = dataclasses.replace(
+        NO_RULES, min_margin=1.0, min_chosen_score=5.0, languages=("x",), domains=("y",)
+    )
+    assert curate(table, config).pairs.num_rows == 1
+
+
+def test_prompt_cap_keeps_the_largest_margins() -> None:
+    same = _user("Shared prompt?")
+    table = _pairs(
+        {"prompt": same, "chosen": "a", "margin": 1.0},
+        {"prompt": same, "chosen": "b", "margin": 3.0},
+        {"prompt": same, "chosen": "c", "margin": None},
+        {"prompt": same, "chosen": "d", "margin": 3.0},
+        {"chosen": "other prompt", "margin": 0.5},
+    )
+    result = curate(table, dataclasses.replace(NO_RULES, max_pairs_per_prompt=2))
+    assert result.pairs["chosen"].to_pylist() == ["b", "d", "other prompt"]  # input order kept
+    assert result.report["dropped"] == {"over_prompt_cap": 2}
+
+
+def test_contamination_by_ngram_and_by_short_prompt() -> None:
+    sentence = "the quick brown fox jumps over the lazy dog near the quiet river bank today"
+    words = sentence.split()
+    evals = [" ".join(words[:13]), "Capital of Spain?"]
+    prompts = [
+        "Tell me: " + " ".join(words[:13]).upper() + " please",  # shares a 13-gram
+        " ".join(words[1:13]) + " and more",  # shares only 12 words in a row
+        "capital of   SPAIN?",  # equals a short eval prompt after normalization
+        "What is the capital of Spain and France?",  # contains it, but is not equal
+    ]
+    normalized = pl.Series([" ".join(p.lower().split()) for p in prompts])
+    hit = contaminated(normalized, evals, n=13)
+    assert hit.tolist() == [True, False, True, False]
+    table = _pairs(*({"prompt": _user(p)} for p in prompts))
+    result = curate(table, NO_RULES, eval_prompts=evals)
+    assert result.report["dropped"] == {"contaminated": 2}
+    assert result.report["eval_prompts"] == 2
+    assert "contaminated" not in curate(table, NO_RULES).report["dropped"]
+
+
+def test_attribute_agreement_counts() -> None:
+    """helpfulness: 4>1 agree, 2<3 conflict; verbosity: 1=1 tie, 2>0 agree."""
+    table = _pairs(
+        {
+            "chosen_attributes": [("helpfulness", 4.0), ("verbosity", 1.0)],
+            "rejected_attributes": [("helpfulness", 1.0), ("verbosity", 1.0)],
+        },
+        {
+            "chosen_attributes": [("helpfulness", 2.0), ("verbosity", 2.0)],
+            "rejected_attributes": [("helpfulness", 3.0), ("verbosity", 0.0)],
+        },
+    )
+    agreement = curate(table, NO_RULES).report["attribute_agreement"]
+    assert agreement == {
+        "t": {
+            "helpfulness": {"pairs": 2, "agree": 1, "conflict": 1, "tie": 0, "agree_rate": 0.5},
+            "verbosity": {"pairs": 2, "agree": 1, "conflict": 0, "tie": 1, "agree_rate": 0.5},
+        }
+    }
+
+
+def test_output_keeps_schema_and_metadata_and_writes_atomically(tmp_path) -> None:
+    table = _pairs({}, {"margin": 0.0})
+    result = curate(table, CurateConfig())
+    assert result.pairs.schema.equals(table.schema, check_metadata=True)
+    write_curated(result, tmp_path / "a")
+    write_curated(curate(table, CurateConfig()), tmp_path / "b")
+    for name in ("pairs.parquet", "report.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_invalid_pairs_are_refused() -> None:
+    table = _pairs({"prompt": []})
+    with pytest.raises(ValueError, match="empty_prompt: 1 row"):
+        curate(table, CurateConfig())
+
+
+def test_read_pairs_merges_sources(tmp_path) -> None:
+    for source in ("helpsteer3", "ultrafeedback"):
+        write_normalized(normalize(source, sample_path(source)), tmp_path / source)
+    table = read_pairs([tmp_path / "helpsteer3", tmp_path / "ultrafeedback" / "pairs.parquet"])
+    scale = json.loads(table.schema.metadata[b"score_scale"])
+    assert sorted(scale) == ["helpsteer3", "ultrafeedback"]
+    report = curate(table, CurateConfig()).report
+    assert sorted(report["sources"]) == ["helpsteer3", "ultrafeedback"]
+    assert "ultrafeedback" in report["attribute_agreement"]
+    with pytest.raises(FileNotFoundError, match="no such pairs file"):
+        read_pairs([tmp_path / "nothing"])
+
+
+def test_every_config_field_is_documented_and_every_rule_named() -> None:
+    for f in dataclasses.fields(CurateConfig):
+        assert f.metadata["help"], f.name
+    assert len(RULES) == len(set(RULES)) == 16
+
+
+def test_eval_prompts_from_text_and_jsonl(tmp_path) -> None:
+    (tmp_path / "e.txt").write_text("one\n\ntwo\n")
+    (tmp_path / "e.jsonl").write_text('{"prompt": "one"}\n{"prompt": "two"}\n')
+    assert load_eval_prompts(tmp_path / "e.txt") == load_eval_prompts(tmp_path / "e.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"question": "one"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl: eval prompts need a 'prompt' column"):
+        load_eval_prompts(tmp_path / "bad.jsonl")
