@@ -127,23 +127,29 @@ class Curated:
 
 
 def _normalized(text: pl.Expr) -> pl.Expr:
-    """Text as compared by the rules: NFKC, lower case, whitespace collapsed."""
-    folded = text.str.normalize("NFKC").str.to_lowercase()
-    return folded.str.replace_all(r"\s+", " ").str.strip_chars()
+    """Text as compared by the rules: lower case, whitespace runs as one space, stripped."""
+    # Only runs and non-space whitespace are rewritten: most spaces need no replacement.
+    return text.str.to_lowercase().str.replace_all(r"\s{2,}|[^\S ]", " ").str.strip_chars()
+
+
+MESSAGE_SEPARATOR = "\u241e"  # a visible symbol, so message boundaries survive normalization
 
 
 def _helpers() -> list[pl.Expr]:
     contents = pl.col("prompt").list.eval(pl.element().struct.field("content"))
-    turns = pl.col("prompt").list.eval(
-        pl.element().struct.field("role") + pl.lit(": ") + pl.element().struct.field("content")
-    )
+    roles = pl.col("prompt").list.eval(pl.element().struct.field("role")).list.join(",")
     return [
-        _normalized(turns.list.join("\n")).alias("__prompt_key"),
-        _normalized(contents.list.join(" ")).alias("__prompt_text"),
+        _normalized(contents.list.join(MESSAGE_SEPARATOR)).alias("__prompt_text"),
         _normalized(pl.col("chosen")).alias("__chosen_key"),
         _normalized(pl.col("rejected")).alias("__rejected_key"),
         contents.list.eval(pl.element().str.len_chars()).list.sum().alias("__prompt_chars"),
+        roles.alias("__prompt_roles"),
     ]
+
+
+def _prompt_group() -> pl.Expr:
+    """One id per distinct prompt (roles and normalized text); hashed for fast windows."""
+    return pl.struct("__prompt_roles", "__prompt_text").hash(seed=0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -170,7 +176,7 @@ def _prompt_cap(c: CurateConfig) -> pl.Expr | None:
         return None
     # Largest margin first (no margin last), then input order.
     rank = pl.int_range(pl.len()).over(
-        "__prompt_key",
+        _prompt_group(),
         order_by=[pl.col("margin").fill_null(-np.inf).neg(), pl.col("__position")],
     )
     return rank < c.max_pairs_per_prompt
@@ -193,7 +199,7 @@ RULES: dict[str, Callable[[CurateConfig], pl.Expr | None]] = {
     ),
     "tie": lambda c: pl.col("margin") != 0 if c.drop_ties else None,
     "duplicate": lambda c: (
-        pl.struct("__prompt_key", "__chosen_key", "__rejected_key").is_first_distinct()
+        pl.struct(_prompt_group(), "__chosen_key", "__rejected_key").is_first_distinct()
         if c.dedup
         else None
     ),
