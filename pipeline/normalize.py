@@ -191,10 +191,13 @@ def _valid_rows(
 
 def _pairs_table(source: str, pairs: pl.DataFrame, scale: str) -> pa.Table:
     """Canonical pairs with ids, cast to `preference_pair.SCHEMA`, scale in the metadata."""
+    rows = pairs.select("prompt", "chosen", "rejected").iter_rows()
     ids = [
         # The contract's hash is the id; one call per pair is its batch boundary.
         preference_pair.make_pair_id(source, prompt, chosen, rejected)
-        for prompt, chosen, rejected in pairs.select("prompt", "chosen", "rejected").iter_rows()
+        for prompt, chosen, rejected in tqdm(
+            rows, total=pairs.height, desc=f"{source} pair ids", unit="pair", disable=None
+        )
     ]
     frame = pairs.select(
         pl.Series("pair_id", ids, pl.String),

@@ -81,6 +81,14 @@ class Source:
                 f"{self.name}: unknown option(s) {', '.join(unknown)}; "
                 f"known: {', '.join(sorted(known))}"
             )
+        for name, annotation in option_types(self.options).items():
+            allowed = typing.get_args(annotation)
+            is_choice = typing.get_origin(annotation) is typing.Literal
+            if is_choice and name in values and values[name] not in allowed:
+                raise ValueError(
+                    f"{self.name}: option {name}={values[name]!r} is not one of "
+                    + ", ".join(map(repr, allowed))
+                )
         options = self.options(**values)
         self.check_options(options)
         return options

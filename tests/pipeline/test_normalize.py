@@ -127,5 +127,7 @@ def test_unknown_source_and_option_are_refused() -> None:
         normalize("helpsteer4", FIXTURES / "helpsteer.jsonl")
     with pytest.raises(ValueError, match=r"unknown option.*rejected; known:"):
         normalize("helpsteer3", FIXTURES / "helpsteer3.jsonl", rejected="random")
+    with pytest.raises(ValueError, match="option rejected='best' is not one of 'worst', 'random'"):
+        normalize("ultrafeedback", FIXTURES / "ultrafeedback_dict.jsonl", rejected="best")
     with pytest.raises(ValueError, match="weights need at least one non-zero attribute"):
         normalize("helpsteer", FIXTURES / "helpsteer.jsonl", weights={"kindness": 1.0})
