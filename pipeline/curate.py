@@ -351,21 +351,8 @@ def curate(
         data_contracts.ContractError: `pairs` does not satisfy the `preference_pair` contract.
     """
     preference_pair.CONTRACT.validate(pairs, source="pairs to curate")
-    frame = pl.from_arrow(
-        pairs.select(
-            [
-                "source",
-                "prompt",
-                "chosen",
-                "rejected",
-                "margin",
-                "score_chosen",
-                "domain",
-                "language",
-            ]
-        )
-    )
-    assert isinstance(frame, pl.DataFrame)
+    columns = ["source", "prompt", "chosen", "rejected", "margin", "score_chosen"]
+    frame = _frame(pairs, [*columns, "domain", "language"])
     frame = frame.with_columns(*_helpers(), pl.int_range(pl.len()).alias("__position"))
     rules = dict(RULES)
     if eval_prompts is None:
@@ -392,7 +379,9 @@ def curate(
         "eval_prompts": None if eval_prompts is None else len(eval_prompts),
         "score_scale": json.loads((pairs.schema.metadata or {}).get(b"score_scale", b"{}")),
         "sources": _per_source(pairs, kept),
-        "attribute_agreement": attribute_agreement(_attribute_frame(kept)),
+        "attribute_agreement": attribute_agreement(
+            _frame(kept, ["source", "chosen_attributes", "rejected_attributes"])
+        ),
     }
     return Curated(kept, report)
 
@@ -414,8 +403,8 @@ def read_pairs(paths: Sequence[str | Path]) -> pa.Table:
     return pa.concat_tables(tables).replace_schema_metadata(metadata)
 
 
-def _attribute_frame(table: pa.Table) -> pl.DataFrame:
-    frame = pl.from_arrow(table.select(["source", "chosen_attributes", "rejected_attributes"]))
+def _frame(table: pa.Table, columns: list[str]) -> pl.DataFrame:
+    frame = pl.from_arrow(table.select(columns))
     assert isinstance(frame, pl.DataFrame)
     return frame
 
