@@ -132,7 +132,7 @@ class FlexBlockAttention:
         return fn(q, k, v, block_mask=self.block_mask, enable_gqa=True)
 
 
-Attention = CausalAttention | DenseAttention | SegmentAttention | FlexBlockAttention
+AttentionBackend = CausalAttention | DenseAttention | SegmentAttention | FlexBlockAttention
 
 
 # -----------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def build_attention(
     length: int,
     block_size: int,
     device: torch.device,
-) -> Attention:
+) -> AttentionBackend:
     """The backend object for one batch of `shared` or `unshared` rows.
 
     Raises:

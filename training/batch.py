@@ -26,7 +26,7 @@ from data_contracts.packed_row import (
     targets,
     token_roles,
 )
-from training.attention import Attention, Backend, CausalAttention, build_attention
+from training.attention import AttentionBackend, Backend, CausalAttention, build_attention
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class Batch:
 
     input_ids: Tensor
     position_ids: Tensor
-    attention: Attention
+    attention: AttentionBackend
     logit_index: Tensor
     labels: Tensor
     pair_index: Tensor
@@ -143,7 +143,7 @@ def collate(
     positions = np.zeros((num_docs, length), dtype=np.int64)
     positions[doc, col] = np.concatenate(tok_pos)
     if layout == "padded":
-        attention: Attention = CausalAttention()
+        attention: AttentionBackend = CausalAttention()
     else:
         attention = build_attention(backend, rows, layout, length, block_size, device)
 

@@ -71,6 +71,7 @@ _INTERPRETED = {
     "attention_dropout",
     "partial_rotary_factor",
     "quantization_config",
+    "rope_interleaved",
     "torch_dtype",
     "dtype",
 }
@@ -133,6 +134,8 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
         "attention_dropout > 0 is not supported": float(hf.get("attention_dropout", 0.0)) == 0,
         "quantized checkpoints are not supported": "quantization_config" not in hf,
         "use_sliding_window is not supported": not hf.get("use_sliding_window", False),
+        # SmolLM configs state this; interleaved (GPT-J style) RoPE pairs other dimensions.
+        "rope_interleaved is not supported": not hf.get("rope_interleaved", False),
     }
     failed = [what for what, ok in checks.items() if not ok]
     if failed:

@@ -155,6 +155,7 @@ def _write_config(folder: Path, **changes: object) -> None:
         ({"hidden_act": "gelu"}, "hidden_act must be silu"),
         ({"quantization_config": {"bits": 4}}, "quantized checkpoints"),
         ({"use_sliding_window": True}, "use_sliding_window"),
+        ({"rope_interleaved": True}, "rope_interleaved"),
     ],
 )
 def test_unsupported_settings_are_named(tmp_path: Path, changes: dict, message: str) -> None:
