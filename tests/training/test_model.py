@@ -1,0 +1,125 @@
+"""The decoder's building blocks, on the tiny named configs."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from training.attention import CausalAttention
+from training.configs import NAMED_CONFIGS, named_config, tiny, tiny_llama3, tiny_qwen2
+from training.model import CausalLM, ModelConfig, RMSNorm, rope_inv_freq
+
+
+@pytest.fixture(autouse=True)
+def _torch_seed() -> None:
+    torch.manual_seed(0)
+
+
+def _logits(model: CausalLM, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    return model(ids, positions, CausalAttention())
+
+
+def test_named_configs_build_and_run() -> None:
+    ids = torch.randint(0, 512, (2, 7))
+    for name in NAMED_CONFIGS:
+        config = named_config(name)
+        if config.hidden_size > 64:
+            continue  # the benchmark size; building it is enough
+        out = _logits(CausalLM(config), ids, torch.arange(7).expand(2, 7))
+        assert out.shape == (2, 7, config.vocab_size)
+    with pytest.raises(ValueError, match="unknown model config 'huge'"):
+        named_config("huge")
+
+
+def test_shifting_all_positions_leaves_logits_unchanged() -> None:
+    """RoPE attention depends only on position differences, so adding 37 to every position
+    id of a causal sequence changes nothing (absolute position codes would)."""
+    model = CausalLM(tiny())
+    ids = torch.randint(0, 512, (1, 9))
+    pos = torch.arange(9)[None]
+    torch.testing.assert_close(_logits(model, ids, pos), _logits(model, ids, pos + 37))
+    assert not torch.allclose(_logits(model, ids, pos), _logits(model, ids, pos.flip(-1)))
+
+
+def test_llama3_scaling_divides_only_long_wavelengths() -> None:
+    """With original context 64 and factors (1, 4): wavelengths below 64/4 = 16 keep their
+    frequency, above 64/1 = 64 are divided by 8, and those between are interpolated."""
+    config = tiny_llama3()
+    plain = rope_inv_freq(dataclasses.replace(config, rope_scaling=None))
+    scaled = rope_inv_freq(config)
+    wavelen = 2 * math.pi / plain
+    short, long_ = wavelen < 16, wavelen > 64
+    assert short.any() and long_.any() and (~short & ~long_).any()
+    torch.testing.assert_close(scaled[short], plain[short])
+    torch.testing.assert_close(scaled[long_], plain[long_] / 8)
+    mid = ~short & ~long_
+    assert ((scaled[mid] < plain[mid]) & (scaled[mid] > plain[mid] / 8)).all()
+
+
+def test_rmsnorm_normalises_in_fp32() -> None:
+    """rms([3, 4]) = sqrt(12.5); weight 2 gives 2 * x / rms."""
+    norm = RMSNorm(2, eps=0.0)
+    with torch.no_grad():
+        norm.weight.fill_(2.0)
+    x = torch.tensor([[3.0, 4.0]])
+    torch.testing.assert_close(norm(x), 2 * x / math.sqrt(12.5))
+    assert norm(x.bfloat16()).dtype == torch.float32  # fp32 weight times bf16 promotes
+
+
+def test_tied_embeddings_have_one_tensor() -> None:
+    model = CausalLM(tiny_qwen2())
+    assert "lm_head.weight" not in model.state_dict()
+    assert model.output_weight is model.model.embed_tokens.weight
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    assert model.model.layers[0].self_attn.o_proj.bias is None
+
+
+def test_init_weights_follows_its_table() -> None:
+    model = CausalLM(tiny_qwen2())
+    attn = model.model.layers[0].self_attn
+    assert abs(model.model.embed_tokens.weight.std().item() - 0.02) < 0.002
+    assert abs(model.model.layers[1].mlp.up_proj.weight.std().item() - 0.02) < 0.002
+    assert attn.q_proj.bias.abs().sum() == 0
+    assert (model.model.norm.weight == 1).all()
+    assert (model.model.layers[0].input_layernorm.weight == 1).all()
+
+
+def test_config_rejects_heads_that_do_not_group() -> None:
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        ModelConfig(num_heads=4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        ModelConfig(hidden_size=66, num_heads=4)
+
+
+def test_sequences_beyond_the_sliding_window_are_refused() -> None:
+    model = CausalLM(dataclasses.replace(tiny(), sliding_window=4, family="mistral"))
+    _logits(model, torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None])
+    with pytest.raises(ValueError, match="exceeds the sliding window 4"):
+        _logits(model, torch.zeros(1, 5, dtype=torch.long), torch.arange(5)[None])
+
+
+def test_activation_checkpointing_gives_the_same_gradients() -> None:
+    model = CausalLM(tiny())
+    ids = torch.randint(0, 512, (2, 11))
+    pos = torch.arange(11).expand(2, 11)
+    grads = []
+    for recompute in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = recompute
+        _logits(model, ids, pos).logsumexp(-1).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for plain, recomputed in zip(*grads, strict=True):
+        torch.testing.assert_close(plain, recomputed)
+
+
+def test_logit_index_selects_flat_positions() -> None:
+    model = CausalLM(tiny())
+    ids = torch.randint(0, 512, (2, 5))
+    pos = torch.arange(5).expand(2, 5)
+    full = _logits(model, ids, pos)
+    index = torch.tensor([0, 4, 7, 9])  # (row 0, pos 0), (0, 4), (1, 2), (1, 4)
+    picked = model(ids, pos, CausalAttention(), index)
+    torch.testing.assert_close(picked, full.flatten(0, 1)[index])

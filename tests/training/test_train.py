@@ -1,0 +1,258 @@
+"""The training loop: normalisation, resume, DDP, export, and failing fast."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.training.ddp_worker import DDP_STEPS, ddp_config
+from tests.training.pairs import varied_rows
+from training.checkpoint import load_pretrained
+from training.configs import tiny
+from training.model import CausalLM
+from training.reference import compute_reference_logps, read_reference_logps, write_reference_logps
+from training.train import TrainConfig, global_step_rows, learning_rate, train
+
+REPO = Path(__file__).resolve().parents[2]
+METRIC_NAMES = {
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "tokens/s",
+    "pairs/s",
+}
+
+
+def _model(seed: int = 0) -> CausalLM:
+    torch.manual_seed(seed)
+    return CausalLM(tiny())
+
+
+def _config(out_dir: Path, **changes: object) -> TrainConfig:
+    base = TrainConfig(
+        out_dir=out_dir, steps=4, lr=1e-3, warmup_steps=1, batch_rows=2, progress=False
+    )
+    return replace(base, **changes)
+
+
+def _metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(out_dir: Path) -> list[float]:
+    return [m["loss"] for m in _metrics(out_dir)]
+
+
+def _run(out_dir: Path, rows: list, model: CausalLM | None = None, **changes: object) -> Path:
+    return train(
+        _config(out_dir, **changes),
+        rows,
+        "shared",
+        block_size=16,
+        max_len=512,
+        model=model or _model(),
+    )
+
+
+def test_metrics_export_and_learning(tmp_path: Path) -> None:
+    rows = varied_rows(0, "shared")
+    (tmp_path / "tok.json").write_text("{}")
+    model = _model()
+    final = train(
+        _config(tmp_path / "run", steps=6),
+        rows,
+        "shared",
+        block_size=16,
+        max_len=512,
+        model=model,
+        tokenizer=tmp_path / "tok.json",
+    )
+    metrics = _metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    assert set(metrics[0]) >= METRIC_NAMES
+    # Step 1: policy == reference, so every reward is 0 and the loss is log 2.
+    assert metrics[0]["loss"] == pytest.approx(np.log(2), abs=1e-6)
+    assert metrics[0]["rewards/margins"] == 0
+    assert metrics[-1]["loss"] < metrics[0]["loss"]  # lr 1e-3 on a tiny model learns
+    assert metrics[-1]["rewards/margins"] > 0
+    exported = load_pretrained(final)
+    assert (final / "tok.json").exists()
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(exported.state_dict()[key], value, rtol=0, atol=0)
+    assert not torch.equal(exported.model.norm.weight, _model().model.norm.weight)
+
+
+def test_loss_is_normalised_by_pairs_in_the_global_step(tmp_path: Path) -> None:
+    """Rows hold 1-4 pairs. The same 4 rows per step split as 4x1, 2x2 or 1x4 (rows per
+    micro-batch x accumulation) give the same losses and the same weights: each pair
+    weighs 1/pairs_in_step wherever it lands (a per-micro-batch mean would not)."""
+    rows = varied_rows(0, "shared")
+    runs = {}
+    for batch_rows, accum in ((4, 1), (2, 2), (1, 4)):
+        out = tmp_path / f"{batch_rows}x{accum}"
+        model = _model()
+        _run(out, rows, model, steps=3, batch_rows=batch_rows, grad_accum=accum)
+        runs[(batch_rows, accum)] = (_losses(out), model.state_dict())
+    (base_losses, base_state), *others = runs.values()
+    for losses, state in others:
+        np.testing.assert_allclose(losses, base_losses, rtol=1e-5)
+        for key, value in base_state.items():
+            torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_resume_continues_exactly(tmp_path: Path) -> None:
+    """Run A: 4 steps uninterrupted. Run B: the same with checkpoints every 2 steps, then
+    its last checkpoint and export are deleted (a crash after step 2) and it is resumed
+    with a *different* random model and stored reference log-probs: only if the weights
+    and optimizer state come from the step-2 checkpoint do steps 3-4 match A."""
+    rows = varied_rows(0, "shared")
+    _run(tmp_path / "a", rows, checkpoint_every=2)
+    _run(tmp_path / "b", rows, checkpoint_every=2)
+    shutil.rmtree(tmp_path / "b" / "final")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_000004")
+
+    reference = compute_reference_logps(_model(), rows, "shared", progress=False)
+    path = write_reference_logps(reference, tmp_path / "ref.arrow", "m", "k")
+    train(
+        _config(tmp_path / "b", checkpoint_every=2),
+        rows,
+        "shared",
+        block_size=16,
+        max_len=512,
+        model=_model(seed=99),
+        reference=read_reference_logps(path),
+    )
+    a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+    assert [m["step"] for m in b] == [1, 2, 3, 4]  # the lines of the lost steps were dropped
+    np.testing.assert_allclose([m["loss"] for m in b], [m["loss"] for m in a], rtol=1e-5)
+    final_a, final_b = (
+        load_pretrained(tmp_path / "a" / "final"),
+        load_pretrained(tmp_path / "b" / "final"),
+    )
+    for key, value in final_a.state_dict().items():
+        torch.testing.assert_close(final_b.state_dict()[key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_resume_refuses_changed_settings(tmp_path: Path) -> None:
+    rows = varied_rows(0, "shared")
+    _run(tmp_path / "run", rows, steps=2, checkpoint_every=1)
+    shutil.rmtree(tmp_path / "run" / "final")
+    with pytest.raises(ValueError, match=r"settings differ from the checkpoint: \['config.beta'\]"):
+        _run(tmp_path / "run", rows, steps=2, checkpoint_every=1, beta=0.2)
+
+
+def test_every_row_once_per_epoch_whatever_the_step_size() -> None:
+    for rows_per_step in (1, 3, 7):
+        stream = np.concatenate([global_step_rows(s, 10, rows_per_step, 5) for s in range(20)])
+        for epoch in range(len(stream) // 10):
+            assert sorted(stream[epoch * 10 : (epoch + 1) * 10]) == list(range(10))
+    assert not np.array_equal(global_step_rows(0, 10, 10, 5), global_step_rows(1, 10, 10, 5))
+    assert not np.array_equal(global_step_rows(0, 10, 10, 5), global_step_rows(0, 10, 10, 6))
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor() -> None:
+    config = TrainConfig(out_dir=Path("x"), steps=10, lr=1.0, warmup_steps=2, min_lr_ratio=0.1)
+    lrs = [learning_rate(s, config) for s in range(10)]
+    assert lrs[:3] == [0.5, 1.0, 1.0]
+    assert all(a >= b for a, b in itertools.pairwise(lrs[1:]))
+    assert learning_rate(10, config) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"backend": "flex"}, "backend flex trains on CUDA only"),
+        ({"backend": "sparse"}, "unknown backend 'sparse'"),
+        ({"precision": "bf16"}, "bf16 autocast runs on CUDA only"),
+        ({"precision": "fp16"}, "fp16 needs loss scaling"),
+        ({"loss": "ipo", "label_smoothing": 0.1}, "'ipo' takes no label_smoothing"),
+        ({"warmup_steps": 9}, "warmup_steps must be in"),
+    ],
+)
+def test_unsupported_settings_fail_fast(tmp_path: Path, changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _run(tmp_path / "run", varied_rows(0, "shared"), **changes)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_bad_rows_are_named(tmp_path: Path) -> None:
+    rows = varied_rows(0, "shared", vocab=600)  # ids up to 599, the model has 512
+    with pytest.raises(
+        ValueError, match=r"row \d+: token id 5\d\d is outside the model's vocabulary"
+    ):
+        _run(tmp_path / "run", rows)
+    with pytest.raises(ValueError, match=r"row \d+: \d+ tokens exceed max_len 20"):
+        train(_config(tmp_path / "r2"), varied_rows(0, "shared"), "shared", 16, 20, _model())
+
+
+@pytest.mark.parametrize(
+    ("layout", "pairs_per_row"), [("unshared", (1, 4, 2, 3) * 3), ("padded", (1,) * 30)]
+)
+def test_baseline_layouts_train_to_the_same_losses(
+    tmp_path: Path, layout: str, pairs_per_row: tuple[int, ...]
+) -> None:
+    """The same pairs grouped into the same rows (padded rows hold one pair each)."""
+    runs = {}
+    for name in ("shared", layout):
+        train(
+            _config(tmp_path / name, steps=3),
+            varied_rows(0, name, pairs_per_row=pairs_per_row),
+            name,
+            block_size=16,
+            max_len=512,
+            model=_model(),
+        )
+        runs[name] = _metrics(tmp_path / name)
+    shared, other = runs["shared"], runs[layout]
+    np.testing.assert_allclose([m["loss"] for m in other], [m["loss"] for m in shared], rtol=1e-5)
+    assert other[0]["tokens"] > shared[0]["tokens"]  # the prompt is there twice
+
+
+@pytest.mark.slow
+def test_two_process_ddp_equals_one_process(tmp_path: Path) -> None:
+    """torchrun, 2 processes x 1 row per step (gloo) against 1 process x 2 rows."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(REPO / "tests" / "training" / "ddp_worker.py"),
+            str(tmp_path / "ddp"),
+        ],
+        check=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
+    torch.manual_seed(0)
+    train(
+        ddp_config(tmp_path / "single", batch_rows=2, grad_accum=1),
+        varied_rows(0, "shared"),
+        "shared",
+        block_size=16,
+        max_len=512,
+        model=CausalLM(tiny()),
+    )
+    ddp, single = _metrics(tmp_path / "ddp"), _metrics(tmp_path / "single")
+    assert len(ddp) == DDP_STEPS
+    assert [m["pairs"] for m in ddp] == [m["pairs"] for m in single]
+    np.testing.assert_allclose([m["loss"] for m in ddp], [m["loss"] for m in single], rtol=1e-5)
+    assert ddp[-1]["loss"] != ddp[0]["loss"]  # the weights moved between steps

@@ -1,0 +1,164 @@
+"""Collate packed rows into one model-ready batch (tensors + attention backend + targets).
+
+Everything here follows the executable definition in `data_contracts.packed_row`
+(`position_ids`, `token_roles`, `targets`): this module only pads and flattens it.
+
+- `shared` / `unshared`: one batch row per packed row, right-padded to the longest row
+  (to a multiple of the mask block size for `flex`).
+- `padded`: each packed row is split into its documents (prompt+chosen, prompt+rejected),
+  one batch row per document, padded to the longest one: what trainers without packing do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from data_contracts.packed_row import (
+    LAYOUTS,
+    Layout,
+    PackedRow,
+    position_ids,
+    targets,
+    token_roles,
+)
+from training.attention import AttentionBackend, Backend, CausalAttention, build_attention
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One micro-batch on its device.
+
+    Attributes:
+        input_ids: (B, T) int64, zero-padded.
+        position_ids: (B, T) int64 RoPE positions.
+        attention: the backend object every layer calls.
+        logit_index: (M,) int64, flat index into B*T of the logits predicting each
+            response token (M = all chosen and rejected tokens of the batch).
+        labels: (M,) int64, the predicted token ids.
+        pair_index: (M,) int64, the pair of each token, 0..N-1 in batch order.
+        is_rejected: (M,) int64, 0 for chosen tokens and 1 for rejected ones.
+        chosen_tokens: (N,) int64, chosen lengths (the SFT term averages over them).
+        pair_ids: the N pair ids in batch order.
+        num_tokens: real tokens the layout spends on these pairs (no padding).
+    """
+
+    input_ids: Tensor
+    position_ids: Tensor
+    attention: AttentionBackend
+    logit_index: Tensor
+    labels: Tensor
+    pair_index: Tensor
+    is_rejected: Tensor
+    chosen_tokens: Tensor
+    pair_ids: tuple[str, ...]
+    num_tokens: int
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.pair_ids)
+
+
+def check_rows(
+    rows: Sequence[PackedRow], row_ids: Sequence[int], max_len: int | None, vocab_size: int
+) -> None:
+    """Fail fast, naming the row, on rows the model cannot take.
+
+    Raises:
+        ValueError: a row is longer than `max_len` (when given) or holds a token id
+            >= `vocab_size`.
+    """
+    for row_id, row in zip(row_ids, rows, strict=True):
+        if max_len is not None and row.num_tokens > max_len:
+            raise ValueError(f"row {row_id}: {row.num_tokens} tokens exceed max_len {max_len}")
+        top = int(row.input_ids.max())
+        if top >= vocab_size:
+            raise ValueError(
+                f"row {row_id}: token id {top} is outside the model's vocabulary "
+                f"({vocab_size}); shards and model use different tokenizers"
+            )
+
+
+def collate(
+    rows: Sequence[PackedRow],
+    layout: Layout,
+    backend: Backend,
+    block_size: int,
+    device: torch.device | str = "cpu",
+) -> Batch:
+    """Pad `rows` into a batch with its attention backend and log-prob targets.
+
+    Args:
+        rows: packed rows of `layout`.
+        layout: `shared`, `unshared` or `padded`.
+        backend: `dense`, `segments` or `flex` (`padded` always runs causal attention).
+        block_size: the shards' mask block size (used by `flex`).
+        device: where the tensors go.
+
+    Returns:
+        The batch.
+
+    Raises:
+        ValueError: unknown layout or backend; metadata inconsistent with the layout.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+    device = torch.device(device)
+    pair_offset = np.concatenate([[0], np.cumsum([r.num_pairs for r in rows])]).astype(np.int64)
+    tok_doc, tok_col, tok_ids, tok_pos = [], [], [], []  # each real token: where and what
+    logit_doc, logit_col, labels, pair, rejected = [], [], [], [], []
+    num_docs = 0
+    for b, row in enumerate(rows):
+        pos = position_ids(row, layout)
+        if layout == "padded":
+            # Documents are numbered 2*pair (prompt+chosen) and 2*pair+1 (prompt+rejected);
+            # positions restart per document, so a token's column is its position id.
+            pair_of, kind = token_roles(row, layout)
+            doc, col = num_docs + 2 * pair_of + (kind == 4), pos
+            num_docs += 2 * row.num_pairs
+        else:
+            doc, col = np.full(row.num_tokens, b), np.arange(row.num_tokens)
+            num_docs += 1
+        tok_doc.append(doc)
+        tok_col.append(col)
+        tok_ids.append(row.input_ids)
+        tok_pos.append(pos)
+        t = targets(row, layout)
+        logit_doc.append(doc[t.logit_pos])
+        logit_col.append(col[t.logit_pos])
+        labels.append(row.input_ids[t.label_pos])
+        pair.append(t.pair + pair_offset[b])
+        rejected.append(~t.chosen)
+
+    doc, col = np.concatenate(tok_doc), np.concatenate(tok_col)
+    length = int(col.max()) + 1
+    if backend == "flex" and layout != "padded":
+        length = -(-length // block_size) * block_size
+    input_ids = np.zeros((num_docs, length), dtype=np.int64)
+    input_ids[doc, col] = np.concatenate(tok_ids)
+    positions = np.zeros((num_docs, length), dtype=np.int64)
+    positions[doc, col] = np.concatenate(tok_pos)
+    if layout == "padded":
+        attention: AttentionBackend = CausalAttention()
+    else:
+        attention = build_attention(backend, rows, layout, length, block_size, device)
+
+    def tensor(a: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
+
+    return Batch(
+        input_ids=tensor(input_ids),
+        position_ids=tensor(positions),
+        attention=attention,
+        logit_index=tensor(np.concatenate(logit_doc) * length + np.concatenate(logit_col)),
+        labels=tensor(np.concatenate(labels)),
+        pair_index=tensor(np.concatenate(pair)),
+        is_rejected=tensor(np.concatenate(rejected)),
+        chosen_tokens=tensor(np.concatenate([r.chosen_len for r in rows])),
+        pair_ids=tuple(pid for r in rows for pid in r.pair_ids),
+        num_tokens=int(sum(r.num_tokens for r in rows)),
+    )

@@ -1,0 +1,404 @@
+"""Read and write Hugging Face checkpoint folders without importing transformers.
+
+A folder holds `config.json`, the weights as `model.safetensors` or as shards listed in
+`model.safetensors.index.json`, and the tokenizer files, which are copied along so an
+exported folder loads anywhere. Supported: LlamaForCausalLM (Llama 2/3.x, SmolLM 1/2),
+Qwen2ForCausalLM and MistralForCausalLM, with the settings `ModelConfig` can express; any
+other architecture or setting fails with an error naming it, never a silently different
+model. Weights are never read through pickle (`pytorch_model.bin` is refused).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from training.model import CausalLM, Family, ModelConfig, RopeScaling
+
+ARCHITECTURES: dict[str, Family] = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "MistralForCausalLM": "mistral",
+}
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+# Keys some checkpoints carry that hold nothing we need (RoPE tables are recomputed).
+_IGNORED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
+# config.json keys we interpret; everything else is kept as is and written back on export.
+_INTERPRETED = {
+    "architectures",
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "sliding_window",
+    "use_sliding_window",
+    "initializer_range",
+    "hidden_act",
+    "attention_bias",
+    "mlp_bias",
+    "attention_dropout",
+    "partial_rotary_factor",
+    "quantization_config",
+    "rope_interleaved",
+    "torch_dtype",
+    "dtype",
+}
+
+
+class UnsupportedCheckpointError(ValueError):
+    """The folder describes a model or setting this decoder does not implement."""
+
+
+# -----------------------------------------------------------------------------
+# config.json <-> ModelConfig
+
+
+def _rope_from_hf(hf: dict[str, Any], source: str) -> tuple[float, RopeScaling | None]:
+    """RoPE base and scaling from either the legacy keys (`rope_theta`, `rope_scaling`) or
+    the transformers 5 `rope_parameters` dict."""
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))) != 1.0:
+        raise UnsupportedCheckpointError(f"{source}: partial_rotary_factor != 1 is not supported")
+    if rope_type == "default":
+        return theta, None
+    if rope_type == "llama3":
+        return theta, RopeScaling(
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+        )
+    raise UnsupportedCheckpointError(
+        f"{source}: rope scaling type {rope_type!r} is not supported (only default and llama3)"
+    )
+
+
+def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """Map a Hugging Face `config.json` dict to a `ModelConfig`.
+
+    Args:
+        hf: the parsed config.
+        source: named in error messages (usually the file path).
+
+    Returns:
+        The config; `checkpoint.hf_extra_keys` keeps the keys it does not interpret.
+
+    Raises:
+        UnsupportedCheckpointError: naming the architecture or setting we do not implement.
+    """
+    archs = hf.get("architectures") or []
+    if len(archs) != 1 or archs[0] not in ARCHITECTURES:
+        raise UnsupportedCheckpointError(
+            f"{source}: architectures {archs} not supported; supported: " + ", ".join(ARCHITECTURES)
+        )
+    family = ARCHITECTURES[archs[0]]
+    checks = {
+        "hidden_act must be silu": hf.get("hidden_act", "silu") == "silu",
+        "mlp_bias is not supported": not hf.get("mlp_bias", False),
+        # Llama's attention_bias also adds an o_proj bias, which no supported family uses.
+        "attention_bias (q/k/v/o biases) is not supported": not hf.get("attention_bias", False),
+        "attention_dropout > 0 is not supported": float(hf.get("attention_dropout", 0.0)) == 0,
+        "quantized checkpoints are not supported": "quantization_config" not in hf,
+        "use_sliding_window is not supported": not hf.get("use_sliding_window", False),
+        # SmolLM configs state this; interleaved (GPT-J style) RoPE pairs other dimensions.
+        "rope_interleaved is not supported": not hf.get("rope_interleaved", False),
+    }
+    failed = [what for what, ok in checks.items() if not ok]
+    if failed:
+        raise UnsupportedCheckpointError(f"{source}: " + "; ".join(failed))
+    theta, scaling = _rope_from_hf(hf, source)
+    heads = int(hf["num_attention_heads"])
+    head_dim = hf.get("head_dim")
+    if head_dim == int(hf["hidden_size"]) // heads:
+        head_dim = None  # the default, stored once
+    return ModelConfig(
+        vocab_size=int(hf["vocab_size"]),
+        hidden_size=int(hf["hidden_size"]),
+        intermediate_size=int(hf["intermediate_size"]),
+        num_layers=int(hf["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=head_dim,
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+        qkv_bias=family == "qwen2",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        # Qwen2 writes a sliding_window value but only applies it with use_sliding_window.
+        sliding_window=hf.get("sliding_window") if family == "mistral" else None,
+        initializer_range=float(hf.get("initializer_range", 0.02)),
+        family=family,
+    )
+
+
+def config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """The `config.json` dict for `config` (legacy rope keys, read by transformers 4 and 5).
+
+    Raises:
+        UnsupportedCheckpointError: if the family cannot express the config (Qwen2 needs
+            q/k/v biases and no explicit head_dim; Llama and Mistral have no q/k/v bias).
+    """
+    arch = {family: name for name, family in ARCHITECTURES.items()}[config.family]
+    if config.qkv_bias != (config.family == "qwen2"):
+        raise UnsupportedCheckpointError(
+            f"{arch} {'needs' if config.family == 'qwen2' else 'cannot have'} q/k/v biases"
+        )
+    if config.family == "qwen2" and config.dim_per_head != config.hidden_size // config.num_heads:
+        raise UnsupportedCheckpointError("Qwen2ForCausalLM cannot express an explicit head_dim")
+    s = config.rope_scaling
+    hf: dict[str, Any] = {
+        "architectures": [arch],
+        "model_type": config.family,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None if s is None else {"rope_type": "llama3", **dataclasses.asdict(s)},
+        "max_position_embeddings": config.max_position_embeddings,
+        "tie_word_embeddings": config.tie_embeddings,
+        "initializer_range": config.initializer_range,
+        "attention_dropout": 0.0,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    if config.family == "qwen2":
+        hf["use_sliding_window"] = False
+    else:
+        hf["head_dim"] = config.dim_per_head
+        hf["attention_bias"] = False
+    if config.family == "llama":
+        hf["mlp_bias"] = False
+    if config.family == "mistral":
+        hf["sliding_window"] = config.sliding_window
+    return hf
+
+
+def hf_extra_keys(hf: dict[str, Any]) -> dict[str, Any]:
+    """Keys of a config.json that we carry through unchanged (token ids, use_cache, ...)."""
+    return {k: v for k, v in hf.items() if k not in _INTERPRETED}
+
+
+# -----------------------------------------------------------------------------
+# Loading
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / INDEX_NAME
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    if (folder / WEIGHTS_NAME).exists():
+        return [folder / WEIGHTS_NAME]
+    raise FileNotFoundError(
+        f"{folder}: no {WEIGHTS_NAME} or {INDEX_NAME} (pickled .bin weights are not read)"
+    )
+
+
+def read_config(folder: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """The `ModelConfig` of a checkpoint folder and its raw config.json dict."""
+    path = Path(folder) / "config.json"
+    hf = json.loads(path.read_text())
+    return config_from_hf(hf, str(path)), hf
+
+
+def read_weights(folder: str | Path, model: CausalLM) -> dict[str, torch.Tensor]:
+    """The folder's tensors for `model`, every key and shape checked, in the model's dtype.
+
+    Raises:
+        FileNotFoundError: no safetensors weights in the folder.
+        ValueError: missing, unexpected or wrongly shaped tensors, each named.
+    """
+    folder = Path(folder)
+    expected = model.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for path in _weight_files(folder):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if key in expected:
+                    state[key] = f.get_tensor(key).to(expected[key].dtype)
+                elif key.endswith(_IGNORED_KEY_SUFFIXES) or (
+                    key == "lm_head.weight" and model.config.tie_embeddings
+                ):
+                    continue
+                else:
+                    unexpected.append(key)
+    missing = sorted(set(expected) - set(state))
+    if missing or unexpected:
+        raise ValueError(
+            f"{folder}: checkpoint does not match its {model.config.family} config: "
+            f"missing {missing[:8]}, unexpected {sorted(unexpected)[:8]}"
+        )
+    for key, want in expected.items():
+        if state[key].shape != want.shape:
+            raise ValueError(
+                f"{folder}: {key} has shape {tuple(state[key].shape)}, "
+                f"the config implies {tuple(want.shape)}"
+            )
+    return state
+
+
+def load_pretrained(
+    folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> CausalLM:
+    """Build the model described by a Hugging Face folder and load its weights.
+
+    The model is built on the meta device and the checkpoint tensors are assigned to it,
+    so no time goes into a random init that would be overwritten.
+
+    Args:
+        folder: checkpoint folder (config.json + safetensors).
+        dtype: parameter dtype (fp32 for training; the checkpoint may be bf16).
+        device: where the parameters live.
+
+    Returns:
+        The model, with `hf_config` holding the raw config.json dict.
+
+    Raises:
+        UnsupportedCheckpointError: unsupported architecture or setting.
+        FileNotFoundError: no safetensors weights in the folder.
+        ValueError: missing, unexpected or wrongly shaped tensors, each named.
+    """
+    config, hf = read_config(folder)
+    with torch.device("meta"):
+        model = CausalLM(config).to(dtype)
+    state = read_weights(folder, model)
+    model.load_state_dict({k: v.to(device) for k, v in state.items()}, assign=True, strict=True)
+    model.hf_config = hf
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Saving
+
+
+def copy_tokenizer_files(source: str | Path, folder: Path) -> list[str]:
+    """Copy a tokenizer (a tokenizer.json file, or the tokenizer files of a folder).
+
+    Returns:
+        The names of the files copied.
+    """
+    source = Path(source)
+    files = [source] if source.is_file() else [source / n for n in TOKENIZER_FILES]
+    copied = []
+    for path in files:
+        if path.exists():
+            shutil.copy2(path, folder / path.name)
+            copied.append(path.name)
+    if not copied:
+        raise FileNotFoundError(f"{source}: no tokenizer files found")
+    return copied
+
+
+def save_pretrained(
+    model: CausalLM,
+    folder: str | Path,
+    tokenizer: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Write `model` as a Hugging Face folder, atomically (temp folder, then rename).
+
+    Args:
+        model: the model; keys of its state dict are the HF keys.
+        folder: destination; must not exist yet.
+        tokenizer: optional tokenizer.json file or tokenizer folder to copy along.
+        dtype: dtype of the saved tensors (default: the parameters' dtype).
+        max_shard_bytes: above this, weights are split into shards plus an index.
+
+    Returns:
+        The folder.
+
+    Raises:
+        FileExistsError: if `folder` exists.
+    """
+    folder = Path(folder)
+    if folder.exists():
+        raise FileExistsError(f"{folder} exists; refusing to overwrite a checkpoint")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    dtype = dtype or next(model.parameters()).dtype
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    hf = {**hf_extra_keys(model.hf_config), **config_to_hf(model.config, dtype)}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+        if len(shards) == 1:
+            save_file(shards[0], tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, start=1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / name, metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, name))
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            copy_tokenizer_files(tokenizer, tmp)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def model_fingerprint(model: CausalLM) -> str:
+    """sha256 over the config and every tensor's name, dtype, shape and bytes.
+
+    Independent of how the weights were stored (sharding, file order), and different for
+    the same weights in another dtype, since log-probs differ too.
+    """
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True).encode())
+    for key, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy())
+    return h.hexdigest()

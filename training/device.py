@@ -1,0 +1,50 @@
+"""Device and precision choices shared by training and the reference pass."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Literal
+
+import torch
+
+Precision = Literal["fp32", "bf16"]
+PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16")
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> this process's GPU (LOCAL_RANK under torchrun) when CUDA is present, else CPU.
+
+    Raises:
+        ValueError: CUDA requested but not available.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse precisions we do not run (fail fast, before any work).
+
+    Raises:
+        ValueError: fp16 (needs loss scaling), an unknown name, or bf16 off CUDA.
+    """
+    if precision == "fp16":
+        raise ValueError("fp16 needs loss scaling and is not supported; use bf16 on CUDA")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+    if precision == "bf16" and device.type != "cuda":
+        raise ValueError("bf16 autocast runs on CUDA only; use precision fp32 on CPU")
+
+
+def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (parameters stay fp32), nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

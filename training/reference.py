@@ -1,0 +1,227 @@
+"""Reference log-probs computed once per (model, shards) and reused by every run.
+
+DPO needs log p_ref(chosen) and log p_ref(rejected) per pair; they depend only on the
+reference weights and the tokens, so a run can read them from a file instead of holding a
+second model in memory and running a second forward pass each step. A file is keyed by the
+model fingerprint (`checkpoint.model_fingerprint`) and the shard key, both stored in its
+schema metadata and checked on read; `cached_reference_logps` computes it when absent.
+
+Format: the `reference_logps` contract, as Arrow IPC (`.arrow`) or Parquet (`.parquet`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.feather as feather
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from data_contracts import reference_logps as contract
+from data_contracts.packed_row import DEFAULT_BLOCK_SIZE, Layout, PackedRow
+from training.attention import Backend
+from training.batch import check_rows, collate
+from training.checkpoint import model_fingerprint
+from training.device import Precision, autocast, check_precision, resolve_device
+from training.logps import pair_logps
+from training.losses import PairLogps
+from training.model import CausalLM
+
+
+@torch.no_grad()
+def compute_reference_logps(
+    model: CausalLM,
+    rows: Sequence[PackedRow],
+    layout: Layout,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    backend: Backend = "segments",
+    batch_rows: int = 8,
+    device: str = "auto",
+    precision: Precision = "fp32",
+    progress: bool = True,
+) -> pa.Table:
+    """Summed chosen/rejected log-probs of every pair in `rows` under `model`.
+
+    Args:
+        model: the reference model (left in eval mode on `device`).
+        rows: packed rows (a shard reader or any sequence).
+        layout: the rows' layout.
+        block_size: the shards' mask block size (for `flex`).
+        backend: attention backend.
+        batch_rows: rows per forward pass.
+        device: `auto`, `cpu`, `cuda`, ...
+        precision: `fp32`, or `bf16` autocast on CUDA (use what training uses).
+        progress: show a progress bar.
+
+    Returns:
+        A `reference_logps` table, pairs in row order.
+    """
+    dev = resolve_device(device)
+    check_precision(precision, dev)
+    model.to(dev).eval()
+    ids: list[str] = []
+    chosen, rejected = [], []
+    starts = range(0, len(rows), batch_rows)
+    for start in tqdm(starts, desc="reference log-probs", disable=not progress):
+        row_ids = range(start, min(start + batch_rows, len(rows)))
+        chunk = [rows[i] for i in row_ids]
+        check_rows(chunk, row_ids, max_len=None, vocab_size=model.config.vocab_size)
+        batch = collate(chunk, layout, backend, block_size, dev)
+        with autocast(dev, precision):
+            logps = pair_logps(model, batch)
+        ids.extend(batch.pair_ids)
+        chosen.append(logps.chosen.cpu())
+        rejected.append(logps.rejected.cpu())
+    table = pa.table(
+        {
+            "pair_id": pa.array(ids, pa.string()),
+            "chosen_logps": pa.array(torch.cat(chosen).numpy(), pa.float32()),
+            "rejected_logps": pa.array(torch.cat(rejected).numpy(), pa.float32()),
+        }
+    )
+    return contract.CONTRACT.validate(table, source="reference log-probs")
+
+
+def write_reference_logps(
+    table: pa.Table, path: str | Path, model_fingerprint: str, shard_key: str
+) -> Path:
+    """Write `table` with its key in the schema metadata, atomically (temp file, rename).
+
+    Args:
+        table: a `reference_logps` table.
+        path: `.arrow` (uncompressed Arrow IPC) or `.parquet`.
+        model_fingerprint: of the model that produced it.
+        shard_key: of the shards it covers.
+
+    Returns:
+        The path.
+
+    Raises:
+        ValueError: another suffix.
+    """
+    path = Path(path)
+    if path.suffix not in (".arrow", ".parquet"):
+        raise ValueError(f"{path}: reference log-probs are written as .arrow or .parquet")
+    table = contract.CONTRACT.validate(table, source=str(path))
+    meta = {
+        **(table.schema.metadata or {}),
+        contract.MODEL_FINGERPRINT.encode(): model_fingerprint.encode(),
+        contract.SHARD_KEY.encode(): shard_key.encode(),
+    }
+    table = table.replace_schema_metadata(meta)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        if path.suffix == ".arrow":
+            feather.write_feather(table, tmp, compression="uncompressed")
+        else:
+            pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+class ReferenceLogps:
+    """Stored reference log-probs, looked up by pair id.
+
+    Attributes:
+        table: the `reference_logps` table.
+        model_fingerprint: the key's model part.
+        shard_key: the key's shard part.
+    """
+
+    def __init__(self, table: pa.Table, model_fingerprint: str, shard_key: str) -> None:
+        self.table = table
+        self.model_fingerprint = model_fingerprint
+        self.shard_key = shard_key
+        self._chosen = table.column("chosen_logps").to_numpy()
+        self._rejected = table.column("rejected_logps").to_numpy()
+
+    def lookup(self, pair_ids: Sequence[str], device: torch.device | str = "cpu") -> PairLogps:
+        """The stored log-probs of `pair_ids`, in that order.
+
+        Raises:
+            KeyError: naming the first pair ids that have no stored log-probs.
+        """
+        index = pc.index_in(pa.array(pair_ids, pa.string()), value_set=self.table["pair_id"])
+        found = index.is_valid().to_numpy(zero_copy_only=False)
+        if not found.all():
+            missing = [pid for pid, ok in zip(pair_ids, found, strict=True) if not ok]
+            raise KeyError(
+                f"{len(missing)} pair(s) have no reference log-probs (for example "
+                f"{missing[:3]}); were they computed for these shards?"
+            )
+        i = index.to_numpy(zero_copy_only=False).astype(np.int64)
+        return PairLogps(
+            chosen=torch.from_numpy(self._chosen[i]).to(device),
+            rejected=torch.from_numpy(self._rejected[i]).to(device),
+        )
+
+
+def read_reference_logps(
+    path: str | Path, model_fingerprint: str | None = None, shard_key: str | None = None
+) -> ReferenceLogps:
+    """Read a file written by `write_reference_logps` and check its key.
+
+    Args:
+        path: the `.arrow` or `.parquet` file.
+        model_fingerprint: when given, must equal the stored one.
+        shard_key: when given, must equal the stored one.
+
+    Raises:
+        ValueError: the file has no key, or a key other than the one expected.
+        ContractError: the table breaks the `reference_logps` contract.
+    """
+    path = Path(path)
+    table = pq.read_table(path) if path.suffix == ".parquet" else feather.read_table(path)
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    stored = {key: meta.get(key) for key in (contract.MODEL_FINGERPRINT, contract.SHARD_KEY)}
+    if None in stored.values():
+        raise ValueError(f"{path}: no model fingerprint / shard key in the file's metadata")
+    expected = {contract.MODEL_FINGERPRINT: model_fingerprint, contract.SHARD_KEY: shard_key}
+    for key, want in expected.items():
+        if want is not None and stored[key] != want:
+            raise ValueError(f"{path}: {key} is {stored[key]}, expected {want}")
+    table = contract.CONTRACT.validate(table, source=str(path))
+    return ReferenceLogps(table, stored[contract.MODEL_FINGERPRINT], stored[contract.SHARD_KEY])
+
+
+def reference_logps_path(directory: str | Path, model_fingerprint: str, shard_key: str) -> Path:
+    """Where the log-probs of (model, shards) live under `directory` by default."""
+    return Path(directory) / f"reference_logps-{shard_key}-{model_fingerprint[:16]}.arrow"
+
+
+def cached_reference_logps(
+    model: CausalLM,
+    rows: Sequence[PackedRow],
+    layout: Layout,
+    shard_key: str,
+    directory: str | Path,
+    **compute_kwargs: object,
+) -> ReferenceLogps:
+    """Read the (model, shards) log-probs from `directory`, computing and writing them first
+    when they are not there yet.
+
+    Args:
+        model: the reference model.
+        rows, layout: the packed rows and their layout.
+        shard_key: the shards' cache key.
+        directory: where the file lives (e.g. beside the shards).
+        **compute_kwargs: passed to `compute_reference_logps`.
+    """
+    fingerprint = model_fingerprint(model)
+    path = reference_logps_path(directory, fingerprint, shard_key)
+    if not path.exists():
+        table = compute_reference_logps(model, rows, layout, **compute_kwargs)
+        write_reference_logps(table, path, fingerprint, shard_key)
+    return read_reference_logps(path, fingerprint, shard_key)
