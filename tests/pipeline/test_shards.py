@@ -331,7 +331,7 @@ def test_writing_the_same_pairs_twice_gives_identical_bytes(lengths, layout, see
             directory = Path(tmp) / name
             directory.mkdir()
             writer = ShardWriter(directory, shard_bytes=2048)
-            packer = pack.RowPacker(layout, 100, 8)
+            packer = pack.RowPacker(layout, 120, 8)  # the largest pair: 2 x 30 + 30 + 30
             for start in range(0, table.num_rows, 7):
                 for batch in packer.add(table.slice(start, 7)):
                     writer.write(batch)
