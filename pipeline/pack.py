@@ -99,7 +99,7 @@ class PackConfig:
     # Vocabulary of the byte-level BPE trained when no tokenizer is given.
     bpe_vocab_size: int = 8192
     # Pairs (the first ones) whose separate tokenization is compared with the joined text.
-    boundary_check_pairs: int = 2048
+    boundary_check_pairs: int = 1000
 
     def check(self) -> None:
         """Raises: ValueError naming the first setting out of range."""
