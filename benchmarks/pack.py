@@ -3,8 +3,8 @@
 Run: `python -m benchmarks.pack` (about 3-5 minutes on 2 cores). Prints tables and
 writes `benchmarks/results/pack.json`.
 
-Generated pairs follow published statistics (Wang & Hegde 2024, "Accelerating Direct
-Preference Optimization with Prefix Sharing", Table 1): per dataset, the median pair
+Generated pairs follow the published statistics quoted in issue 3 (from the prefix-sharing
+DPO paper, Wang & Hegde 2024, arXiv:2410.20305): per dataset, the median pair
 length (we read it as P + C + R tokens) and the median prefix:completion ratio (we read
 it as P / mean(C, R)). Prompt and response lengths are drawn lognormal (sigma 0.8 for
 prompts, 0.6 for each response, independent), with the two medians calibrated so the
@@ -317,6 +317,15 @@ def ours_end_to_end(
     return json.loads(out.strip().splitlines()[-1])
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM, not ru_maxrss: on Linux ru_maxrss survives exec, so
+    a child would report its parent's peak when that was higher."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child(pairs: str, tokenizer: str, max_len: int, store: str) -> None:
     start = time.perf_counter()
     result = build_shards(pairs, tokenizer or None, PackConfig(max_len=max_len), store)
@@ -328,7 +337,7 @@ def child(pairs: str, tokenizer: str, max_len: int, store: str) -> None:
                 "seconds": seconds,
                 "pairs_per_s": stats["pairs_in"] / seconds,
                 "tokens_per_s": stats["tokens"] / seconds,
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_rss_mb": peak_rss_mb(),
                 "rows": stats["rows"],
                 "pairs": stats["pairs"],
                 "tokens": stats["tokens"],
@@ -375,7 +384,11 @@ def boundary_table(tokenizer_path: Path | None) -> list[dict]:
 
 
 def main() -> None:
-    results: dict = {"machine": f"{os.cpu_count()} cores", "published": PUBLISHED}
+    results: dict = {
+        "machine": f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start",
+        "published": PUBLISHED,
+    }
+    print(results["machine"])
     print(f"== fill ratio and tokens per layout (synthetic lengths, {FILL_PAIRS} pairs each)")
     print(
         f"{'dataset':15} {'max_len':>7} {'med pair':>8} {'ratio':>6} {'fill':>7} {'rows sh/un/pad':>20} "
@@ -421,18 +434,22 @@ def main() -> None:
         f"\n== tokenize+pack of {BIG_PAIRS} UltraFeedback-like pairs, max_len 4096, fresh process"
     )
     big = text_pairs(tokenizer, stream, "UltraFeedback", BIG_PAIRS, seed=2)
+    results["big"] = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "pairs.parquet"
         pq.write_table(big, path)
         del big
-        tok_path = GPT2 if GPT2.is_file() else None
-        end = ours_end_to_end(path, tok_path, PackConfig(max_len=4096), Path(tmp) / "store")
-    print(
-        f"{end['seconds']:.1f} s, {end['pairs_per_s']:.0f} pairs/s, {end['tokens_per_s']:.0f} tokens/s, "
-        f"peak RSS {end['peak_rss_mb']:.0f} MB, fill {end['fill_ratio']:.4f}, rows {end['rows']}, "
-        f"truncated {end['truncated']}, tokens by layout {end['tokens_by_layout']}"
-    )
-    results["big"] = end
+        # The given tokenizer, then none (the sample job's path: train a BPE first).
+        for label, tok_path in (("given", GPT2 if GPT2.is_file() else None), ("trained", None)):
+            store = Path(tmp) / f"store-{label}"
+            end = ours_end_to_end(path, tok_path, PackConfig(max_len=4096), store)
+            print(
+                f"{label:7} tokenizer: {end['seconds']:.1f} s, {end['pairs_per_s']:.0f} pairs/s, "
+                f"{end['tokens_per_s']:.0f} tokens/s, peak RSS {end['peak_rss_mb']:.0f} MB, "
+                f"fill {end['fill_ratio']:.4f}, rows {end['rows']}, truncated "
+                f"{end['truncated']}, tokens by layout {end['tokens_by_layout']}"
+            )
+            results["big"][label] = end
 
     print("\n== boundary agreement (prompt_ids + response_ids == ids of the joined text)")
     boundary = boundary_table(GPT2 if GPT2.is_file() else None)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from data_contracts import tokenized_pair
 from pipeline import ragged
@@ -36,6 +36,13 @@ from pipeline.templates import ChatTemplate, PairTexts
 # tokenizer.json (it has no config saying which special token is which).
 _BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|endoftext|>")
 _EOS_NAMES = ("<|eot_id|>", "<|im_end|>", "</s>", "<eos>", "<|end_of_text|>", "<|endoftext|>")
+# The pre-tokenizer split of Llama 3 / cl100k: unlike GPT-2's, it keeps a run of newlines
+# in one piece, so a prompt ending in "\n\n" tokenizes the same alone as joined with the
+# response (GPT-2's split gives "\n\n" alone but "\n" + "\n" before a word).
+_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 class TokenizerError(ValueError):
@@ -142,7 +149,7 @@ def load_tokenizer(path: str | Path) -> LoadedTokenizer:
 def train_tokenizer(
     texts: Iterable[str], vocab_size: int, template: ChatTemplate
 ) -> LoadedTokenizer:
-    """Train a byte-level BPE (GPT-2 style) on `texts`, deterministically.
+    """Train a byte-level BPE (Llama 3 style split) on `texts`, deterministically.
 
     Args:
         texts: the rendered prompts and responses it will encode.
@@ -155,7 +162,12 @@ def train_tokenizer(
     specials = [*template.special_tokens]
     specials += [t for t in (template.bos_token, template.eos_token) if t and t not in specials]
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
