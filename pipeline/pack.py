@@ -69,7 +69,7 @@ log = logging.getLogger(__name__)
 # Bump when this module's code would write different bytes for the same inputs.
 PACKER_VERSION = "1"
 DROP_TOO_LONG = "too_long"
-READ_BATCH = 4096  # pairs rendered and tokenized per batch (does not change the bytes)
+READ_BATCH = 1024  # pairs rendered and tokenized at once (does not change the bytes)
 BATCH_TOKENS = 1 << 20  # about this many tokens per written record batch
 MAX_CARRY = 512  # under-filled rows carried from one packing window to the next
 
@@ -388,7 +388,8 @@ class RowPacker:
         if self.layout == "padded":
             yield from self._emit(pairs, [[i] for i in range(pairs.num_rows)])
             return
-        window = pa.concat_tables([self._carry, pairs])
+        # One contiguous copy, so taking rows out of it never re-concatenates chunks.
+        window = pa.concat_tables([self._carry, pairs]).combine_chunks()
         self._packer.add(sizes, first_item=self._carry.num_rows)
         rows, carried = self._packer.close(final=False)
         self._carry = window.take(pa.array(carried, pa.int64()))
@@ -435,7 +436,8 @@ def _contract_versions() -> dict[str, str]:
 
 def _pair_batches(path: Path) -> Iterator[pa.Table]:
     """The preference_pair file in validated batches; errors name the file and rows."""
-    file = pq.ParquetFile(path)
+    # pre_buffer=False: with it, pyarrow keeps every row group read so far in memory.
+    file = pq.ParquetFile(path, pre_buffer=False)
     start = 0
     for batch in file.iter_batches(batch_size=READ_BATCH):
         source = f"{path} (rows {start}..{start + batch.num_rows - 1})"
@@ -579,9 +581,14 @@ def _write_shards(
                 stats.dropped[DROP_TOO_LONG] += policy.too_long
             window.append(policy.kept)
             in_window += policy.kept.num_rows
-            if in_window >= config.pack_window:
-                flush(packer.add(pa.concat_tables(window)))
-                window, in_window = [], 0
+            while in_window >= config.pack_window:  # windows of exactly pack_window pairs
+                pending = pa.concat_tables(window)
+                window, in_window = (
+                    [pending.slice(config.pack_window)],
+                    in_window - config.pack_window,
+                )
+                flush(packer.add(pending.slice(0, config.pack_window)))
+                del pending
             bar.update(table.num_rows)
     flush(packer.add(pa.concat_tables(window or [tokenized_pair.SCHEMA.empty_table()])))
     flush(packer.finish())

@@ -339,3 +339,23 @@ def test_writing_the_same_pairs_twice_gives_identical_bytes(lengths, layout, see
                 writer.write(batch)
             digests.append([(s["file"], s["sha256"]) for s in writer.close()])
     assert digests[0] == digests[1]
+
+
+def test_read_batch_size_does_not_change_the_bytes(
+    pairs_path: Path, tiny_tokenizer_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows hold exactly pack_window pairs, however the file is read."""
+    a = build_shards(pairs_path, tiny_tokenizer_path, SMALL, tmp_path / "a")
+    monkeypatch.setattr(pack, "READ_BATCH", 7)
+    b = build_shards(pairs_path, tiny_tokenizer_path, SMALL, tmp_path / "b")
+    assert _files(a.directory) == _files(b.directory)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("layout", "sideways"), ("too_long", "wrap"), ("max_len", 2), ("min_response_len", 0)],
+)
+def test_out_of_range_settings_are_named(field: str, value: object, tmp_path: Path) -> None:
+    config = dataclasses.replace(SMALL, **{field: value})
+    with pytest.raises(ValueError, match=field):
+        build_shards(tmp_path / "unused.parquet", None, config, tmp_path / "s")
