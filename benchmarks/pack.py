@@ -70,7 +70,33 @@ SIGMA_PROMPT, SIGMA_RESPONSE = 0.8, 0.6
 MAX_LENS = (1024, 2048, 4096)
 FILL_PAIRS = 20_000
 SPEED_PAIRS = 5_000
+SPEED_SETS = ("UltraFeedback", "TLDR")  # shortest and longest prompts relative to responses
 BIG_PAIRS = 100_000
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+class Timer:
+    """Wall seconds and CPU seconds of this process (all threads) over a block."""
+
+    def __enter__(self) -> Timer:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self.wall
+        self.cpu = time.process_time() - self.cpu
+
+    def rates(self, pairs: int, tokens: int) -> dict:
+        return {
+            "seconds": self.wall,
+            "cpu_seconds": self.cpu,
+            "pairs_per_s": pairs / self.wall,
+            "tokens_per_s": tokens / self.wall,
+            "pairs_per_cpu_s": pairs / self.cpu,
+            "tokens": tokens,
+        }
 
 
 # ---------------------------------------------------------------------------- lengths
@@ -252,51 +278,34 @@ def baseline_per_row(table: pa.Table, tokenizer: Tokenizer, hf: bool) -> dict:
 
     dataset = datasets.Dataset(table.select(["pair_id", "prompt", "chosen", "rejected"]))
     datasets.disable_progress_bars()
-    start = time.perf_counter()
-    mapped = dataset.map(tokenize_row, load_from_cache_file=False)
-    seconds = time.perf_counter() - start
-    tokens = sum(
-        len(x)
-        for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
-        for x in mapped[k]
-    )
-    return {
-        "pairs_per_s": table.num_rows / seconds,
-        "tokens_per_s": tokens / seconds,
-        "tokens": tokens,
-        "seconds": seconds,
-    }
+    with Timer() as timer:
+        mapped = dataset.map(tokenize_row, load_from_cache_file=False)
+    columns = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+    return timer.rates(table.num_rows, sum(len(x) for k in columns for x in mapped[k]))
 
 
 def ours_tokenize(table: pa.Table, tokenizer: Tokenizer) -> tuple[dict, pa.Table]:
     """Our tokenize stage alone: render + batch-encode, prompt once."""
     template = builtin_template("chatml")
-    start = time.perf_counter()
     parts = []
-    for i in range(0, table.num_rows, 4096):
-        t = table.slice(i, 4096)
-        texts = render_pairs(
-            t.column("prompt").to_pylist(),
-            t.column("chosen").to_pylist(),
-            t.column("rejected").to_pylist(),
-            t.column("pair_id").to_pylist(),
-            template,
-            "<|endoftext|>",
-            "<|endoftext|>",
-        )
-        parts.append(tokenize_pairs(texts, t.column("pair_id").to_pylist(), tokenizer))
-    seconds = time.perf_counter() - start
+    with Timer() as timer:
+        for i in range(0, table.num_rows, 1024):
+            t = table.slice(i, 1024)
+            ids = t.column("pair_id").to_pylist()
+            texts = render_pairs(
+                t.column("prompt").to_pylist(),
+                t.column("chosen").to_pylist(),
+                t.column("rejected").to_pylist(),
+                ids,
+                template,
+                "<|endoftext|>",
+                "<|endoftext|>",
+            )
+            parts.append(tokenize_pairs(texts, ids, tokenizer))
     tokenized = pa.concat_tables(parts)
-    tokens = sum(
-        int(ragged.list_parts(tokenized.column(k))[1][-1])
-        for k in ("prompt_ids", "chosen_ids", "rejected_ids")
-    )
-    return {
-        "pairs_per_s": table.num_rows / seconds,
-        "tokens_per_s": tokens / seconds,
-        "tokens": tokens,
-        "seconds": seconds,
-    }, tokenized
+    columns = ("prompt_ids", "chosen_ids", "rejected_ids")
+    tokens = sum(int(ragged.list_parts(tokenized.column(k))[1][-1]) for k in columns)
+    return timer.rates(table.num_rows, tokens), tokenized
 
 
 def ours_end_to_end(
@@ -327,28 +336,17 @@ def peak_rss_mb() -> float:
 
 
 def child(pairs: str, tokenizer: str, max_len: int, store: str) -> None:
-    start = time.perf_counter()
-    result = build_shards(pairs, tokenizer or None, PackConfig(max_len=max_len), store)
-    seconds = time.perf_counter() - start
+    with Timer() as timer:
+        result = build_shards(pairs, tokenizer or None, PackConfig(max_len=max_len), store)
     stats = result.manifest["stats"]
-    print(
-        json.dumps(
-            {
-                "seconds": seconds,
-                "pairs_per_s": stats["pairs_in"] / seconds,
-                "tokens_per_s": stats["tokens"] / seconds,
-                "peak_rss_mb": peak_rss_mb(),
-                "rows": stats["rows"],
-                "pairs": stats["pairs"],
-                "tokens": stats["tokens"],
-                "fill_ratio": stats["fill_ratio"],
-                "truncated": stats["truncated"],
-                "dropped": stats["dropped"],
-                "tokens_by_layout": stats["tokens_by_layout"],
-                "boundary_agreement": stats["boundary_agreement"],
-            }
-        )
+    out = timer.rates(stats["pairs_in"], stats["tokens"])
+    out.update({k: stats[k] for k in ("rows", "pairs", "fill_ratio", "truncated", "dropped")})
+    out.update(
+        peak_rss_mb=peak_rss_mb(),
+        tokens_by_layout=stats["tokens_by_layout"],
+        boundary_agreement=stats["boundary_agreement"],
     )
+    print(json.dumps(out))
 
 
 def boundary_table(tokenizer_path: Path | None) -> list[dict]:
@@ -380,6 +378,34 @@ def boundary_table(tokenizer_path: Path | None) -> list[dict]:
     return results
 
 
+def speed_section(name: str, tokenizer: Tokenizer, stream: np.ndarray) -> dict:
+    """Ours vs the per-row baselines on the same pairs, in one run."""
+    print(f"\n== throughput on {name}-like text, {SPEED_PAIRS} pairs, one run")
+    table = text_pairs(tokenizer, stream, name, SPEED_PAIRS, seed=1)
+    speed = {}
+    speed["ours_tokenize"], tokenized = ours_tokenize(table, tokenizer)
+    speed["ours_pack"] = pack_table(tokenized, PackConfig(max_len=4096))
+    speed["baseline_tokenizers_map"] = baseline_per_row(table, tokenizer, hf=False)
+    speed["baseline_transformers_map"] = baseline_per_row(table, tokenizer, hf=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "pairs.parquet"
+        pq.write_table(table, path)
+        tok_path = GPT2 if GPT2.is_file() else None
+        speed["ours_build_shards"] = ours_end_to_end(
+            path, tok_path, PackConfig(max_len=4096), Path(tmp) / "store"
+        )
+    for k, v in speed.items():
+        cpu = f"{v['pairs_per_cpu_s']:>8.0f} pairs/cpu-s" if "pairs_per_cpu_s" in v else ""
+        print(f"{k:26} {v['pairs_per_s']:>8.0f} pairs/s {v['tokens_per_s']:>10.0f} tokens/s {cpu}")
+    for base in ("baseline_tokenizers_map", "baseline_transformers_map"):
+        for ours in ("ours_tokenize", "ours_build_shards"):
+            wall = speed[ours]["pairs_per_s"] / speed[base]["pairs_per_s"]
+            cpu = speed[ours]["pairs_per_cpu_s"] / speed[base]["pairs_per_cpu_s"]
+            speed[f"{ours}_vs_{base}"] = {"wall": wall, "cpu": cpu}
+            print(f"{ours} / {base}: {wall:.2f}x pairs/s, {cpu:.2f}x pairs per CPU second")
+    return speed
+
+
 # ------------------------------------------------------------------------------- main
 
 
@@ -407,28 +433,8 @@ def main() -> None:
 
     tokenizer, stream, source = text_source()
     results["text"] = source
-    print(f"\n== throughput on UltraFeedback-like text ({source}), {SPEED_PAIRS} pairs, one run")
-    table = text_pairs(tokenizer, stream, "UltraFeedback", SPEED_PAIRS, seed=1)
-    speed = {}
-    speed["ours_tokenize"], tokenized = ours_tokenize(table, tokenizer)
-    speed["ours_pack"] = pack_table(tokenized, PackConfig(max_len=4096))
-    speed["baseline_tokenizers_map"] = baseline_per_row(table, tokenizer, hf=False)
-    speed["baseline_transformers_map"] = baseline_per_row(table, tokenizer, hf=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "pairs.parquet"
-        pq.write_table(table, path)
-        tok_path = GPT2 if GPT2.is_file() else None
-        speed["ours_build_shards"] = ours_end_to_end(
-            path, tok_path, PackConfig(max_len=4096), Path(tmp) / "store"
-        )
-    for k, v in speed.items():
-        print(f"{k:28} {v['pairs_per_s']:>10.0f} pairs/s {v['tokens_per_s']:>12.0f} tokens/s")
-    for base in ("baseline_tokenizers_map", "baseline_transformers_map"):
-        for ours in ("ours_tokenize", "ours_build_shards"):
-            ratio = speed[ours]["pairs_per_s"] / speed[base]["pairs_per_s"]
-            speed[f"{ours}_vs_{base}"] = ratio
-            print(f"{ours} / {base}: {ratio:.2f}x pairs/s")
-    results["speed"] = speed
+    print(f"\ntext: {source}")
+    results["speed"] = {name: speed_section(name, tokenizer, stream) for name in SPEED_SETS}
 
     print(
         f"\n== tokenize+pack of {BIG_PAIRS} UltraFeedback-like pairs, max_len 4096, fresh process"

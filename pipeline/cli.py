@@ -161,6 +161,9 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"boundary   {agreement['agreed']}/{agreement['checked']} responses agree")
     if not len(reader):
         return 0
+    if not -len(reader) <= args.row < len(reader):
+        print(f"row {args.row} out of range: {len(reader)} rows", file=sys.stderr)
+        return 2
     tokenizer = Tokenizer.from_file(str(reader.tokenizer_path))
     row = reader[args.row]
     print(f"\nrow {args.row % len(reader)}: {row.num_pairs} pair(s), {row.num_tokens} tokens")

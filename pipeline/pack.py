@@ -611,7 +611,7 @@ def _write_shards(
             "path": TOKENIZER,
             "config_path": TOKENIZER_CONFIG,
             "name": tokenizer.name,
-            "trained": tokenizer.name.startswith("trained-bpe"),
+            "trained": tokenizer.trained,
             "fingerprint": tokenizer.fingerprint,
             "sha256": hashlib.sha256(tokenizer.json_bytes).hexdigest(),
             "bytes": len(tokenizer.json_bytes),

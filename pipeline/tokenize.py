@@ -59,6 +59,7 @@ class LoadedTokenizer:
         json_bytes: the exact `tokenizer.json`, copied beside the shards.
         bos_token, eos_token: their text, or None when the tokenizer has none.
         chat_template: the model folder's template, when it has one.
+        trained: True when `train_tokenizer` made it.
     """
 
     tokenizer: Tokenizer
@@ -67,6 +68,7 @@ class LoadedTokenizer:
     bos_token: str | None
     eos_token: str | None
     chat_template: str | None = None
+    trained: bool = False
 
     @property
     def fingerprint(self) -> str:
@@ -183,6 +185,7 @@ def train_tokenizer(
         json_bytes=json_bytes,
         bos_token=template.bos_token,
         eos_token=template.eos_token,
+        trained=True,
     )
 
 
