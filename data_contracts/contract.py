@@ -7,12 +7,16 @@ invalid ones labelled with the first rule they broke. Rule names are stable stri
 double as quarantine and drop reasons, so row accounting uses one vocabulary.
 
 Every non-nullable field gets an implicit rule `null_<field>`.
+
+JSON documents (a shard manifest, a stage report) are described field by field as a
+`JsonSpec` and checked with `check_fields`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -81,6 +85,10 @@ class Contract:
         rules.update(self.rules)
         return rules
 
+    def rule_names(self) -> list[str]:
+        """Every rule's name, the implicit `null_<field>` ones first: the drop reasons."""
+        return list(self._all_rules())
+
     def label(self, table: pa.Table) -> pl.DataFrame:
         """Each row's first broken rule (null when valid), with its row index.
 
@@ -145,3 +153,24 @@ def described(
 ) -> pa.Field:
     """An Arrow field with a description (and any extra facts) in its metadata."""
     return pa.field(name, type_, nullable=nullable, metadata={"description": description, **meta})
+
+
+# field -> (JSON type, description). A float field also accepts an int.
+JsonSpec = dict[str, tuple[Any, str]]
+
+
+def check_fields(obj: dict, spec: JsonSpec, where: str, source: str) -> None:
+    """Check that `obj` has every field of `spec` with its JSON type.
+
+    Raises:
+        ContractError: naming `source` and the first missing or mistyped field
+            (`where` prefixes nested names, e.g. "stats.").
+    """
+    missing = [name for name in spec if name not in obj]
+    if missing:
+        raise ContractError(f"{source}: {where} lacks " + ", ".join(missing))
+    for name, (type_, _) in spec.items():
+        value = obj[name]
+        ok = isinstance(value, (int, float)) if type_ is float else isinstance(value, type_)
+        if not ok or (type_ is int and isinstance(value, bool)):
+            raise ContractError(f"{source}: {where}{name} is {type(value).__name__}, not {type_}")

@@ -6,6 +6,14 @@ stream files, uncompressed, `packed_row` schema), the `tokenizer.json` (+ a mini
 so it is described field by field here rather than as an Arrow schema; `validate` checks
 presence, types and the row accounting.
 
+Row accounting spans both stages that made the rows: of `stats.pairs_in` preference
+pairs, the tokenize stage dropped some (`empty_*_ids`, see
+`data_contracts.tokenized_report`) and kept `stats.tokenized_pairs`; of those, the pack
+stage dropped `too_long` and packed `stats.pairs`. `stats.dropped` holds the drops of
+both stages by reason.
+
+Version 2 added `tokenized` and `stats.tokenized_pairs` (the stages were split).
+
 Token counts by layout (`stats.tokens_by_layout`), over the same packed pairs:
 - shared: sum of P+C+R (prompt once);
 - unshared: sum of 2P+C+R (prompt+chosen and prompt+rejected as two documents);
@@ -18,14 +26,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from data_contracts.contract import ContractError
+from data_contracts.contract import ContractError, JsonSpec, check_fields
 
-VERSION = "1"
+VERSION = "2"
 
-# field -> (JSON type, description). A nested dict spec is checked recursively.
-Spec = dict[str, tuple[Any, str]]
+# The pack stage's drop reason: a pair longer than max_len under the length policy.
+DROP_TOO_LONG = "too_long"
 
-SHARD_FIELDS: Spec = {
+SHARD_FIELDS: JsonSpec = {
     "file": (str, "file name inside the directory"),
     "rows": (int, "packed rows in the file"),
     "pairs": (int, "pairs in the file"),
@@ -34,9 +42,10 @@ SHARD_FIELDS: Spec = {
     "sha256": (str, "sha256 of the file, checked on open"),
 }
 
-STATS_FIELDS: Spec = {
+STATS_FIELDS: JsonSpec = {
     "rows": (int, "packed rows"),
-    "pairs_in": (int, "pairs read = pairs + sum(dropped)"),
+    "pairs_in": (int, "preference pairs read by the tokenize stage = pairs + sum(dropped)"),
+    "tokenized_pairs": (int, "tokenized pairs read by the pack stage = pairs + too_long"),
     "pairs": (int, "pairs packed"),
     "tokens": (int, "real tokens packed"),
     "fill_ratio": (float, "tokens / (rows x max_len)"),
@@ -50,7 +59,13 @@ STATS_FIELDS: Spec = {
     "boundary_agreement": (dict, "template, tokenizer, checked, agreed, rate, examples"),
 }
 
-FIELDS: Spec = {
+TOKENIZED_FIELDS: JsonSpec = {
+    "key": (str, "cache key of the tokenized directory"),
+    "directory": (str, "the tokenized directory, relative to the store root"),
+    "config": (dict, "every tokenize setting (pipeline.tokenized.TokenizeConfig)"),
+}
+
+FIELDS: JsonSpec = {
     "contract": (str, 'always "manifest"'),
     "version": (str, "manifest contract version"),
     "contracts": (dict, "contract name -> version of every stage that shaped the bytes"),
@@ -60,6 +75,7 @@ FIELDS: Spec = {
     "mask_block_size": (int, "block size of kv_block_full / kv_block_partial"),
     "config": (dict, "every pack setting (pipeline.pack.PackConfig)"),
     "input": (dict, "name, sha256 and rows of the preference_pair file"),
+    "tokenized": (dict, "TOKENIZED_FIELDS: the tokenize stage's output the rows came from"),
     "tokenizer": (dict, "path (inside the directory), fingerprint, name, bos/eos, trained"),
     "template": (dict, "name and sha256 of the chat template"),
     "shards": (list, "one entry per shard file, in row order (SHARD_FIELDS)"),
@@ -67,35 +83,29 @@ FIELDS: Spec = {
 }
 
 
-def _check(obj: dict, spec: Spec, where: str, source: str) -> None:
-    missing = [name for name in spec if name not in obj]
-    if missing:
-        raise ContractError(f"{source}: {where} lacks " + ", ".join(missing))
-    for name, (type_, _) in spec.items():
-        value = obj[name]
-        ok = isinstance(value, (int, float)) if type_ is float else isinstance(value, type_)
-        if not ok or (type_ is int and isinstance(value, bool)):
-            raise ContractError(f"{source}: {where}{name} is {type(value).__name__}, not {type_}")
-
-
 def validate(manifest: Any, source: str = "manifest.json") -> dict:
     """Check fields, types and row accounting.
 
     Raises:
         ContractError: naming `source` and the first missing or mistyped field, or the
-            broken rule (`shard_rows_add_up`, `pairs_add_up`).
+            broken rule (`shard_rows_add_up`, `pairs_add_up`, `tokenized_pairs_add_up`).
     """
     if not isinstance(manifest, dict):
         raise ContractError(f"{source}: not a JSON object")
-    _check(manifest, FIELDS, "", source)
+    check_fields(manifest, FIELDS, "", source)
     if manifest["contract"] != "manifest":
         raise ContractError(f"{source}: contract is {manifest['contract']!r}, not 'manifest'")
     for i, shard in enumerate(manifest["shards"]):
-        _check(shard, SHARD_FIELDS, f"shards[{i}].", source)
+        check_fields(shard, SHARD_FIELDS, f"shards[{i}].", source)
+    check_fields(manifest["tokenized"], TOKENIZED_FIELDS, "tokenized.", source)
     stats = manifest["stats"]
-    _check(stats, STATS_FIELDS, "stats.", source)
+    check_fields(stats, STATS_FIELDS, "stats.", source)
     if sum(s["rows"] for s in manifest["shards"]) != stats["rows"]:
         raise ContractError(f"{source}: shard_rows_add_up broken: shard rows != stats.rows")
     if stats["pairs"] + sum(stats["dropped"].values()) != stats["pairs_in"]:
         raise ContractError(f"{source}: pairs_add_up broken: pairs + dropped != pairs_in")
+    if stats["pairs"] + stats["dropped"].get(DROP_TOO_LONG, 0) != stats["tokenized_pairs"]:
+        raise ContractError(
+            f"{source}: tokenized_pairs_add_up broken: pairs + too_long != tokenized_pairs"
+        )
     return manifest

@@ -1,4 +1,5 @@
-"""Subcommands of `prefpack` that belong to `pipeline/`: normalize, curate, pack, inspect."""
+"""Subcommands of `prefpack` that belong to `pipeline/`: normalize, curate, tokenize, pack,
+inspect."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import json
 import sys
 import typing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.tokenized import TokenizedResult
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register `normalize`, `curate`, `pack` and `inspect`."""
+    """Register `normalize`, `curate`, `tokenize`, `pack` and `inspect`."""
     from pipeline.curate import CurateConfig
     from pipeline.sources import SOURCES
     from pipeline.sources.base import option_types
@@ -66,6 +70,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         _add_config_flag(rules, f, hints[f.name])
     curate.set_defaults(handler=_curate)
 
+    _add_tokenize(subparsers)
     _add_pack(subparsers)
     _add_inspect(subparsers)
 
@@ -139,7 +144,54 @@ def _curate(args: argparse.Namespace) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------ pack
+# -------------------------------------------------------------------- tokenize, pack
+
+
+def _add_tokenize_flags(p: argparse.ArgumentParser) -> None:
+    """Inputs and settings of the tokenize stage, shared by `tokenize` and `pack`."""
+    from pipeline.tokenized import TOKENIZE_DEFAULTS as d
+
+    p.add_argument(
+        "--pairs",
+        required=True,
+        help="preference_pair parquet file (or a curate/normalize output directory)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer.json or a Hugging Face model folder; omitted: train a byte-level BPE",
+    )
+    p.add_argument("--out", default="store", help="store root (default: %(default)s)")
+    p.add_argument(
+        "--template",
+        default=d["template"],
+        help="chatml | llama3 | plain | path.jinja (default: the tokenizer's, else chatml)",
+    )
+    p.add_argument(
+        "--bpe-vocab-size",
+        type=int,
+        default=d["bpe_vocab_size"],
+        help="vocabulary of the trained BPE when no --tokenizer (default: %(default)s)",
+    )
+    p.add_argument(
+        "--boundary-check-pairs",
+        type=int,
+        default=d["boundary_check_pairs"],
+        help="pairs whose split tokenization is checked against the joined text "
+        "(default: %(default)s)",
+    )
+
+
+def _add_tokenize(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "tokenize",
+        help="tokenize preference pairs (prints the tokenized directory)",
+        description="Render and tokenize a preference_pair parquet into "
+        "STORE/tokenized/<cache key> (tokenized.parquet, tokenizer, report.json). An "
+        "identical second call reuses the verified directory and rewrites nothing.",
+    )
+    _add_tokenize_flags(p)
+    p.set_defaults(handler=_tokenize)
 
 
 def _add_pack(subparsers: argparse._SubParsersAction) -> None:
@@ -148,18 +200,13 @@ def _add_pack(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "pack",
         help="tokenize and pack preference pairs into shards (prints the shard directory)",
-        description="Tokenize a preference_pair parquet and bin-pack it into Arrow shards "
-        "with mask metadata under STORE/shards/<cache key>. An identical second call "
-        "reuses the verified shards and rewrites nothing.",
+        description="Tokenize a preference_pair parquet (STORE/tokenized/<key>, as "
+        "`prefpack tokenize`) and bin-pack it into Arrow shards with mask metadata under "
+        "STORE/shards/<cache key>. Each stage reuses its verified output when its key is "
+        "unchanged: a new --max-len or --layout repacks without tokenizing again, and an "
+        "identical second call rewrites nothing.",
     )
-    # inputs and output
-    p.add_argument("--pairs", required=True, help="preference_pair parquet file")
-    p.add_argument(
-        "--tokenizer",
-        default=None,
-        help="tokenizer.json or a Hugging Face model folder; omitted: train a byte-level BPE",
-    )
-    p.add_argument("--out", default="store", help="store root (default: %(default)s)")
+    _add_tokenize_flags(p)
     # layout and length
     p.add_argument("--max-len", type=int, default=d["max_len"], help="tokens per row at most")
     p.add_argument(
@@ -180,11 +227,6 @@ def _add_pack(subparsers: argparse._SubParsersAction) -> None:
         default=d["min_response_len"],
         help="truncation never cuts a response below this (default: %(default)s)",
     )
-    p.add_argument(
-        "--template",
-        default=d["template"],
-        help="chatml | llama3 | plain | path.jinja (default: the tokenizer's, else chatml)",
-    )
     # mask metadata, memory and files
     p.add_argument(
         "--block-size",
@@ -204,19 +246,39 @@ def _add_pack(subparsers: argparse._SubParsersAction) -> None:
         default=d["shard_bytes"],
         help="a shard file closes past this size (default: %(default)s)",
     )
-    p.add_argument(
-        "--bpe-vocab-size",
-        type=int,
-        default=d["bpe_vocab_size"],
-        help="vocabulary of the trained BPE when no --tokenizer (default: %(default)s)",
-    )
-    p.add_argument(
-        "--boundary-check-pairs",
-        type=int,
-        default=d["boundary_check_pairs"],
-        help="pairs whose split tokenization is checked against the joined text",
-    )
     p.set_defaults(handler=_pack)
+
+
+def _run_tokenize(args: argparse.Namespace) -> TokenizedResult:
+    """The tokenize stage from the shared flags; says on stderr what it did."""
+    from pipeline.tokenized import TokenizeConfig, build_tokenized
+
+    config = TokenizeConfig(
+        template=args.template,
+        bpe_vocab_size=args.bpe_vocab_size,
+        boundary_check_pairs=args.boundary_check_pairs,
+    )
+    result = build_tokenized(args.pairs, args.tokenizer, config, args.out)
+    stats = result.report["stats"]
+    if result.reused:
+        print(
+            f"tokenize: reused verified tokenized pairs {result.key} (not rewritten)",
+            file=sys.stderr,
+        )
+    else:
+        agreement = stats["boundary_agreement"]
+        print(
+            f"tokenize: {stats['pairs_in']} pairs in, {stats['pairs_out']} tokenized, "
+            f"dropped {stats['dropped']}, boundary agreement {agreement['rate']:.4f} "
+            f"({agreement['agreed']}/{agreement['checked']})",
+            file=sys.stderr,
+        )
+    return result
+
+
+def _tokenize(args: argparse.Namespace) -> int:
+    print(_run_tokenize(args).directory)
+    return 0
 
 
 def _pack(args: argparse.Namespace) -> int:
@@ -227,24 +289,24 @@ def _pack(args: argparse.Namespace) -> int:
         max_len=args.max_len,
         too_long=args.too_long,
         min_response_len=args.min_response_len,
-        template=args.template,
         mask_block_size=args.block_size,
         pack_window=args.pack_window,
         shard_bytes=args.shard_bytes,
-        bpe_vocab_size=args.bpe_vocab_size,
-        boundary_check_pairs=args.boundary_check_pairs,
     )
-    result = build_shards(args.pairs, args.tokenizer, config, args.out)
+    tokenized = _run_tokenize(args)
+    result = build_shards(tokenized.directory, config, args.out)
     stats = result.manifest["stats"]
     if result.reused:
-        print(f"reused verified shards {result.key}; nothing rewritten", file=sys.stderr)
+        print(f"pack: reused verified shards {result.key} (not rewritten)", file=sys.stderr)
     else:
         print(
-            f"packed {stats['pairs']} pairs into {stats['rows']} rows "
+            f"pack: packed {stats['pairs']} pairs into {stats['rows']} rows "
             f"(fill {stats['fill_ratio']:.4f}, dropped {sum(stats['dropped'].values())}, "
             f"truncated {stats['truncated']})",
             file=sys.stderr,
         )
+    if tokenized.reused and result.reused:
+        print("both stages reused; nothing rewritten", file=sys.stderr)
     print(result.directory)
     return 0
 

@@ -3,6 +3,8 @@
 A stage writes into a temporary sibling directory and renames it into place only when
 every file is complete, so a crash leaves either the old output or none, never half of one.
 Parquet and JSON are written with fixed settings and no timestamps: same data, same bytes.
+A stream written in pieces is re-cut into pieces of a fixed size first (`rechunk`), so how
+its input was read never shows in the bytes.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,25 @@ def write_parquet(table: pa.Table, path: Path) -> None:
 def write_json(value: Any, path: Path) -> None:
     """Write `value` as indented JSON with a trailing newline."""
     path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def rechunk(tables: Iterable[pa.Table], size: int) -> Iterator[pa.Table]:
+    """Re-cut a stream of tables (one schema) into tables of exactly `size` rows.
+
+    The last one holds the remainder (nothing is yielded for an empty stream). At most
+    `size` rows plus one input table are held at once.
+    """
+    pending: list[pa.Table] = []
+    held = 0
+    for table in tables:
+        pending.append(table)
+        held += table.num_rows
+        while held >= size:
+            joined = pa.concat_tables(pending)
+            pending, held = [joined.slice(size)], held - size
+            yield joined.slice(0, size)
+    if held:
+        yield pa.concat_tables(pending)
 
 
 def pairs_path(path: str | Path) -> Path:

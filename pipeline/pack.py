@@ -1,10 +1,13 @@
-"""Tokenize and pack: preference pairs -> packed rows with mask metadata -> shards.
+"""The pack stage: tokenized pairs -> packed rows with mask metadata -> shards.
 
-`build_shards` is the entry the CLI and Dagster call. It streams a `preference_pair`
-parquet in batches: render (chat template), tokenize (prompt once, each response once),
-apply the length policy, bin-pack whole pairs into rows of at most `max_len` tokens,
-derive the block-sparse mask summary, and write shards atomically into
-`<store>/shards/<cache key>`. If that directory exists and verifies, nothing is redone.
+`build_shards` is the entry the CLI and Dagster call (the `packed_shards` asset). It
+streams the `tokenized_pair` rows of a tokenized directory (`pipeline.tokenized`) in
+batches: apply the length policy, bin-pack whole pairs into rows of at most `max_len`
+tokens, derive the block-sparse mask summary, and write shards atomically into
+`<store>/shards/<cache key>`. The key hashes the tokenized directory's key (which covers
+data, tokenizer and template), every `PackConfig` setting and the code and contract
+versions. If that directory exists and verifies, nothing is redone; a new max_len or
+layout repacks without tokenizing again.
 
 Length policy (`too_long`), for a pair whose tokens under the layout (P+C+R shared,
 2P+C+R otherwise) exceed `max_len`:
@@ -27,6 +30,8 @@ import bisect
 import hashlib
 import json
 import logging
+import os
+import shutil
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
@@ -35,14 +40,15 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
-import tokenizers
 from tqdm import tqdm
 
 from data_contracts import manifest as manifest_contract
-from data_contracts import packed_row, preference_pair, tokenized_pair
+from data_contracts import packed_row, tokenized_pair
+from data_contracts.manifest import DROP_TOO_LONG
 from data_contracts.packed_row import LAYOUTS, Layout, pair_tokens
 from pipeline import ragged
+from pipeline.io import rechunk
+from pipeline.lengths import LengthCounts
 from pipeline.mask_blocks import block_summary
 from pipeline.shards import (
     TOKENIZER,
@@ -51,32 +57,21 @@ from pipeline.shards import (
     ShardWriter,
     atomic_directory,
     open_shards,
-    sha256_file,
     write_manifest,
 )
-from pipeline.templates import ChatTemplate, PairTexts, render_pairs, resolve_template
-from pipeline.tokenize import (
-    BoundaryReport,
-    LoadedTokenizer,
-    boundary_agreement,
-    load_tokenizer,
-    tokenize_pairs,
-    train_tokenizer,
-)
+from pipeline.tokenized import read_tokenized, tokenized_batches
 
 log = logging.getLogger(__name__)
 
 # Bump when this module's code would write different bytes for the same inputs.
-PACKER_VERSION = "1"
-DROP_TOO_LONG = "too_long"
-READ_BATCH = 1024  # pairs rendered and tokenized at once (does not change the bytes)
+PACKER_VERSION = "2"
 BATCH_TOKENS = 1 << 20  # about this many tokens per written record batch
 MAX_CARRY = 512  # under-filled rows carried from one packing window to the next
 
 
 @dataclass(frozen=True)
 class PackConfig:
-    """Every setting of tokenize + pack; all of them are part of the cache key."""
+    """Every setting of the pack stage; all of them are part of the shard cache key."""
 
     # shared: P|C|R, the prompt once (the point of prefpack); unshared: P|C|P|R packed;
     # padded: P|C|P|R one pair per row, the baseline of trainers without packing.
@@ -87,19 +82,12 @@ class PackConfig:
     too_long: Literal["truncate", "drop"] = "truncate"
     # Truncation never cuts a response below this many tokens (ends matter for DPO too).
     min_response_len: int = 64
-    # None: the tokenizer folder's chat_template, else chatml. Or a built-in name
-    # (chatml, llama3, plain) or a path to a .jinja file.
-    template: str | None = None
     # FlexAttention block size of the kv_block_* summary (its default is 128).
     mask_block_size: int = packed_row.DEFAULT_BLOCK_SIZE
     # Pairs bin-packed together; bounds memory (tokens of a window live in RAM).
     pack_window: int = 65_536
     # A shard file closes once it passes this size (plus at most one record batch).
     shard_bytes: int = 256 * 2**20
-    # Vocabulary of the byte-level BPE trained when no tokenizer is given.
-    bpe_vocab_size: int = 8192
-    # Pairs (the first ones) whose separate tokenization is compared with the joined text.
-    boundary_check_pairs: int = 1000
 
     def check(self) -> None:
         """Raises: ValueError naming the first setting out of range."""
@@ -113,8 +101,6 @@ class PackConfig:
             "mask_block_size": 1,
             "pack_window": 1,
             "shard_bytes": 1,
-            "bpe_vocab_size": 300,
-            "boundary_check_pairs": 0,
         }
         for name, low in minimum.items():
             if getattr(self, name) < low:
@@ -405,21 +391,15 @@ class RowPacker:
 # ------------------------------------------------------------------------ the build
 
 
-def cache_key(
-    input_sha256: str, tokenizer: LoadedTokenizer | None, template: ChatTemplate, config: PackConfig
-) -> str:
-    """Hash of everything that changes the bytes: data, tokenizer, template, config, code.
+def cache_key(tokenized_key: str, config: PackConfig) -> str:
+    """Hash of everything that changes the bytes: the tokenized pairs, config, code.
 
-    With no tokenizer, the trained one is a function of the data and `bpe_vocab_size`
-    (in the config) and the `tokenizers` version, all in the key.
+    The tokenized key already covers the input data, tokenizer and template.
     """
     payload = {
         "contracts": _contract_versions(),
         "packer": PACKER_VERSION,
-        "input": input_sha256,
-        "tokenizer": tokenizer.fingerprint if tokenizer else "trained-bpe",
-        "tokenizers": tokenizers.__version__,
-        "template": template.sha256,
+        "tokenized": tokenized_key,
         "config": asdict(config),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
@@ -427,218 +407,134 @@ def cache_key(
 
 def _contract_versions() -> dict[str, str]:
     return {
-        "preference_pair": preference_pair.VERSION,
         "tokenized_pair": tokenized_pair.VERSION,
         "packed_row": packed_row.VERSION,
         "manifest": manifest_contract.VERSION,
     }
 
 
-def _pair_batches(path: Path) -> Iterator[pa.Table]:
-    """The preference_pair file in validated batches; errors name the file and rows."""
-    # pre_buffer=False: with it, pyarrow keeps every row group read so far in memory.
-    file = pq.ParquetFile(path, pre_buffer=False)
-    start = 0
-    for batch in file.iter_batches(batch_size=READ_BATCH):
-        source = f"{path} (rows {start}..{start + batch.num_rows - 1})"
-        yield preference_pair.CONTRACT.validate(pa.Table.from_batches([batch]), source)
-        start += batch.num_rows
-
-
-def _render(table: pa.Table, template: ChatTemplate, tokenizer_bos_eos: tuple) -> PairTexts:
-    return render_pairs(
-        table.column("prompt").to_pylist(),
-        table.column("chosen").to_pylist(),
-        table.column("rejected").to_pylist(),
-        table.column("pair_id").to_pylist(),
-        template,
-        *tokenizer_bos_eos,
-    )
-
-
-def _training_texts(path: Path, template: ChatTemplate) -> Iterator[str]:
-    """Rendered prompts and responses, the corpus of a trained tokenizer."""
-    for table in _pair_batches(path):
-        texts = _render(table, template, (template.bos_token, template.eos_token))
-        yield from texts.prompt
-        yield from texts.chosen
-        yield from texts.rejected
-
-
 class _Stats:
     """Counts over the written rows, for the manifest."""
 
-    def __init__(self) -> None:
-        self.rows = self.pairs_in = self.truncated = 0
-        self.dropped: Counter[str] = Counter()
-        self.lengths: list[list[np.ndarray]] = [[], [], []]
+    def __init__(self, layout: Layout, max_len: int) -> None:
+        self.layout = layout
+        self.max_len = max_len
+        self.rows = self.tokenized_pairs = self.truncated = self.too_long = 0
+        self.lengths = {name: LengthCounts() for name in ("prompt", "chosen", "rejected", "pair")}
+        self.by_layout = dict.fromkeys(("shared", "unshared", "padded"), 0)
 
     def add(self, batch: pa.RecordBatch) -> None:
         self.rows += batch.num_rows
-        for store, name in zip(
-            self.lengths, ("prompt_len", "chosen_len", "rejected_len"), strict=True
-        ):
-            store.append(ragged.list_parts(batch.column(name))[0].astype(np.int64))
+        p, c, r = (
+            ragged.list_parts(batch.column(f"{name}_len"))[0].astype(np.int64)
+            for name in ("prompt", "chosen", "rejected")
+        )
+        for name, x in zip(self.lengths, (p, c, r, pair_tokens(p, c, r, self.layout)), strict=True):
+            self.lengths[name].add(x)
+        self.by_layout["shared"] += int((p + c + r).sum())
+        self.by_layout["unshared"] += int((2 * p + c + r).sum())
+        self.by_layout["padded"] += int((2 * np.maximum(p + c, p + r)).sum())
 
-    def to_dict(self, layout: Layout, max_len: int, boundary: BoundaryReport) -> dict:
-        p, c, r = (np.concatenate(x) if x else np.zeros(0, np.int64) for x in self.lengths)
-        pair = pair_tokens(p, c, r, layout)
-        by_layout = {
-            "shared": int((p + c + r).sum()),
-            "unshared": int((2 * p + c + r).sum()),
-            "padded": int((2 * np.maximum(p + c, p + r)).sum()),
-            "padded_to_max_len": 2 * len(p) * max_len,
-        }
-        tokens = int(pair.sum())
+    def to_dict(self, tokenized: dict) -> dict:
+        """The manifest's stats; `tokenized` is the tokenized directory's report."""
+        pairs = self.lengths["pair"].items
+        tokens = self.lengths["pair"].total
+        by_layout = {**self.by_layout, "padded_to_max_len": 2 * pairs * self.max_len}
         saved = by_layout["unshared"] - by_layout["shared"]
-
-        def quantiles(x: np.ndarray) -> dict[str, int]:
-            if len(x) == 0:
-                return {"p50": 0, "p90": 0, "p99": 0, "max": 0}
-            q = np.percentile(x, [50, 90, 99], method="lower")
-            return {"p50": int(q[0]), "p90": int(q[1]), "p99": int(q[2]), "max": int(x.max())}
-
-        edges = np.linspace(0, max_len, 17).round().astype(np.int64)
+        dropped = Counter(tokenized["stats"]["dropped"])
+        if self.too_long:
+            dropped[DROP_TOO_LONG] += self.too_long
+        edges = np.linspace(0, self.max_len, 17).round().astype(np.int64)
         return {
             "rows": self.rows,
-            "pairs_in": self.pairs_in,
-            "pairs": len(p),
+            "pairs_in": tokenized["stats"]["pairs_in"],
+            "tokenized_pairs": self.tokenized_pairs,
+            "pairs": pairs,
             "tokens": tokens,
-            "fill_ratio": tokens / (self.rows * max_len) if self.rows else 0.0,
+            "fill_ratio": tokens / (self.rows * self.max_len) if self.rows else 0.0,
             "truncated": self.truncated,
-            "dropped": dict(sorted(self.dropped.items())),
+            "dropped": dict(sorted(dropped.items())),
             "tokens_by_layout": by_layout,
             "tokens_saved_by_prefix_sharing": saved,
-            "prefix_sharing_saving": saved / by_layout["unshared"] if len(p) else 0.0,
-            "lengths": {
-                name: quantiles(x)
-                for name, x in (("prompt", p), ("chosen", c), ("rejected", r), ("pair", pair))
-            },
+            "prefix_sharing_saving": saved / by_layout["unshared"] if pairs else 0.0,
+            "lengths": {name: x.quantiles() for name, x in self.lengths.items()},
             "pair_length_histogram": {
                 "edges": edges.tolist(),
-                "counts": np.histogram(pair, bins=edges)[0].tolist(),
+                "counts": self.lengths["pair"].histogram(edges),
             },
-            "boundary_agreement": boundary.to_dict(),
+            "boundary_agreement": tokenized["stats"]["boundary_agreement"],
         }
 
 
-def _tokenizer_config(tokenizer: LoadedTokenizer, template: ChatTemplate, max_len: int) -> dict:
-    """A minimal tokenizer_config.json so transformers can load the shards' tokenizer."""
-    config: dict = {"tokenizer_class": "PreTrainedTokenizerFast"}
-    if tokenizer.bos_token:
-        config["bos_token"] = tokenizer.bos_token
-    if tokenizer.eos_token:
-        config["eos_token"] = tokenizer.eos_token
-    config.update(
-        {
-            "chat_template": template.source,
-            "clean_up_tokenization_spaces": False,
-            "model_max_length": max_len,
-        }
-    )
-    return config
+def _copy_tokenizer(tokenized: Path, directory: Path, max_len: int) -> None:
+    """The tokenized directory's tokenizer files, with max_len as model_max_length."""
+    shutil.copyfile(tokenized / TOKENIZER, directory / TOKENIZER)
+    config = json.loads((tokenized / TOKENIZER_CONFIG).read_text(encoding="utf-8"))
+    config["model_max_length"] = max_len
+    text = json.dumps(config, indent=2) + "\n"
+    (directory / TOKENIZER_CONFIG).write_text(text, encoding="utf-8")
 
 
 def _write_shards(
-    pairs: Path,
-    input_sha256: str,
-    tokenizer: LoadedTokenizer,
-    template: ChatTemplate,
-    config: PackConfig,
-    key: str,
-    directory: Path,
+    tokenized: Path, report: dict, config: PackConfig, key: str, store: Path, directory: Path
 ) -> dict:
-    """Tokenize, pack and write every shard plus the manifest into `directory`."""
+    """Pack every tokenized pair and write every shard plus the manifest into `directory`."""
     writer = ShardWriter(directory, config.shard_bytes)
     packer = RowPacker(config.layout, config.max_len, config.mask_block_size)
-    boundary = BoundaryReport(template.name, tokenizer.name)
-    stats = _Stats()
-    bos_eos = (tokenizer.bos_token, tokenizer.eos_token)
-    window: list[pa.Table] = []
-    in_window = 0
+    stats = _Stats(config.layout, config.max_len)
 
-    def flush(batches: Iterator[pa.RecordBatch]) -> None:
+    def kept_pairs() -> Iterator[pa.Table]:
+        with tqdm(
+            total=report["stats"]["pairs_out"], unit="pair", desc="pack", disable=None
+        ) as bar:
+            for table in tokenized_batches(tokenized):
+                policy = apply_length_policy(table, config)
+                stats.tokenized_pairs += table.num_rows
+                stats.truncated += policy.truncated
+                stats.too_long += policy.too_long
+                bar.update(table.num_rows)
+                yield policy.kept
+
+    def write(batches: Iterator[pa.RecordBatch]) -> None:
         for batch in batches:
             writer.write(batch)
             stats.add(batch)
 
-    rows_in = pq.ParquetFile(pairs).metadata.num_rows
-    with tqdm(total=rows_in, unit="pair", desc="tokenize+pack", disable=None) as bar:
-        for table in _pair_batches(pairs):
-            texts = _render(table, template, bos_eos)
-            pair_ids = table.column("pair_id").to_pylist()
-            tokenized = tokenize_pairs(texts, pair_ids, tokenizer.tokenizer)
-            need = config.boundary_check_pairs - boundary.checked // 2
-            if need > 0:
-                head = PairTexts(texts.prompt[:need], texts.chosen[:need], texts.rejected[:need])
-                boundary_agreement(head, tokenized.slice(0, need), tokenizer.tokenizer, boundary)
-            valid, invalid = tokenized_pair.CONTRACT.split(tokenized)
-            stats.dropped.update(invalid.column("rule").to_pylist())
-            policy = apply_length_policy(valid, config)
-            stats.pairs_in += table.num_rows
-            stats.truncated += policy.truncated
-            if policy.too_long:
-                stats.dropped[DROP_TOO_LONG] += policy.too_long
-            window.append(policy.kept)
-            in_window += policy.kept.num_rows
-            while in_window >= config.pack_window:  # windows of exactly pack_window pairs
-                pending = pa.concat_tables(window)
-                window, in_window = (
-                    [pending.slice(config.pack_window)],
-                    in_window - config.pack_window,
-                )
-                flush(packer.add(pending.slice(0, config.pack_window)))
-                del pending
-            bar.update(table.num_rows)
-    flush(packer.add(pa.concat_tables(window or [tokenized_pair.SCHEMA.empty_table()])))
-    flush(packer.finish())
+    for window in rechunk(kept_pairs(), config.pack_window):  # exactly pack_window pairs
+        write(packer.add(window))
+    write(packer.finish())
     shards = writer.close()
 
-    (directory / TOKENIZER).write_bytes(tokenizer.json_bytes)
-    tok_config = _tokenizer_config(tokenizer, template, config.max_len)
-    (directory / TOKENIZER_CONFIG).write_text(json.dumps(tok_config, indent=2) + "\n")
+    _copy_tokenizer(tokenized, directory, config.max_len)
     manifest = {
         "contract": "manifest",
         "version": manifest_contract.VERSION,
-        "contracts": _contract_versions(),
+        "contracts": {**report["contracts"], **_contract_versions()},
         "key": key,
         "layout": config.layout,
         "max_len": config.max_len,
         "mask_block_size": config.mask_block_size,
         "config": asdict(config),
-        "input": {"name": pairs.name, "sha256": input_sha256, "rows": rows_in},
-        "tokenizer": {
-            "path": TOKENIZER,
-            "config_path": TOKENIZER_CONFIG,
-            "name": tokenizer.name,
-            "trained": tokenizer.trained,
-            "fingerprint": tokenizer.fingerprint,
-            "sha256": hashlib.sha256(tokenizer.json_bytes).hexdigest(),
-            "bytes": len(tokenizer.json_bytes),
-            "vocab_size": tokenizer.tokenizer.get_vocab_size(),
-            "bos_token": tokenizer.bos_token,
-            "eos_token": tokenizer.eos_token,
+        "input": report["input"],
+        "tokenized": {
+            "key": report["key"],
+            "directory": Path(os.path.relpath(tokenized.resolve(), store.resolve())).as_posix(),
+            "config": report["config"],
         },
-        "template": {"name": template.name, "sha256": template.sha256},
+        "tokenizer": report["tokenizer"],
+        "template": report["template"],
         "shards": shards,
-        "stats": stats.to_dict(config.layout, config.max_len, boundary),
+        "stats": stats.to_dict(report),
     }
     write_manifest(directory, manifest)
     return manifest
 
 
-def build_shards(
-    pairs: str | Path,
-    tokenizer: str | Path | None,
-    config: PackConfig,
-    store: str | Path,
-) -> ShardResult:
-    """Tokenize and pack a preference_pair parquet into verified shards, or reuse them.
+def build_shards(tokenized: str | Path, config: PackConfig, store: str | Path) -> ShardResult:
+    """Pack a tokenized directory into verified shards, or reuse them.
 
     Args:
-        pairs: a parquet file in the `preference_pair` schema.
-        tokenizer: a tokenizer.json or a Hugging Face model folder; None trains a
-            byte-level BPE of `config.bpe_vocab_size` on the pairs.
+        tokenized: a directory written by `pipeline.tokenized.build_tokenized`.
         config: the pack settings.
         store: the store root; shards go to `<store>/shards/<key>`.
 
@@ -646,15 +542,14 @@ def build_shards(
         Where the shards are, their key, whether they were reused, and the manifest.
 
     Raises:
-        ContractError: the pairs break the preference_pair contract (names file, rows).
-        TemplateError, TokenizerError, ValueError: bad template, tokenizer or config.
+        ShardError: the tokenized directory is incomplete or corrupt (names the file).
+        ValueError: a setting is out of range.
     """
     config.check()
-    pairs, store = Path(pairs), Path(store)
-    loaded = load_tokenizer(tokenizer) if tokenizer is not None else None
-    template = resolve_template(config.template, loaded.chat_template if loaded else None)
-    input_sha256 = sha256_file(pairs)
-    key = cache_key(input_sha256, loaded, template, config)
+    tokenized, store = Path(tokenized), Path(store)
+    # The report alone gives the key; the data files are verified only when packing.
+    report = read_tokenized(tokenized, verify=False)
+    key = cache_key(report["key"], config)
     directory = store / "shards" / key
     if directory.exists():
         try:
@@ -662,8 +557,7 @@ def build_shards(
             return ShardResult(directory, key, reused=True, manifest=reader.manifest)
         except ShardError as err:
             log.warning("rebuilding %s: %s", directory, err)
-    if loaded is None:
-        loaded = train_tokenizer(_training_texts(pairs, template), config.bpe_vocab_size, template)
+    read_tokenized(tokenized, verify=True)  # never pack from corrupt tokenized pairs
     with atomic_directory(directory) as tmp:
-        manifest = _write_shards(pairs, input_sha256, loaded, template, config, key, tmp)
+        manifest = _write_shards(tokenized, report, config, key, store, tmp)
     return ShardResult(directory, key, reused=False, manifest=manifest)

@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import overload
@@ -45,7 +45,8 @@ SHARD_NAME = "shard-{:05d}.arrow"
 
 
 class ShardError(ValueError):
-    """A shard directory is incomplete or corrupt; the message names the file."""
+    """A store directory (shards, or tokenized pairs) is incomplete or corrupt; the
+    message names the file."""
 
 
 def sha256_file(path: Path) -> str:
@@ -267,19 +268,32 @@ def verify_files(directory: str | Path, manifest: dict) -> None:
     Raises:
         ShardError: naming the first file that is missing or differs from the manifest.
     """
-    directory = Path(directory)
     expected = [(s["file"], s["bytes"], s["sha256"]) for s in manifest["shards"]]
     tok = manifest["tokenizer"]
     expected.append((tok["path"], tok["bytes"], tok["sha256"]))
+    check_files(directory, expected)
+
+
+def check_files(directory: str | Path, expected: Iterable[tuple[str, int, str]]) -> None:
+    """Check that each listed file exists with its size and sha256.
+
+    Args:
+        directory: where the files are.
+        expected: (file name, bytes, sha256 hex) per file.
+
+    Raises:
+        ShardError: naming the first file that is missing or differs from its listing.
+    """
+    directory = Path(directory)
     for name, size, digest in expected:
         path = directory / name
         if not path.is_file():
-            raise ShardError(f"{path}: listed in the manifest but missing")
+            raise ShardError(f"{path}: listed but missing")
         if path.stat().st_size != size:
-            raise ShardError(f"{path}: {path.stat().st_size} bytes, manifest says {size}")
+            raise ShardError(f"{path}: {path.stat().st_size} bytes, listed as {size}")
         actual = sha256_file(path)
         if actual != digest:
-            raise ShardError(f"{path}: sha256 {actual[:12]}... != manifest {digest[:12]}...")
+            raise ShardError(f"{path}: sha256 {actual[:12]}... != listed {digest[:12]}...")
 
 
 def open_shards(directory: str | Path, verify: bool = True) -> ShardReader:

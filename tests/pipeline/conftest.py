@@ -1,15 +1,17 @@
-"""Pipeline fixtures: a tiny tokenizer trained in-process (hermetic: no model hub)."""
+"""Pipeline fixtures: a tiny tokenizer trained in-process (hermetic: no model hub) and a
+small preference_pair parquet."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from pipeline.templates import builtin_template
 from pipeline.tokenize import train_tokenizer
-from tests.pipeline.factories import fixture_pairs, random_text
+from tests.pipeline.factories import fixture_pairs, random_pairs, random_text, write_pairs
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +25,10 @@ def tiny_tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
     path.write_bytes(loaded.json_bytes)
     return path
+
+
+@pytest.fixture
+def pairs_path(tmp_path: Path) -> Path:
+    """The hand-written fixture pairs plus 60 random ones (some multi-turn)."""
+    table = pa.concat_tables([fixture_pairs(), random_pairs(60, seed=7)])
+    return write_pairs(tmp_path / "pairs.parquet", table)

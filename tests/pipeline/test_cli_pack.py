@@ -1,4 +1,4 @@
-"""`prefpack pack` and `prefpack inspect` through the real dispatcher."""
+"""`prefpack tokenize`, `prefpack pack` and `prefpack inspect` through the real dispatcher."""
 
 from __future__ import annotations
 
@@ -10,28 +10,38 @@ import prefpack
 from tests.pipeline.factories import fixture_pairs, write_pairs
 
 
+def _stamps(store: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(store)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in store.rglob("*")
+    }
+
+
 def test_pack_twice_then_inspect(
     tiny_tokenizer_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     pairs = write_pairs(tmp_path / "pairs.parquet", fixture_pairs())
+    store = tmp_path / "store"
     argv = [
         "pack",
         "--pairs", str(pairs),
         "--tokenizer", str(tiny_tokenizer_path),
         "--max-len", "512",
-        "--out", str(tmp_path / "store"),
+        "--out", str(store),
         "--layout", "unshared",
         "--block-size", "64",
     ]  # fmt: skip
     assert prefpack.main(argv) == 0
     first = capsys.readouterr()
     directory = Path(first.out.strip())
-    assert directory.parent == tmp_path / "store" / "shards" and directory.is_dir()
-    assert "packed 8 pairs" in first.err
+    assert directory.parent == store / "shards" and directory.is_dir()
+    assert "tokenize: 8 pairs in, 8 tokenized" in first.err and "packed 8 pairs" in first.err
 
+    stamps = _stamps(store)
     assert prefpack.main(argv) == 0
     second = capsys.readouterr()
-    assert second.out == first.out and "reused" in second.err
+    assert second.out == first.out
+    assert "tokenize: reused" in second.err and "pack: reused" in second.err
+    assert "nothing rewritten" in second.err and _stamps(store) == stamps
 
     assert prefpack.main(["inspect", str(directory), "--row", "0"]) == 0
     shown = capsys.readouterr().out
@@ -41,3 +51,23 @@ def test_pack_twice_then_inspect(
     assert "[REJECTED]" in shown and "<|im_start|>assistant\n[/PROMPT]" in shown
     contents = [m["content"] for p in fixture_pairs().column("prompt").to_pylist() for m in p]
     assert any(c in shown for c in contents)
+
+
+def test_a_new_max_len_repacks_the_tokenized_pairs_of_prefpack_tokenize(
+    tiny_tokenizer_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pairs = write_pairs(tmp_path / "pairs.parquet", fixture_pairs())
+    inputs = ["--pairs", str(pairs), "--tokenizer", str(tiny_tokenizer_path)]
+    inputs += ["--out", str(tmp_path / "store")]
+    assert prefpack.main(["tokenize", *inputs]) == 0
+    tokenized = Path(capsys.readouterr().out.strip())
+    assert tokenized.parent == tmp_path / "store" / "tokenized"
+    assert (tokenized / "report.json").is_file()
+
+    for max_len in ("512", "256"):
+        assert prefpack.main(["pack", *inputs, "--max-len", max_len]) == 0
+        run = capsys.readouterr()
+        assert "tokenize: reused" in run.err and "pack: packed" in run.err
+        assert "nothing rewritten" not in run.err
+    assert len(list((tmp_path / "store" / "shards").iterdir())) == 2
+    assert list((tmp_path / "store" / "tokenized").iterdir()) == [tokenized]

@@ -1,5 +1,6 @@
-"""build_shards and the shard directory: reuse, cache keys, verification, atomicity,
-byte-identical output, other readers, and the exported tokenizer."""
+"""build_shards and the shard directory: reuse (per stage), cache keys, verification,
+atomicity, byte-identical output, row accounting across both stages, other readers, and
+the exported tokenizer."""
 
 from __future__ import annotations
 
@@ -17,37 +18,49 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import PreTrainedTokenizerFast
 
-from data_contracts import packed_row, preference_pair
-from data_contracts.contract import ContractError
-from pipeline import pack
-from pipeline.pack import PackConfig, build_shards
-from pipeline.shards import MANIFEST, ShardError, ShardWriter, open_shards
-from pipeline.tokenize import train_tokenizer
-from tests.pipeline.factories import (
-    fixture_pairs,
-    pair_table,
-    random_pairs,
-    tokenized_table,
-    write_pairs,
+from data_contracts import packed_row
+from pipeline import pack, tokenized
+from pipeline.pack import PackConfig, ShardResult, build_shards
+from pipeline.shards import (
+    MANIFEST,
+    TOKENIZER,
+    TOKENIZER_CONFIG,
+    ShardError,
+    ShardWriter,
+    open_shards,
 )
+from pipeline.templates import resolve_template
+from pipeline.tokenize import train_tokenizer
+from pipeline.tokenized import TOKENIZED, TokenizeConfig, build_tokenized
+from tests.pipeline.factories import pair_table, random_pairs, tokenized_table, write_pairs
 
-SMALL = PackConfig(max_len=256, mask_block_size=16, pack_window=16, boundary_check_pairs=8)
+SMALL = PackConfig(max_len=256, mask_block_size=16, pack_window=16)
+TOK = TokenizeConfig(boundary_check_pairs=8)
 
 
-@pytest.fixture
-def pairs_path(tmp_path: Path) -> Path:
-    table = pa.concat_tables([fixture_pairs(), random_pairs(60, seed=7)])
-    return write_pairs(tmp_path / "pairs.parquet", table)
+def _build(
+    pairs: Path,
+    tokenizer: Path | None,
+    store: Path,
+    config: PackConfig = SMALL,
+    tok: TokenizeConfig = TOK,
+) -> ShardResult:
+    """Both stages, as `prefpack pack` runs them."""
+    return build_shards(build_tokenized(pairs, tokenizer, tok, store).directory, config, store)
 
 
 def _files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
 
+def _stamps(directory: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in directory.iterdir()}
+
+
 def test_reader_returns_the_packed_pairs_as_zero_copy_views(
     pairs_path: Path, tiny_tokenizer_path: Path, tmp_path: Path
 ) -> None:
-    result = build_shards(pairs_path, tiny_tokenizer_path, SMALL, tmp_path / "store")
+    result = _build(pairs_path, tiny_tokenizer_path, tmp_path / "store")
     assert not result.reused and result.directory == tmp_path / "store" / "shards" / result.key
     reader = open_shards(result.directory)
     stats = reader.manifest["stats"]
@@ -72,10 +85,47 @@ def test_reader_returns_the_packed_pairs_as_zero_copy_views(
         reader[len(reader)]
 
 
+def test_packed_rows_hold_the_tokenized_pairs(
+    pairs_path: Path, tiny_tokenizer_path: Path, tmp_path: Path
+) -> None:
+    """Each packed pair is its tokenized row, token for token (nothing cut at 4096)."""
+    store = tmp_path / "store"
+    tokens = build_tokenized(pairs_path, tiny_tokenizer_path, TOK, store)
+    result = build_shards(tokens.directory, dataclasses.replace(SMALL, max_len=4096), store)
+    rows = {
+        r["pair_id"]: r for r in pa.parquet.read_table(tokens.directory / TOKENIZED).to_pylist()
+    }
+    for row in open_shards(result.directory):
+        for i, pid in enumerate(row.pair_ids):
+            s, p = int(row.pair_start[i]), int(row.prompt_len[i])
+            c, r = int(row.chosen_len[i]), int(row.rejected_len[i])
+            expected = rows.pop(pid)
+            assert row.input_ids[s : s + p + c + r].tolist() == (
+                expected["prompt_ids"] + expected["chosen_ids"] + expected["rejected_ids"]
+            )
+    assert rows == {}
+    # The manifest names the tokenized pairs it was packed from; the tokenizer is copied.
+    manifest = result.manifest
+    assert manifest["tokenized"] == {
+        "key": tokens.key,
+        "directory": f"tokenized/{tokens.key}",
+        "config": dataclasses.asdict(TOK),
+    }
+    for name in ("input", "tokenizer", "template"):
+        assert manifest[name] == tokens.report[name]
+    assert manifest["stats"]["boundary_agreement"] == tokens.report["stats"]["boundary_agreement"]
+    assert (result.directory / TOKENIZER).read_bytes() == tiny_tokenizer_path.read_bytes()
+    tok_config = json.loads((result.directory / TOKENIZER_CONFIG).read_text())
+    assert tok_config == {
+        **json.loads((tokens.directory / TOKENIZER_CONFIG).read_text()),
+        "model_max_length": 4096,
+    }
+
+
 def test_shards_open_with_datasets_and_polars(
     pairs_path: Path, tiny_tokenizer_path: Path, tmp_path: Path
 ) -> None:
-    result = build_shards(pairs_path, tiny_tokenizer_path, SMALL, tmp_path / "store")
+    result = _build(pairs_path, tiny_tokenizer_path, tmp_path / "store")
     reader = open_shards(result.directory)
     expected = [row.input_ids.tolist() for row in reader]
     shard_files = [result.directory / s["file"] for s in reader.manifest["shards"]]
@@ -86,17 +136,39 @@ def test_shards_open_with_datasets_and_polars(
     assert from_datasets == expected == from_polars
 
 
-def test_second_call_reuses_and_rewrites_nothing(
+def test_second_call_reuses_both_stages_and_rewrites_nothing(
     pairs_path: Path, tiny_tokenizer_path: Path, tmp_path: Path
 ) -> None:
-    first = build_shards(pairs_path, tiny_tokenizer_path, SMALL, tmp_path / "store")
-    stamps = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in first.directory.iterdir()}
-    second = build_shards(pairs_path, tiny_tokenizer_path, SMALL, tmp_path / "store")
+    store = tmp_path / "store"
+    first = _build(pairs_path, tiny_tokenizer_path, store)
+    tokens_dir = store / "tokenized" / first.manifest["tokenized"]["key"]
+    stamps = {d: _stamps(d) for d in (first.directory, tokens_dir)}
+    again = build_tokenized(pairs_path, tiny_tokenizer_path, TOK, store)
+    second = build_shards(again.directory, SMALL, store)
+    assert again.reused and again.directory == tokens_dir
     assert second.reused and second.key == first.key and second.directory == first.directory
-    assert stamps == {
-        p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in second.directory.iterdir()
-    }
+    assert {d: _stamps(d) for d in stamps} == stamps
     assert second.manifest == first.manifest
+
+
+def test_a_new_pack_config_repacks_without_tokenizing_again(
+    pairs_path: Path, tiny_tokenizer_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = tmp_path / "store"
+    first = _build(pairs_path, tiny_tokenizer_path, store)
+    tokens_dir = store / "tokenized" / first.manifest["tokenized"]["key"]
+    stamps = _stamps(tokens_dir)
+
+    def no_tokenizing(*args: object) -> None:
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(tokenized, "tokenize_pairs", no_tokenizing)
+    changed = dataclasses.replace(SMALL, max_len=200, layout="unshared")
+    second = _build(pairs_path, tiny_tokenizer_path, store, config=changed)
+    assert not second.reused and second.key != first.key
+    assert second.manifest["tokenized"] == first.manifest["tokenized"]
+    assert _stamps(tokens_dir) == stamps
+    assert sorted(p.name for p in (store / "shards").iterdir()) == sorted([first.key, second.key])
 
 
 CHANGED = {
@@ -104,12 +176,9 @@ CHANGED = {
     "max_len": 200,
     "too_long": "drop",
     "min_response_len": 8,
-    "template": "llama3",
     "mask_block_size": 32,
     "pack_window": 17,
     "shard_bytes": 4096,
-    "bpe_vocab_size": 500,
-    "boundary_check_pairs": 3,
 }
 
 
@@ -118,51 +187,44 @@ def test_every_config_field_is_in_the_key() -> None:
 
 
 @pytest.mark.parametrize("field", sorted(CHANGED))
-def test_key_changes_with_each_config_field(field: str, tiny_tokenizer_path: Path) -> None:
-    from pipeline.templates import resolve_template
-    from pipeline.tokenize import load_tokenizer
-
-    tok = load_tokenizer(tiny_tokenizer_path)
+def test_key_changes_with_each_config_field(field: str) -> None:
     changed = dataclasses.replace(SMALL, **{field: CHANGED[field]})
-    keys = {
-        pack.cache_key("abc", tok, resolve_template(c.template, None), c) for c in (SMALL, changed)
-    }
-    assert len(keys) == 2
+    assert pack.cache_key("abc", SMALL) != pack.cache_key("abc", changed)
 
 
-def test_key_changes_with_tokenizer_template_and_data(
+def test_key_changes_with_tokenizer_template_data_and_tokenize_config(
     pairs_path: Path, tiny_tokenizer_path: Path, tmp_path: Path
 ) -> None:
-    base = build_shards(pairs_path, tiny_tokenizer_path, SMALL, tmp_path / "s").key
+    """Everything the tokenize stage depends on changes its key, and so the shard key."""
     other_tok = tmp_path / "other.json"
     other_tok.write_bytes(
         train_tokenizer(
-            ["other words entirely"] * 20, 300, pack.resolve_template("chatml", None)
+            ["other words entirely"] * 20, 300, resolve_template("chatml", None)
         ).json_bytes
     )
     template = tmp_path / "mine.jinja"
-    template.write_text(pack.resolve_template("chatml", None).source + "{{ '' }}")
+    template.write_text(resolve_template("chatml", None).source + "{{ '' }}")
     other_pairs = write_pairs(tmp_path / "other.parquet", random_pairs(10, seed=99))
-    keys = {
-        base,
-        build_shards(pairs_path, other_tok, SMALL, tmp_path / "s").key,
-        build_shards(
-            pairs_path,
-            tiny_tokenizer_path,
-            dataclasses.replace(SMALL, template=str(template)),
-            tmp_path / "s",
-        ).key,
-        build_shards(other_pairs, tiny_tokenizer_path, SMALL, tmp_path / "s").key,
-        build_shards(pairs_path, None, SMALL, tmp_path / "s").key,
-    }
-    assert len(keys) == 5
+    variants = [
+        (pairs_path, tiny_tokenizer_path, TOK),
+        (pairs_path, other_tok, TOK),
+        (pairs_path, tiny_tokenizer_path, dataclasses.replace(TOK, template=str(template))),
+        (pairs_path, tiny_tokenizer_path, dataclasses.replace(TOK, boundary_check_pairs=3)),
+        (other_pairs, tiny_tokenizer_path, TOK),
+        (pairs_path, None, dataclasses.replace(TOK, bpe_vocab_size=400)),
+    ]
+    store = tmp_path / "s"
+    results = [_build(p, t, store, tok=c) for p, t, c in variants]
+    assert len({r.manifest["tokenized"]["key"] for r in results}) == len(variants)
+    assert len({r.key for r in results}) == len(variants)
 
 
 @pytest.mark.parametrize("victim", ["shard", "tokenizer"])
 def test_a_flipped_byte_is_detected_and_rebuilt(
     victim: str, pairs_path: Path, tiny_tokenizer_path: Path, tmp_path: Path
 ) -> None:
-    result = build_shards(pairs_path, tiny_tokenizer_path, SMALL, tmp_path / "store")
+    result = _build(pairs_path, tiny_tokenizer_path, tmp_path / "store")
+    original = _files(result.directory)
     name = result.manifest["shards"][0]["file"] if victim == "shard" else "tokenizer.json"
     path = result.directory / name
     data = bytearray(path.read_bytes())
@@ -171,9 +233,23 @@ def test_a_flipped_byte_is_detected_and_rebuilt(
     with pytest.raises(ShardError, match=name):
         open_shards(result.directory)
     open_shards(result.directory, verify=False)  # same size, so only the hash can tell
-    again = build_shards(pairs_path, tiny_tokenizer_path, SMALL, tmp_path / "store")
+    again = _build(pairs_path, tiny_tokenizer_path, tmp_path / "store")
     assert not again.reused and again.key == result.key
-    assert len(open_shards(again.directory)) == result.manifest["stats"]["rows"]
+    assert _files(again.directory) == original
+
+
+def test_corrupt_tokenized_pairs_are_never_packed(
+    pairs_path: Path, tiny_tokenizer_path: Path, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    tokens = build_tokenized(pairs_path, tiny_tokenizer_path, TOK, store)
+    path = tokens.directory / TOKENIZED
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=TOKENIZED):
+        build_shards(tokens.directory, SMALL, store)
+    assert not (store / "shards").exists()
 
 
 def test_missing_or_broken_manifest_is_named(tmp_path: Path) -> None:
@@ -187,6 +263,8 @@ def test_missing_or_broken_manifest_is_named(tmp_path: Path) -> None:
 def test_an_exception_mid_write_leaves_no_directory(
     pairs_path: Path, tiny_tokenizer_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    store = tmp_path / "store"
+    tokens = build_tokenized(pairs_path, tiny_tokenizer_path, TOK, store)
     calls = {"n": 0}
     original = ShardWriter.write
 
@@ -200,9 +278,9 @@ def test_an_exception_mid_write_leaves_no_directory(
     monkeypatch.setattr(pack, "BATCH_TOKENS", 512)  # many small batches
     config = dataclasses.replace(SMALL, shard_bytes=1)  # and a file per batch
     with pytest.raises(RuntimeError, match="disk on fire"):
-        build_shards(pairs_path, tiny_tokenizer_path, config, tmp_path / "store")
+        build_shards(tokens.directory, config, store)
     assert calls["n"] == 2
-    assert list((tmp_path / "store" / "shards").iterdir()) == []
+    assert list((store / "shards").iterdir()) == []
 
 
 @pytest.mark.parametrize("tokenizer", ["tiny", None])
@@ -217,9 +295,10 @@ def test_same_input_gives_byte_identical_directories(
 ) -> None:
     tok = tiny_tokenizer_path if tokenizer else None
     monkeypatch.setattr(pack, "BATCH_TOKENS", 2048)  # several batches and shards
-    config = dataclasses.replace(SMALL, layout=layout, bpe_vocab_size=400, shard_bytes=8192)
-    a = build_shards(pairs_path, tok, config, tmp_path / "a")
-    b = build_shards(pairs_path, tok, config, tmp_path / "b")
+    config = dataclasses.replace(SMALL, layout=layout, shard_bytes=8192)
+    tok_config = dataclasses.replace(TOK, bpe_vocab_size=400)
+    a = _build(pairs_path, tok, tmp_path / "a", config, tok_config)
+    b = _build(pairs_path, tok, tmp_path / "b", config, tok_config)
     assert a.key == b.key and not b.reused
     assert len(a.manifest["shards"]) > 1
     assert _files(a.directory) == _files(b.directory)
@@ -230,8 +309,8 @@ def test_shards_are_bounded_and_read_back_in_order(
 ) -> None:
     monkeypatch.setattr(pack, "BATCH_TOKENS", 1024)  # 4 rows of 256 per record batch
     config = dataclasses.replace(SMALL, shard_bytes=8192)
-    many = build_shards(pairs_path, tiny_tokenizer_path, config, tmp_path / "many")
-    one = build_shards(pairs_path, tiny_tokenizer_path, SMALL, tmp_path / "one")
+    many = _build(pairs_path, tiny_tokenizer_path, tmp_path / "many", config)
+    one = _build(pairs_path, tiny_tokenizer_path, tmp_path / "one")
     shards = many.manifest["shards"]
     assert len(shards) > 2
     # A shard closes after the batch that passes shard_bytes: bounded by it + one batch.
@@ -241,8 +320,11 @@ def test_shards_are_bounded_and_read_back_in_order(
     assert rows == [r.input_ids.tolist() for r in open_shards(one.directory)]
 
 
-def test_row_accounting_counts_every_drop(tiny_tokenizer_path: Path, tmp_path: Path) -> None:
-    """Responses that render to nothing and pairs too long to fit are counted by reason."""
+def test_row_accounting_chains_through_both_stages(
+    tiny_tokenizer_path: Path, tmp_path: Path
+) -> None:
+    """Responses that render to nothing (tokenize) and pairs too long to fit (pack) are
+    counted by reason, each in its stage, and together in the manifest."""
     long = "word " * 400
     table = pair_table(
         [
@@ -254,36 +336,24 @@ def test_row_accounting_counts_every_drop(tiny_tokenizer_path: Path, tmp_path: P
     path = write_pairs(tmp_path / "p.parquet", table)
     template = tmp_path / "bare.jinja"  # no end of turn: an empty response has no tokens
     template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
-    config = dataclasses.replace(SMALL, template=str(template), too_long="drop", max_len=64)
-    stats = build_shards(path, tiny_tokenizer_path, config, tmp_path / "s").manifest["stats"]
-    assert stats["pairs_in"] == 3 and stats["pairs"] == 1
-    assert stats["dropped"] == {"empty_chosen_ids": 1, "too_long": 1}
-
-
-def test_bad_input_names_the_file_and_rows(tiny_tokenizer_path: Path, tmp_path: Path) -> None:
-    table = random_pairs(5)
-    prompts = table.column("prompt").to_pylist()
-    prompts[3] = [{"role": "assistant", "content": "no user turn"}]
-    broken = table.set_column(
-        table.schema.get_field_index("prompt"),
-        "prompt",
-        pa.array(prompts, preference_pair.SCHEMA.field("prompt").type),
+    store = tmp_path / "s"
+    tokens = build_tokenized(
+        path, tiny_tokenizer_path, dataclasses.replace(TOK, template=str(template)), store
     )
-    path = write_pairs(tmp_path / "broken.parquet", broken)
-    with pytest.raises(ContractError, match=r"broken.parquet \(rows 0..4\).*no_user_turn"):
-        build_shards(path, tiny_tokenizer_path, SMALL, tmp_path / "s")
-    path = write_pairs(tmp_path / "narrow.parquet", table.drop_columns(["chosen"]))
-    with pytest.raises(ContractError, match=r"narrow.parquet.*chosen"):
-        build_shards(path, tiny_tokenizer_path, SMALL, tmp_path / "s")
+    report = tokens.report["stats"]
+    assert (report["pairs_in"], report["pairs_out"]) == (3, 2)
+    assert report["dropped"] == {"empty_chosen_ids": 1}
+    config = dataclasses.replace(SMALL, too_long="drop", max_len=64)
+    stats = build_shards(tokens.directory, config, store).manifest["stats"]
+    assert (stats["pairs_in"], stats["tokenized_pairs"], stats["pairs"]) == (3, 2, 1)
+    assert stats["dropped"] == {"empty_chosen_ids": 1, "too_long": 1}
 
 
 def test_manifest_stats_compare_layouts(
     pairs_path: Path, tiny_tokenizer_path: Path, tmp_path: Path
 ) -> None:
     config = dataclasses.replace(SMALL, max_len=4096)  # nothing truncated
-    reader = open_shards(
-        build_shards(pairs_path, tiny_tokenizer_path, config, tmp_path / "s").directory
-    )
+    reader = open_shards(_build(pairs_path, tiny_tokenizer_path, tmp_path / "s", config).directory)
     stats = reader.manifest["stats"]
     p, c, r = (
         np.concatenate([getattr(row, k) for row in reader]).astype(np.int64)
@@ -293,17 +363,24 @@ def test_manifest_stats_compare_layouts(
     assert by_layout["shared"] == stats["tokens"] == int((p + c + r).sum())
     assert by_layout["unshared"] == int((2 * p + c + r).sum())
     assert by_layout["padded"] == int((2 * np.maximum(p + c, p + r)).sum())
+    assert by_layout["padded_to_max_len"] == 2 * len(p) * 4096
     assert stats["tokens_saved_by_prefix_sharing"] == int(p.sum())
-    assert sum(stats["pair_length_histogram"]["counts"]) == stats["pairs"]
-    assert stats["boundary_agreement"]["checked"] == 2 * SMALL.boundary_check_pairs
+    edges = np.array(stats["pair_length_histogram"]["edges"])
+    assert stats["pair_length_histogram"]["counts"] == np.histogram(p + c + r, edges)[0].tolist()
+    for name, x in (("prompt", p), ("chosen", c), ("rejected", r), ("pair", p + c + r)):
+        q = np.percentile(x, [50, 90, 99], method="lower").tolist()
+        assert stats["lengths"][name] == dict(
+            zip(("p50", "p90", "p99", "max"), [*q, x.max()], strict=True)
+        )
+    assert stats["boundary_agreement"]["checked"] == 2 * TOK.boundary_check_pairs
     assert reader.manifest["contracts"]["packed_row"] == packed_row.VERSION
 
 
 def test_exported_tokenizer_reproduces_the_prompt_ids(pairs_path: Path, tmp_path: Path) -> None:
     """With no tokenizer given, the trained one is stored; transformers loads it from the
     shard directory and its apply_chat_template gives the packed prompt tokens."""
-    config = dataclasses.replace(SMALL, bpe_vocab_size=400)
-    reader = open_shards(build_shards(pairs_path, None, config, tmp_path / "s").directory)
+    tok = dataclasses.replace(TOK, bpe_vocab_size=400)
+    reader = open_shards(_build(pairs_path, None, tmp_path / "s", tok=tok).directory)
     assert reader.tokenizer_path == reader.directory / "tokenizer.json"
     assert reader.manifest["tokenizer"]["trained"]
     hf = PreTrainedTokenizerFast.from_pretrained(str(reader.directory))
@@ -341,13 +418,53 @@ def test_writing_the_same_pairs_twice_gives_identical_bytes(lengths, layout, see
     assert digests[0] == digests[1]
 
 
+@settings(max_examples=10)
+@given(
+    responses=st.lists(
+        st.tuples(st.sampled_from(["", "ok", "a few more words here"]), st.integers(0, 60)),
+        min_size=1,
+        max_size=12,
+    ),
+    max_len=st.integers(8, 120),
+    too_long=st.sampled_from(["truncate", "drop"]),
+    layout=st.sampled_from(["shared", "unshared", "padded"]),
+)
+def test_every_pair_is_packed_once_or_counted_as_dropped(
+    responses, max_len, too_long, layout, tiny_tokenizer_path: Path
+) -> None:
+    """pairs in = tokenized + dropped by rule; tokenized = packed + too_long; no pair twice."""
+    rows = [
+        ([{"role": "user", "content": "word " * words + str(i)}], text, f"reply {i}")
+        for i, (text, words) in enumerate(responses)
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_pairs(Path(tmp) / "p.parquet", pair_table(rows))
+        template = Path(tmp) / "bare.jinja"
+        template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+        tok_config = dataclasses.replace(TOK, template=str(template))
+        tokens = build_tokenized(path, tiny_tokenizer_path, tok_config, Path(tmp) / "s")
+        config = dataclasses.replace(SMALL, max_len=max_len, too_long=too_long, layout=layout)
+        result = build_shards(tokens.directory, config, Path(tmp) / "s")
+        kept = pa.parquet.read_table(tokens.directory / TOKENIZED).column("pair_id").to_pylist()
+        packed = [pid for row in open_shards(result.directory) for pid in row.pair_ids]
+    report, stats = tokens.report["stats"], result.manifest["stats"]
+    empty = sum(text == "" for text, _ in responses)
+    assert report["pairs_in"] == len(rows) == report["pairs_out"] + empty
+    assert report["dropped"] == ({"empty_chosen_ids": empty} if empty else {})
+    assert len(kept) == report["pairs_out"] == stats["tokenized_pairs"]
+    too_long_count = stats["dropped"].get("too_long", 0)
+    assert len(packed) == len(set(packed)) == stats["pairs"]
+    assert set(packed) <= set(kept) and len(kept) - len(packed) == too_long_count
+    assert stats["pairs_in"] == stats["pairs"] + sum(stats["dropped"].values())
+
+
 def test_read_batch_size_does_not_change_the_bytes(
     pairs_path: Path, tiny_tokenizer_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Windows hold exactly pack_window pairs, however the file is read."""
-    a = build_shards(pairs_path, tiny_tokenizer_path, SMALL, tmp_path / "a")
-    monkeypatch.setattr(pack, "READ_BATCH", 7)
-    b = build_shards(pairs_path, tiny_tokenizer_path, SMALL, tmp_path / "b")
+    """Windows hold exactly pack_window pairs, however the tokenized pairs are read."""
+    a = _build(pairs_path, tiny_tokenizer_path, tmp_path / "a")
+    monkeypatch.setattr(tokenized, "READ_BATCH", 7)
+    b = _build(pairs_path, tiny_tokenizer_path, tmp_path / "b")
     assert _files(a.directory) == _files(b.directory)
 
 
@@ -358,4 +475,4 @@ def test_read_batch_size_does_not_change_the_bytes(
 def test_out_of_range_settings_are_named(field: str, value: object, tmp_path: Path) -> None:
     config = dataclasses.replace(SMALL, **{field: value})
     with pytest.raises(ValueError, match=field):
-        build_shards(tmp_path / "unused.parquet", None, config, tmp_path / "s")
+        build_shards(tmp_path / "unused", config, tmp_path / "s")

@@ -1,0 +1,406 @@
+"""The tokenize stage: preference pairs -> a verified directory of tokenized pairs.
+
+`build_tokenized` is the entry the CLI and Dagster call (the `tokenized_pairs` asset). It
+streams a `preference_pair` parquet in batches: render each pair with the chat template,
+tokenize the prompt once and each response on its own, compare the first
+`boundary_check_pairs` pairs with the joined text, drop pairs that break the
+`tokenized_pair` rules (counted by rule), and write `<store>/tokenized/<key>/`:
+
+- `tokenized.parquet`: `tokenized_pair` rows in input order, in row groups of exactly
+  `ROW_GROUP` pairs (so how the input is read never changes the bytes);
+- `tokenizer.json` + `tokenizer_config.json`: the tokenizer (trained here when none is
+  given) and a minimal config (bos/eos, chat template) that transformers loads;
+- `report.json` (`data_contracts.tokenized_report`), written last: key, input,
+  tokenizer, template, row accounting, boundary agreement, token-length quantiles and
+  histograms, and the size and sha256 of every other file.
+
+The key hashes the input file, the tokenizer, the template, every `TokenizeConfig`
+setting and the code and contract versions, and nothing of packing: a new max_len or
+layout repacks these pairs (`pipeline.pack.build_shards`) without tokenizing again. The
+directory is written under a temp name and renamed, so it is complete or absent; an
+existing one with the key is reused when every file verifies, and rebuilt otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import tokenizers
+from tqdm import tqdm
+
+from data_contracts import preference_pair, tokenized_pair, tokenized_report
+from data_contracts.contract import ContractError
+from pipeline import ragged
+from pipeline.io import pairs_path, rechunk
+from pipeline.lengths import LengthCounts, power_of_two_edges
+from pipeline.shards import (
+    TOKENIZER,
+    TOKENIZER_CONFIG,
+    ShardError,
+    atomic_directory,
+    check_files,
+    sha256_file,
+)
+from pipeline.templates import ChatTemplate, PairTexts, render_pairs, resolve_template
+from pipeline.tokenize import (
+    BoundaryReport,
+    LoadedTokenizer,
+    boundary_agreement,
+    load_tokenizer,
+    tokenize_pairs,
+    train_tokenizer,
+)
+
+log = logging.getLogger(__name__)
+
+# Bump when this module's code would write different bytes for the same inputs.
+TOKENIZE_VERSION = "1"
+TOKENIZED = "tokenized.parquet"
+REPORT = "report.json"
+READ_BATCH = 1024  # pairs rendered and tokenized at once (does not change the bytes)
+ROW_GROUP = 8192  # pairs per parquet row group of tokenized.parquet
+DATA_FILES = (TOKENIZED, TOKENIZER, TOKENIZER_CONFIG)  # listed with sha256 in the report
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    """Every setting of the tokenize stage; all of them are part of its cache key."""
+
+    # None: the tokenizer folder's chat_template, else chatml. Or a built-in name
+    # (chatml, llama3, plain) or a path to a .jinja file.
+    template: str | None = None
+    # Vocabulary of the byte-level BPE trained when no tokenizer is given.
+    bpe_vocab_size: int = 8192
+    # Pairs (the first ones) whose separate tokenization is compared with the joined text.
+    boundary_check_pairs: int = 1000
+
+    def check(self) -> None:
+        """Raises: ValueError naming the first setting out of range."""
+        for name, low in (("bpe_vocab_size", 300), ("boundary_check_pairs", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+
+
+TOKENIZE_DEFAULTS = {f.name: f.default for f in fields(TokenizeConfig)}
+
+
+@dataclass(frozen=True)
+class TokenizedResult:
+    """What `build_tokenized` made (or found).
+
+    Attributes:
+        directory: the tokenized directory, `<store>/tokenized/<key>`.
+        key: its cache key (use it as the data version).
+        reused: True when a verified directory with this key already existed.
+        report: the parsed report.json.
+    """
+
+    directory: Path
+    key: str
+    reused: bool
+    report: dict
+
+
+def tokenized_key(
+    input_sha256: str,
+    tokenizer: LoadedTokenizer | None,
+    template: ChatTemplate,
+    config: TokenizeConfig,
+) -> str:
+    """Hash of everything that changes the bytes: data, tokenizer, template, config, code.
+
+    With no tokenizer, the trained one is a function of the data, the template and
+    `bpe_vocab_size` (in the config) and the `tokenizers` version, all in the key.
+    """
+    payload = {
+        "contracts": _contract_versions(),
+        "code": TOKENIZE_VERSION,
+        "input": input_sha256,
+        "tokenizer": tokenizer.fingerprint if tokenizer else "trained-bpe",
+        "tokenizers": tokenizers.__version__,
+        "template": template.sha256,
+        "config": asdict(config),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _contract_versions() -> dict[str, str]:
+    return {
+        "preference_pair": preference_pair.VERSION,
+        "tokenized_pair": tokenized_pair.VERSION,
+        "tokenized_report": tokenized_report.VERSION,
+    }
+
+
+# ------------------------------------------------------------------------ reading pairs
+
+
+def _pair_batches(path: Path) -> Iterator[pa.Table]:
+    """The preference_pair file in validated batches; errors name the file and rows."""
+    # pre_buffer=False: with it, pyarrow keeps every row group read so far in memory.
+    file = pq.ParquetFile(path, pre_buffer=False)
+    start = 0
+    for batch in file.iter_batches(batch_size=READ_BATCH):
+        source = f"{path} (rows {start}..{start + batch.num_rows - 1})"
+        yield preference_pair.CONTRACT.validate(pa.Table.from_batches([batch]), source)
+        start += batch.num_rows
+
+
+def _render(table: pa.Table, template: ChatTemplate, bos_eos: tuple) -> PairTexts:
+    return render_pairs(
+        table.column("prompt").to_pylist(),
+        table.column("chosen").to_pylist(),
+        table.column("rejected").to_pylist(),
+        table.column("pair_id").to_pylist(),
+        template,
+        *bos_eos,
+    )
+
+
+def _training_texts(path: Path, template: ChatTemplate) -> Iterator[str]:
+    """Rendered prompts and responses, the corpus of a trained tokenizer."""
+    for table in _pair_batches(path):
+        texts = _render(table, template, (template.bos_token, template.eos_token))
+        yield from texts.prompt
+        yield from texts.chosen
+        yield from texts.rejected
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def _tokenizer_config(tokenizer: LoadedTokenizer, template: ChatTemplate) -> dict:
+    """A minimal tokenizer_config.json so transformers can load the stored tokenizer."""
+    config: dict = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    if tokenizer.bos_token:
+        config["bos_token"] = tokenizer.bos_token
+    if tokenizer.eos_token:
+        config["eos_token"] = tokenizer.eos_token
+    config.update({"chat_template": template.source, "clean_up_tokenization_spaces": False})
+    return config
+
+
+class _Stats:
+    """Accounting and token lengths of the written pairs, for the report."""
+
+    def __init__(self, boundary: BoundaryReport) -> None:
+        self.pairs_in = 0
+        self.dropped: Counter[str] = Counter()
+        self.boundary = boundary
+        self.lengths = {part: LengthCounts() for part in tokenized_report.LENGTH_PARTS}
+
+    def add(self, kept: pa.Table) -> None:
+        p, c, r = (
+            ragged.lengths_of(kept.column(n)) for n in ("prompt_ids", "chosen_ids", "rejected_ids")
+        )
+        for part, x in zip(tokenized_report.LENGTH_PARTS, (p, c, r, p + c + r), strict=True):
+            self.lengths[part].add(x)
+
+    def to_dict(self) -> dict:
+        edges = power_of_two_edges(self.lengths["pair"].longest)
+        return {
+            "pairs_in": self.pairs_in,
+            "pairs_out": self.lengths["pair"].items,
+            "dropped": dict(sorted(self.dropped.items())),
+            "tokens": {part: x.total for part, x in self.lengths.items()},
+            "lengths": {part: x.quantiles() for part, x in self.lengths.items()},
+            "length_histograms": {
+                "edges": edges.tolist(),
+                **{part: x.histogram(edges) for part, x in self.lengths.items()},
+            },
+            "boundary_agreement": self.boundary.to_dict(),
+        }
+
+
+def _tokenized_batches(
+    pairs: Path,
+    tokenizer: LoadedTokenizer,
+    template: ChatTemplate,
+    config: TokenizeConfig,
+    stats: _Stats,
+    rows_in: int,
+) -> Iterator[pa.Table]:
+    """Render, tokenize, check boundaries and drop by rule, batch by batch, counting."""
+    bos_eos = (tokenizer.bos_token, tokenizer.eos_token)
+    boundary = stats.boundary
+    with tqdm(total=rows_in, unit="pair", desc="tokenize", disable=None) as bar:
+        for table in _pair_batches(pairs):
+            texts = _render(table, template, bos_eos)
+            pair_ids = table.column("pair_id").to_pylist()
+            tokenized = tokenize_pairs(texts, pair_ids, tokenizer.tokenizer)
+            need = config.boundary_check_pairs - boundary.checked // 2
+            if need > 0:
+                head = PairTexts(texts.prompt[:need], texts.chosen[:need], texts.rejected[:need])
+                boundary_agreement(head, tokenized.slice(0, need), tokenizer.tokenizer, boundary)
+            kept, invalid = tokenized_pair.CONTRACT.split(tokenized)
+            stats.pairs_in += table.num_rows
+            stats.dropped.update(invalid.column("rule").to_pylist())
+            stats.add(kept)
+            bar.update(table.num_rows)
+            yield kept
+
+
+def _write_tokenized(
+    pairs: Path,
+    input_sha256: str,
+    tokenizer: LoadedTokenizer,
+    template: ChatTemplate,
+    config: TokenizeConfig,
+    key: str,
+    directory: Path,
+) -> dict:
+    """Tokenize every pair and write the directory's files, report.json last."""
+    rows_in = pq.ParquetFile(pairs).metadata.num_rows
+    stats = _Stats(BoundaryReport(template.name, tokenizer.name))
+    batches = _tokenized_batches(pairs, tokenizer, template, config, stats, rows_in)
+    with pq.ParquetWriter(
+        directory / TOKENIZED, tokenized_pair.SCHEMA, compression="zstd"
+    ) as writer:
+        for group in rechunk(batches, ROW_GROUP):
+            writer.write_table(group, row_group_size=ROW_GROUP)
+    (directory / TOKENIZER).write_bytes(tokenizer.json_bytes)
+    config_text = json.dumps(_tokenizer_config(tokenizer, template), indent=2) + "\n"
+    (directory / TOKENIZER_CONFIG).write_text(config_text, encoding="utf-8")
+
+    report = {
+        "contract": "tokenized_report",
+        "version": tokenized_report.VERSION,
+        "contracts": _contract_versions(),
+        "key": key,
+        "config": asdict(config),
+        "input": {"name": pairs.name, "sha256": input_sha256, "rows": rows_in},
+        "tokenizer": {
+            "path": TOKENIZER,
+            "config_path": TOKENIZER_CONFIG,
+            "name": tokenizer.name,
+            "trained": tokenizer.trained,
+            "fingerprint": tokenizer.fingerprint,
+            "sha256": hashlib.sha256(tokenizer.json_bytes).hexdigest(),
+            "bytes": len(tokenizer.json_bytes),
+            "vocab_size": tokenizer.tokenizer.get_vocab_size(),
+            "bos_token": tokenizer.bos_token,
+            "eos_token": tokenizer.eos_token,
+        },
+        "template": {"name": template.name, "sha256": template.sha256},
+        "files": [
+            {
+                "file": name,
+                "bytes": (directory / name).stat().st_size,
+                "sha256": sha256_file(directory / name),
+            }
+            for name in DATA_FILES
+        ],
+        "stats": stats.to_dict(),
+    }
+    tokenized_report.validate(report, str(directory / REPORT))
+    text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+    (directory / REPORT).write_text(text, encoding="utf-8")
+    return report
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def read_tokenized(directory: str | Path, verify: bool = True) -> dict:
+    """Read a tokenized directory's report, after checking the directory holds what it says.
+
+    Args:
+        directory: a directory written by `build_tokenized`.
+        verify: check the size and sha256 of every listed file (reads every byte once).
+
+    Returns:
+        The parsed, validated report.json.
+
+    Raises:
+        ShardError: naming report.json when it is missing, not JSON, not a
+            tokenized_report or leaves a data file unlisted; or naming the data file that
+            is missing, corrupt, or not tokenized_pair rows as many as the report says.
+    """
+    directory = Path(directory)
+    path = directory / REPORT
+    try:
+        report = tokenized_report.validate(json.loads(path.read_text(encoding="utf-8")), str(path))
+    except FileNotFoundError as err:
+        raise ShardError(f"{path}: missing; not a complete tokenized directory") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ShardError(f"{path}: not valid JSON: {err}") from err
+    except ContractError as err:
+        raise ShardError(str(err)) from err
+    listed = {entry["file"] for entry in report["files"]}
+    if unlisted := set(DATA_FILES) - listed:
+        raise ShardError(f"{path}: files does not list {sorted(unlisted)}")
+    if verify:
+        check_files(directory, [(f["file"], f["bytes"], f["sha256"]) for f in report["files"]])
+    data = directory / TOKENIZED
+    try:
+        file = pq.ParquetFile(data)
+    except (OSError, pa.ArrowInvalid) as err:
+        raise ShardError(f"{data}: not a readable parquet file: {err}") from err
+    if not file.schema_arrow.equals(tokenized_pair.SCHEMA, check_metadata=False):
+        raise ShardError(f"{data}: schema is not tokenized_pair v{tokenized_pair.VERSION}")
+    if file.metadata.num_rows != report["stats"]["pairs_out"]:
+        raise ShardError(
+            f"{data}: {file.metadata.num_rows} rows, report says {report['stats']['pairs_out']}"
+        )
+    return report
+
+
+def tokenized_batches(directory: str | Path) -> Iterator[pa.Table]:
+    """The `tokenized_pair` rows of a tokenized directory, in order, `READ_BATCH` at a time."""
+    file = pq.ParquetFile(Path(directory) / TOKENIZED, pre_buffer=False)
+    for batch in file.iter_batches(batch_size=READ_BATCH):
+        yield pa.Table.from_batches([batch]).cast(tokenized_pair.SCHEMA)
+
+
+# ------------------------------------------------------------------------------ build
+
+
+def build_tokenized(
+    pairs: str | Path,
+    tokenizer: str | Path | None,
+    config: TokenizeConfig,
+    store: str | Path,
+) -> TokenizedResult:
+    """Tokenize a preference_pair parquet into a verified directory, or reuse one.
+
+    Args:
+        pairs: a parquet file in the `preference_pair` schema, or a normalize/curate
+            output directory holding `pairs.parquet`.
+        tokenizer: a tokenizer.json or a Hugging Face model folder; None trains a
+            byte-level BPE of `config.bpe_vocab_size` on the pairs.
+        config: the tokenize settings.
+        store: the store root; the output goes to `<store>/tokenized/<key>`.
+
+    Returns:
+        Where the tokenized pairs are, their key, whether they were reused, the report.
+
+    Raises:
+        FileNotFoundError: `pairs` does not exist.
+        ContractError: the pairs break the preference_pair contract (names file, rows).
+        TemplateError, TokenizerError, ValueError: bad template, tokenizer or config.
+    """
+    config.check()
+    pairs, store = pairs_path(pairs), Path(store)
+    loaded = load_tokenizer(tokenizer) if tokenizer is not None else None
+    template = resolve_template(config.template, loaded.chat_template if loaded else None)
+    input_sha256 = sha256_file(pairs)
+    key = tokenized_key(input_sha256, loaded, template, config)
+    directory = store / "tokenized" / key
+    if directory.exists():
+        try:
+            return TokenizedResult(directory, key, reused=True, report=read_tokenized(directory))
+        except ShardError as err:
+            log.warning("rebuilding %s: %s", directory, err)
+    if loaded is None:
+        loaded = train_tokenizer(_training_texts(pairs, template), config.bpe_vocab_size, template)
+    with atomic_directory(directory) as tmp:
+        report = _write_tokenized(pairs, input_sha256, loaded, template, config, key, tmp)
+    return TokenizedResult(directory, key, reused=False, report=report)
