@@ -45,6 +45,7 @@ from pipeline.pack import PackConfig, RowPacker, apply_length_policy, build_shar
 from pipeline.templates import builtin_template, render_pairs
 from pipeline.tokenize import BoundaryReport, boundary_agreement, load_tokenizer, tokenize_pairs
 from pipeline.tokenize import train_tokenizer as train_bpe
+from pipeline.tokenized import TokenizeConfig, build_tokenized
 
 RESULTS = Path(__file__).parent / "results" / "pack.json"
 # The shared samples sit beside the checkout (`../shared/data`), or one level up for a
@@ -311,7 +312,8 @@ def ours_tokenize(table: pa.Table, tokenizer: Tokenizer) -> tuple[dict, pa.Table
 def ours_end_to_end(
     path: Path, tokenizer_path: Path | None, config: PackConfig, store: Path
 ) -> dict:
-    """build_shards in a fresh process: wall time and that process's peak RSS."""
+    """Both stages (build_tokenized, then build_shards) in a fresh process: wall time
+    (total and per stage) and that process's peak RSS."""
     command = [
         sys.executable,
         "-m",
@@ -337,9 +339,12 @@ def peak_rss_mb() -> float:
 
 def child(pairs: str, tokenizer: str, max_len: int, store: str) -> None:
     with Timer() as timer:
-        result = build_shards(pairs, tokenizer or None, PackConfig(max_len=max_len), store)
+        with Timer() as tokenize_timer:
+            tokens = build_tokenized(pairs, tokenizer or None, TokenizeConfig(), store)
+        result = build_shards(tokens.directory, PackConfig(max_len=max_len), store)
     stats = result.manifest["stats"]
     out = timer.rates(stats["pairs_in"], stats["tokens"])
+    out.update(tokenize_seconds=tokenize_timer.wall, pack_seconds=timer.wall - tokenize_timer.wall)
     out.update({k: stats[k] for k in ("rows", "pairs", "fill_ratio", "truncated", "dropped")})
     out.update(
         peak_rss_mb=peak_rss_mb(),
@@ -391,7 +396,7 @@ def speed_section(name: str, tokenizer: Tokenizer, stream: np.ndarray) -> dict:
         path = Path(tmp) / "pairs.parquet"
         pq.write_table(table, path)
         tok_path = GPT2 if GPT2.is_file() else None
-        speed["ours_build_shards"] = ours_end_to_end(
+        speed["ours_build_shards"] = ours_end_to_end(  # both stages, in a fresh process
             path, tok_path, PackConfig(max_len=4096), Path(tmp) / "store"
         )
     for k, v in speed.items():
@@ -434,7 +439,7 @@ def main() -> None:
     tokenizer, stream, source = text_source()
     results["text"] = source
     print(f"\ntext: {source}")
-    # Each set in a fresh process: once a process has forked (our build_shards child),
+    # Each set in a fresh process: once a process has forked (our tokenize+pack child),
     # `tokenizers` may no longer encode in parallel in it, which would skew later sets.
     results["speed"] = {}
     for name in SPEED_SETS:
@@ -461,7 +466,8 @@ def main() -> None:
             store = Path(tmp) / f"store-{len(results['big'])}"
             end = ours_end_to_end(pairs_path, tok_path, PackConfig(max_len=4096), store)
             print(
-                f"{label:15} {end['seconds']:.1f} s, {end['pairs_per_s']:.0f} pairs/s, "
+                f"{label:15} {end['seconds']:.1f} s (tokenize {end['tokenize_seconds']:.1f} s, "
+                f"pack {end['pack_seconds']:.1f} s), {end['pairs_per_s']:.0f} pairs/s, "
                 f"{end['tokens_per_s']:.0f} tokens/s, peak RSS {end['peak_rss_mb']:.0f} MB, "
                 f"fill {end['fill_ratio']:.4f}, rows {end['rows']}, truncated "
                 f"{end['truncated']}, tokens by layout {end['tokens_by_layout']}"
