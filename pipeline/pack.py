@@ -1,0 +1,662 @@
+"""Tokenize and pack: preference pairs -> packed rows with mask metadata -> shards.
+
+`build_shards` is the entry the CLI and Dagster call. It streams a `preference_pair`
+parquet in batches: render (chat template), tokenize (prompt once, each response once),
+apply the length policy, bin-pack whole pairs into rows of at most `max_len` tokens,
+derive the block-sparse mask summary, and write shards atomically into
+`<store>/shards/<cache key>`. If that directory exists and verifies, nothing is redone.
+
+Length policy (`too_long`), for a pair whose tokens under the layout (P+C+R shared,
+2P+C+R otherwise) exceed `max_len`:
+- "drop": the pair is dropped and counted as `too_long`.
+- "truncate": responses keep their start and the prompt keeps its end. First the
+  responses are cut, the longer one first, until the pair fits with its whole prompt, but
+  never below `min_response_len` tokens (or their own length, if shorter); only then does
+  the prompt lose tokens from its start. A pair whose prompt would keep no token is
+  dropped as `too_long`. A pair is never split across rows.
+
+Packing is best-fit decreasing over windows of `pack_window` pairs, so memory stays
+bounded on millions of pairs; rows that are still under-filled when a window ends carry
+over into the next window instead of closing (up to `MAX_CARRY` of them), which keeps the
+fill ratio of one huge window. Same input, same rows, byte for byte.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import tokenizers
+from tqdm import tqdm
+
+from data_contracts import manifest as manifest_contract
+from data_contracts import packed_row, preference_pair, tokenized_pair
+from data_contracts.packed_row import LAYOUTS, Layout, pair_tokens
+from pipeline import ragged
+from pipeline.mask_blocks import block_summary
+from pipeline.shards import (
+    TOKENIZER,
+    TOKENIZER_CONFIG,
+    ShardError,
+    ShardWriter,
+    atomic_directory,
+    open_shards,
+    sha256_file,
+    write_manifest,
+)
+from pipeline.templates import ChatTemplate, PairTexts, render_pairs, resolve_template
+from pipeline.tokenize import (
+    BoundaryReport,
+    LoadedTokenizer,
+    boundary_agreement,
+    load_tokenizer,
+    tokenize_pairs,
+    train_tokenizer,
+)
+
+log = logging.getLogger(__name__)
+
+# Bump when this module's code would write different bytes for the same inputs.
+PACKER_VERSION = "1"
+DROP_TOO_LONG = "too_long"
+READ_BATCH = 4096  # pairs rendered and tokenized per batch (does not change the bytes)
+BATCH_TOKENS = 1 << 20  # about this many tokens per written record batch
+MAX_CARRY = 512  # under-filled rows carried from one packing window to the next
+
+
+@dataclass(frozen=True)
+class PackConfig:
+    """Every setting of tokenize + pack; all of them are part of the cache key."""
+
+    # shared: P|C|R, the prompt once (the point of prefpack); unshared: P|C|P|R packed;
+    # padded: P|C|P|R one pair per row, the baseline of trainers without packing.
+    layout: Layout = "shared"
+    # Tokens per row at most. Rows are never padded on disk; the trainer pads a batch.
+    max_len: int = 2048
+    # A pair longer than max_len is "truncate"d (rule in the module docstring) or "drop"ped.
+    too_long: Literal["truncate", "drop"] = "truncate"
+    # Truncation never cuts a response below this many tokens (ends matter for DPO too).
+    min_response_len: int = 64
+    # None: the tokenizer folder's chat_template, else chatml. Or a built-in name
+    # (chatml, llama3, plain) or a path to a .jinja file.
+    template: str | None = None
+    # FlexAttention block size of the kv_block_* summary (its default is 128).
+    mask_block_size: int = packed_row.DEFAULT_BLOCK_SIZE
+    # Pairs bin-packed together; bounds memory (tokens of a window live in RAM).
+    pack_window: int = 65_536
+    # A shard file closes once it passes this size (plus at most one record batch).
+    shard_bytes: int = 256 * 2**20
+    # Vocabulary of the byte-level BPE trained when no tokenizer is given.
+    bpe_vocab_size: int = 8192
+    # Pairs (the first ones) whose separate tokenization is compared with the joined text.
+    boundary_check_pairs: int = 1000
+
+    def check(self) -> None:
+        """Raises: ValueError naming the first setting out of range."""
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.too_long not in ("truncate", "drop"):
+            raise ValueError(f"too_long must be 'truncate' or 'drop', got {self.too_long!r}")
+        minimum = {
+            "max_len": 3,
+            "min_response_len": 1,
+            "mask_block_size": 1,
+            "pack_window": 1,
+            "shard_bytes": 1,
+            "bpe_vocab_size": 300,
+            "boundary_check_pairs": 0,
+        }
+        for name, low in minimum.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+
+
+PACK_DEFAULTS = {f.name: f.default for f in fields(PackConfig)}
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What `build_shards` made (or found).
+
+    Attributes:
+        directory: the shard directory, `<store>/shards/<key>`.
+        key: the cache key (use it as the data version).
+        reused: True when a verified directory with this key already existed.
+        manifest: the parsed manifest.json.
+    """
+
+    directory: Path
+    key: str
+    reused: bool
+    manifest: dict
+
+
+# ---------------------------------------------------------------------- length policy
+
+
+def truncated_lengths(
+    prompt_len: np.ndarray,
+    chosen_len: np.ndarray,
+    rejected_len: np.ndarray,
+    prompt_copies: int,
+    max_len: int,
+    min_response_len: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lengths after the truncation rule (module docstring); a kept prompt of 0 = drop.
+
+    Args:
+        prompt_len, chosen_len, rejected_len: int64 lengths P, C, R.
+        prompt_copies: 1 for the shared layout (P+C+R), 2 otherwise (2P+C+R).
+        max_len: the row budget.
+        min_response_len: responses are never cut below this (or their own length).
+
+    Returns:
+        (P', C', R') with P' <= P keeping the prompt's end, C' <= C and R' <= R keeping
+        the responses' starts; pairs that fit are unchanged.
+    """
+    p, c, r = (np.asarray(a, dtype=np.int64) for a in (prompt_len, chosen_len, rejected_len))
+    room = max_len - prompt_copies * p  # for the responses, with the whole prompt
+    # Balance: the shorter response keeps all it can, the longer gets the rest.
+    c_cut = np.minimum(c, np.maximum(room - r, -(-room // 2)))
+    r_cut = np.minimum(r, room - c_cut)
+    c_cut = np.maximum(c_cut, np.minimum(c, min_response_len))
+    r_cut = np.maximum(r_cut, np.minimum(r, min_response_len))
+    p_cut = np.clip((max_len - c_cut - r_cut) // prompt_copies, 0, p)
+    return p_cut, c_cut, r_cut
+
+
+@dataclass(frozen=True)
+class PolicyResult:
+    """Pairs after the length policy: the kept ones (maybe cut) and the counts."""
+
+    kept: pa.Table
+    truncated: int
+    too_long: int
+
+
+def apply_length_policy(tokenized: pa.Table, config: PackConfig) -> PolicyResult:
+    """Drop or truncate pairs longer than `config.max_len` under `config.layout`.
+
+    Args:
+        tokenized: `tokenized_pair` rows (every list non-empty).
+
+    Returns:
+        The kept rows, in order, with cut lists; how many were cut and dropped.
+    """
+    names = ("prompt_ids", "chosen_ids", "rejected_ids")
+    parts = [ragged.list_parts(tokenized.column(n)) for n in names]
+    p, c, r = (np.diff(offsets) for _, offsets in parts)
+    copies = 1 if config.layout == "shared" else 2
+    fits = pair_tokens(p, c, r, config.layout) <= config.max_len
+    if config.too_long == "drop":
+        return PolicyResult(tokenized.filter(pa.array(fits)), 0, int((~fits).sum()))
+    p2, c2, r2 = truncated_lengths(p, c, r, copies, config.max_len, config.min_response_len)
+    keep = p2 > 0
+    cut = keep & ~fits
+    if not cut.any():
+        return PolicyResult(tokenized.filter(pa.array(keep)), 0, int((~keep).sum()))
+    columns = [tokenized.column("pair_id").filter(pa.array(keep))]
+    # The prompt keeps its end, the responses their start.
+    for (values, offsets), new_len, keep_end in zip(
+        parts, (p2, c2, r2), (True, False, False), strict=True
+    ):
+        old_len = np.diff(offsets)[keep]
+        start = offsets[:-1][keep] + (old_len - new_len[keep] if keep_end else 0)
+        new_values = ragged.gather(values, start, new_len[keep])
+        columns.append(ragged.list_array(pa.array(new_values), ragged.offsets_of(new_len[keep])))
+    kept = pa.Table.from_arrays(columns, schema=tokenized_pair.SCHEMA)
+    return PolicyResult(kept, int(cut.sum()), int((~keep).sum()))
+
+
+# -------------------------------------------------------------------------- packing
+
+
+class BestFitPacker:
+    """Best-fit decreasing bin packing over a stream of windows.
+
+    Within a window, items go in decreasing size (stable), each into the open bin with
+    the least free room that still fits it, else into a new bin. When a window closes,
+    the bins that could still take an item of the window's smallest size carry over (at
+    most `max_carry`, the emptiest first); the rest are emitted in creation order.
+
+    The per-item loop is Python on purpose: best fit is sequential, and with a sorted
+    list of free capacities each step is a bisect (about a microsecond).
+    """
+
+    def __init__(self, capacity: int, max_carry: int = MAX_CARRY) -> None:
+        self.capacity = capacity
+        self.max_carry = max_carry
+        self._items: dict[int, list[int]] = {}  # open bin id -> item indices, by creation
+        self._free: dict[int, int] = {}  # open bin id -> free room
+        self._by_free: dict[int, list[int]] = {}  # free room -> open bins with it (a stack)
+        self._frees: list[int] = []  # sorted free rooms that have bins
+        self._next_bin = 0
+        self._smallest = capacity
+
+    def _push(self, bin_id: int, free: int) -> None:
+        self._free[bin_id] = free
+        stack = self._by_free.get(free)
+        if stack is None:
+            self._by_free[free] = [bin_id]
+            bisect.insort(self._frees, free)
+        else:
+            stack.append(bin_id)
+
+    def add(self, sizes: np.ndarray, first_item: int = 0) -> None:
+        """Place items `first_item + i` of the given sizes (each <= capacity)."""
+        if len(sizes) == 0:
+            return
+        self._smallest = min(self._smallest, int(sizes.min()))
+        order = np.argsort(-sizes, kind="stable")
+        for item, size in zip((order + first_item).tolist(), sizes[order].tolist(), strict=True):
+            i = bisect.bisect_left(self._frees, size)
+            if i == len(self._frees):
+                bin_id, free = self._next_bin, self.capacity
+                self._next_bin += 1
+                self._items[bin_id] = []
+            else:
+                free = self._frees[i]
+                stack = self._by_free[free]
+                bin_id = stack.pop()
+                if not stack:
+                    del self._by_free[free]
+                    del self._frees[i]
+            self._items[bin_id].append(item)
+            self._push(bin_id, free - size)
+
+    def close(self, final: bool) -> tuple[list[list[int]], np.ndarray]:
+        """End a window.
+
+        Returns:
+            (emitted bins as item lists, in creation order; the carried items, in the
+            order they are renumbered 0..k-1 for the next window).
+        """
+        carry: list[int] = []
+        if not final:
+            roomy = [b for b, free in self._free.items() if free >= self._smallest]
+            roomy.sort(key=lambda b: (-self._free[b], b))
+            carry = sorted(roomy[: self.max_carry])
+        carried = set(carry)
+        emitted = [items for b, items in self._items.items() if b not in carried]
+        carried_items = [i for b in carry for i in self._items[b]]
+        renumber = {old: new for new, old in enumerate(carried_items)}
+        kept = {b: ([renumber[i] for i in self._items[b]], self._free[b]) for b in carry}
+        self._items, self._free, self._by_free, self._frees = {}, {}, {}, []
+        for b, (items, free) in kept.items():
+            self._items[b] = items
+            self._push(b, free)
+        self._smallest = self.capacity
+        return emitted, np.array(carried_items, dtype=np.int64)
+
+
+def assemble_rows(
+    pairs: pa.Table, rows: list[list[int]], layout: Layout, block_size: int
+) -> pa.RecordBatch:
+    """Lay out whole pairs into `packed_row` rows, with the block-sparse summary.
+
+    Args:
+        pairs: `tokenized_pair` rows that fit the layout's budget.
+        rows: per row, the indices of its pairs in `pairs`, in row order.
+        layout: shared (P|C|R) or unshared/padded (P|C|P|R).
+        block_size: the mask summary's block size.
+    """
+    items = np.array([i for row in rows for i in row], dtype=np.int64)
+    per_row = np.array([len(row) for row in rows], dtype=np.int64)
+    sub = pairs.take(pa.array(items))
+    (pv, po), (cv, co), (rv, ro) = (
+        ragged.list_parts(sub.column(n)) for n in ("prompt_ids", "chosen_ids", "rejected_ids")
+    )
+    p, c, r = np.diff(po), np.diff(co), np.diff(ro)
+    sizes = pair_tokens(p, c, r, layout)
+    row_of_pair = np.repeat(np.arange(len(rows)), per_row)
+    pair_offsets = ragged.offsets_of(per_row)
+    token_end = np.cumsum(sizes)
+    row_token_offsets = np.concatenate([[0], token_end[pair_offsets[1:] - 1]])
+    pair_start = token_end - sizes - row_token_offsets[row_of_pair]
+
+    # Every pair is a run of segments gathered from one flat buffer of all tokens.
+    flat = np.concatenate([pv, cv, rv])
+    ps, cs, rs = po[:-1], len(pv) + co[:-1], len(pv) + len(cv) + ro[:-1]
+    if layout == "shared":
+        starts, lengths = np.stack([ps, cs, rs], axis=1), np.stack([p, c, r], axis=1)
+    else:
+        starts, lengths = np.stack([ps, cs, ps, rs], axis=1), np.stack([p, c, p, r], axis=1)
+    input_ids = ragged.gather(flat, starts.reshape(-1), lengths.reshape(-1))
+
+    blocks = block_summary(
+        np.diff(row_token_offsets), row_of_pair, pair_start, p, c, r, layout, block_size
+    )
+    full, partial = blocks.to_arrow()
+    per_pair = [
+        ragged.list_array(pa.array(v.astype(np.int32)), pair_offsets) for v in (pair_start, p, c, r)
+    ]
+    pair_ids = ragged.list_array(sub.column("pair_id").combine_chunks(), pair_offsets)
+    return pa.RecordBatch.from_arrays(
+        [
+            ragged.list_array(pa.array(input_ids), row_token_offsets),
+            *per_pair,
+            pair_ids,
+            full,
+            partial,
+        ],
+        schema=packed_row.SCHEMA,
+    )
+
+
+class RowPacker:
+    """Streams windows of pairs into packed record batches (see module docstring)."""
+
+    def __init__(self, layout: Layout, max_len: int, block_size: int) -> None:
+        self.layout = layout
+        self.max_len = max_len
+        self.block_size = block_size
+        self.rows_per_batch = max(1, BATCH_TOKENS // max_len)
+        self._packer = BestFitPacker(max_len)
+        self._carry = tokenized_pair.SCHEMA.empty_table()
+
+    def _emit(self, pairs: pa.Table, rows: list[list[int]]) -> Iterator[pa.RecordBatch]:
+        for i in range(0, len(rows), self.rows_per_batch):
+            chunk = rows[i : i + self.rows_per_batch]
+            yield assemble_rows(pairs, chunk, self.layout, self.block_size)
+
+    def add(self, pairs: pa.Table) -> Iterator[pa.RecordBatch]:
+        """Pack one window of `tokenized_pair` rows.
+
+        Raises:
+            ValueError: a pair does not fit max_len (apply the length policy first).
+        """
+        p, c, r = (
+            ragged.lengths_of(pairs.column(n)) for n in ("prompt_ids", "chosen_ids", "rejected_ids")
+        )
+        sizes = pair_tokens(p, c, r, self.layout)
+        if (sizes > self.max_len).any():
+            worst = int(np.argmax(sizes))
+            raise ValueError(
+                f"pair {pairs.column('pair_id')[worst]} has {sizes[worst]} tokens "
+                f"({self.layout}), more than max_len {self.max_len}"
+            )
+        if self.layout == "padded":
+            yield from self._emit(pairs, [[i] for i in range(pairs.num_rows)])
+            return
+        window = pa.concat_tables([self._carry, pairs])
+        self._packer.add(sizes, first_item=self._carry.num_rows)
+        rows, carried = self._packer.close(final=False)
+        self._carry = window.take(pa.array(carried, pa.int64()))
+        yield from self._emit(window, rows)
+
+    def finish(self) -> Iterator[pa.RecordBatch]:
+        """Emit the rows still carried."""
+        rows, _ = self._packer.close(final=True)
+        carry, self._carry = self._carry, tokenized_pair.SCHEMA.empty_table()
+        yield from self._emit(carry, rows)
+
+
+# ------------------------------------------------------------------------ the build
+
+
+def cache_key(
+    input_sha256: str, tokenizer: LoadedTokenizer | None, template: ChatTemplate, config: PackConfig
+) -> str:
+    """Hash of everything that changes the bytes: data, tokenizer, template, config, code.
+
+    With no tokenizer, the trained one is a function of the data and `bpe_vocab_size`
+    (in the config) and the `tokenizers` version, all in the key.
+    """
+    payload = {
+        "contracts": _contract_versions(),
+        "packer": PACKER_VERSION,
+        "input": input_sha256,
+        "tokenizer": tokenizer.fingerprint if tokenizer else "trained-bpe",
+        "tokenizers": tokenizers.__version__,
+        "template": template.sha256,
+        "config": asdict(config),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _contract_versions() -> dict[str, str]:
+    return {
+        "preference_pair": preference_pair.VERSION,
+        "tokenized_pair": tokenized_pair.VERSION,
+        "packed_row": packed_row.VERSION,
+        "manifest": manifest_contract.VERSION,
+    }
+
+
+def _pair_batches(path: Path) -> Iterator[pa.Table]:
+    """The preference_pair file in validated batches; errors name the file and rows."""
+    file = pq.ParquetFile(path)
+    start = 0
+    for batch in file.iter_batches(batch_size=READ_BATCH):
+        source = f"{path} (rows {start}..{start + batch.num_rows - 1})"
+        yield preference_pair.CONTRACT.validate(pa.Table.from_batches([batch]), source)
+        start += batch.num_rows
+
+
+def _render(table: pa.Table, template: ChatTemplate, tokenizer_bos_eos: tuple) -> PairTexts:
+    return render_pairs(
+        table.column("prompt").to_pylist(),
+        table.column("chosen").to_pylist(),
+        table.column("rejected").to_pylist(),
+        table.column("pair_id").to_pylist(),
+        template,
+        *tokenizer_bos_eos,
+    )
+
+
+def _training_texts(path: Path, template: ChatTemplate) -> Iterator[str]:
+    """Rendered prompts and responses, the corpus of a trained tokenizer."""
+    for table in _pair_batches(path):
+        texts = _render(table, template, (template.bos_token, template.eos_token))
+        yield from texts.prompt
+        yield from texts.chosen
+        yield from texts.rejected
+
+
+class _Stats:
+    """Counts over the written rows, for the manifest."""
+
+    def __init__(self) -> None:
+        self.rows = self.pairs_in = self.truncated = 0
+        self.dropped: Counter[str] = Counter()
+        self.lengths: list[list[np.ndarray]] = [[], [], []]
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        self.rows += batch.num_rows
+        for store, name in zip(
+            self.lengths, ("prompt_len", "chosen_len", "rejected_len"), strict=True
+        ):
+            store.append(ragged.list_parts(batch.column(name))[0].astype(np.int64))
+
+    def to_dict(self, layout: Layout, max_len: int, boundary: BoundaryReport) -> dict:
+        p, c, r = (np.concatenate(x) if x else np.zeros(0, np.int64) for x in self.lengths)
+        pair = pair_tokens(p, c, r, layout)
+        by_layout = {
+            "shared": int((p + c + r).sum()),
+            "unshared": int((2 * p + c + r).sum()),
+            "padded": int((2 * np.maximum(p + c, p + r)).sum()),
+            "padded_to_max_len": 2 * len(p) * max_len,
+        }
+        tokens = int(pair.sum())
+        saved = by_layout["unshared"] - by_layout["shared"]
+
+        def quantiles(x: np.ndarray) -> dict[str, int]:
+            if len(x) == 0:
+                return {"p50": 0, "p90": 0, "p99": 0, "max": 0}
+            q = np.percentile(x, [50, 90, 99], method="lower")
+            return {"p50": int(q[0]), "p90": int(q[1]), "p99": int(q[2]), "max": int(x.max())}
+
+        edges = np.linspace(0, max_len, 17).round().astype(np.int64)
+        return {
+            "rows": self.rows,
+            "pairs_in": self.pairs_in,
+            "pairs": len(p),
+            "tokens": tokens,
+            "fill_ratio": tokens / (self.rows * max_len) if self.rows else 0.0,
+            "truncated": self.truncated,
+            "dropped": dict(sorted(self.dropped.items())),
+            "tokens_by_layout": by_layout,
+            "tokens_saved_by_prefix_sharing": saved,
+            "prefix_sharing_saving": saved / by_layout["unshared"] if len(p) else 0.0,
+            "lengths": {
+                name: quantiles(x)
+                for name, x in (("prompt", p), ("chosen", c), ("rejected", r), ("pair", pair))
+            },
+            "pair_length_histogram": {
+                "edges": edges.tolist(),
+                "counts": np.histogram(pair, bins=edges)[0].tolist(),
+            },
+            "boundary_agreement": boundary.to_dict(),
+        }
+
+
+def _tokenizer_config(tokenizer: LoadedTokenizer, template: ChatTemplate, max_len: int) -> dict:
+    """A minimal tokenizer_config.json so transformers can load the shards' tokenizer."""
+    config: dict = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    if tokenizer.bos_token:
+        config["bos_token"] = tokenizer.bos_token
+    if tokenizer.eos_token:
+        config["eos_token"] = tokenizer.eos_token
+    config.update(
+        {
+            "chat_template": template.source,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": max_len,
+        }
+    )
+    return config
+
+
+def _write_shards(
+    pairs: Path,
+    input_sha256: str,
+    tokenizer: LoadedTokenizer,
+    template: ChatTemplate,
+    config: PackConfig,
+    key: str,
+    directory: Path,
+) -> dict:
+    """Tokenize, pack and write every shard plus the manifest into `directory`."""
+    writer = ShardWriter(directory, config.shard_bytes)
+    packer = RowPacker(config.layout, config.max_len, config.mask_block_size)
+    boundary = BoundaryReport(template.name, tokenizer.name)
+    stats = _Stats()
+    bos_eos = (tokenizer.bos_token, tokenizer.eos_token)
+    window: list[pa.Table] = []
+    in_window = 0
+
+    def flush(batches: Iterator[pa.RecordBatch]) -> None:
+        for batch in batches:
+            writer.write(batch)
+            stats.add(batch)
+
+    rows_in = pq.ParquetFile(pairs).metadata.num_rows
+    with tqdm(total=rows_in, unit="pair", desc="tokenize+pack", disable=None) as bar:
+        for table in _pair_batches(pairs):
+            texts = _render(table, template, bos_eos)
+            pair_ids = table.column("pair_id").to_pylist()
+            tokenized = tokenize_pairs(texts, pair_ids, tokenizer.tokenizer)
+            need = config.boundary_check_pairs - boundary.checked // 2
+            if need > 0:
+                head = PairTexts(texts.prompt[:need], texts.chosen[:need], texts.rejected[:need])
+                boundary_agreement(head, tokenized.slice(0, need), tokenizer.tokenizer, boundary)
+            valid, invalid = tokenized_pair.CONTRACT.split(tokenized)
+            stats.dropped.update(invalid.column("rule").to_pylist())
+            policy = apply_length_policy(valid, config)
+            stats.pairs_in += table.num_rows
+            stats.truncated += policy.truncated
+            if policy.too_long:
+                stats.dropped[DROP_TOO_LONG] += policy.too_long
+            window.append(policy.kept)
+            in_window += policy.kept.num_rows
+            if in_window >= config.pack_window:
+                flush(packer.add(pa.concat_tables(window)))
+                window, in_window = [], 0
+            bar.update(table.num_rows)
+    flush(packer.add(pa.concat_tables(window or [tokenized_pair.SCHEMA.empty_table()])))
+    flush(packer.finish())
+    shards = writer.close()
+
+    (directory / TOKENIZER).write_bytes(tokenizer.json_bytes)
+    tok_config = _tokenizer_config(tokenizer, template, config.max_len)
+    (directory / TOKENIZER_CONFIG).write_text(json.dumps(tok_config, indent=2) + "\n")
+    manifest = {
+        "contract": "manifest",
+        "version": manifest_contract.VERSION,
+        "contracts": _contract_versions(),
+        "key": key,
+        "layout": config.layout,
+        "max_len": config.max_len,
+        "mask_block_size": config.mask_block_size,
+        "config": asdict(config),
+        "input": {"name": pairs.name, "sha256": input_sha256, "rows": rows_in},
+        "tokenizer": {
+            "path": TOKENIZER,
+            "config_path": TOKENIZER_CONFIG,
+            "name": tokenizer.name,
+            "trained": tokenizer.name.startswith("trained-bpe"),
+            "fingerprint": tokenizer.fingerprint,
+            "sha256": hashlib.sha256(tokenizer.json_bytes).hexdigest(),
+            "bytes": len(tokenizer.json_bytes),
+            "vocab_size": tokenizer.tokenizer.get_vocab_size(),
+            "bos_token": tokenizer.bos_token,
+            "eos_token": tokenizer.eos_token,
+        },
+        "template": {"name": template.name, "sha256": template.sha256},
+        "shards": shards,
+        "stats": stats.to_dict(config.layout, config.max_len, boundary),
+    }
+    write_manifest(directory, manifest)
+    return manifest
+
+
+def build_shards(
+    pairs: str | Path,
+    tokenizer: str | Path | None,
+    config: PackConfig,
+    store: str | Path,
+) -> ShardResult:
+    """Tokenize and pack a preference_pair parquet into verified shards, or reuse them.
+
+    Args:
+        pairs: a parquet file in the `preference_pair` schema.
+        tokenizer: a tokenizer.json or a Hugging Face model folder; None trains a
+            byte-level BPE of `config.bpe_vocab_size` on the pairs.
+        config: the pack settings.
+        store: the store root; shards go to `<store>/shards/<key>`.
+
+    Returns:
+        Where the shards are, their key, whether they were reused, and the manifest.
+
+    Raises:
+        ContractError: the pairs break the preference_pair contract (names file, rows).
+        TemplateError, TokenizerError, ValueError: bad template, tokenizer or config.
+    """
+    config.check()
+    pairs, store = Path(pairs), Path(store)
+    loaded = load_tokenizer(tokenizer) if tokenizer is not None else None
+    template = resolve_template(config.template, loaded.chat_template if loaded else None)
+    input_sha256 = sha256_file(pairs)
+    key = cache_key(input_sha256, loaded, template, config)
+    directory = store / "shards" / key
+    if directory.exists():
+        try:
+            reader = open_shards(directory, verify=True)
+            return ShardResult(directory, key, reused=True, manifest=reader.manifest)
+        except ShardError as err:
+            log.warning("rebuilding %s: %s", directory, err)
+    if loaded is None:
+        loaded = train_tokenizer(_training_texts(pairs, template), config.bpe_vocab_size, template)
+    with atomic_directory(directory) as tmp:
+        manifest = _write_shards(pairs, input_sha256, loaded, template, config, key, tmp)
+    return ShardResult(directory, key, reused=False, manifest=manifest)

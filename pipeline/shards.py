@@ -1,0 +1,312 @@
+"""Packed shards on disk: atomic writer, verifying memory-mapped reader.
+
+A shard directory (named by its cache key) holds:
+- `shard-00000.arrow`, ...: uncompressed Arrow IPC *stream* files in the `packed_row`
+  schema, each closed once it passes `shard_bytes` (so bounded by that plus one record
+  batch). The stream format is what `datasets.Dataset.from_file` and
+  `polars.read_ipc_stream` read; memory-mapped, pyarrow reads it without copies.
+- `tokenizer.json` and a minimal `tokenizer_config.json` (bos/eos, chat template), so
+  training can decode and export the tokenizer with the checkpoint.
+- `manifest.json` (`data_contracts.manifest`), written last.
+
+Everything is written into a hidden temp directory beside the final one and renamed into
+place, so a shard directory either is complete or does not exist. `open_shards` checks
+every file's sha256 against the manifest by default.
+
+Training imports this module (`training -> pipeline.shards -> data_contracts`), so it
+depends on numpy and pyarrow only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import overload
+
+import numpy as np
+import pyarrow as pa
+
+from data_contracts import manifest as manifest_contract
+from data_contracts import packed_row
+from data_contracts.contract import ContractError
+from data_contracts.packed_row import PackedRow
+
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SHARD_NAME = "shard-{:05d}.arrow"
+
+
+class ShardError(ValueError):
+    """A shard directory is incomplete or corrupt; the message names the file."""
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Yield a temp directory that becomes `final` only if the block completes.
+
+    On any exception the temp directory is removed and the exception propagates. An
+    existing `final` (one that failed verification) is replaced.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        for path in tmp.iterdir():
+            _fsync(path)
+        if final.exists():
+            old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _list_total(column: pa.Array) -> int:
+    offsets = column.offsets
+    return offsets[len(offsets) - 1].as_py() - offsets[0].as_py()
+
+
+class ShardWriter:
+    """Writes `packed_row` record batches into size-bounded IPC stream files."""
+
+    def __init__(self, directory: Path, shard_bytes: int) -> None:
+        self.directory = directory
+        self.shard_bytes = shard_bytes
+        self.shards: list[dict] = []
+        self._sink: pa.OSFile | None = None
+        self._writer: pa.ipc.RecordBatchStreamWriter | None = None
+        self._current: dict = {}
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        """Append rows; start a new shard once the current one passes `shard_bytes`."""
+        if batch.num_rows == 0:
+            return
+        if self._writer is None:
+            name = SHARD_NAME.format(len(self.shards))
+            self._sink = pa.OSFile(str(self.directory / name), "wb")
+            self._writer = pa.ipc.new_stream(self._sink, packed_row.SCHEMA)
+            self._current = {"file": name, "rows": 0, "pairs": 0, "tokens": 0}
+        self._writer.write_batch(batch)
+        self._current["rows"] += batch.num_rows
+        self._current["pairs"] += _list_total(batch.column("pair_start"))
+        self._current["tokens"] += _list_total(batch.column("input_ids"))
+        assert self._sink is not None
+        if self._sink.tell() >= self.shard_bytes:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        assert self._writer is not None and self._sink is not None
+        self._writer.close()
+        self._sink.close()
+        path = self.directory / self._current["file"]
+        self.shards.append(
+            {**self._current, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        )
+        self._writer = self._sink = None
+
+    def close(self) -> list[dict]:
+        """Finish the last shard; return the manifest's `shards` entries."""
+        if self._writer is not None:
+            self._close_shard()
+        return self.shards
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    """Validate and write `manifest.json` (deterministic bytes)."""
+    manifest_contract.validate(manifest, str(directory / MANIFEST))
+    text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+    (directory / MANIFEST).write_text(text, encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+class _Chunk:
+    """Numpy views of one record batch's buffers (no copies)."""
+
+    def __init__(self, batch: pa.RecordBatch) -> None:
+        def parts(name: str) -> tuple[np.ndarray, np.ndarray]:
+            column = batch.column(name)
+            return column.values.to_numpy(), column.offsets.to_numpy()
+
+        self.input_ids = parts("input_ids")
+        self.pair_columns = [
+            parts(n) for n in ("pair_start", "prompt_len", "chosen_len", "rejected_len")
+        ]
+        self.pair_ids = batch.column("pair_ids")
+        self.blocks = []
+        for name in ("kv_block_full", "kv_block_partial"):
+            outer = batch.column(name)
+            inner = outer.values
+            self.blocks.append(
+                (outer.offsets.to_numpy(), inner.offsets.to_numpy(), inner.values.to_numpy())
+            )
+
+    def row(self, j: int) -> PackedRow:
+        values, offsets = self.input_ids
+        pairs = [v[o[j] : o[j + 1]] for v, o in self.pair_columns]
+        blocks = []
+        for outer, inner, values_ in self.blocks:
+            bounds = inner[outer[j] : outer[j + 1] + 1]
+            blocks.append(tuple(values_[a:b] for a, b in itertools.pairwise(bounds.tolist())))
+        return PackedRow(
+            input_ids=values[offsets[j] : offsets[j + 1]],
+            pair_start=pairs[0],
+            prompt_len=pairs[1],
+            chosen_len=pairs[2],
+            rejected_len=pairs[3],
+            pair_ids=tuple(self.pair_ids[j].values.to_pylist()),
+            kv_block_full=blocks[0],
+            kv_block_partial=blocks[1],
+        )
+
+
+class ShardReader(Sequence[PackedRow]):
+    """Random access to the rows of a shard directory, as numpy views of the mmapped files.
+
+    Attributes:
+        directory: the shard directory.
+        manifest: the parsed `manifest.json`.
+        layout, block_size, max_len, key: from the manifest.
+        tokenizer_path: the `tokenizer.json` the rows were made with.
+        table: all rows as one Arrow table (zero copy over the memory maps).
+        row_tokens: int64 [rows], tokens per row (for token-budget batching).
+    """
+
+    def __init__(self, directory: Path, manifest: dict, tables: list[pa.Table]) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        self.layout: str = manifest["layout"]
+        self.block_size: int = manifest["mask_block_size"]
+        self.max_len: int = manifest["max_len"]
+        self.key: str = manifest["key"]
+        self.tokenizer_path = directory / manifest["tokenizer"]["path"]
+        self.table = pa.concat_tables(tables) if tables else packed_row.SCHEMA.empty_table()
+        self._chunks = [_Chunk(b) for b in self.table.to_batches() if b.num_rows]
+        sizes = np.array([b.num_rows for b in self.table.to_batches() if b.num_rows], np.int64)
+        self._chunk_start = np.concatenate([[0], np.cumsum(sizes)])
+        self.row_tokens = np.concatenate(
+            [np.diff(c.input_ids[1]).astype(np.int64) for c in self._chunks] or [np.zeros(0)]
+        ).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self._chunk_start[-1])
+
+    @overload
+    def __getitem__(self, i: int) -> PackedRow: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[PackedRow]: ...
+    def __getitem__(self, i: int | slice) -> PackedRow | list[PackedRow]:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"row {i} out of range for {n} rows")
+        i %= n
+        chunk = int(np.searchsorted(self._chunk_start, i, side="right")) - 1
+        return self._chunks[chunk].row(i - int(self._chunk_start[chunk]))
+
+    def __iter__(self) -> Iterator[PackedRow]:
+        for chunk, start, stop in zip(
+            self._chunks, self._chunk_start[:-1], self._chunk_start[1:], strict=True
+        ):
+            for j in range(int(stop - start)):
+                yield chunk.row(j)
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """Parse and validate a shard directory's manifest.
+
+    Raises:
+        ShardError: naming manifest.json when it is missing, not JSON or not a manifest.
+    """
+    path = Path(directory) / MANIFEST
+    try:
+        return manifest_contract.validate(json.loads(path.read_text(encoding="utf-8")), str(path))
+    except FileNotFoundError as err:
+        raise ShardError(f"{path}: missing; not a complete shard directory") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ShardError(f"{path}: not valid JSON: {err}") from err
+    except ContractError as err:
+        raise ShardError(str(err)) from err
+
+
+def verify_files(directory: str | Path, manifest: dict) -> None:
+    """Check the size and sha256 of every shard and of tokenizer.json.
+
+    Raises:
+        ShardError: naming the first file that is missing or differs from the manifest.
+    """
+    directory = Path(directory)
+    expected = [(s["file"], s["bytes"], s["sha256"]) for s in manifest["shards"]]
+    tok = manifest["tokenizer"]
+    expected.append((tok["path"], tok["bytes"], tok["sha256"]))
+    for name, size, digest in expected:
+        path = directory / name
+        if not path.is_file():
+            raise ShardError(f"{path}: listed in the manifest but missing")
+        if path.stat().st_size != size:
+            raise ShardError(f"{path}: {path.stat().st_size} bytes, manifest says {size}")
+        actual = sha256_file(path)
+        if actual != digest:
+            raise ShardError(f"{path}: sha256 {actual[:12]}... != manifest {digest[:12]}...")
+
+
+def open_shards(directory: str | Path, verify: bool = True) -> ShardReader:
+    """Open a shard directory for reading (memory-mapped, zero copy).
+
+    Args:
+        directory: a directory written by `pipeline.pack.build_shards`.
+        verify: check every file's sha256 first (reads every byte once).
+
+    Raises:
+        ShardError: naming the file that is missing, corrupt or not in the packed_row
+            schema.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if verify:
+        verify_files(directory, manifest)
+    tables = []
+    for shard in manifest["shards"]:
+        path = directory / shard["file"]
+        try:
+            table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+        except (OSError, pa.ArrowInvalid) as err:
+            raise ShardError(f"{path}: not a readable Arrow IPC stream: {err}") from err
+        if not table.schema.equals(packed_row.SCHEMA, check_metadata=False):
+            raise ShardError(f"{path}: schema is not packed_row v{packed_row.VERSION}")
+        if table.num_rows != shard["rows"]:
+            raise ShardError(f"{path}: {table.num_rows} rows, manifest says {shard['rows']}")
+        tables.append(table)
+    return ShardReader(directory, manifest, tables)

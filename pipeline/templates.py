@@ -1,0 +1,213 @@
+"""Chat templates: render a prompt and each response to the text the tokenizer sees.
+
+A template is Jinja source in the Hugging Face convention: it receives `messages`
+(`[{role, content}]`), `add_generation_prompt`, the special tokens (`bos_token`,
+`eos_token`, ...) and may call `raise_exception` and `strftime_now` or use `tojson`. We
+render it with the same sandboxed Jinja environment transformers uses (`trim_blocks`,
+`lstrip_blocks`, `loopcontrols`), so a model folder's `chat_template` renders here
+exactly as in `tokenizer.apply_chat_template`.
+
+The prompt is rendered once, with the generation prompt; a response's text is what the
+template renders for `prompt + [assistant: response]` *after* that prompt text, so it ends
+with the template's end of turn (`<|im_end|>\\n`, `<|eot_id|>`, eos). A template for which
+the prompt is not a prefix of the whole conversation cannot share a prefix and is refused.
+
+Built-ins (`pipeline/chat_templates/*.jinja`): `chatml`, `llama3`, `plain`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+BUILTIN_TEMPLATES = ("chatml", "llama3", "plain")
+
+# When a tokenizer is trained here (no tokenizer configured), these markers become atomic
+# special tokens, and bos/eos are the ones the template family uses.
+_BUILTIN_TOKENS: dict[str, dict[str, Any]] = {
+    "chatml": {"special": ("<|im_start|>", "<|im_end|>"), "bos": None, "eos": "<|im_end|>"},
+    "llama3": {
+        "special": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+        "bos": "<|begin_of_text|>",
+        "eos": "<|eot_id|>",
+    },
+    "plain": {"special": ("<|endoftext|>",), "bos": None, "eos": "<|endoftext|>"},
+}
+
+# Templates that print today's date would make shards depend on the day they were built;
+# `strftime_now` renders this fixed date instead (Llama 3.1's own default date_string).
+FIXED_NOW = datetime(2024, 7, 26)
+
+
+class TemplateError(ValueError):
+    """A template cannot be loaded or does not render a shareable prompt prefix."""
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A Jinja chat template and the tokens a tokenizer trained for it needs.
+
+    Attributes:
+        name: a built-in name, "tokenizer" (the model folder's own), or the file name.
+        source: the Jinja source.
+        special_tokens: markers that must be atomic tokens when we train a tokenizer.
+        bos_token, eos_token: bos/eos for a tokenizer trained for this template.
+    """
+
+    name: str
+    source: str
+    special_tokens: tuple[str, ...] = ()
+    bos_token: str | None = None
+    eos_token: str | None = "<|endoftext|>"
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.source.encode("utf-8")).hexdigest()
+
+    def render(
+        self,
+        messages: list[dict[str, str]],
+        add_generation_prompt: bool,
+        bos_token: str | None,
+        eos_token: str | None,
+    ) -> str:
+        """Render `messages` as transformers' `apply_chat_template(tokenize=False)` does."""
+        # Like transformers, pass only the special tokens the tokenizer has: an absent one
+        # is undefined in the template (`bos_token is defined` is False).
+        tokens = {k: v for k, v in (("bos_token", bos_token), ("eos_token", eos_token)) if v}
+        return _compile(self.source).render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            tools=None,
+            documents=None,
+            **tokens,
+        )
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+@lru_cache(maxsize=16)
+def _compile(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = FIXED_NOW.strftime
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as err:
+        raise TemplateError(f"chat template does not compile: {err}") from err
+
+
+def builtin_template(name: str) -> ChatTemplate:
+    """One of BUILTIN_TEMPLATES, read from the package's `chat_templates/` folder."""
+    if name not in BUILTIN_TEMPLATES:
+        raise TemplateError(f"unknown built-in template {name!r}; known: {BUILTIN_TEMPLATES}")
+    source = resources.files("pipeline.chat_templates").joinpath(f"{name}.jinja").read_text()
+    tokens = _BUILTIN_TOKENS[name]
+    return ChatTemplate(
+        name=name,
+        source=source,
+        special_tokens=tokens["special"],
+        bos_token=tokens["bos"],
+        eos_token=tokens["eos"],
+    )
+
+
+def resolve_template(spec: str | None, tokenizer_template: str | None) -> ChatTemplate:
+    """Pick the template: the configured one, else the tokenizer's own, else chatml.
+
+    Args:
+        spec: None, a built-in name, or a path to a `.jinja` file.
+        tokenizer_template: the model folder's `chat_template`, if it has one.
+
+    Raises:
+        TemplateError: `spec` is neither a built-in name nor a readable file.
+    """
+    if spec is None:
+        if tokenizer_template is not None:
+            return ChatTemplate(name="tokenizer", source=tokenizer_template)
+        return builtin_template("chatml")
+    if spec in BUILTIN_TEMPLATES:
+        return builtin_template(spec)
+    path = Path(spec)
+    if not path.is_file():
+        raise TemplateError(f"template {spec!r} is neither {BUILTIN_TEMPLATES} nor a file")
+    return ChatTemplate(name=path.name, source=path.read_text(encoding="utf-8"))
+
+
+@dataclass(frozen=True)
+class PairTexts:
+    """Rendered text of a batch of pairs: the prompt once, each response after it."""
+
+    prompt: list[str]
+    chosen: list[str]
+    rejected: list[str]
+
+
+def render_pairs(
+    prompts: list[list[dict[str, str]]],
+    chosen: list[str],
+    rejected: list[str],
+    pair_ids: list[str],
+    template: ChatTemplate,
+    bos_token: str | None,
+    eos_token: str | None,
+) -> PairTexts:
+    """Render each pair's prompt (with generation prompt) and its two responses.
+
+    Jinja renders one conversation per call, so this loops over rows (the library's
+    boundary); everything after it is batched.
+
+    Raises:
+        TemplateError: naming the template and the pair whose rendered prompt is not a
+            prefix of the rendered conversation, or whose template raised.
+    """
+    prompt_texts: list[str] = []
+    chosen_texts: list[str] = []
+    rejected_texts: list[str] = []
+    for messages, good, bad, pair_id in zip(prompts, chosen, rejected, pair_ids, strict=True):
+        try:
+            head = template.render(messages, True, bos_token, eos_token)
+            with_good = template.render(
+                [*messages, {"role": "assistant", "content": good}], False, bos_token, eos_token
+            )
+            with_bad = template.render(
+                [*messages, {"role": "assistant", "content": bad}], False, bos_token, eos_token
+            )
+        except jinja2.exceptions.TemplateError as err:
+            raise TemplateError(f"template {template.name!r}, pair {pair_id}: {err}") from err
+        if not (with_good.startswith(head) and with_bad.startswith(head)):
+            raise TemplateError(
+                f"template {template.name!r}, pair {pair_id}: the rendered prompt is not a "
+                "prefix of the rendered conversation, so the prompt cannot be shared"
+            )
+        prompt_texts.append(head)
+        chosen_texts.append(with_good[len(head) :])
+        rejected_texts.append(with_bad[len(head) :])
+    return PairTexts(prompt_texts, chosen_texts, rejected_texts)
