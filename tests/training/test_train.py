@@ -72,6 +72,7 @@ def test_metrics_export_and_learning(tmp_path: Path) -> None:
     rows = varied_rows(0, "shared")
     (tmp_path / "tok.json").write_text("{}")
     model = _model()
+    seen: list[dict] = []
     final = train(
         _config(tmp_path / "run", steps=6),
         rows,
@@ -80,9 +81,11 @@ def test_metrics_export_and_learning(tmp_path: Path) -> None:
         max_len=512,
         model=model,
         tokenizer=tmp_path / "tok.json",
+        on_step=seen.append,
     )
     metrics = _metrics(tmp_path / "run")
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    assert seen == metrics  # the sink gets each step's metrics line
     assert set(metrics[0]) >= METRIC_NAMES
     # Step 1: policy == reference, so every reward is 0 and the loss is log 2.
     assert metrics[0]["loss"] == pytest.approx(np.log(2), abs=1e-6)
