@@ -113,8 +113,11 @@ def test_loss_is_normalised_by_pairs_in_the_global_step(tmp_path: Path) -> None:
     (base_losses, base_state), *others = runs.values()
     for losses, state in others:
         np.testing.assert_allclose(losses, base_losses, rtol=1e-5)
+        # Adam divides by sqrt(v): on a weight whose gradient is near zero, float rounding
+        # of a different split moves the update by ~1e-6; a wrong normalisation moves the
+        # weights by about lr = 1e-3 (and already breaks the losses above).
         for key, value in base_state.items():
-            torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-5)
 
 
 def test_resume_continues_exactly(tmp_path: Path) -> None:
