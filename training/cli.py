@@ -20,9 +20,14 @@ import sys
 import typing
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from training.train_config import TrainConfig
+
+if TYPE_CHECKING:  # names for annotations only: the handlers import torch when they run
+    from pipeline.shards import ShardReader
+    from training.model import CausalLM
+    from training.reference import ReferenceLogps
 
 # The `prefpack train` flag groups; together they hold every TrainConfig field but out_dir
 # (that is --out).
@@ -62,37 +67,18 @@ def _add_field_flag(group: argparse._ActionsContainer, name: str) -> None:
     """One flag for the TrainConfig field `name`: its help, default and type or choices."""
     field = {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
     hint = typing.get_type_hints(TrainConfig)[name]
-    flag = "--" + name.replace("_", "-")
     text = field.metadata["help"]
+    kwargs: dict[str, Any] = {"default": field.default, "help": f"{text} (default: %(default)s)"}
     if hint is bool:
-        group.add_argument(
-            flag, action=argparse.BooleanOptionalAction, default=field.default, help=text
-        )
+        kwargs |= {"action": argparse.BooleanOptionalAction, "help": text}
     elif typing.get_origin(hint) is typing.Literal:
-        group.add_argument(
-            flag,
-            choices=typing.get_args(hint),
-            default=field.default,
-            help=f"{text} (default: %(default)s)",
-        )
-    elif typing.get_origin(hint) is tuple:
+        kwargs["choices"] = typing.get_args(hint)
+    elif typing.get_origin(hint) is tuple:  # adam_betas: --adam-betas FLOAT FLOAT
         kinds = typing.get_args(hint)
-        group.add_argument(
-            flag,
-            nargs=len(kinds),
-            type=kinds[0],
-            default=field.default,
-            metavar=kinds[0].__name__.upper(),
-            help=f"{text} (default: %(default)s)",
-        )
+        kwargs |= {"nargs": len(kinds), "type": kinds[0], "metavar": kinds[0].__name__.upper()}
     else:
-        group.add_argument(
-            flag,
-            type=hint,
-            default=field.default,
-            metavar=hint.__name__.upper(),
-            help=f"{text} (default: %(default)s)",
-        )
+        kwargs |= {"type": hint, "metavar": hint.__name__.upper()}
+    group.add_argument("--" + name.replace("_", "-"), **kwargs)
 
 
 def _add_inputs(parser: argparse.ArgumentParser) -> None:
@@ -235,7 +221,7 @@ def _process_group(device_name: str) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def _open_inputs(args: argparse.Namespace) -> tuple[Any, Any]:
+def _open_inputs(args: argparse.Namespace) -> tuple[ShardReader, CausalLM]:
     """(shard reader, fp32 model) of --shards and --model/--config.
 
     Raises:
@@ -267,10 +253,10 @@ def _open_inputs(args: argparse.Namespace) -> tuple[Any, Any]:
     return reader, model
 
 
-def _reference(args: argparse.Namespace, config: TrainConfig, reader: Any, model: Any) -> Any:
+def _reference(
+    args: argparse.Namespace, config: TrainConfig, reader: ShardReader, model: CausalLM
+) -> ReferenceLogps | None:
     """Stored reference log-probs (--reference, --reference-cache), or None."""
-    import torch.distributed as dist
-
     from training.checkpoint import model_fingerprint
     from training.reference import (
         cached_reference_logps,
@@ -278,34 +264,32 @@ def _reference(args: argparse.Namespace, config: TrainConfig, reader: Any, model
         reference_logps_path,
     )
 
+    if args.reference is None and args.reference_cache is None:
+        return None
+    fingerprint = model_fingerprint(model)
     if args.reference is not None:
         if not args.reference.is_file():
             raise FileNotFoundError(f"{args.reference}: no such file; write it with prefpack logps")
-        return read_reference_logps(args.reference, model_fingerprint(model), reader.key)
-    if args.reference_cache is None:
-        return None
-    path = reference_logps_path(args.reference_cache, model_fingerprint(model), reader.key)
+        return read_reference_logps(args.reference, fingerprint, reader.key)
     if _rank() == 0:
+        path = reference_logps_path(args.reference_cache, fingerprint, reader.key)
         print(
             f"reference log-probs: {'reusing' if path.exists() else 'computing'} {path}",
             file=sys.stderr,
         )
-    kwargs = {
-        "block_size": reader.block_size,
-        "backend": config.backend,
-        "batch_rows": config.batch_rows,
-        "device": config.device,
-        "precision": config.precision,
-        "progress": config.progress,
-    }
-    if dist.is_initialized():  # rank 0 computes a missing file, the others then read it
-        if _rank() == 0:
-            cached_reference_logps(
-                model, reader, reader.layout, reader.key, args.reference_cache, **kwargs
-            )
-        dist.barrier()
     return cached_reference_logps(
-        model, reader, reader.layout, reader.key, args.reference_cache, **kwargs
+        model,
+        reader,
+        reader.layout,
+        reader.key,
+        args.reference_cache,
+        fingerprint,
+        block_size=reader.block_size,
+        backend=config.backend,
+        batch_rows=config.batch_rows,
+        device=config.device,
+        precision=config.precision,
+        progress=config.progress,
     )
 
 
