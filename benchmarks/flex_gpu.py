@@ -77,7 +77,7 @@ def main() -> None:
     results["tests"] = gpu_tests(out)
     print(f"gpu tests: {results['tests']['summary']}")
 
-    name, max_len = DATASETS["UltraFeedback-like"]
+    name, max_len, _ = DATASETS["UltraFeedback-like"]
     torch.manual_seed(args.seed)
     model = CausalLM(small())
     rounds, stats = make_rounds(
