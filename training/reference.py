@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from data_contracts import reference_logps as contract
@@ -207,21 +208,28 @@ def cached_reference_logps(
     layout: Layout,
     shard_key: str,
     directory: str | Path,
+    fingerprint: str | None = None,
     **compute_kwargs: object,
 ) -> ReferenceLogps:
     """Read the (model, shards) log-probs from `directory`, computing and writing them first
-    when they are not there yet.
+    when they are not there yet. Under torch.distributed, rank 0 computes a missing file
+    while the other ranks wait, then every rank reads it.
 
     Args:
         model: the reference model.
         rows, layout: the packed rows and their layout.
         shard_key: the shards' cache key.
         directory: where the file lives (e.g. beside the shards).
+        fingerprint: `model_fingerprint(model)` when the caller has it (it hashes every
+            weight).
         **compute_kwargs: passed to `compute_reference_logps`.
     """
-    fingerprint = model_fingerprint(model)
+    fingerprint = fingerprint or model_fingerprint(model)
     path = reference_logps_path(directory, fingerprint, shard_key)
-    if not path.exists():
+    distributed = dist.is_available() and dist.is_initialized()
+    if not path.exists() and (not distributed or dist.get_rank() == 0):
         table = compute_reference_logps(model, rows, layout, **compute_kwargs)
         write_reference_logps(table, path, fingerprint, shard_key)
+    if distributed:
+        dist.barrier()
     return read_reference_logps(path, fingerprint, shard_key)
