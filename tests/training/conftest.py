@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pipeline.pack import PackConfig, build_shards
+from pipeline.tokenized import TokenizeConfig, build_tokenized
 from tests.pipeline.factories import random_pairs, write_pairs
 
 TINY_SHARD_PAIRS = 48
@@ -26,5 +27,7 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     of at most 256 tokens, with a 320-token BPE trained on them (no tokenizer download)."""
     root = tmp_path_factory.mktemp("shards")
     pairs = write_pairs(root / "pairs.parquet", random_pairs(TINY_SHARD_PAIRS, seed=3))
-    config = PackConfig(max_len=256, mask_block_size=32, bpe_vocab_size=320, min_response_len=8)
-    return build_shards(pairs, None, config, root / "store").directory
+    store = root / "store"
+    tokenized = build_tokenized(pairs, None, TokenizeConfig(bpe_vocab_size=320), store)
+    config = PackConfig(max_len=256, mask_block_size=32, min_response_len=8)
+    return build_shards(tokenized.directory, config, store).directory

@@ -214,7 +214,7 @@ def _corrupt_copy(shards: Path, to: Path) -> Path:
     ("change", "message"),
     [
         ({"--shards": "missing"}, r"missing/manifest.json: missing; not a complete shard"),
-        ({"--shards": "corrupt"}, r"shard-00000.arrow: \d+ bytes, manifest says \d+"),
+        ({"--shards": "corrupt"}, r"shard-00000.arrow: \d+ bytes, listed as \d+"),
         ({"--config": "huge"}, r"unknown model config 'huge'; known: tiny, "),
         ({"--config": None, "--model": "empty"}, r"empty: no config.json"),
         (
