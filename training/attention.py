@@ -27,7 +27,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Literal
 
 import numpy as np
 import torch
@@ -37,9 +36,7 @@ from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from data_contracts.packed_row import Layout, PackedRow, attention_mask, token_roles
-
-Backend = Literal["dense", "segments", "flex"]
-BACKENDS: tuple[Backend, ...] = ("dense", "segments", "flex")
+from training.train_config import BACKENDS, Backend
 
 
 @dataclass(frozen=True)

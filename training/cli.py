@@ -1,9 +1,396 @@
-"""Subcommands of `prefpack` that belong to `training/`."""
+"""Subcommands of `prefpack` that belong to `training/`: `train` and `logps`.
+
+    prefpack logps --shards DIR --model DIR --out ref.arrow       # reference log-probs, once
+    prefpack train --shards DIR --model DIR --out runs/dpo --reference ref.arrow
+    torchrun --nproc_per_node 2 -m prefpack train --shards DIR --config small --out runs/x
+
+The run-setting flags of `train` are made from `TrainConfig`'s fields (help text, defaults,
+choices), in the groups below. torch is imported inside the handlers, so `prefpack --help`
+stays fast. Under torchrun every process runs the command; rank 0 alone prints, computes
+a missing cached reference, writes metrics and reports to Dagster Pipes.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import os
+import sys
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from training.train_config import TrainConfig
+
+# The `prefpack train` flag groups; together they hold every TrainConfig field but out_dir
+# (that is --out).
+TRAIN_FLAG_GROUPS: dict[str, tuple[str, ...]] = {
+    "attention": ("backend",),
+    "objective": ("loss", "beta", "label_smoothing", "sft_weight"),
+    "batching (a global step is batch_rows x grad_accum x processes packed rows)": (
+        "batch_rows",
+        "grad_accum",
+    ),
+    "optimisation (AdamW, linear warmup, then cosine decay to min_lr_ratio x lr)": (
+        "steps",
+        "lr",
+        "min_lr_ratio",
+        "warmup_steps",
+        "weight_decay",
+        "adam_betas",
+        "max_grad_norm",
+        "seed",
+    ),
+    "precision and memory": ("precision", "activation_checkpointing", "device"),
+    "outputs": ("checkpoint_every", "export_dtype", "progress"),
+}
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register this area's subcommands (none yet)."""
+    """Register `train` and `logps`."""
+    _add_train(subparsers)
+    _add_logps(subparsers)
+
+
+# -----------------------------------------------------------------------------
+# Flags
+
+
+def _add_field_flag(group: argparse._ActionsContainer, name: str) -> None:
+    """One flag for the TrainConfig field `name`: its help, default and type or choices."""
+    field = {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
+    hint = typing.get_type_hints(TrainConfig)[name]
+    flag = "--" + name.replace("_", "-")
+    text = field.metadata["help"]
+    if hint is bool:
+        group.add_argument(
+            flag, action=argparse.BooleanOptionalAction, default=field.default, help=text
+        )
+    elif typing.get_origin(hint) is typing.Literal:
+        group.add_argument(
+            flag,
+            choices=typing.get_args(hint),
+            default=field.default,
+            help=f"{text} (default: %(default)s)",
+        )
+    elif typing.get_origin(hint) is tuple:
+        kinds = typing.get_args(hint)
+        group.add_argument(
+            flag,
+            nargs=len(kinds),
+            type=kinds[0],
+            default=field.default,
+            metavar=kinds[0].__name__.upper(),
+            help=f"{text} (default: %(default)s)",
+        )
+    else:
+        group.add_argument(
+            flag,
+            type=hint,
+            default=field.default,
+            metavar=hint.__name__.upper(),
+            help=f"{text} (default: %(default)s)",
+        )
+
+
+def _add_inputs(parser: argparse.ArgumentParser) -> None:
+    """--shards, and the model as --model DIR or --config NAME (+ --init-seed)."""
+    inputs = parser.add_argument_group("data and model")
+    inputs.add_argument(
+        "--shards",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="shard directory printed by `prefpack pack`",
+    )
+    model = inputs.add_mutually_exclusive_group(required=True)
+    model.add_argument(
+        "--model",
+        type=Path,
+        metavar="DIR",
+        help="Hugging Face folder (Llama, Qwen2, Mistral, SmolLM)",
+    )
+    model.add_argument(
+        "--config",
+        metavar="NAME",
+        help="a named size from training/configs.py (tiny, small, ...), randomly initialised "
+        "with the shards' vocabulary",
+    )
+    inputs.add_argument(
+        "--init-seed",
+        type=int,
+        metavar="INT",
+        default=0,
+        help="torch seed of the random init with --config (default: %(default)s)",
+    )
+    inputs.add_argument(
+        "--no-verify", action="store_true", help="skip the shards' sha256 check when opening"
+    )
+
+
+def _add_train(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="DPO-train a model on packed shards; export a Hugging Face folder",
+        description="Train on the shards of --shards and write OUT/metrics.jsonl (one line "
+        "per step), OUT/checkpoints/ (with --checkpoint-every; a rerun resumes from the "
+        "latest) and OUT/final/ (Hugging Face folder with the shards' tokenizer). Run under "
+        "`torchrun --nproc_per_node N -m prefpack train ...` for data parallel. Launched by "
+        "Dagster Pipes, it reports progress and the final metrics there.",
+    )
+    _add_inputs(p)
+    p.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="run folder (metrics, checkpoints, final/)",
+    )
+    # reference log-probs: from a file, cached beside the run, or a reference model in memory
+    reference = p.add_argument_group(
+        "reference (default: a frozen copy of the initial model, run every step)"
+    ).add_mutually_exclusive_group()
+    reference.add_argument(
+        "--reference",
+        type=Path,
+        metavar="FILE",
+        help="stored log-probs from `prefpack logps`; must match this model and these shards",
+    )
+    reference.add_argument(
+        "--reference-cache",
+        type=Path,
+        metavar="DIR",
+        help="compute the log-probs once into DIR, keyed by model fingerprint + shard key, "
+        "and reuse them on later runs",
+    )
+    for title, names in TRAIN_FLAG_GROUPS.items():
+        group = p.add_argument_group(title)
+        for name in names:
+            _add_field_flag(group, name)
+    p.set_defaults(handler=_train)
+
+
+def _add_logps(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "logps",
+        help="compute per-pair reference log-probs once (reused when the key matches)",
+        description="Write the summed chosen/rejected log-probs of every pair of --shards "
+        "under the model (Arrow .arrow or .parquet, with pair ids), keyed by the model "
+        "fingerprint and the shard key. If --out already holds them for this model and "
+        "these shards, nothing is recomputed. Prints the file.",
+    )
+    _add_inputs(p)
+    p.add_argument(
+        "--out", required=True, type=Path, metavar="FILE", help="output file, .arrow or .parquet"
+    )
+    run = p.add_argument_group("forward pass")
+    run.add_argument(
+        "--batch-rows", type=int, default=8, help="rows per forward pass (default: %(default)s)"
+    )
+    for name in ("backend", "precision", "device", "progress"):
+        _add_field_flag(run, name)
+    p.set_defaults(handler=_logps)
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of parsed `prefpack train` arguments."""
+    values = {name: getattr(args, name) for names in TRAIN_FLAG_GROUPS.values() for name in names}
+    values["adam_betas"] = tuple(values["adam_betas"])
+    return TrainConfig(out_dir=args.out, **values)
+
+
+# -----------------------------------------------------------------------------
+# Handlers
+
+
+def _fail(command: str, err: Exception) -> SystemExit:
+    return SystemExit(f"prefpack {command}: error: {err}")
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+@contextlib.contextmanager
+def _process_group(device_name: str) -> Iterator[None]:
+    """Under torchrun, the process group for the whole command (the reference cache and
+    training share it); nothing in a single process."""
+    import torch
+    import torch.distributed as dist
+
+    from training.device import resolve_device
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
+        yield
+        return
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _open_inputs(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(shard reader, fp32 model) of --shards and --model/--config.
+
+    Raises:
+        ValueError: unknown config name, or a model whose vocabulary is smaller than the
+            shards' tokenizer; ShardError (a ValueError) for a bad shard directory.
+    """
+    import torch
+
+    from pipeline.shards import open_shards
+    from training.checkpoint import load_pretrained
+    from training.configs import named_config
+    from training.model import CausalLM
+
+    reader = open_shards(args.shards, verify=not args.no_verify)
+    vocab = int(reader.manifest["tokenizer"]["vocab_size"])
+    if args.model is not None:
+        if not (args.model / "config.json").is_file():
+            raise FileNotFoundError(f"{args.model}: no config.json; not a Hugging Face folder")
+        model = load_pretrained(args.model)
+    else:
+        config = dataclasses.replace(named_config(args.config), vocab_size=vocab)
+        torch.manual_seed(args.init_seed)
+        model = CausalLM(config)
+    if model.config.vocab_size < vocab:
+        raise ValueError(
+            f"the shards' tokenizer has {vocab} tokens but the model only "
+            f"{model.config.vocab_size}; pack with the model's tokenizer"
+        )
+    return reader, model
+
+
+def _reference(args: argparse.Namespace, config: TrainConfig, reader: Any, model: Any) -> Any:
+    """Stored reference log-probs (--reference, --reference-cache), or None."""
+    import torch.distributed as dist
+
+    from training.checkpoint import model_fingerprint
+    from training.reference import (
+        cached_reference_logps,
+        read_reference_logps,
+        reference_logps_path,
+    )
+
+    if args.reference is not None:
+        if not args.reference.is_file():
+            raise FileNotFoundError(f"{args.reference}: no such file; write it with prefpack logps")
+        return read_reference_logps(args.reference, model_fingerprint(model), reader.key)
+    if args.reference_cache is None:
+        return None
+    path = reference_logps_path(args.reference_cache, model_fingerprint(model), reader.key)
+    if _rank() == 0:
+        print(
+            f"reference log-probs: {'reusing' if path.exists() else 'computing'} {path}",
+            file=sys.stderr,
+        )
+    kwargs = {
+        "block_size": reader.block_size,
+        "backend": config.backend,
+        "batch_rows": config.batch_rows,
+        "device": config.device,
+        "precision": config.precision,
+        "progress": config.progress,
+    }
+    if dist.is_initialized():  # rank 0 computes a missing file, the others then read it
+        if _rank() == 0:
+            cached_reference_logps(
+                model, reader, reader.layout, reader.key, args.reference_cache, **kwargs
+            )
+        dist.barrier()
+    return cached_reference_logps(
+        model, reader, reader.layout, reader.key, args.reference_cache, **kwargs
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.device import resolve_device
+    from training.report import format_summary, pipes_reporter, summarize
+    from training.train import check_config, train
+
+    config = train_config(args)
+    rank = _rank()
+    try:
+        # Pipes first, so that Dagster also hears of a run that fails its checks.
+        with pipes_reporter(config.steps) as reporter, _process_group(config.device):
+            check_config(config, resolve_device(config.device))
+            reader, model = _open_inputs(args)
+            reference = _reference(args, config, reader, model)
+            if rank == 0:
+                print(f"metrics: {config.out_dir / 'metrics.jsonl'}", file=sys.stderr)
+            train(
+                config,
+                reader,
+                reader.layout,
+                reader.block_size,
+                reader.max_len,
+                model,
+                reference=reference,
+                tokenizer=reader.directory,  # its tokenizer.json + tokenizer_config.json
+                on_step=reporter,
+            )
+            if rank == 0:
+                summary = summarize(config.out_dir)
+                print(format_summary(summary))
+                if reporter is not None:
+                    reporter.materialize(
+                        summary,
+                        extra={
+                            "backend": config.backend,
+                            "layout": reader.layout,
+                            "shard_key": reader.key,
+                            "model": str(args.model or f"config {args.config}"),
+                        },
+                    )
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail("train", err) from err
+    return 0
+
+
+def _logps(args: argparse.Namespace) -> int:
+    from training.checkpoint import model_fingerprint
+    from training.reference import (
+        compute_reference_logps,
+        read_reference_logps,
+        write_reference_logps,
+    )
+
+    if args.out.suffix not in (".arrow", ".parquet"):
+        raise _fail("logps", ValueError(f"{args.out}: write .arrow or .parquet"))
+    try:
+        reader, model = _open_inputs(args)
+        fingerprint = model_fingerprint(model)
+        if args.out.exists():
+            try:
+                stored = read_reference_logps(args.out, fingerprint, reader.key)
+                print(
+                    f"reused {stored.table.num_rows} pairs' log-probs (same model and shards)",
+                    file=sys.stderr,
+                )
+                print(args.out)
+                return 0
+            except ValueError as err:
+                print(f"replacing {args.out}: {err}", file=sys.stderr)
+        table = compute_reference_logps(
+            model,
+            reader,
+            reader.layout,
+            block_size=reader.block_size,
+            backend=args.backend,
+            batch_rows=args.batch_rows,
+            device=args.device,
+            precision=args.precision,
+            progress=args.progress,
+        )
+        write_reference_logps(table, args.out, fingerprint, reader.key)
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail("logps", err) from err
+    print(f"computed {table.num_rows} pairs' log-probs", file=sys.stderr)
+    print(args.out)
+    return 0

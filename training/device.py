@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Literal
 
 import torch
 
-Precision = Literal["fp32", "bf16"]
-PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16")
+from training.train_config import PRECISIONS, Precision
 
 
 def resolve_device(name: str) -> torch.device:

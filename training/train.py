@@ -30,11 +30,10 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,14 +42,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data_contracts.packed_row import LAYOUTS, Layout, PackedRow
-from training.attention import BACKENDS, Backend
 from training.batch import check_rows, collate
 from training.checkpoint import read_weights, save_pretrained
-from training.device import Precision, autocast, check_precision, resolve_device
+from training.device import autocast, check_precision, resolve_device
 from training.logps import pair_logps
 from training.losses import ChosenNLL, build_loss
 from training.model import CausalLM
 from training.reference import ReferenceLogps
+from training.train_config import BACKENDS, TrainConfig
 
 METRICS_NAME = "metrics.jsonl"
 STATE_NAME = "trainer_state.json"
@@ -68,42 +67,36 @@ _RESUMABLE_CHANGES = {
 }
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a run needs besides the data and the model."""
-
-    out_dir: Path
-    # attention
-    backend: Backend = "segments"  # dense (reference), segments (CPU), flex (CUDA)
-    # objective
-    loss: str = "sigmoid"  # sigmoid | robust | ipo | hinge (see training/losses.py)
-    beta: float = 0.1  # KL strength: the usual DPO range is 0.01-0.5
-    label_smoothing: float = 0.0  # cDPO / rDPO label-noise rate (sigmoid and robust)
-    sft_weight: float = 0.0  # > 0 adds weight * per-token NLL of the chosen response (RPO)
-    # batching: a global step = batch_rows * grad_accum * world_size packed rows
-    batch_rows: int = 4
-    grad_accum: int = 1
-    # optimisation (AdamW, linear warmup then cosine decay to min_lr_ratio * lr)
-    steps: int = 100
-    lr: float = 5e-7  # DPO fine-tunes a trained model: small steps (Zephyr used 5e-7)
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    max_grad_norm: float = 1.0  # 0 disables clipping (the norm is still logged)
-    seed: int = 0  # row order (nothing else is random: no dropout); seed model init yourself
-    # precision and memory
-    precision: Precision = "fp32"  # bf16: autocast on CUDA with fp32 master weights
-    activation_checkpointing: bool = False  # recompute blocks in backward: less memory
-    device: str = "auto"  # auto: CUDA (LOCAL_RANK) when present, else CPU
-    # outputs
-    checkpoint_every: int = 0  # save a resumable checkpoint every N steps (0: never)
-    export_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of final/ weights
-    progress: bool = True  # tqdm bar on rank 0
-
-
 # -----------------------------------------------------------------------------
 # Settings: fail fast, before any work
+
+
+def _config_problems(config: TrainConfig, device: torch.device) -> list[str]:
+    problems = []
+    if config.backend not in BACKENDS:
+        problems.append(f"unknown backend {config.backend!r} (choose one of {BACKENDS})")
+    if config.backend == "flex" and device.type != "cuda":
+        problems.append("backend flex trains on CUDA only (no FlexAttention backward on CPU)")
+    if min(config.batch_rows, config.grad_accum, config.steps) < 1:
+        problems.append("batch_rows, grad_accum and steps must be >= 1")
+    if not 0 <= config.warmup_steps <= config.steps:
+        problems.append(f"warmup_steps must be in [0, steps], got {config.warmup_steps}")
+    if (config.out_dir / "final").exists():
+        problems.append(f"{config.out_dir / 'final'} exists; use a new out_dir")
+    return problems
+
+
+def check_config(config: TrainConfig, device: torch.device) -> None:
+    """Refuse settings that cannot train on `device`, before loading any data or model.
+
+    Raises:
+        ValueError: every problem named at once; a bad precision or loss setting.
+    """
+    problems = _config_problems(config, device)
+    if problems:
+        raise ValueError("cannot train: " + "; ".join(problems))
+    check_precision(config.precision, device)
+    build_loss(config.loss, config.beta, config.label_smoothing)  # raises on bad settings
 
 
 def _check_settings(
@@ -114,17 +107,9 @@ def _check_settings(
     model: CausalLM,
     device: torch.device,
 ) -> None:
-    problems = []
+    problems = _config_problems(config, device)
     if layout not in LAYOUTS:
         problems.append(f"unknown layout {layout!r} (choose one of {LAYOUTS})")
-    if config.backend not in BACKENDS:
-        problems.append(f"unknown backend {config.backend!r} (choose one of {BACKENDS})")
-    if config.backend == "flex" and device.type != "cuda":
-        problems.append("backend flex trains on CUDA only (no FlexAttention backward on CPU)")
-    if min(config.batch_rows, config.grad_accum, config.steps) < 1:
-        problems.append("batch_rows, grad_accum and steps must be >= 1")
-    if not 0 <= config.warmup_steps <= config.steps:
-        problems.append(f"warmup_steps must be in [0, steps], got {config.warmup_steps}")
     if not len(rows):
         problems.append("no rows to train on")
     if any(p.dtype != torch.float32 for p in model.parameters()):
@@ -132,12 +117,9 @@ def _check_settings(
     window = model.config.sliding_window
     if window is not None and max_len > window:
         problems.append(f"max_len {max_len} exceeds the model's sliding window {window}")
-    if (config.out_dir / "final").exists():
-        problems.append(f"{config.out_dir / 'final'} exists; use a new out_dir")
     if problems:
         raise ValueError("cannot train: " + "; ".join(problems))
-    check_precision(config.precision, device)
-    build_loss(config.loss, config.beta, config.label_smoothing)  # raises on bad settings
+    check_config(config, device)
 
 
 # -----------------------------------------------------------------------------
@@ -254,6 +236,7 @@ def train(
     model: CausalLM,
     reference: ReferenceLogps | None = None,
     tokenizer: str | Path | None = None,
+    on_step: Callable[[dict[str, float]], None] | None = None,
 ) -> Path:
     """Train `model` with the configured preference loss and export it.
 
@@ -266,6 +249,8 @@ def train(
         model: the initial policy, fp32 on CPU; also the reference unless `reference`.
         reference: stored reference log-probs covering every pair of `rows`.
         tokenizer: tokenizer.json or tokenizer folder copied into every exported folder.
+        on_step: called on rank 0 with each step's metrics (the metrics.jsonl line), after
+            the line is written; a progress sink (e.g. `training.report.PipesReporter`).
 
     Returns:
         The exported Hugging Face folder `out_dir/final`.
@@ -385,6 +370,7 @@ def train(
             "grad_norm": float(grad_norm),
             "pairs": int(pairs),
             "tokens": int(tokens),
+            "seconds": seconds,
             "tokens/s": tokens / seconds,
             "pairs/s": pairs / seconds,
         }
@@ -392,6 +378,8 @@ def train(
             with metrics_file.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=metrics["rewards/accuracies"])
+            if on_step is not None:
+                on_step(metrics)
         done = step + 1
         if config.checkpoint_every and done % config.checkpoint_every == 0:
             if rank == 0:

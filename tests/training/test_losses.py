@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from training.losses import (
+    LOSSES,
     ChosenNLL,
     DPOLoss,
     HingeLoss,
@@ -20,6 +21,7 @@ from training.losses import (
     RobustDPOLoss,
     build_loss,
 )
+from training.train_config import LOSS_NAMES
 
 LOG_SIG_1, LOG_SIG_M1 = -0.31326169, -1.31326169
 
@@ -106,3 +108,8 @@ def test_build_loss_fails_fast() -> None:
         build_loss("hinge", beta=0.1, label_smoothing=0.1)
     with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 0.5\)"):
         build_loss("robust", beta=0.1, label_smoothing=0.5)
+
+
+def test_the_config_names_every_loss() -> None:
+    """`TrainConfig.loss` choices (torch-free, for the CLI) are exactly the registered losses."""
+    assert set(LOSS_NAMES) == set(LOSSES)

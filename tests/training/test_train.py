@@ -72,6 +72,7 @@ def test_metrics_export_and_learning(tmp_path: Path) -> None:
     rows = varied_rows(0, "shared")
     (tmp_path / "tok.json").write_text("{}")
     model = _model()
+    seen: list[dict] = []
     final = train(
         _config(tmp_path / "run", steps=6),
         rows,
@@ -80,9 +81,11 @@ def test_metrics_export_and_learning(tmp_path: Path) -> None:
         max_len=512,
         model=model,
         tokenizer=tmp_path / "tok.json",
+        on_step=seen.append,
     )
     metrics = _metrics(tmp_path / "run")
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    assert seen == metrics  # the sink gets each step's metrics line
     assert set(metrics[0]) >= METRIC_NAMES
     # Step 1: policy == reference, so every reward is 0 and the loss is log 2.
     assert metrics[0]["loss"] == pytest.approx(np.log(2), abs=1e-6)
@@ -110,8 +113,11 @@ def test_loss_is_normalised_by_pairs_in_the_global_step(tmp_path: Path) -> None:
     (base_losses, base_state), *others = runs.values()
     for losses, state in others:
         np.testing.assert_allclose(losses, base_losses, rtol=1e-5)
+        # Adam divides by sqrt(v): on a weight whose gradient is near zero, float rounding
+        # of a different split moves the update by ~1e-6; a wrong normalisation moves the
+        # weights by about lr = 1e-3 (and already breaks the losses above).
         for key, value in base_state.items():
-            torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-5)
 
 
 def test_resume_continues_exactly(tmp_path: Path) -> None:

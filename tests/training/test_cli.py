@@ -1,0 +1,354 @@
+"""`prefpack train` and `prefpack logps` end to end on shards made by the real packer."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import prefpack
+from pipeline.shards import open_shards
+from tests.training.conftest import TINY_SHARD_PAIRS
+from training.checkpoint import load_pretrained, model_fingerprint, save_pretrained
+from training.cli import TRAIN_FLAG_GROUPS, train_config
+from training.configs import tiny
+from training.model import CausalLM
+from training.reference import read_reference_logps
+from training.train_config import TrainConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _train_argv(shards: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--shards", str(shards),
+        "--config", "tiny",
+        "--out", str(out),
+        "--steps", "3",
+        "--batch-rows", "2",
+        "--lr", "1e-3",
+        "--warmup-steps", "1",
+        "--no-progress",
+        *extra,
+    ]  # fmt: skip
+
+
+def _logps_argv(shards: Path, out: Path, *extra: str) -> list[str]:
+    return ["logps", "--shards", str(shards), "--config", "tiny", "--out", str(out), *extra]
+
+
+def _losses(out_dir: Path) -> list[float]:
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+def _tiny_model(shards: Path, seed: int = 0) -> CausalLM:
+    """What `--config tiny --init-seed SEED` builds for these shards."""
+    vocab = open_shards(shards).manifest["tokenizer"]["vocab_size"]
+    torch.manual_seed(seed)
+    return CausalLM(dataclasses.replace(tiny(), vocab_size=vocab))
+
+
+# -----------------------------------------------------------------------------
+# Flags
+
+
+def test_every_train_config_field_is_a_flag() -> None:
+    """Each TrainConfig field (but out_dir, which is --out) has one flag, and a non-default
+    value given on the command line lands in that field."""
+    names = [n for group in TRAIN_FLAG_GROUPS.values() for n in group]
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    assert sorted(names) == sorted(set(fields) - {"out_dir"})
+    hints = typing.get_type_hints(TrainConfig)
+    argv, expected = ["train", "--shards", "s", "--config", "tiny", "--out", "o"], {}
+    for name in names:
+        flag, default, hint = "--" + name.replace("_", "-"), fields[name].default, hints[name]
+        if hint is bool:
+            argv.append(flag if not default else f"--no-{flag[2:]}")
+            expected[name] = not default
+        elif typing.get_origin(hint) is typing.Literal:
+            expected[name] = next(c for c in typing.get_args(hint) if c != default)
+            argv += [flag, expected[name]]
+        elif typing.get_origin(hint) is tuple:
+            expected[name] = (0.5, 0.75)
+            argv += [flag, "0.5", "0.75"]
+        else:
+            expected[name] = "cpu" if hint is str else default + hint(3)
+            argv += [flag, str(expected[name])]
+    config = train_config(prefpack.build_parser().parse_args(argv))
+    assert config.out_dir == Path("o")
+    for name, value in expected.items():
+        assert getattr(config, name) == value, name
+    assert train_config(prefpack.build_parser().parse_args(argv[:7])) == TrainConfig(Path("o"))
+
+
+def test_help_works_as_a_module_without_loading_torch() -> None:
+    """`python -m prefpack` (what torchrun -m runs) answers, and building the parser, which
+    `prefpack --help` does, imports no torch."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    shown = subprocess.run(
+        [sys.executable, "-m", "prefpack", "train", "--help"],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    ).stdout
+    assert "--reference-cache DIR" in shown and "--adam-betas FLOAT FLOAT" in shown
+    code = "import sys, prefpack; prefpack.build_parser(); print('torch' in sys.modules)"
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env
+    )
+    assert loaded.stdout.strip() == "False"
+
+
+# -----------------------------------------------------------------------------
+# End to end
+
+
+def test_train_segments_and_dense_then_export(
+    tiny_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Both backends train the same numbers (they are exact); the summary names the metrics
+    file and the export, which loads and carries the shards' tokenizer byte for byte."""
+    for backend in ("segments", "dense"):
+        assert (
+            prefpack.main(_train_argv(tiny_shards, tmp_path / backend, "--backend", backend)) == 0
+        )
+    shown = capsys.readouterr()
+    segments, dense = _losses(tmp_path / "segments"), _losses(tmp_path / "dense")
+    assert len(segments) == 3
+    assert segments[0] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 1
+    np.testing.assert_allclose(dense, segments, rtol=1e-5)
+    final_line = json.loads((tmp_path / "segments" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert f"final    loss {final_line['loss']:.4f}" in shown.out
+    assert f"metrics  {tmp_path / 'segments' / 'metrics.jsonl'}" in shown.out
+    assert f"model    {tmp_path / 'segments' / 'final'}" in shown.out
+    assert f"metrics: {tmp_path / 'dense' / 'metrics.jsonl'}" in shown.err
+
+    exported = {b: load_pretrained(tmp_path / b / "final") for b in ("segments", "dense")}
+    initial = _tiny_model(tiny_shards)
+    for key, value in exported["segments"].state_dict().items():
+        torch.testing.assert_close(exported["dense"].state_dict()[key], value, rtol=1e-4, atol=1e-6)
+    assert not torch.equal(exported["segments"].model.norm.weight, initial.model.norm.weight)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        copied = tmp_path / "segments" / "final" / name
+        assert copied.read_bytes() == (tiny_shards / name).read_bytes()
+
+
+def test_logps_computed_once_then_reused(
+    tiny_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ref = tmp_path / "ref.arrow"
+    assert prefpack.main(_logps_argv(tiny_shards, ref, "--no-progress")) == 0
+    first = capsys.readouterr()
+    assert first.out.strip() == str(ref)
+    assert f"computed {TINY_SHARD_PAIRS} pairs' log-probs" in first.err
+    stamp = ref.stat().st_mtime_ns
+
+    assert prefpack.main(_logps_argv(tiny_shards, ref, "--no-progress")) == 0
+    assert "reused" in capsys.readouterr().err
+    assert ref.stat().st_mtime_ns == stamp
+
+    # Keyed by this model's fingerprint and the shard key; one row per packed pair.
+    reader = open_shards(tiny_shards)
+    stored = read_reference_logps(ref, model_fingerprint(_tiny_model(tiny_shards)), reader.key)
+    assert sorted(stored.table["pair_id"].to_pylist()) == sorted(
+        pid for row in reader for pid in row.pair_ids
+    )
+    assert (stored.table["chosen_logps"].to_numpy() < 0).all()
+
+    # Another model (init seed) makes other log-probs: the file is replaced, not reused.
+    assert prefpack.main(_logps_argv(tiny_shards, ref, "--init-seed", "1", "--no-progress")) == 0
+    assert "replacing" in capsys.readouterr().err
+    other = model_fingerprint(_tiny_model(tiny_shards, seed=1))
+    assert read_reference_logps(ref).model_fingerprint == other
+
+
+def test_stored_reference_trains_like_the_reference_model(
+    tiny_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Reference model in memory, `--reference FILE` and `--reference-cache DIR` (computed,
+    then reused) give the same losses."""
+    assert prefpack.main(_logps_argv(tiny_shards, tmp_path / "ref.parquet", "--no-progress")) == 0
+    runs = {
+        "with_model": (),
+        "with_file": ("--reference", str(tmp_path / "ref.parquet")),
+        "with_cache": ("--reference-cache", str(tmp_path / "cache")),
+        "with_cache_again": ("--reference-cache", str(tmp_path / "cache")),
+    }
+    for name, extra in runs.items():
+        assert prefpack.main(_train_argv(tiny_shards, tmp_path / name, *extra)) == 0
+    err = capsys.readouterr().err
+    assert err.index("reference log-probs: computing") < err.index("reference log-probs: reusing")
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    base = _losses(tmp_path / "with_model")
+    for name in runs:
+        np.testing.assert_allclose(_losses(tmp_path / name), base, rtol=1e-5)
+    assert base[-1] != base[0]
+
+
+# -----------------------------------------------------------------------------
+# Errors
+
+
+def _corrupt_copy(shards: Path, to: Path) -> Path:
+    shutil.copytree(shards, to)
+    with (to / "shard-00000.arrow").open("ab") as f:
+        f.write(b"\0")
+    return to
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"--shards": "missing"}, r"missing/manifest.json: missing; not a complete shard"),
+        ({"--shards": "corrupt"}, r"shard-00000.arrow: \d+ bytes, manifest says \d+"),
+        ({"--config": "huge"}, r"unknown model config 'huge'; known: tiny, "),
+        ({"--config": None, "--model": "empty"}, r"empty: no config.json"),
+        (
+            {"--config": None, "--model": "small_vocab"},
+            r"tokenizer has 320 tokens but the model only 64",
+        ),
+        ({"--backend": "flex"}, r"backend flex trains on CUDA only"),
+        ({"--warmup-steps": "9"}, r"warmup_steps must be in \[0, steps\], got 9"),
+        ({"--loss": "ipo", "--label-smoothing": "0.1"}, r"'ipo' takes no label_smoothing"),
+        ({"--loss": "dpo"}, r"argument --loss: invalid choice: 'dpo'"),
+        ({"--model": "empty"}, r"argument --model: not allowed with argument --config"),
+        ({"--reference": "none.arrow"}, r"none.arrow: no such file; write it with prefpack logps"),
+        ({"--reference": "other.arrow"}, r"model_fingerprint is [0-9a-f]+, expected [0-9a-f]+"),
+        ({"--reference": "a", "--reference-cache": "b"}, r"not allowed with argument"),
+    ],
+)
+def test_bad_flags_and_inputs_fail_fast_with_the_cause_named(
+    tiny_shards: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    change: dict[str, str | None],
+    message: str,
+) -> None:
+    (tmp_path / "empty").mkdir()
+    save_pretrained(CausalLM(dataclasses.replace(tiny(), vocab_size=64)), tmp_path / "small_vocab")
+    if change.get("--reference") == "other.arrow":
+        other = tmp_path / "other.arrow"
+        assert (
+            prefpack.main(_logps_argv(tiny_shards, other, "--init-seed", "7", "--no-progress")) == 0
+        )
+    if change.get("--shards") == "corrupt":
+        _corrupt_copy(tiny_shards, tmp_path / "corrupt")
+    argv = _train_argv(tiny_shards, tmp_path / "run")
+    for flag, value in change.items():
+        if flag in argv:
+            i = argv.index(flag)
+            del argv[i : i + 2]
+        if value is not None:
+            is_path = flag in ("--shards", "--model", "--reference") or value == "b"
+            argv += [flag, str(tmp_path / value) if is_path else value]
+    with pytest.raises(SystemExit) as exit_:
+        prefpack.main(argv)
+    shown = exit_.value.code if isinstance(exit_.value.code, str) else capsys.readouterr().err
+    assert shown.startswith("prefpack train: error:") or "usage: prefpack train" in shown
+    assert len(re.findall(message, shown)) == 1, shown
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_logps_refuses_other_suffixes(tiny_shards: Path, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match=r"ref.json: write .arrow or .parquet"):
+        prefpack.main(_logps_argv(tiny_shards, tmp_path / "ref.json"))
+
+
+# -----------------------------------------------------------------------------
+# Launched by Dagster Pipes, and by torchrun
+
+
+def _pipes_run(shards: Path, out: Path, *extra: str) -> tuple[object, object]:
+    """Materialize an asset that runs `prefpack train` through PipesSubprocessClient."""
+    import dagster as dg
+
+    command = [sys.executable, "-m", "prefpack", *_train_argv(shards, out, *extra)]
+
+    # No annotations: this module's are strings (`from __future__`), which dagster cannot
+    # resolve in a local scope; the resource comes by key instead.
+    @dg.asset(required_resource_keys={"pipes"})
+    def trained_model(context):
+        return context.resources.pipes.run(
+            command=command, context=context
+        ).get_materialize_result()
+
+    instance = dg.DagsterInstance.ephemeral()
+    client = dg.PipesSubprocessClient(env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    result = dg.materialize(
+        [trained_model], resources={"pipes": client}, instance=instance, raise_on_error=False
+    )
+    return result, instance
+
+
+@pytest.mark.slow
+def test_dagster_pipes_gets_progress_and_final_metrics(tiny_shards: Path, tmp_path: Path) -> None:
+    result, instance = _pipes_run(tiny_shards, tmp_path / "run", "--steps", "4")
+    assert result.success
+    metadata = result.asset_materializations_for_node("trained_model")[0].metadata
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    final = lines[-1]
+    for name in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen"):
+        assert metadata[name].value == pytest.approx(final[name], rel=1e-6)
+    seconds = sum(m["seconds"] for m in lines)
+    assert metadata["pairs/s"].value == pytest.approx(sum(m["pairs"] for m in lines) / seconds)
+    assert metadata["tokens/s"].value == pytest.approx(sum(m["tokens"] for m in lines) / seconds)
+    assert metadata["steps"].value == 4 and metadata["pairs"].value == sum(
+        m["pairs"] for m in lines
+    )
+    assert metadata["output"].value == str(tmp_path / "run" / "final")
+    assert metadata["metrics_file"].value == str(tmp_path / "run" / "metrics.jsonl")
+    assert metadata["backend"].value == "segments" and metadata["layout"].value == "shared"
+    curve = metadata["loss_curve"].value
+    for m in lines:
+        assert f"| {m['step']} | {m['loss']:.4f} |" in curve
+    logs = [e.user_message for e in instance.all_logs(result.run_id) if e.dagster_event is None]
+    assert any(x.startswith("step 4/4 loss") for x in logs)
+
+    # A run refused by its checks reaches Dagster as the pipes process's exception.
+    failed, instance = _pipes_run(tiny_shards, tmp_path / "flex", "--backend", "flex")
+    assert not failed.success
+    errors = [
+        e.dagster_event.engine_event_data.error.message
+        for e in instance.all_logs(failed.run_id)
+        if e.dagster_event is not None
+        and e.dagster_event.event_type_value == "ENGINE_EVENT"
+        and e.dagster_event.engine_event_data.error is not None
+    ]
+    assert any("backend flex trains on CUDA only" in e for e in errors)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_share_the_reference_cache(
+    tiny_shards: Path, tmp_path: Path
+) -> None:
+    """`torchrun -m prefpack train` with 2 gloo processes x 1 row: rank 0 computes the cached
+    reference log-probs, both read them, and the losses equal one process x 2 rows."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    argv = _train_argv(tiny_shards, tmp_path / "ddp", "--reference-cache", str(tmp_path / "cache"))
+    argv[argv.index("--batch-rows") + 1] = "1"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    subprocess.run(
+        [*torchrun, "-m", "prefpack", *argv],
+        check=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+        capture_output=True,
+    )
+    assert prefpack.main(_train_argv(tiny_shards, tmp_path / "single")) == 0
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    np.testing.assert_allclose(_losses(tmp_path / "ddp"), _losses(tmp_path / "single"), rtol=1e-5)

@@ -1,0 +1,213 @@
+"""What a run reports: the summary of its metrics, and the bridge to Dagster Pipes.
+
+`summarize` reads a run's `metrics.jsonl` into a `RunSummary` (final loss and rewards,
+throughput over the logged steps, the loss curve); `format_summary` is what `prefpack
+train` prints at the end.
+
+When Dagster launches `prefpack train` through Pipes (`DAGSTER_PIPES_CONTEXT` is set in the
+environment), `pipes_reporter()` opens the Pipes context on rank 0 and yields a
+`PipesReporter`: a metrics sink for `train(on_step=...)` that streams progress as Pipes log
+lines, then `materialize` reports the asset materialization with the final metrics as
+typed metadata. `dagster_pipes` is the small, dependency-free half of Pipes (not Dagster:
+`training/` never imports dagster); it is imported only in that case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PIPES_CONTEXT_ENV = "DAGSTER_PIPES_CONTEXT"  # set by every Dagster Pipes client
+CURVE_ROWS = 50  # at most this many rows in the loss-curve table
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """A run at a glance.
+
+    Attributes:
+        steps: the last logged optimizer step.
+        final: the last step's metrics line (loss, rewards/*, logps/*, ...).
+        pairs, tokens, seconds: summed over the logged steps.
+        curve: (step, loss, rewards/accuracies, rewards/margins) of every logged step.
+        metrics_file: the run's metrics.jsonl.
+        output: the exported Hugging Face folder.
+    """
+
+    steps: int
+    final: dict[str, float]
+    pairs: int
+    tokens: int
+    seconds: float
+    curve: list[tuple[int, float, float, float]]
+    metrics_file: Path
+    output: Path
+
+    @property
+    def pairs_per_s(self) -> float:
+        return self.pairs / self.seconds
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+def summarize(out_dir: str | Path) -> RunSummary:
+    """Summarize the run in `out_dir` from its metrics.jsonl.
+
+    Raises:
+        FileNotFoundError: the run logged no metrics.
+    """
+    out_dir = Path(out_dir)
+    path = out_dir / "metrics.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    if not lines:
+        raise FileNotFoundError(f"{path}: no steps logged")
+    return RunSummary(
+        steps=int(lines[-1]["step"]),
+        final=lines[-1],
+        pairs=sum(m["pairs"] for m in lines),
+        tokens=sum(m["tokens"] for m in lines),
+        seconds=sum(m["seconds"] for m in lines),
+        curve=[
+            (m["step"], m["loss"], m["rewards/accuracies"], m["rewards/margins"]) for m in lines
+        ],
+        metrics_file=path,
+        output=out_dir / "final",
+    )
+
+
+def format_summary(summary: RunSummary) -> str:
+    """The lines `prefpack train` prints when it is done."""
+    f = summary.final
+    return "\n".join(
+        [
+            f"trained {summary.steps} steps: {summary.pairs} pairs, {summary.tokens} tokens "
+            f"in {summary.seconds:.1f} s",
+            f"final    loss {f['loss']:.4f}  reward accuracy {f['rewards/accuracies']:.3f}  "
+            f"reward margin {f['rewards/margins']:.4f}",
+            f"speed    {summary.pairs_per_s:.2f} pairs/s  {summary.tokens_per_s:.0f} tokens/s",
+            f"metrics  {summary.metrics_file}",
+            f"model    {summary.output}",
+        ]
+    )
+
+
+def loss_curve_markdown(summary: RunSummary, rows: int = CURVE_ROWS) -> str:
+    """The loss curve as a markdown table, thinned to about `rows` evenly spaced steps
+    (always with the first and the last)."""
+    curve = summary.curve
+    keep = np.unique(np.linspace(0, len(curve) - 1, min(rows, len(curve))).round().astype(int))
+    lines = [
+        "| step | loss | rewards/accuracies | rewards/margins |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    for i in keep:
+        step, loss, accuracy, margin = curve[i]
+        lines.append(f"| {step} | {loss:.4f} | {accuracy:.3f} | {margin:.4f} |")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# Dagster Pipes
+
+
+def _float(value: float) -> dict[str, Any]:
+    return {"raw_value": float(value), "type": "float"}
+
+
+def _int(value: int) -> dict[str, Any]:
+    return {"raw_value": int(value), "type": "int"}
+
+
+def materialization_metadata(
+    summary: RunSummary, extra: Mapping[str, str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """The metadata of the training asset's materialization, typed for Pipes.
+
+    Keys: `loss`, `rewards/accuracies`, `rewards/margins`, `rewards/chosen`,
+    `rewards/rejected`, `logps/chosen`, `logps/rejected` (the final step's), `pairs/s`,
+    `tokens/s`, `steps`, `pairs`, `tokens`, `seconds`, `output` and `metrics_file` (paths),
+    `loss_curve` (markdown), plus `extra` as text.
+    """
+    f = summary.final
+    metadata = {
+        name: _float(f[name])
+        for name in (
+            "loss",
+            "rewards/accuracies",
+            "rewards/margins",
+            "rewards/chosen",
+            "rewards/rejected",
+            "logps/chosen",
+            "logps/rejected",
+        )
+    }
+    metadata |= {
+        "pairs/s": _float(summary.pairs_per_s),
+        "tokens/s": _float(summary.tokens_per_s),
+        "steps": _int(summary.steps),
+        "pairs": _int(summary.pairs),
+        "tokens": _int(summary.tokens),
+        "seconds": _float(summary.seconds),
+        "output": {"raw_value": str(summary.output), "type": "path"},
+        "metrics_file": {"raw_value": str(summary.metrics_file), "type": "path"},
+        "loss_curve": {"raw_value": loss_curve_markdown(summary), "type": "md"},
+    }
+    for name, value in (extra or {}).items():
+        metadata[name] = {"raw_value": str(value), "type": "text"}
+    return metadata
+
+
+class PipesReporter:
+    """Streams a run to Dagster through an open Pipes context (rank 0 only).
+
+    Args:
+        context: the open `dagster_pipes.PipesContext`.
+        steps: the run's total steps (for the progress lines).
+        log_every: a progress line every this many steps (default: about 20 lines a run).
+    """
+
+    def __init__(self, context: Any, steps: int, log_every: int | None = None) -> None:
+        self.context = context
+        self.steps = steps
+        self.log_every = log_every or max(1, steps // 20)
+
+    def __call__(self, metrics: Mapping[str, float]) -> None:
+        """The `on_step` sink: a log line every `log_every` steps and at the last one."""
+        step = int(metrics["step"])
+        if step % self.log_every and step != self.steps:
+            return
+        self.context.log.info(
+            f"step {step}/{self.steps} loss {metrics['loss']:.4f} "
+            f"acc {metrics['rewards/accuracies']:.3f} margin {metrics['rewards/margins']:.4f} "
+            f"{metrics['pairs/s']:.2f} pairs/s {metrics['tokens/s']:.0f} tokens/s"
+        )
+
+    def materialize(self, summary: RunSummary, extra: Mapping[str, str] | None = None) -> None:
+        """Report the asset materialization with the run's final metrics."""
+        self.context.report_asset_materialization(metadata=materialization_metadata(summary, extra))
+
+
+@contextlib.contextmanager
+def pipes_reporter(steps: int) -> Iterator[PipesReporter | None]:
+    """A `PipesReporter` inside an open Pipes context when this process was launched by
+    Dagster Pipes and is rank 0; None otherwise (and dagster_pipes is not imported).
+
+    An exception raised inside the block is reported to Dagster (the context closes with
+    it) and then propagates.
+    """
+    if PIPES_CONTEXT_ENV not in os.environ or int(os.environ.get("RANK", "0")) != 0:
+        yield None
+        return
+    from dagster_pipes import open_dagster_pipes
+
+    with open_dagster_pipes() as context:
+        yield PipesReporter(context, steps)
