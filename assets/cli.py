@@ -1,9 +1,80 @@
-"""Subcommands of `prefpack` that belong to `assets/`."""
+"""`prefpack run` (the whole graph on the sample data, in process) and `prefpack ui`.
+
+Both use a project-local Dagster instance (`DAGSTER_HOME`, default `./.dagster`), so the
+runs of `prefpack run` show up in the UI's history and the UI's runs persist.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+DAGSTER_HOME = ".dagster"
+LOCATION = "prefpack"
+WORKSPACE = f"""load_from:
+  - python_module:
+      module_name: assets.definitions
+      location_name: {LOCATION}
+"""
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register this area's subcommands (none yet)."""
+    """Register `run` and `ui`."""
+    run = subparsers.add_parser(
+        "run",
+        help="materialize the whole asset graph (bundled sample data by default)",
+        description="Materialize every asset in process: each source partition, then "
+        "curation, tokenization, packing, reference log-probs and training. A second run "
+        "with unchanged inputs reuses the shards. Ends with a summary.",
+    )
+    run.add_argument(
+        "--store", type=Path, help="store directory (default: $PREFPACK_STORE or ./store)"
+    )
+    run.set_defaults(handler=_run)
+
+    ui = subparsers.add_parser(
+        "ui",
+        help="start the Dagster UI (webserver + daemon) on the project's instance",
+        description="Run `dagster dev` on assets.definitions with DAGSTER_HOME=./.dagster "
+        "(or $DAGSTER_HOME).",
+    )
+    ui.add_argument("--port", type=int, default=3000, help="webserver port")
+    ui.add_argument("--host", default="127.0.0.1", help="webserver host")
+    ui.set_defaults(handler=_ui)
+
+
+def _dagster_home() -> Path:
+    """The instance directory: $DAGSTER_HOME, else ./.dagster (created)."""
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path(DAGSTER_HOME).resolve())))
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.store is not None:
+        os.environ["PREFPACK_STORE"] = str(args.store)
+    _dagster_home()
+    import dagster as dg
+
+    from assets.definitions import defs
+    from assets.run import materialize_all, summary
+
+    started = time.perf_counter()
+    results = materialize_all(defs, dg.DagsterInstance.get())
+    print(summary(results, seconds=time.perf_counter() - started))
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    home = _dagster_home()
+    # The same code location name as `dagster dev` run in the repo root ([tool.dagster]).
+    workspace = home / "workspace.yaml"
+    workspace.write_text(WORKSPACE)
+    command = [sys.executable, "-m", "dagster", "dev", "-w", str(workspace)]
+    command += ["--host", args.host, "--port", str(args.port)]
+    print(f"DAGSTER_HOME={home}; {' '.join(command[1:])}", flush=True)
+    os.execv(sys.executable, command)
+    return 0

@@ -1,0 +1,50 @@
+"""The Dagster Definitions of prefpack, loaded by `dagster dev`, `prefpack ui` and
+`prefpack run` (`[tool.dagster]` in pyproject.toml points here).
+
+The store directory comes from `PREFPACK_STORE` (default `./store`); the sources read the
+bundled samples unless `SourcesResource.inputs` names other files or hub ids.
+"""
+
+import os
+import warnings
+from pathlib import Path
+
+import dagster as dg
+
+from assets import curation, jobs, packing, sources, training
+from assets.io_manager import PathIOManager
+from assets.resources import ModelResource, SourcesResource, StoreResource, TokenizerResource
+
+# Data versions on outputs are what make reuse visible to Dagster; their beta status is
+# known and accepted here, so the warning is not repeated on every materialization.
+warnings.filterwarnings("ignore", category=dg.BetaWarning)
+
+
+def build_resources(
+    store: str | Path, sources: SourcesResource | None = None, model: ModelResource | None = None
+) -> dict[str, object]:
+    """Every resource the assets need, rooted at `store` (absolute, so runs agree)."""
+    root = str(Path(store).resolve())
+    return {
+        "store": StoreResource(root=root),
+        "io_manager": PathIOManager(root=root),
+        "sources": sources or SourcesResource(),
+        "tokenizer": TokenizerResource(),
+        "model": model or ModelResource(),
+        "pipes_subprocess_client": dg.PipesSubprocessClient(),
+    }
+
+
+ASSETS = dg.load_assets_from_modules([sources, curation, packing, training])
+
+
+def build_definitions(resources: dict[str, object]) -> dg.Definitions:
+    """The assets, jobs and checks of prefpack bound to `resources`."""
+    return dg.Definitions(
+        assets=ASSETS,
+        jobs=[jobs.source_job, jobs.sample_job],
+        resources=resources,
+    )
+
+
+defs = build_definitions(build_resources(os.environ.get("PREFPACK_STORE", "store")))

@@ -1,0 +1,63 @@
+"""Typed metadata for the UI: counts as numbers (Dagster plots them across runs), tables
+as markdown, histograms as markdown bars."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import dagster as dg
+import numpy as np
+
+
+def count_table(
+    counts: Mapping[str, int], key: str = "reason", total: int | None = None
+) -> dg.MetadataValue:
+    """A markdown table of `key | rows | share`, largest first."""
+    lines = [f"| {key} | rows | share |", "| --- | ---: | ---: |"]
+    denominator = total or sum(counts.values()) or 1
+    for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        lines.append(f"| {name} | {n:,} | {n / denominator:.1%} |")
+    if len(lines) == 2:
+        lines.append("| (none) | 0 | |")
+    return dg.MetadataValue.md("\n".join(lines))
+
+
+def records_table(rows: Sequence[Mapping[str, Any]]) -> dg.MetadataValue:
+    """A markdown table of dict rows with the same keys."""
+    if not rows:
+        return dg.MetadataValue.md("(none)")
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
+    lines += ["| " + " | ".join(_cell(r[k]) for k in keys) + " |" for r in rows]
+    return dg.MetadataValue.md("\n".join(lines))
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def histogram(values: np.ndarray, bins: int = 12, unit: str = "") -> dg.MetadataValue:
+    """A markdown histogram of raw values, with a one-line summary above it."""
+    values = np.asarray(values)
+    if values.size == 0:
+        return dg.MetadataValue.md("(no values)")
+    counts, edges = np.histogram(values, bins=bins)
+    summary = (
+        f"n={values.size:,}, median {np.median(values):,.0f}, p95 "
+        f"{np.percentile(values, 95):,.0f}, max {values.max():,.0f}"
+    )
+    return dg.MetadataValue.md(summary + "\n\n" + binned(edges, counts, unit).md_str)
+
+
+def binned(edges: Sequence[float], counts: Sequence[int], unit: str = "") -> dg.MetadataValue:
+    """A markdown histogram of counts already binned: one bar per bin."""
+    peak = max(max(counts, default=0), 1)
+    lines = [f"| {unit or 'value'} | count | |", "| ---: | ---: | --- |"]
+    for n, lo, hi in zip(counts, edges[:-1], edges[1:], strict=True):
+        lines.append(f"| {lo:,.0f}–{hi:,.0f} | {n:,} | {'█' * round(20 * n / peak)} |")
+    return dg.MetadataValue.md("\n".join(lines))

@@ -1,0 +1,129 @@
+"""Tokenize and pack: `tokenized_pairs` (chat template + tokenizer, prompt once) and
+`packed_shards` (bin-packed rows with mask metadata in verified Arrow shards).
+
+Both stages are keyed by a hash of everything that changes their bytes and reuse a
+verified directory with that key, so materializing again with unchanged inputs rewrites
+nothing; the key is each asset's data version, so downstream stays in sync.
+"""
+
+import dagster as dg
+import pyarrow.parquet as pq
+
+from assets import checks
+from assets.configs import PackingConfig, TokenizationConfig, to_dataclass
+from assets.metadata import binned, count_table, records_table
+from assets.resources import StoreResource, TokenizerResource
+from pipeline.io import pairs_path
+from pipeline.pack import PackConfig, build_shards
+from pipeline.tokenized import TokenizeConfig, build_tokenized, read_tokenized
+
+CODE_VERSION = "1"
+
+
+@dg.asset(
+    group_name="packing",
+    code_version=CODE_VERSION,
+    check_specs=[
+        *checks.specs("tokenized_pairs", checks.ACCOUNTING),
+        *checks.specs("tokenized_pairs", checks.BOUNDARY, blocking=False),
+    ],
+    description="Curated pairs rendered with the chat template and tokenized: the prompt "
+    "once, each response on its own (ending with end of turn). Trains a small BPE when no "
+    "tokenizer is configured.",
+)
+def tokenized_pairs(
+    context: dg.AssetExecutionContext,
+    config: TokenizationConfig,
+    curated_pairs: str,
+    tokenizer: TokenizerResource,
+    store: StoreResource,
+):
+    pairs = pairs_path(curated_pairs)
+    result = build_tokenized(
+        pairs, tokenizer.path, to_dataclass(config, TokenizeConfig), store.root
+    )
+    report, stats = result.report, result.report["stats"]
+    histograms = stats["length_histograms"]
+    context.log.info(
+        f"tokenized pairs {'reused' if result.reused else 'written'}: {result.directory}"
+    )
+    yield dg.Output(
+        str(result.directory),
+        data_version=dg.DataVersion(result.key),
+        metadata={
+            "path": dg.MetadataValue.path(str(result.directory)),
+            "key": result.key,
+            "reused": result.reused,
+            "pairs_in": stats["pairs_in"],
+            "pairs_out": stats["pairs_out"],
+            "dropped": sum(stats["dropped"].values()),
+            "dropped_by_reason": count_table(stats["dropped"], total=stats["pairs_in"]),
+            "boundary_agreement": float(stats["boundary_agreement"]["rate"]),
+            "tokenizer": report["tokenizer"]["name"],
+            "vocab_size": report["tokenizer"]["vocab_size"],
+            "template": report["template"]["name"],
+            "prompt_tokens": stats["tokens"]["prompt"],
+            "response_tokens": stats["tokens"]["chosen"] + stats["tokens"]["rejected"],
+            "token_lengths": records_table(
+                [{"part": part, **q} for part, q in stats["lengths"].items()]
+            ),
+            **{
+                f"{part}_length_histogram": binned(histograms["edges"], histograms[part], "tokens")
+                for part in ("prompt", "chosen", "rejected", "pair")
+            },
+        },
+    )
+    yield checks.check_tokenize_accounting(report, pq.read_metadata(pairs).num_rows)
+    yield checks.check_boundary_agreement(report, config.min_boundary_agreement)
+
+
+@dg.asset(
+    group_name="packing",
+    code_version=CODE_VERSION,
+    check_specs=[
+        *checks.specs("packed_shards", checks.VERIFIED, checks.ACCOUNTING),
+        *checks.specs("packed_shards", checks.FILL, blocking=False),
+    ],
+    description="Whole pairs bin-packed into rows of at most max_len tokens (shared prefix: "
+    "prompt | chosen | rejected), with per-pair boundaries and the FlexAttention block "
+    "summary, in verified Arrow IPC shards under store/shards/<cache key>.",
+)
+def packed_shards(
+    context: dg.AssetExecutionContext,
+    config: PackingConfig,
+    tokenized_pairs: str,
+    store: StoreResource,
+):
+    result = build_shards(tokenized_pairs, to_dataclass(config, PackConfig), store.root)
+    manifest = result.manifest
+    stats = manifest["stats"]
+    context.log.info(f"shards {'reused' if result.reused else 'written'}: {result.directory}")
+    histogram = stats["pair_length_histogram"]
+    yield dg.Output(
+        str(result.directory),
+        data_version=dg.DataVersion(result.key),
+        metadata={
+            "path": dg.MetadataValue.path(str(result.directory)),
+            "key": result.key,
+            "reused": result.reused,
+            "layout": manifest["layout"],
+            "max_len": manifest["max_len"],
+            "shards": len(manifest["shards"]),
+            "rows": stats["rows"],
+            "pairs": stats["pairs"],
+            "tokens": stats["tokens"],
+            "fill_ratio": float(stats["fill_ratio"]),
+            "tokens_saved_by_prefix_sharing": stats["tokens_saved_by_prefix_sharing"],
+            "prefix_sharing_saving": float(stats["prefix_sharing_saving"]),
+            "truncated": stats["truncated"],
+            "dropped": sum(stats["dropped"].values()),
+            "dropped_by_reason": count_table(stats["dropped"], total=stats["pairs_in"]),
+            "tokens_by_layout": count_table(stats["tokens_by_layout"], key="layout"),
+            "pair_length_histogram": binned(histogram["edges"], histogram["counts"], "pair tokens"),
+        },
+    )
+    yield checks.check_shards_verified(result.directory)
+    yield checks.check_pack_accounting(
+        manifest, read_tokenized(tokenized_pairs)["stats"]["pairs_out"]
+    )
+    yield checks.check_fill_ratio(manifest, config.min_fill_ratio)

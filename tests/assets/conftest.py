@@ -1,0 +1,47 @@
+"""Fixtures of the Dagster tests: resources rooted in a temporary store, sources reading
+`tests/fixtures` (each source's real schema), and a throwaway instance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from assets.definitions import build_resources
+from assets.resources import SourcesResource
+from tests.conftest import FIXTURES
+
+FIXTURE_INPUTS = {
+    "helpsteer": "helpsteer.jsonl",
+    "helpsteer2": "helpsteer2.jsonl",
+    "helpsteer2_preference": "helpsteer2_preference.jsonl",
+    "helpsteer3": "helpsteer3.jsonl",
+    "ultrafeedback": "ultrafeedback_list.jsonl",
+    "ultrafeedback_binarized": "ultrafeedback_binarized.jsonl",
+    "generic": "generic.jsonl",
+}
+
+# Small enough for a test, large enough that every stage does real work.
+TEST_CONFIG = {
+    "ops": {
+        "tokenized_pairs": {"config": {"bpe_vocab_size": 400}},
+        "packed_shards": {"config": {"max_len": 512, "min_fill_ratio": 0.0}},
+        "reference_logps": {"config": {"batch_rows": 4}},
+        "trained_model": {"config": {"steps": 2, "lr": 1e-3, "warmup_steps": 1, "batch_rows": 2}},
+    }
+}
+
+
+@pytest.fixture
+def instance(tmp_path: Path) -> dg.DagsterInstance:
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    with dg.instance_for_test(temp_dir=str(home)) as instance:
+        yield instance
+
+
+@pytest.fixture
+def resources(tmp_path: Path) -> dict[str, object]:
+    inputs = {source: str(FIXTURES / name) for source, name in FIXTURE_INPUTS.items()}
+    return build_resources(tmp_path / "store", sources=SourcesResource(inputs=inputs))
