@@ -12,8 +12,6 @@ import sys
 from pathlib import Path
 
 import dagster as dg
-import pyarrow.compute as pc
-import pyarrow.feather as feather
 
 from assets.configs import ReferenceConfig, TrainingConfig
 from assets.resources import ModelResource, StoreResource
@@ -91,18 +89,8 @@ def reference_logps(
         *config_flags({"batch_rows": config.batch_rows, "backend": config.backend}),
         "--no-progress",
     ]
-    pipes_subprocess_client.run(context=context, command=command)
-    table = feather.read_table(out)
-    return dg.Output(
-        str(out),
-        metadata={
-            "path": dg.MetadataValue.path(str(out)),
-            "pairs": table.num_rows,
-            "model_fingerprint": table.schema.metadata[b"model_fingerprint"].decode(),
-            "mean_chosen_logps": float(pc.mean(table["chosen_logps"]).as_py()),
-            "mean_rejected_logps": float(pc.mean(table["rejected_logps"]).as_py()),
-        },
-    )
+    result = pipes_subprocess_client.run(context=context, command=command).get_materialize_result()
+    return dg.Output(str(out), metadata=result.metadata)
 
 
 @dg.asset(

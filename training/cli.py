@@ -344,37 +344,44 @@ def _logps(args: argparse.Namespace) -> int:
         read_reference_logps,
         write_reference_logps,
     )
+    from training.report import pipes_context, reference_metadata
 
     if args.out.suffix not in (".arrow", ".parquet"):
         raise _fail("logps", ValueError(f"{args.out}: write .arrow or .parquet"))
     try:
-        reader, model = _open_inputs(args)
-        fingerprint = model_fingerprint(model)
-        if args.out.exists():
-            try:
-                stored = read_reference_logps(args.out, fingerprint, reader.key)
-                print(
-                    f"reused {stored.table.num_rows} pairs' log-probs (same model and shards)",
-                    file=sys.stderr,
+        with pipes_context() as pipes:
+            reader, model = _open_inputs(args)
+            fingerprint = model_fingerprint(model)
+            table = None
+            if args.out.exists():
+                try:
+                    table = read_reference_logps(args.out, fingerprint, reader.key).table
+                    print(
+                        f"reused {table.num_rows} pairs' log-probs (same model and shards)",
+                        file=sys.stderr,
+                    )
+                except ValueError as err:
+                    print(f"replacing {args.out}: {err}", file=sys.stderr)
+            reused = table is not None
+            if not reused:
+                table = compute_reference_logps(
+                    model,
+                    reader,
+                    reader.layout,
+                    block_size=reader.block_size,
+                    backend=args.backend,
+                    batch_rows=args.batch_rows,
+                    device=args.device,
+                    precision=args.precision,
+                    progress=args.progress,
                 )
-                print(args.out)
-                return 0
-            except ValueError as err:
-                print(f"replacing {args.out}: {err}", file=sys.stderr)
-        table = compute_reference_logps(
-            model,
-            reader,
-            reader.layout,
-            block_size=reader.block_size,
-            backend=args.backend,
-            batch_rows=args.batch_rows,
-            device=args.device,
-            precision=args.precision,
-            progress=args.progress,
-        )
-        write_reference_logps(table, args.out, fingerprint, reader.key)
+                write_reference_logps(table, args.out, fingerprint, reader.key)
+                print(f"computed {table.num_rows} pairs' log-probs", file=sys.stderr)
+            if pipes is not None:
+                pipes.report_asset_materialization(
+                    metadata=reference_metadata(args.out, table, fingerprint, reader.key, reused)
+                )
     except (ValueError, FileNotFoundError) as err:
         raise _fail("logps", err) from err
-    print(f"computed {table.num_rows} pairs' log-probs", file=sys.stderr)
     print(args.out)
     return 0

@@ -197,9 +197,9 @@ class PipesReporter:
 
 
 @contextlib.contextmanager
-def pipes_reporter(steps: int) -> Iterator[PipesReporter | None]:
-    """A `PipesReporter` inside an open Pipes context when this process was launched by
-    Dagster Pipes and is rank 0; None otherwise (and dagster_pipes is not imported).
+def pipes_context() -> Iterator[Any | None]:
+    """The open `dagster_pipes` context when this process was launched by Dagster Pipes and
+    is rank 0; None otherwise (and dagster_pipes is not imported).
 
     An exception raised inside the block is reported to Dagster (the context closes with
     it) and then propagates.
@@ -210,4 +210,26 @@ def pipes_reporter(steps: int) -> Iterator[PipesReporter | None]:
     from dagster_pipes import open_dagster_pipes
 
     with open_dagster_pipes() as context:
-        yield PipesReporter(context, steps)
+        yield context
+
+
+@contextlib.contextmanager
+def pipes_reporter(steps: int) -> Iterator[PipesReporter | None]:
+    """A `PipesReporter` in `pipes_context()`, or None outside Pipes."""
+    with pipes_context() as context:
+        yield None if context is None else PipesReporter(context, steps)
+
+
+def reference_metadata(
+    path: Path, table: Any, fingerprint: str, shard_key: str, reused: bool
+) -> dict[str, dict[str, Any]]:
+    """The metadata of the reference log-probs' materialization, typed for Pipes."""
+    return {
+        "path": {"raw_value": str(path), "type": "path"},
+        "pairs": _int(table.num_rows),
+        "mean_chosen_logps": _float(np.mean(table.column("chosen_logps").to_numpy())),
+        "mean_rejected_logps": _float(np.mean(table.column("rejected_logps").to_numpy())),
+        "model_fingerprint": {"raw_value": fingerprint, "type": "text"},
+        "shard_key": {"raw_value": shard_key, "type": "text"},
+        "reused": {"raw_value": reused, "type": "bool"},
+    }

@@ -9,7 +9,12 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from dagster._core.definitions.data_version import extract_data_version_from_entry
+from dagster._core.definitions.data_version import (
+    CachingStaleStatusResolver,
+    StaleStatus,
+    extract_data_version_from_entry,
+)
+from dagster._core.loader import LoadingContextForTest
 
 from assets import packing
 from assets.definitions import ASSETS, build_definitions
@@ -32,6 +37,14 @@ def _data_version(instance: dg.DagsterInstance, asset: str) -> str:
     record = instance.get_latest_data_version_record(dg.AssetKey(asset))
     assert record is not None
     return extract_data_version_from_entry(record.event_log_entry).value
+
+
+def _status(instance: dg.DagsterInstance, defs: dg.Definitions, asset: str) -> StaleStatus:
+    """What the UI shows as stale or fresh (inputs' data versions against the last run's)."""
+    resolver = CachingStaleStatusResolver(
+        instance, defs.resolve_asset_graph(), LoadingContextForTest(instance)
+    )
+    return resolver.get_status(dg.AssetKey(asset))
 
 
 def _stage(defs: dg.Definitions, instance, selection, config=TEST_CONFIG, **kwargs):
@@ -69,6 +82,9 @@ def test_whole_graph_accounts_for_every_row(built, instance) -> None:
     packed = md["packed_shards"][0]
     assert packed["pairs"] + packed["dropped"] == tokenized["pairs_out"]
     assert 0 < packed["fill_ratio"] <= 1
+    reference = md["reference_logps"][0]
+    assert reference["pairs"] == packed["pairs"] and reference["reused"] is False
+    assert reference["mean_chosen_logps"] < 0
     trained = md["trained_model"][0]
     assert trained["steps"] == TEST_CONFIG["ops"]["trained_model"]["config"]["steps"]
     assert trained["loss"] == pytest.approx(trained["loss"])  # a number, not NaN
@@ -83,12 +99,20 @@ def test_second_materialization_reuses_shards(built, instance) -> None:
     before_files = _files(shard_dir)
     before_version = _data_version(instance, "packed_shards")
 
-    again = _stage(defs, instance, ["tokenized_pairs", "packed_shards"])
-    packed = materialized_metadata([again])["packed_shards"][0]
+    first = materialized_metadata(results)
+    again = materialized_metadata([_stage(defs, instance, ["tokenized_pairs", "packed_shards"])])
+    packed = again["packed_shards"][0]
     assert packed["reused"] is True
     assert packed["path"] == shard_dir
     assert _files(shard_dir) == before_files  # nothing rewritten
     assert _data_version(instance, "packed_shards") == before_version
+    assert _status(instance, defs, "trained_model") == StaleStatus.FRESH  # still in sync
+
+    # Downstream: the same log-probs file and the finished run are reused, not recomputed.
+    again = materialized_metadata([_stage(defs, instance, ["reference_logps", "trained_model"])])
+    assert again["reference_logps"][0]["reused"] is True
+    assert again["trained_model"][0]["reused"] is True
+    assert again["trained_model"][0]["loss"] == first["trained_model"][0]["loss"]
 
 
 def test_changed_max_len_makes_a_new_key_and_keeps_tokens(built, instance) -> None:
@@ -102,6 +126,7 @@ def test_changed_max_len_makes_a_new_key_and_keeps_tokens(built, instance) -> No
     assert md["packed_shards"][0]["key"] != first["packed_shards"][0]["key"]
     assert md["packed_shards"][0]["reused"] is False
     assert _data_version(instance, "packed_shards") == md["packed_shards"][0]["key"]
+    assert _status(instance, defs, "trained_model") == StaleStatus.STALE  # needs a new run
 
 
 def test_failing_blocking_check_stops_downstream(built, instance, monkeypatch) -> None:
