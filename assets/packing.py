@@ -14,10 +14,29 @@ from assets.configs import PackingConfig, TokenizationConfig, to_dataclass
 from assets.metadata import binned, count_table, records_table
 from assets.resources import StoreResource, TokenizerResource
 from pipeline.io import pairs_path
-from pipeline.pack import PackConfig, build_shards
-from pipeline.tokenized import TokenizeConfig, build_tokenized, read_tokenized
+from pipeline.pack import PackConfig, ShardResult, build_shards
+from pipeline.tokenized import TokenizeConfig, TokenizedResult, build_tokenized, read_tokenized
 
 CODE_VERSION = "1"
+
+
+def _keyed_output(
+    context: dg.AssetExecutionContext,
+    result: TokenizedResult | ShardResult,
+    metadata: dict[str, object],
+) -> dg.Output[str]:
+    """The stage's directory as output, its cache key as data version, reuse reported."""
+    context.log.info(f"{'reused' if result.reused else 'wrote'} {result.directory}")
+    return dg.Output(
+        str(result.directory),
+        data_version=dg.DataVersion(result.key),
+        metadata={
+            "path": dg.MetadataValue.path(str(result.directory)),
+            "key": result.key,
+            "reused": result.reused,
+            **metadata,
+        },
+    )
 
 
 @dg.asset(
@@ -44,16 +63,10 @@ def tokenized_pairs(
     )
     report, stats = result.report, result.report["stats"]
     histograms = stats["length_histograms"]
-    context.log.info(
-        f"tokenized pairs {'reused' if result.reused else 'written'}: {result.directory}"
-    )
-    yield dg.Output(
-        str(result.directory),
-        data_version=dg.DataVersion(result.key),
-        metadata={
-            "path": dg.MetadataValue.path(str(result.directory)),
-            "key": result.key,
-            "reused": result.reused,
+    yield _keyed_output(
+        context,
+        result,
+        {
             "pairs_in": stats["pairs_in"],
             "pairs_out": stats["pairs_out"],
             "dropped": sum(stats["dropped"].values()),
@@ -97,15 +110,11 @@ def packed_shards(
     result = build_shards(tokenized_pairs, to_dataclass(config, PackConfig), store.root)
     manifest = result.manifest
     stats = manifest["stats"]
-    context.log.info(f"shards {'reused' if result.reused else 'written'}: {result.directory}")
     histogram = stats["pair_length_histogram"]
-    yield dg.Output(
-        str(result.directory),
-        data_version=dg.DataVersion(result.key),
-        metadata={
-            "path": dg.MetadataValue.path(str(result.directory)),
-            "key": result.key,
-            "reused": result.reused,
+    yield _keyed_output(
+        context,
+        result,
+        {
             "layout": manifest["layout"],
             "max_len": manifest["max_len"],
             "shards": len(manifest["shards"]),

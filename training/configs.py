@@ -8,6 +8,7 @@ named size on their own tokenizer use `dataclasses.replace(config, vocab_size=..
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from training.model import ModelConfig, RopeScaling
 
@@ -26,29 +27,15 @@ def tiny() -> ModelConfig:
 
 def tiny_qwen2() -> ModelConfig:
     """`tiny` in the Qwen2 shape: q/k/v biases, tied embeddings, a large RoPE base."""
-    return ModelConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        rope_theta=1_000_000.0,
-        qkv_bias=True,
-        tie_embeddings=True,
-        family="qwen2",
+    return replace(
+        tiny(), rope_theta=1_000_000.0, qkv_bias=True, tie_embeddings=True, family="qwen2"
     )
 
 
 def tiny_llama3() -> ModelConfig:
     """`tiny` with Llama 3.1 rope scaling (original context 64, so scaling bites)."""
-    return ModelConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
+    return replace(
+        tiny(),
         rope_theta=500_000.0,
         rope_scaling=RopeScaling(
             factor=8.0,
