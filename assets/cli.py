@@ -47,9 +47,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _dagster_home() -> Path:
-    """The instance directory: $DAGSTER_HOME, else ./.dagster (created)."""
+    """The instance directory: $DAGSTER_HOME, else ./.dagster (created, telemetry off)."""
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path(DAGSTER_HOME).resolve())))
     home.mkdir(parents=True, exist_ok=True)
+    settings = home / "dagster.yaml"
+    if not settings.exists():
+        settings.write_text("telemetry:\n  enabled: false\n")
     return home
 
 

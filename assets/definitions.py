@@ -16,8 +16,11 @@ from assets.io_manager import PathIOManager
 from assets.resources import ModelResource, SourcesResource, StoreResource, TokenizerResource
 
 # Data versions on outputs are what make reuse visible to Dagster; their beta status is
-# known and accepted here, so the warning is not repeated on every materialization.
+# known and accepted here, so the warning is not repeated on every materialization. Pipes'
+# own internals warn about their preview and deprecated calls on every run; not ours.
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
+warnings.filterwarnings("ignore", category=dg.PreviewWarning, module="dagster._core.pipes")
+warnings.filterwarnings("ignore", category=DeprecationWarning, module="dagster._core.pipes")
 
 
 def build_resources(

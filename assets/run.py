@@ -72,7 +72,7 @@ def summary(results: list[dg.ExecuteInProcessResult], seconds: float) -> str:
         f"({packed['prefix_sharing_saving']:.1%}), {'reused' if packed['reused'] else 'written'}",
         f"  trained      {trained['steps']} steps, loss {trained['loss']:.4f}, reward accuracy "
         f"{trained['rewards/accuracies']:.3f}, margin {trained['rewards/margins']:.4f}, "
-        f"{trained['pairs/s']:.1f} pairs/s",
+        f"{trained['pairs/s']:.1f} pairs/s ({'reused' if trained['reused'] else 'trained now'})",
         f"  shards       {packed['path']}",
         f"  model        {trained['output']}",
     ]

@@ -18,7 +18,7 @@ from dagster._core.loader import LoadingContextForTest
 
 from assets import packing
 from assets.definitions import ASSETS, build_definitions
-from assets.run import materialize_all, materialized_metadata
+from assets.run import materialize_all, materialized_metadata, summary
 from tests.assets.conftest import TEST_CONFIG
 
 pytestmark = pytest.mark.slow
@@ -89,6 +89,8 @@ def test_whole_graph_accounts_for_every_row(built, instance) -> None:
     assert trained["steps"] == TEST_CONFIG["ops"]["trained_model"]["config"]["steps"]
     assert trained["loss"] == pytest.approx(trained["loss"])  # a number, not NaN
     assert Path(trained["output"], "config.json").is_file()
+    text = summary(results, seconds=1.0)  # what `prefpack run` prints
+    assert f"{curated['rows_out']:,} pairs" in text and f"loss {trained['loss']:.4f}" in text
     checks = [c for r in results for c in r.get_asset_check_evaluations()]
     assert checks and all(c.passed for c in checks), [c.check_name for c in checks if not c.passed]
 
