@@ -108,12 +108,15 @@ def trained_model(
     store: StoreResource,
     pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
+    # Every setting is in the run key: the process count changes the global batch.
+    run_key = hashlib.sha256(
+        json.dumps(
+            [Path(packed_shards).name, model_label(model), config.model_dump()], sort_keys=True
+        ).encode()
+    ).hexdigest()[:16]
     values = config.model_dump()
     nproc = values.pop("nproc_per_node")
     precompute = values.pop("precompute_reference")
-    run_key = hashlib.sha256(
-        json.dumps([Path(packed_shards).name, model_label(model), values], sort_keys=True).encode()
-    ).hexdigest()[:16]
     out = store.path("models", run_key)
     if (out / "final").exists():
         # The same shards, model and settings trained before: the run is deterministic,

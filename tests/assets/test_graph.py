@@ -131,6 +131,20 @@ def test_changed_max_len_makes_a_new_key_and_keeps_tokens(built, instance) -> No
     assert _status(instance, defs, "trained_model") == StaleStatus.STALE  # needs a new run
 
 
+def test_training_with_two_processes_runs_torchrun_through_pipes(built, instance) -> None:
+    """nproc_per_node 2: the asset launches torchrun (gloo on CPU); rank 0 reports back."""
+    defs, results = built
+    config = copy.deepcopy(TEST_CONFIG)
+    config["ops"]["trained_model"]["config"]["nproc_per_node"] = 2
+    result = _stage(defs, instance, ["trained_model"], config)
+    trained = materialized_metadata([result])["trained_model"][0]
+    single = materialized_metadata(results)["trained_model"][0]
+    assert trained["reused"] is False  # a new run key: the global batch doubled
+    assert trained["output"] != single["output"]
+    assert trained["steps"] == single["steps"]
+    assert trained["pairs"] > single["pairs"]  # two processes, each batch_rows rows a step
+
+
 def test_failing_blocking_check_stops_downstream(built, instance, monkeypatch) -> None:
     """A shard corrupted after writing fails check_shards_verified; training never runs."""
     defs, _ = built
