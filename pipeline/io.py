@@ -10,6 +10,7 @@ its input was read never shows in the bytes.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -27,15 +28,18 @@ REPORT_FILE = "report.json"
 
 @contextmanager
 def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory that replaces `out_dir` when the block succeeds.
+    """Yield a temporary sibling directory that replaces `out_dir` when the block succeeds.
 
-    On an exception the temporary directory is removed and `out_dir` is left as it was.
+    Its files are fsynced before the rename. On any exception the temporary directory is
+    removed, `out_dir` is left as it was, and the exception propagates.
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         yield tmp
+        for path in tmp.iterdir():
+            _fsync(path)
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             out_dir.rename(old / out_dir.name)
@@ -46,6 +50,14 @@ def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_parquet(table: pa.Table, path: Path) -> None:

@@ -47,7 +47,7 @@ from data_contracts import packed_row, tokenized_pair
 from data_contracts.manifest import DROP_TOO_LONG
 from data_contracts.packed_row import LAYOUTS, Layout, pair_tokens
 from pipeline import ragged
-from pipeline.io import rechunk
+from pipeline.io import atomic_directory, rechunk
 from pipeline.lengths import LengthCounts
 from pipeline.mask_blocks import block_summary
 from pipeline.shards import (
@@ -55,7 +55,6 @@ from pipeline.shards import (
     TOKENIZER_CONFIG,
     ShardError,
     ShardWriter,
-    atomic_directory,
     open_shards,
     write_manifest,
 )

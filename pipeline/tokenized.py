@@ -39,13 +39,12 @@ from tqdm import tqdm
 from data_contracts import preference_pair, tokenized_pair, tokenized_report
 from data_contracts.contract import ContractError
 from pipeline import ragged
-from pipeline.io import pairs_path, rechunk
+from pipeline.io import atomic_directory, pairs_path, rechunk
 from pipeline.lengths import LengthCounts, power_of_two_edges
 from pipeline.shards import (
     TOKENIZER,
     TOKENIZER_CONFIG,
     ShardError,
-    atomic_directory,
     check_files,
     sha256_file,
 )
