@@ -117,7 +117,10 @@ TrainingConfig = config_from_dataclass(
     exclude=("out_dir", "progress"),
     nproc_per_node=(
         int,
-        Field(default=1, description="processes; more than 1 launches through torchrun (DDP)"),
+        Field(
+            default=1,
+            description="processes; more than 1 launches through torchrun (DDP or FSDP, by parallel)",
+        ),
     ),
     precompute_reference=(
         bool,
@@ -134,4 +137,6 @@ class ReferenceConfig(dg.Config):
     """How the reference log-probs are computed (once per model and shard key)."""
 
     batch_rows: int = Field(default=8, description="packed rows per forward pass")
-    backend: str = Field(default="segments", description="attention backend of the forward pass")
+    backend: str = Field(
+        default="auto", description="attention backend of the forward pass (auto: by device)"
+    )

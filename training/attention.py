@@ -1,25 +1,40 @@
-"""Attention backends: one masking rule (DESIGN.md, `data_contracts.packed_row`), three ways
+"""Attention backends: one masking rule (DESIGN.md, `data_contracts.packed_row`), four ways
 to run it, selected by name. All are exact: they compute the same softmax over the same
-visible keys, and differ only in how much of the row's T x T square they touch.
+visible keys, and differ only in how much of the row's T x T square they touch and in how
+many kernels a layer launches.
+
+Every pair of a `shared` row is two attention problems: the `prompt | chosen` document
+attends to itself causally, and the rejected queries attend to the keys `prompt ++
+rejected` with lower-right (bottom-right) causal alignment: rejected token i sees the
+whole prompt and rejected tokens 0..i. In the two-document layouts every document is one
+causal problem. `Segments` lists these problems for a whole micro-batch.
 
 - `dense`: SDPA with the boolean mask of `packed_row.attention_mask`, padded to the batch.
   The reference; O(T^2) memory per row.
-- `segments`: per pair, causal SDPA over `prompt | chosen`, then the rejected queries over
-  the keys `prompt ++ rejected` with lower-right causal alignment (rejected token i sees
-  the whole prompt and rejected tokens 0..i). Never builds a T x T mask; on CPU the cost is
-  close to the useful attention FLOPs. In the two-document layouts each document is one
-  causal call.
+- `segments` (the CPU path): the problems grouped into length buckets (powers of two), one
+  SDPA call per bucket: documents causally with right padding, rejected queries with a
+  small (queries x keys) mask. The calls per layer are bounded by the number of buckets
+  (at most 2 log2(max_len) + 2), whatever the number of pairs.
+- `varlen` (CUDA): FlashAttention varlen (`torch.nn.attention.varlen.varlen_attn`), two
+  calls per layer for the whole micro-batch: every `prompt | chosen` document causally,
+  then every rejected query block over its gathered `prompt ++ rejected` keys, where
+  `cu_seq_q` differs from `cu_seq_k` and FlashAttention aligns the causal mask bottom-right
+  (the idea of li-plus/flash-preference). Needs bf16 (autocast) and a CUDA device.
 - `flex`: FlexAttention with a `BlockMask` made from the shard's precomputed per-query-block
-  lists (`kv_block_full`, `kv_block_partial`) and a `mask_mod` for the partial blocks.
-  Training needs CUDA: FlexAttention has no backward on CPU (its forward runs there, which
-  the tests use to check it against `dense`).
+  lists (`kv_block_full`, `kv_block_partial`) and a `mask_mod` for the partial blocks,
+  compiled once for the shard's padded row length. Training needs CUDA: FlexAttention has
+  no backward on CPU (its forward runs there, which the tests use to check it).
 
-The `padded` layout (one causal document per sequence, right padding) is what trainers
-without packing run: every backend name gives plain causal SDPA there, which is
-FlashAttention on CUDA.
+`segments` and `varlen` run on a *flat* batch: the rows of a micro-batch concatenated into
+one sequence without padding (the model's linear layers see no padding at all); `dense`
+and `flex` run on rows padded to a common length. The `padded` layout (one causal document
+per sequence, right padding) is what trainers without packing run: every backend name
+gives plain causal SDPA there, which is FlashAttention on CUDA.
 
-A backend object is built per batch from the metadata and called by every layer as
-`attention(q, k, v)` with q (B, nh, T, hd), k and v (B, nkv, T, hd) (GQA via `enable_gqa`).
+A backend object is built once per batch from the metadata (index tensors, masks and
+sequence offsets made on the host, moved to the device once), and called by every layer as
+`attention(q, k, v)` with q (B, T, nh, hd), k and v (B, T, nkv, hd); it returns
+(B, T, nh, hd). Grouped-query attention throughout (`enable_gqa`).
 """
 
 from __future__ import annotations
@@ -32,11 +47,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.varlen import varlen_attn
 
 from data_contracts.packed_row import Layout, PackedRow, attention_mask, token_roles
 from training.train_config import BACKENDS, Backend
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs: object) -> Tensor:
+    """SDPA on (B, T, h, hd) tensors (it wants (B, h, T, hd))."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True, **kwargs
+    )
+    return out.transpose(1, 2)
 
 
 @dataclass(frozen=True)
@@ -47,7 +70,7 @@ class CausalAttention:
     """
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return _sdpa(q, k, v, is_causal=True)
 
 
 @dataclass(frozen=True)
@@ -61,51 +84,277 @@ class DenseAttention:
     mask: Tensor
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=True)
+        return _sdpa(q, k, v, attn_mask=self.mask)
+
+
+# -----------------------------------------------------------------------------
+# The attention problems of a flat batch
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Every attention problem of a flat batch (rows concatenated), host-side int64 arrays.
+
+    Problem i: the queries [q_lo, q_lo + q_len) attend the keys [k1_lo, k1_lo + k1_len) ++
+    [k2_lo, k2_lo + k2_len) with lower-right causal alignment. A document has k2_len 0 and
+    its keys are its queries; a rejected response has k1 = its prompt, k2 = itself. The
+    query ranges tile the batch's tokens.
+    """
+
+    q_lo: np.ndarray
+    q_len: np.ndarray
+    k1_lo: np.ndarray
+    k1_len: np.ndarray
+    k2_lo: np.ndarray
+    k2_len: np.ndarray
+
+    @property
+    def k_len(self) -> np.ndarray:
+        return self.k1_len + self.k2_len
+
+    @property
+    def is_document(self) -> np.ndarray:
+        return self.k2_len == 0
+
+    def take(self, index: np.ndarray) -> Segments:
+        return Segments(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
+
+
+def flat_segments(rows: Sequence[PackedRow], layout: Layout) -> Segments:
+    """The attention problems of `rows` (`shared` or `unshared`) concatenated in order.
+
+    Shared pair at s: the document [s, s+P+C), then the rejected queries [s+P+C, s+P+C+R)
+    over the prompt [s, s+P) ++ themselves. Unshared pair: the documents [s, s+P+C) and
+    [s+P+C, s+2P+C+R).
+    """
+    offsets = np.cumsum([0] + [r.num_tokens for r in rows[:-1]])
+    s, p, c, r = (
+        np.concatenate([getattr(row, name).astype(np.int64) for row in rows])
+        for name in ("pair_start", "prompt_len", "chosen_len", "rejected_len")
+    )
+    s = s + np.repeat(offsets, [row.num_pairs for row in rows])
+    zero = np.zeros_like(s)
+    if layout == "shared":
+        second = (s + p + c, r, s, p, s + p + c, r)
+    else:
+        second = (s + p + c, p + r, s + p + c, p + r, zero, zero)
+    first = (s, p + c, s, p + c, zero, zero)
+    # Interleave (first, second) per pair so the query ranges stay in token order.
+    return Segments(
+        *(np.stack([a, b], axis=1).reshape(-1) for a, b in zip(first, second, strict=True))
+    )
+
+
+def _ranges(lo: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """Concatenated aranges [lo_i, lo_i + length_i)."""
+    starts = np.repeat(lo - np.cumsum(length) + length, length)
+    return starts + np.arange(int(length.sum()))
+
+
+def _key_index(segments: Segments) -> np.ndarray:
+    """Flat token index of every key, problem by problem (k1 then k2)."""
+    lo = np.stack([segments.k1_lo, segments.k2_lo], axis=1).reshape(-1)
+    length = np.stack([segments.k1_len, segments.k2_len], axis=1).reshape(-1)
+    return _ranges(lo, length)
+
+
+def _padded(values: np.ndarray, lengths: np.ndarray, width: int) -> np.ndarray:
+    """(n, width) array of the ragged `values`, each row right-padded with index 0."""
+    out = np.zeros((len(lengths), width), dtype=np.int64)
+    out[np.arange(width) < lengths[:, None]] = values
+    return out
+
+
+# -----------------------------------------------------------------------------
+# segments: a bounded number of SDPA calls on CPU
+
+
+def length_buckets(lengths: np.ndarray) -> np.ndarray:
+    """Bucket of each length: ceil(log2(length)), so a bucket's lengths differ by < 2x."""
+    return np.ceil(np.log2(np.maximum(lengths, 1))).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class SegmentGroup:
+    """One SDPA call: n problems padded to Lq queries and Lk keys.
+
+    Attributes:
+        q_index: (n * Lq,) flat token index of each query slot (padding: 0).
+        k_index: (n * Lk,) flat token index of each key slot (padding: 0).
+        shape: (n, Lq, Lk).
+        mask: bool (n, 1, Lq, Lk) for rejected problems; None for documents (right padding
+            under a causal mask is invisible to the real queries).
+    """
+
+    q_index: Tensor
+    k_index: Tensor
+    shape: tuple[int, int, int]
+    mask: Tensor | None
 
 
 @dataclass(frozen=True)
 class SegmentAttention:
-    """Per-pair SDPA calls, no T x T mask.
+    """The problems grouped into length buckets, one SDPA call per group.
 
     Attributes:
-        calls: per batch row, a list of (q_lo, q_hi, k1_lo, k1_hi, k2_lo, k2_hi): the
-            queries [q_lo, q_hi) attend the keys [k1_lo, k1_hi) ++ [k2_lo, k2_hi) with
-            lower-right causal alignment. The query ranges tile the row's real tokens in
-            order; the rest of the row (batch padding) gets zeros.
+        groups: the calls.
+        out_index: (T,) for each token of the flat batch, its output's slot in the
+            concatenated padded outputs of all groups.
     """
 
-    calls: tuple[tuple[tuple[int, int, int, int, int, int], ...], ...]
+    groups: tuple[SegmentGroup, ...]
+    out_index: Tensor
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        _, H, T, D = q.shape  # (B, nh, T, hd)
-        rows = []
-        for b, calls in enumerate(self.calls):
-            pieces = []
-            for q_lo, q_hi, k1_lo, k1_hi, k2_lo, k2_hi in calls:
-                qs = q[b : b + 1, :, q_lo:q_hi]  # (1, nh, Lq, hd)
-                if k2_hi == k2_lo:  # one contiguous causal block: the fast path
-                    ks, vs = k[b : b + 1, :, k1_lo:k1_hi], v[b : b + 1, :, k1_lo:k1_hi]
-                    pieces.append(
-                        F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
-                    )
-                    continue
-                ks = torch.cat([k[b : b + 1, :, k1_lo:k1_hi], k[b : b + 1, :, k2_lo:k2_hi]], 2)
-                vs = torch.cat([v[b : b + 1, :, k1_lo:k1_hi], v[b : b + 1, :, k2_lo:k2_hi]], 2)
-                bias = causal_lower_right(q_hi - q_lo, ks.shape[2])
-                pieces.append(
-                    F.scaled_dot_product_attention(qs, ks, vs, attn_mask=bias, enable_gqa=True)
+        qf, kf, vf = q[0], k[0], v[0]  # (T, h, hd): a flat batch is one sequence
+        outs = []
+        for g in self.groups:
+            n, lq, lk = g.shape
+            qs = qf[g.q_index].view(n, lq, *qf.shape[1:])
+            ks = kf[g.k_index].view(n, lk, *kf.shape[1:])
+            vs = vf[g.k_index].view(n, lk, *vf.shape[1:])
+            if g.mask is None:
+                out = _sdpa(qs, ks, vs, is_causal=True)
+            else:
+                out = _sdpa(qs, ks, vs, attn_mask=g.mask)
+            outs.append(out.reshape(n * lq, *out.shape[2:]))
+        return torch.cat(outs)[self.out_index][None]  # (1, T, nh, hd)
+
+
+def segment_attention(segments: Segments, device: torch.device) -> SegmentAttention:
+    """Group the problems by kind and key-length bucket and build each call's indices."""
+    kinds = np.where(segments.is_document, 0, 1)
+    buckets = length_buckets(segments.k_len)
+    num_tokens = int(segments.q_len.sum())
+    out_index = np.empty(num_tokens, dtype=np.int64)
+    groups, slot = [], 0
+    for kind, bucket in sorted(set(zip(kinds.tolist(), buckets.tolist(), strict=True))):
+        part = segments.take(np.flatnonzero((kinds == kind) & (buckets == bucket)))
+        n, lq, lk = len(part.q_lo), int(part.q_len.max()), int(part.k_len.max())
+        q_tokens = _ranges(part.q_lo, part.q_len)
+        q_index = _padded(q_tokens, part.q_len, lq)
+        k_index = _padded(_key_index(part), part.k_len, lk)
+        out_index[q_tokens] = slot + np.flatnonzero(np.arange(lq) < part.q_len[:, None])
+        slot += n * lq
+        mask = None
+        if kind == 1:
+            # Lower-right causal on the real lengths; padded keys invisible; padded query
+            # slots see every real key, so no softmax row is empty.
+            a, b = np.arange(lq)[None, :, None], np.arange(lk)[None, None, :]
+            ql, kl = part.q_len[:, None, None], part.k_len[:, None, None]
+            mask = torch.from_numpy(((b < kl) & (b <= kl - ql + a))[:, None]).to(device)
+        groups.append(
+            SegmentGroup(
+                q_index=torch.from_numpy(q_index.reshape(-1)).to(device),
+                k_index=torch.from_numpy(k_index.reshape(-1)).to(device),
+                shape=(n, lq, lk),
+                mask=mask,
+            )
+        )
+    return SegmentAttention(tuple(groups), torch.from_numpy(out_index).to(device))
+
+
+# -----------------------------------------------------------------------------
+# varlen: FlashAttention varlen, two calls per layer (CUDA)
+
+VarlenKernel = Callable[..., Tensor]  # the signature of torch's varlen_attn
+
+
+@dataclass(frozen=True)
+class VarlenCall:
+    """One varlen_attn call over gathered tokens.
+
+    Attributes:
+        q_index, k_index: flat token index of the call's queries and keys, sequence by
+            sequence (None: the keys are the queries).
+        cu_seq_q, cu_seq_k: int32 (n + 1,) cumulative sequence lengths.
+        max_q, max_k: longest query and key sequence (host ints: no device sync).
+    """
+
+    q_index: Tensor
+    k_index: Tensor | None
+    cu_seq_q: Tensor
+    cu_seq_k: Tensor
+    max_q: int
+    max_k: int
+
+
+@dataclass(frozen=True)
+class VarlenAttention:
+    """Documents, then rejected queries over their prompt ++ rejected keys.
+
+    Attributes:
+        calls: one call (documents only) or two (documents, rejected).
+        out_index: (T,) each token's row in the concatenated outputs of the calls.
+        kernel: `varlen_attn` (tests put a CPU emulation of it here).
+    """
+
+    calls: tuple[VarlenCall, ...]
+    out_index: Tensor
+    kernel: VarlenKernel = varlen_attn
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        qf, kf, vf = q[0], k[0], v[0]  # (T, h, hd)
+        outs = []
+        for c in self.calls:
+            k_index = c.q_index if c.k_index is None else c.k_index
+            outs.append(
+                self.kernel(
+                    qf[c.q_index],
+                    kf[k_index],
+                    vf[k_index],
+                    c.cu_seq_q,
+                    c.cu_seq_k,
+                    c.max_q,
+                    c.max_k,
+                    window_size=(-1, 0),  # causal; bottom-right when lengths differ
+                    enable_gqa=True,
                 )
-            tail = T - (calls[-1][1] if calls else 0)
-            if tail:
-                pieces.append(q.new_zeros(1, H, tail, D))
-            rows.append(torch.cat(pieces, dim=2))
-        return torch.cat(rows, dim=0)
+            )
+        return torch.cat(outs)[self.out_index][None]  # (1, T, nh, hd)
+
+
+def _varlen_call(part: Segments, device: torch.device, documents: bool) -> VarlenCall:
+    def cumulative(lengths: np.ndarray) -> Tensor:
+        cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        return torch.from_numpy(cu).to(device)
+
+    q_index = torch.from_numpy(_ranges(part.q_lo, part.q_len)).to(device)
+    cu_q = cumulative(part.q_len)
+    return VarlenCall(
+        q_index=q_index,
+        k_index=None if documents else torch.from_numpy(_key_index(part)).to(device),
+        cu_seq_q=cu_q,
+        cu_seq_k=cu_q if documents else cumulative(part.k_len),
+        max_q=int(part.q_len.max()),
+        max_k=int(part.k_len.max()),
+    )
+
+
+def varlen_attention(segments: Segments, device: torch.device) -> VarlenAttention:
+    """The two calls of a flat batch (one when every problem is a document)."""
+    docs = np.flatnonzero(segments.is_document)
+    rejected = np.flatnonzero(~segments.is_document)
+    parts = [(segments.take(docs), True)]
+    if len(rejected):
+        parts.append((segments.take(rejected), False))
+    order = np.concatenate([_ranges(p.q_lo, p.q_len) for p, _ in parts])
+    out_index = np.empty_like(order)
+    out_index[order] = np.arange(len(order))
+    return VarlenAttention(
+        calls=tuple(_varlen_call(p, device, documents) for p, documents in parts),
+        out_index=torch.from_numpy(out_index).to(device),
+    )
+
+
+# -----------------------------------------------------------------------------
+# flex: FlexAttention over a block-sparse mask (CUDA)
 
 
 @cache
 def _compiled_flex_attention() -> Callable[..., Tensor]:
-    """FlexAttention compiled once per process (the fused kernel; eager materialises T x T)."""
+    """FlexAttention compiled once per process (the fused kernel; eager materialises T x T).
+    Static shapes: batches are padded to the shards' max_len, so one shape serves a run."""
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -126,36 +375,17 @@ class FlexBlockAttention:
                 "use backend 'segments' or 'dense' on this device"
             )
         fn = _compiled_flex_attention() if q.is_cuda else flex_attention
-        return fn(q, k, v, block_mask=self.block_mask, enable_gqa=True)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        return fn(q, k, v, block_mask=self.block_mask, enable_gqa=True).transpose(1, 2)
 
 
-AttentionBackend = CausalAttention | DenseAttention | SegmentAttention | FlexBlockAttention
+AttentionBackend = (
+    CausalAttention | DenseAttention | SegmentAttention | VarlenAttention | FlexBlockAttention
+)
 
 
 # -----------------------------------------------------------------------------
 # Building a backend from a batch's metadata
-
-
-def segment_calls(row: PackedRow, layout: Layout) -> np.ndarray:
-    """(calls, 6) int64 SDPA calls for one row of the `shared` or `unshared` layout.
-
-    See `SegmentAttention.calls` for the column meaning.
-    """
-    s, p, c, r = (
-        a.astype(np.int64)
-        for a in (row.pair_start, row.prompt_len, row.chosen_len, row.rejected_len)
-    )
-    none = np.zeros_like(s)
-    if layout == "shared":
-        # prompt|chosen: causal over itself; rejected: over prompt ++ rejected, lower-right.
-        first = np.stack([s, s + p + c, s, s + p + c, none, none], axis=1)
-        second = np.stack([s + p + c, s + p + c + r, s, s + p, s + p + c, s + p + c + r], 1)
-    else:
-        # Two documents per pair, each causal over itself.
-        first = np.stack([s, s + p + c, s, s + p + c, none, none], axis=1)
-        end = s + 2 * p + c + r
-        second = np.stack([s + p + c, end, s + p + c, end, none, none], axis=1)
-    return np.stack([first, second], axis=1).reshape(-1, 6)
 
 
 def dense_mask(rows: Sequence[PackedRow], layout: Layout, length: int) -> np.ndarray:
@@ -236,6 +466,9 @@ def flex_block_mask(
     )
 
 
+FLAT_BACKENDS = ("segments", "varlen")  # run on one concatenated sequence per micro-batch
+
+
 def build_attention(
     backend: Backend,
     rows: Sequence[PackedRow],
@@ -246,14 +479,22 @@ def build_attention(
 ) -> AttentionBackend:
     """The backend object for one batch of `shared` or `unshared` rows.
 
+    Args:
+        backend: a resolved backend name (not `auto`).
+        rows, layout: the batch's rows and their layout.
+        length: the padded row length (`dense`, `flex`); flat backends ignore it.
+        block_size: the shards' mask block size (`flex`).
+        device: where the index tensors and masks go.
+
     Raises:
         ValueError: unknown backend name.
     """
     if backend == "dense":
         return DenseAttention(torch.from_numpy(dense_mask(rows, layout, length)).to(device))
     if backend == "segments":
-        calls = tuple(tuple(map(tuple, segment_calls(r, layout).tolist())) for r in rows)
-        return SegmentAttention(calls)
+        return segment_attention(flat_segments(rows, layout), device)
+    if backend == "varlen":
+        return varlen_attention(flat_segments(rows, layout), device)
     if backend == "flex":
         return FlexBlockAttention(flex_block_mask(rows, layout, length, block_size, device))
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")

@@ -3,8 +3,11 @@
 Everything here follows the executable definition in `data_contracts.packed_row`
 (`position_ids`, `token_roles`, `targets`): this module only pads and flattens it.
 
-- `shared` / `unshared`: one batch row per packed row, right-padded to the longest row
-  (to a multiple of the mask block size for `flex`).
+- `shared` / `unshared` with a flat backend (`segments`, `varlen`): the packed rows
+  concatenated into one sequence, no padding (the attention backend keeps pairs apart).
+- `shared` / `unshared` with `dense`: one batch row per packed row, right-padded to the
+  longest row; with `flex`: padded to `pad_to` (the shards' max_len) rounded up to the mask
+  block size, so every batch has the one shape FlexAttention was compiled for.
 - `padded`: each packed row is split into its documents (prompt+chosen, prompt+rejected),
   one batch row per document, padded to the longest one: what trainers without packing do.
 """
@@ -26,7 +29,13 @@ from data_contracts.packed_row import (
     targets,
     token_roles,
 )
-from training.attention import AttentionBackend, Backend, CausalAttention, build_attention
+from training.attention import (
+    FLAT_BACKENDS,
+    AttentionBackend,
+    Backend,
+    CausalAttention,
+    build_attention,
+)
 
 
 @dataclass(frozen=True)
@@ -64,17 +73,28 @@ class Batch:
 
 
 def check_rows(
-    rows: Sequence[PackedRow], row_ids: Sequence[int], max_len: int | None, vocab_size: int
+    rows: Sequence[PackedRow],
+    row_ids: Sequence[int],
+    max_len: int | None,
+    vocab_size: int,
+    sliding_window: int | None = None,
 ) -> None:
     """Fail fast, naming the row, on rows the model cannot take.
 
     Raises:
-        ValueError: a row is longer than `max_len` (when given) or holds a token id
+        ValueError: a row is longer than `max_len` (when given) or than the model's
+            sliding window (not implemented: we run full attention), or holds a token id
             >= `vocab_size`.
     """
     for row_id, row in zip(row_ids, rows, strict=True):
         if max_len is not None and row.num_tokens > max_len:
             raise ValueError(f"row {row_id}: {row.num_tokens} tokens exceed max_len {max_len}")
+        if sliding_window is not None and row.num_tokens > sliding_window:
+            raise ValueError(
+                f"row {row_id}: {row.num_tokens} tokens exceed the model's sliding window "
+                f"{sliding_window}; sliding-window attention is not implemented, pack with "
+                "max_len <= sliding_window"
+            )
         top = int(row.input_ids.max())
         if top >= vocab_size:
             raise ValueError(
@@ -89,15 +109,19 @@ def collate(
     backend: Backend,
     block_size: int,
     device: torch.device | str = "cpu",
+    pad_to: int | None = None,
 ) -> Batch:
     """Pad `rows` into a batch with its attention backend and log-prob targets.
 
     Args:
         rows: packed rows of `layout`.
         layout: `shared`, `unshared` or `padded`.
-        backend: `dense`, `segments` or `flex` (`padded` always runs causal attention).
+        backend: `dense`, `segments`, `varlen` or `flex`, resolved (not `auto`); `padded`
+            always runs causal attention.
         block_size: the shards' mask block size (used by `flex`).
         device: where the tensors go.
+        pad_to: `flex` pads every batch to this length (rounded up to `block_size`) when
+            given, else to its longest row.
 
     Returns:
         The batch.
@@ -112,6 +136,8 @@ def collate(
     tok_doc, tok_col, tok_ids, tok_pos = [], [], [], []  # each real token: where and what
     logit_doc, logit_col, labels, pair, rejected = [], [], [], [], []
     num_docs = 0
+    flat = layout != "padded" and backend in FLAT_BACKENDS
+    row_offset = np.cumsum([0] + [r.num_tokens for r in rows])
     for b, row in enumerate(rows):
         pos = position_ids(row, layout)
         if layout == "padded":
@@ -120,6 +146,9 @@ def collate(
             pair_of, kind = token_roles(row, layout)
             doc, col = num_docs + 2 * pair_of + (kind == 4), pos
             num_docs += 2 * row.num_pairs
+        elif flat:
+            doc, col = np.zeros(row.num_tokens, np.int64), row_offset[b] + np.arange(row.num_tokens)
+            num_docs = 1
         else:
             doc, col = np.full(row.num_tokens, b), np.arange(row.num_tokens)
             num_docs += 1
@@ -137,7 +166,7 @@ def collate(
     doc, col = np.concatenate(tok_doc), np.concatenate(tok_col)
     length = int(col.max()) + 1
     if backend == "flex" and layout != "padded":
-        length = -(-length // block_size) * block_size
+        length = -(-max(length, pad_to or 0) // block_size) * block_size
     input_ids = np.zeros((num_docs, length), dtype=np.int64)
     input_ids[doc, col] = np.concatenate(tok_ids)
     positions = np.zeros((num_docs, length), dtype=np.int64)

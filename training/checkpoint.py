@@ -335,6 +335,7 @@ def save_pretrained(
     tokenizer: str | Path | None = None,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 2**30,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `model` as a Hugging Face folder, atomically (temp folder, then rename).
 
@@ -344,6 +345,8 @@ def save_pretrained(
         tokenizer: optional tokenizer.json file or tokenizer folder to copy along.
         dtype: dtype of the saved tensors (default: the parameters' dtype).
         max_shard_bytes: above this, weights are split into shards plus an index.
+        state_dict: the weights to write (default: `model.state_dict()`); a sharded model
+            passes its gathered full state dict (`training.parallel.full_state_dict`).
 
     Returns:
         The folder.
@@ -355,8 +358,9 @@ def save_pretrained(
     if folder.exists():
         raise FileExistsError(f"{folder} exists; refusing to overwrite a checkpoint")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    dtype = dtype or next(model.parameters()).dtype
-    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    dtype = dtype or next(iter(state_dict.values())).dtype
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state_dict.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, tensor in state.items():

@@ -27,7 +27,7 @@ from training.train_config import TrainConfig
 if TYPE_CHECKING:  # names for annotations only: the handlers import torch when they run
     from pipeline.shards import ShardReader
     from training.model import CausalLM
-    from training.reference import ReferenceLogps
+    from training.reference import ReferenceCache, ReferenceLogps
 
 # The `prefpack train` flag groups; together they hold every TrainConfig field but out_dir
 # (that is --out).
@@ -48,7 +48,14 @@ TRAIN_FLAG_GROUPS: dict[str, tuple[str, ...]] = {
         "max_grad_norm",
         "seed",
     ),
-    "precision and memory": ("precision", "activation_checkpointing", "device"),
+    "precision, memory and parallelism": (
+        "precision",
+        "activation_checkpointing",
+        "logits_chunk",
+        "compile",
+        "device",
+        "parallel",
+    ),
     "outputs": ("checkpoint_every", "export_dtype", "progress"),
 }
 
@@ -175,7 +182,7 @@ def _add_logps(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--batch-rows", type=int, default=8, help="rows per forward pass (default: %(default)s)"
     )
-    for name in ("backend", "precision", "device", "progress"):
+    for name in ("backend", "precision", "device", "parallel", "logits_chunk", "progress"):
         _add_field_flag(run, name)
     p.set_defaults(handler=_logps)
 
@@ -254,15 +261,12 @@ def _open_inputs(args: argparse.Namespace) -> tuple[ShardReader, CausalLM]:
 
 
 def _reference(
-    args: argparse.Namespace, config: TrainConfig, reader: ShardReader, model: CausalLM
-) -> ReferenceLogps | None:
-    """Stored reference log-probs (--reference, --reference-cache), or None."""
+    args: argparse.Namespace, reader: ShardReader, model: CausalLM
+) -> ReferenceLogps | ReferenceCache | None:
+    """Stored reference log-probs (--reference), a cache that training fills first if it
+    is empty (--reference-cache), or None (a reference model in memory)."""
     from training.checkpoint import model_fingerprint
-    from training.reference import (
-        cached_reference_logps,
-        read_reference_logps,
-        reference_logps_path,
-    )
+    from training.reference import ReferenceCache, read_reference_logps
 
     if args.reference is None and args.reference_cache is None:
         return None
@@ -271,30 +275,18 @@ def _reference(
         if not args.reference.is_file():
             raise FileNotFoundError(f"{args.reference}: no such file; write it with prefpack logps")
         return read_reference_logps(args.reference, fingerprint, reader.key)
+    cache = ReferenceCache(args.reference_cache, reader.key, fingerprint)
     if _rank() == 0:
-        path = reference_logps_path(args.reference_cache, fingerprint, reader.key)
         print(
-            f"reference log-probs: {'reusing' if path.exists() else 'computing'} {path}",
+            f"reference log-probs: {'reusing' if cache.path.exists() else 'computing'} "
+            f"{cache.path}",
             file=sys.stderr,
         )
-    return cached_reference_logps(
-        model,
-        reader,
-        reader.layout,
-        reader.key,
-        args.reference_cache,
-        fingerprint,
-        block_size=reader.block_size,
-        backend=config.backend,
-        batch_rows=config.batch_rows,
-        device=config.device,
-        precision=config.precision,
-        progress=config.progress,
-    )
+    return cache
 
 
 def _train(args: argparse.Namespace) -> int:
-    from training.device import resolve_device
+    from training.device import resolve_backend, resolve_device
     from training.report import format_summary, pipes_reporter, summarize
     from training.train import check_config, train
 
@@ -305,7 +297,7 @@ def _train(args: argparse.Namespace) -> int:
         with pipes_reporter(config.steps) as reporter, _process_group(config.device):
             check_config(config, resolve_device(config.device))
             reader, model = _open_inputs(args)
-            reference = _reference(args, config, reader, model)
+            reference = _reference(args, reader, model)
             if rank == 0:
                 print(f"metrics: {config.out_dir / 'metrics.jsonl'}", file=sys.stderr)
             train(
@@ -326,7 +318,9 @@ def _train(args: argparse.Namespace) -> int:
                     reporter.materialize(
                         summary,
                         extra={
-                            "backend": config.backend,
+                            "backend": resolve_backend(
+                                config.backend, resolve_device(config.device), config.precision
+                            ),
                             "layout": reader.layout,
                             "shard_key": reader.key,
                             "model": str(args.model or f"config {args.config}"),
@@ -339,6 +333,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def _logps(args: argparse.Namespace) -> int:
     from training.checkpoint import model_fingerprint
+    from training.device import resolve_device
+    from training.parallel import prepare
     from training.reference import (
         compute_reference_logps,
         read_reference_logps,
@@ -348,22 +344,28 @@ def _logps(args: argparse.Namespace) -> int:
 
     if args.out.suffix not in (".arrow", ".parquet"):
         raise _fail("logps", ValueError(f"{args.out}: write .arrow or .parquet"))
+    rank = _rank()
     try:
-        with pipes_context() as pipes:
+        with pipes_context() as pipes, _process_group(args.device):
             reader, model = _open_inputs(args)
             fingerprint = model_fingerprint(model)
             table = None
             if args.out.exists():
                 try:
                     table = read_reference_logps(args.out, fingerprint, reader.key).table
-                    print(
-                        f"reused {table.num_rows} pairs' log-probs (same model and shards)",
-                        file=sys.stderr,
-                    )
+                    if rank == 0:
+                        print(
+                            f"reused {table.num_rows} pairs' log-probs (same model and shards)",
+                            file=sys.stderr,
+                        )
                 except ValueError as err:
-                    print(f"replacing {args.out}: {err}", file=sys.stderr)
+                    if rank == 0:
+                        print(f"replacing {args.out}: {err}", file=sys.stderr)
             reused = table is not None
-            if not reused:
+            if not reused:  # every rank computes its share of the rows
+                device = resolve_device(args.device)
+                model.logits_chunk = args.logits_chunk
+                prepare(model, args.parallel, device, args.precision, trainable=False)
                 table = compute_reference_logps(
                     model,
                     reader,
@@ -371,17 +373,19 @@ def _logps(args: argparse.Namespace) -> int:
                     block_size=reader.block_size,
                     backend=args.backend,
                     batch_rows=args.batch_rows,
-                    device=args.device,
+                    device=device,
                     precision=args.precision,
                     progress=args.progress,
                 )
-                write_reference_logps(table, args.out, fingerprint, reader.key)
-                print(f"computed {table.num_rows} pairs' log-probs", file=sys.stderr)
+                if rank == 0:
+                    write_reference_logps(table, args.out, fingerprint, reader.key)
+                    print(f"computed {table.num_rows} pairs' log-probs", file=sys.stderr)
             if pipes is not None:
                 pipes.report_asset_materialization(
                     metadata=reference_metadata(args.out, table, fingerprint, reader.key, reused)
                 )
     except (ValueError, FileNotFoundError) as err:
         raise _fail("logps", err) from err
-    print(args.out)
+    if rank == 0:
+        print(args.out)
     return 0

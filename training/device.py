@@ -1,4 +1,4 @@
-"""Device and precision choices shared by training and the reference pass."""
+"""Device, precision and attention-backend choices shared by training and the reference pass."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from training.train_config import PRECISIONS, Precision
+from training.train_config import BACKENDS, PRECISIONS, Backend, Precision
 
 
 def resolve_device(name: str) -> torch.device:
@@ -46,3 +46,35 @@ def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractC
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def resolve_backend(backend: Backend, device: torch.device, precision: Precision) -> Backend:
+    """`auto` -> the default attention backend of the device and precision.
+
+    CPU: `segments` (the fastest exact backend measured there). CUDA: `varlen` in bf16
+    (FlashAttention kernels, no compilation, no recompiles), `flex` in fp32 (FlashAttention
+    has no fp32 kernels). The CUDA choice is by design, not yet by measurement:
+    `benchmarks/gpu.py` measures all of them.
+    """
+    if backend != "auto":
+        return backend
+    if device.type != "cuda":
+        return "segments"
+    return "varlen" if precision == "bf16" else "flex"
+
+
+def backend_problems(backend: str, device: torch.device, precision: str) -> list[str]:
+    """What keeps `backend` from training on `device` in `precision` (empty: nothing)."""
+    if backend not in BACKENDS:
+        return [f"unknown backend {backend!r} (choose one of {BACKENDS})"]
+    if backend == "flex" and device.type != "cuda":
+        return ["backend flex trains on CUDA only (no FlexAttention backward on CPU)"]
+    if backend == "varlen" and (device.type != "cuda" or precision != "bf16"):
+        return ["backend varlen needs CUDA and precision bf16 (FlashAttention kernels)"]
+    return []
+
+
+def use_gpu_defaults(device: torch.device) -> None:
+    """TF32 matmuls on CUDA (fp32 parameters and reductions stay fp32); nothing on CPU."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"

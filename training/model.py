@@ -8,7 +8,10 @@ Notable choices (the union of what those families need, nothing more):
 - Grouped-query attention; optional bias on q/k/v (Qwen2); no bias elsewhere.
 - SwiGLU MLP; optional tied input/output embeddings (SmolLM, small Qwen2).
 - Attention itself is a callable passed in with the batch (`training/attention.py`), so the
-  same weights run the dense, segment and FlexAttention backends.
+  same weights run the dense, segments, varlen and FlexAttention backends; q/k/v travel as
+  (B, T, heads, head_dim), the layout FlashAttention's varlen kernel reads.
+- With labels, the output projection runs in chunks of response positions and returns
+  their log-probs only (`training/logps.py`): no (tokens x vocab) logits are held.
 - Module and parameter names equal the Hugging Face checkpoint keys, so loading is a
   shape-checked `load_state_dict` (`training/checkpoint.py`), no renaming table.
 
@@ -29,8 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from training.logps import DEFAULT_LOGITS_CHUNK, token_logps
+
 Family = Literal["llama", "qwen2", "mistral"]
-# (q, k, v) -> attention output; q (B, nh, T, hd), k and v (B, nkv, T, hd).
+# (q, k, v) -> attention output (B, T, nh, hd); q (B, T, nh, hd), k and v (B, T, nkv, hd).
 AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
@@ -114,14 +119,14 @@ def rope_inv_freq(config: ModelConfig, device: torch.device | None = None) -> Te
 
 
 def rope_cos_sin(inv_freq: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """cos and sin (B, 1, T, head_dim) in fp32 for the given (B, T) position ids."""
+    """cos and sin (B, T, 1, head_dim) in fp32 for the given (B, T) position ids."""
     freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd), broadcast over heads
+    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None]  # (B, T, 1, hd), broadcast over heads
     return emb.cos(), emb.sin()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate (B, h, T, hd) by the position angles (rotate-half convention of HF/Meta)."""
+    """Rotate (B, T, h, hd) by the position angles (rotate-half convention of HF/Meta)."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
@@ -145,6 +150,14 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+@torch.compiler.disable
+def _attend(attention: AttentionFn, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The backend call, kept out of `torch.compile`'s graphs (a graph break per layer):
+    each backend runs its own kernel (FlashAttention varlen, compiled FlexAttention, SDPA),
+    and the per-batch index tensors and lengths it holds never trigger a recompile."""
+    return attention(q, k, v)
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention; the masking rule comes with the batch."""
 
@@ -159,12 +172,12 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention: AttentionFn) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, nh|nkv, T, hd)
-        y = attention(q, k, v)  # (B, nh, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, T, nh|nkv, hd)
+        y = _attend(attention, q, k, v)  # (B, T, nh, hd)
+        return self.o_proj(y.reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -209,7 +222,8 @@ class CausalLM(nn.Module):
     """The decoder plus its output projection (tied to the embedding when configured).
 
     `activation_checkpointing` recomputes each block in the backward pass instead of
-    storing its activations (less memory, about a third more compute).
+    storing its activations (less memory, about a third more compute); `logits_chunk` is
+    how many response positions go through the output projection at a time.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -223,6 +237,8 @@ class CausalLM(nn.Module):
             else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
         self.activation_checkpointing = False
+        # Response positions per chunk of the output projection (0: all at once).
+        self.logits_chunk = DEFAULT_LOGITS_CHUNK
         # The raw config.json when loaded from a folder; export carries its other keys
         # (token ids, generation defaults) through unchanged.
         self.hf_config: dict[str, Any] = {}
@@ -249,6 +265,17 @@ class CausalLM(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
 
+    def compile_blocks(self, **options: Any) -> None:
+        """`torch.compile` every decoder block in place (parameter names unchanged): the
+        norms, projections, RoPE and MLP fuse; attention stays its backend's kernel.
+
+        Args:
+            **options: passed to `torch.compile` (default: inductor, shapes made dynamic
+                after the first change, as flat batches change length every step).
+        """
+        for block in self.model.layers:
+            block.compile(**options)
+
     @property
     def output_weight(self) -> Tensor:
         """(vocab, hidden) weight of the output projection."""
@@ -260,8 +287,9 @@ class CausalLM(nn.Module):
         position_ids: Tensor,
         attention: AttentionFn,
         logit_index: Tensor | None = None,
+        labels: Tensor | None = None,
     ) -> Tensor:
-        """Logits for a batch.
+        """Logits, or the log-probs of given labels, for a batch.
 
         Args:
             input_ids: (B, T) token ids.
@@ -270,21 +298,15 @@ class CausalLM(nn.Module):
             logit_index: optional (M,) indices into the flattened (B*T) positions: only
                 those positions go through the output projection, which is where most of
                 the memory of a large-vocabulary model goes.
+            labels: optional (M,) token ids predicted at `logit_index`: then the head runs
+                in chunks of `logits_chunk` positions (`training.logps.token_logps`) and
+                only their log-probs come back. Inside `forward`, so that DDP and FSDP see
+                the output weight used.
 
         Returns:
-            (B, T, vocab) logits, or (M, vocab) when `logit_index` is given.
-
-        Raises:
-            ValueError: if the sequence is longer than the model's sliding window (we
-                implement full attention only).
+            (B, T, vocab) logits, (M, vocab) logits when `logit_index` is given, or (M,)
+            fp32 log-probs when `labels` are given too.
         """
-        T = input_ids.shape[1]
-        window = self.config.sliding_window
-        if window is not None and window < T:
-            raise ValueError(
-                f"sequence length {T} exceeds the sliding window {window}; sliding-window "
-                "attention is not implemented, use max_len <= sliding_window"
-            )
         cos, sin = rope_cos_sin(rope_inv_freq(self.config, input_ids.device), position_ids)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         for block in self.model.layers:
@@ -295,4 +317,6 @@ class CausalLM(nn.Module):
         x = self.model.norm(x)
         if logit_index is not None:
             x = x.flatten(0, 1)[logit_index]  # (M, D)
+        if labels is not None:
+            return token_logps(x, self.output_weight, labels, self.logits_chunk)
         return F.linear(x, self.output_weight)

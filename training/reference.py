@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,68 +24,100 @@ import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
+from torch import nn
 from tqdm import tqdm
 
 from data_contracts import reference_logps as contract
 from data_contracts.packed_row import DEFAULT_BLOCK_SIZE, Layout, PackedRow
 from training.attention import Backend
 from training.batch import check_rows, collate
-from training.checkpoint import model_fingerprint
-from training.device import Precision, autocast, check_precision, resolve_device
+from training.device import Precision, autocast, check_precision, resolve_backend, resolve_device
 from training.logps import pair_logps
 from training.losses import PairLogps
-from training.model import CausalLM
+from training.parallel import is_distributed, is_sharded
 
 
-@torch.no_grad()
+def _share(num_rows: int, world: int, rank: int) -> range:
+    """This rank's contiguous block of rows (blocks differ by at most one row)."""
+    return range(num_rows * rank // world, num_rows * (rank + 1) // world)
+
+
+@torch.inference_mode()
 def compute_reference_logps(
-    model: CausalLM,
+    model: nn.Module,
     rows: Sequence[PackedRow],
     layout: Layout,
     block_size: int = DEFAULT_BLOCK_SIZE,
-    backend: Backend = "segments",
+    backend: Backend = "auto",
     batch_rows: int = 8,
-    device: str = "auto",
+    device: str | torch.device = "auto",
     precision: Precision = "fp32",
     progress: bool = True,
 ) -> pa.Table:
     """Summed chosen/rejected log-probs of every pair in `rows` under `model`.
 
+    Under torch.distributed every rank computes its own contiguous share of the rows (the
+    same number of forward passes on every rank, as FSDP's collectives need) and every
+    rank returns the whole table.
+
     Args:
-        model: the reference model (left in eval mode on `device`).
+        model: the reference model: a `CausalLM` (moved to `device`) or one that
+            `training.parallel.prepare` sharded; left in eval mode.
         rows: packed rows (a shard reader or any sequence).
         layout: the rows' layout.
         block_size: the shards' mask block size (for `flex`).
-        backend: attention backend.
+        backend: attention backend (`auto`: the device's default).
         batch_rows: rows per forward pass.
         device: `auto`, `cpu`, `cuda`, ...
         precision: `fp32`, or `bf16` autocast on CUDA (use what training uses).
-        progress: show a progress bar.
+        progress: show a progress bar (rank 0).
 
     Returns:
         A `reference_logps` table, pairs in row order.
     """
-    dev = resolve_device(device)
+    dev = resolve_device(str(device))
     check_precision(precision, dev)
-    model.to(dev).eval()
+    backend = resolve_backend(backend, dev, precision)
+    if not is_sharded(model):
+        model.to(dev)
+    model.eval()
+    world, rank = (dist.get_world_size(), dist.get_rank()) if is_distributed() else (1, 0)
+    share = _share(len(rows), world, rank)
+    # Every rank runs as many passes as the largest share needs (a short share repeats its
+    # last batch and drops the result), so sharded forwards stay in step.
+    largest_share = -(-len(rows) // world)
+    passes = -(-largest_share // batch_rows)
+    config = model.config
     ids: list[str] = []
     chosen, rejected = [], []
-    starts = range(0, len(rows), batch_rows)
-    for start in tqdm(starts, desc="reference log-probs", disable=not progress):
-        row_ids = range(start, min(start + batch_rows, len(rows)))
-        chunk = [rows[i] for i in row_ids]
-        check_rows(chunk, row_ids, max_len=None, vocab_size=model.config.vocab_size)
+    for i in tqdm(range(passes), desc="reference log-probs", disable=not progress or rank != 0):
+        lo = share.start + i * batch_rows
+        row_ids = range(lo, min(lo + batch_rows, share.stop))
+        if not row_ids:
+            row_ids = range(max(share.start, share.stop - 1), share.stop) or range(1)
+        chunk = [rows[j] for j in row_ids]
+        check_rows(chunk, row_ids, None, config.vocab_size, config.sliding_window)
         batch = collate(chunk, layout, backend, block_size, dev)
         with autocast(dev, precision):
             logps = pair_logps(model, batch)
-        ids.extend(batch.pair_ids)
-        chosen.append(logps.chosen.cpu())
-        rejected.append(logps.rejected.cpu())
+        if lo < share.stop:
+            ids.extend(batch.pair_ids)
+            chosen.append(logps.chosen.float().cpu())
+            rejected.append(logps.rejected.float().cpu())
+    part = (
+        ids,
+        torch.cat(chosen).numpy() if chosen else np.zeros(0, np.float32),
+        torch.cat(rejected).numpy() if rejected else np.zeros(0, np.float32),
+    )
+    parts = [part]
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, part)
     table = pa.table(
         {
-            "pair_id": pa.array(ids, pa.string()),
-            "chosen_logps": pa.array(torch.cat(chosen).numpy(), pa.float32()),
-            "rejected_logps": pa.array(torch.cat(rejected).numpy(), pa.float32()),
+            "pair_id": pa.array([pid for p in parts for pid in p[0]], pa.string()),
+            "chosen_logps": pa.array(np.concatenate([p[1] for p in parts]), pa.float32()),
+            "rejected_logps": pa.array(np.concatenate([p[2] for p in parts]), pa.float32()),
         }
     )
     return contract.CONTRACT.validate(table, source="reference log-probs")
@@ -202,34 +235,50 @@ def reference_logps_path(directory: str | Path, model_fingerprint: str, shard_ke
     return Path(directory) / f"reference_logps-{shard_key}-{model_fingerprint[:16]}.arrow"
 
 
+@dataclass(frozen=True)
+class ReferenceCache:
+    """Where the log-probs of (model, shards) are kept: computed on first use, then reused.
+
+    Attributes:
+        directory: the folder of the cache files (e.g. beside the shards).
+        shard_key: the shards' cache key.
+        model_fingerprint: `checkpoint.model_fingerprint` of the reference weights.
+    """
+
+    directory: Path
+    shard_key: str
+    model_fingerprint: str
+
+    @property
+    def path(self) -> Path:
+        return reference_logps_path(self.directory, self.model_fingerprint, self.shard_key)
+
+
 def cached_reference_logps(
-    model: CausalLM,
+    model: nn.Module,
     rows: Sequence[PackedRow],
     layout: Layout,
-    shard_key: str,
-    directory: str | Path,
-    fingerprint: str | None = None,
+    cache: ReferenceCache,
     **compute_kwargs: object,
 ) -> ReferenceLogps:
-    """Read the (model, shards) log-probs from `directory`, computing and writing them first
-    when they are not there yet. Under torch.distributed, rank 0 computes a missing file
-    while the other ranks wait, then every rank reads it.
+    """Read the (model, shards) log-probs of `cache`, computing and writing them first when
+    they are not there yet. Under torch.distributed every rank computes its share of the
+    rows, rank 0 writes the file, and every rank reads it.
 
     Args:
-        model: the reference model.
+        model: the reference model, whose fingerprint `cache` names (plain or sharded).
         rows, layout: the packed rows and their layout.
-        shard_key: the shards' cache key.
-        directory: where the file lives (e.g. beside the shards).
-        fingerprint: `model_fingerprint(model)` when the caller has it (it hashes every
-            weight).
+        cache: where the file lives and its key.
         **compute_kwargs: passed to `compute_reference_logps`.
     """
-    fingerprint = fingerprint or model_fingerprint(model)
-    path = reference_logps_path(directory, fingerprint, shard_key)
-    distributed = dist.is_available() and dist.is_initialized()
-    if not path.exists() and (not distributed or dist.get_rank() == 0):
+    path = cache.path
+    missing = [not path.exists()]
+    if is_distributed():  # one decision for all ranks: they compute together or not at all
+        dist.broadcast_object_list(missing, src=0)
+    if missing[0]:
         table = compute_reference_logps(model, rows, layout, **compute_kwargs)
-        write_reference_logps(table, path, fingerprint, shard_key)
-    if distributed:
-        dist.barrier()
-    return read_reference_logps(path, fingerprint, shard_key)
+        if not is_distributed() or dist.get_rank() == 0:
+            write_reference_logps(table, path, cache.model_fingerprint, cache.shard_key)
+        if is_distributed():
+            dist.barrier()
+    return read_reference_logps(path, cache.model_fingerprint, cache.shard_key)

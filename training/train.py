@@ -1,16 +1,24 @@
-"""DPO on packed rows: one training loop, read top to bottom.
+"""DPO on packed rows: a recipe in four pieces, read top to bottom (torchtune's shape).
 
     from training.train import TrainConfig, train
     final = train(TrainConfig(out_dir=Path("runs/x"), steps=100), rows, "shared",
                   block_size=128, max_len=2048, model=model, tokenizer=tokenizer_path)
 
+- `setup`: check the settings, join the process group, prepare the policy (DDP or FSDP2,
+  `training/parallel.py`), the reference (a frozen copy sharded the same way, stored
+  log-probs, or a cache computed now by all ranks), the optimizer, and resume.
+- `train_step`: one optimizer step over `grad_accum` micro-batches; the reference pass runs
+  first, under `torch.inference_mode`, in the training precision.
+- `train`: the loop: metrics, progress and checkpoints.
+- `export`: the final Hugging Face folder (rank 0, from the gathered full weights).
+
 `rows` is any sequence of `PackedRow` (a shard reader). `model` is the initial policy; it
-is also the reference unless stored reference log-probs are given. Multi-process data
-parallel: launch the calling script with `torchrun --nproc_per_node N`; this function
-reads torchrun's environment (gloo on CPU, NCCL on CUDA). Outputs under `out_dir`:
+is also the reference unless stored reference log-probs are given. Multi-process: launch
+the calling script with `torchrun --nproc_per_node N`; this module reads torchrun's
+environment (gloo on CPU, NCCL on CUDA). Outputs under `out_dir`:
 
     metrics.jsonl                one line per optimizer step (rank 0)
-    checkpoints/step_000010/     HF folder + optimizer.pt + trainer_state.json
+    checkpoints/step_000010/     HF folder + optimizer/ (DCP, sharded) + trainer_state.json
     final/                       HF folder (config.json, safetensors, tokenizer files)
 
 A global step covers `batch_rows * grad_accum * world_size` packed rows. Packed rows hold
@@ -22,15 +30,14 @@ pure function of (seed, step), so resuming from a checkpoint replays exactly the
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -38,22 +45,40 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
+from torch import nn
 from tqdm import tqdm
 
 from data_contracts.packed_row import LAYOUTS, Layout, PackedRow
-from training.batch import check_rows, collate
+from training.batch import Batch, check_rows, collate
 from training.checkpoint import read_weights, save_pretrained
-from training.device import autocast, check_precision, resolve_device
+from training.device import (
+    autocast,
+    backend_problems,
+    check_precision,
+    resolve_backend,
+    resolve_device,
+    use_gpu_defaults,
+)
 from training.logps import pair_logps
-from training.losses import ChosenNLL, build_loss
+from training.losses import ChosenNLL, PairLogps, build_loss
 from training.model import CausalLM
-from training.reference import ReferenceLogps
-from training.train_config import BACKENDS, TrainConfig
+from training.parallel import (
+    PARALLELS,
+    clip_grad_norm,
+    full_state_dict,
+    gradient_sync,
+    load_full_state_dict,
+    load_optimizer,
+    prepare,
+    save_optimizer,
+    world_and_rank,
+)
+from training.reference import ReferenceCache, ReferenceLogps, cached_reference_logps
+from training.train_config import Backend, TrainConfig
 
 METRICS_NAME = "metrics.jsonl"
 STATE_NAME = "trainer_state.json"
-OPTIMIZER_NAME = "optimizer.pt"
+OPTIMIZER_DIR = "optimizer"
 # Config fields that may change when a run resumes: they do not change the numbers (the
 # global batch, `rows_per_step`, is checked on its own, so the split over processes may
 # change). Every other field must match the checkpoint's.
@@ -64,6 +89,9 @@ _RESUMABLE_CHANGES = {
     "device",
     "batch_rows",
     "grad_accum",
+    "activation_checkpointing",
+    "logits_chunk",
+    "compile",
 }
 
 
@@ -72,15 +100,17 @@ _RESUMABLE_CHANGES = {
 
 
 def _config_problems(config: TrainConfig, device: torch.device) -> list[str]:
-    problems = []
-    if config.backend not in BACKENDS:
-        problems.append(f"unknown backend {config.backend!r} (choose one of {BACKENDS})")
-    if config.backend == "flex" and device.type != "cuda":
-        problems.append("backend flex trains on CUDA only (no FlexAttention backward on CPU)")
+    problems = backend_problems(
+        resolve_backend(config.backend, device, config.precision), device, config.precision
+    )
     if min(config.batch_rows, config.grad_accum, config.steps) < 1:
         problems.append("batch_rows, grad_accum and steps must be >= 1")
     if not 0 <= config.warmup_steps <= config.steps:
         problems.append(f"warmup_steps must be in [0, steps], got {config.warmup_steps}")
+    if config.logits_chunk < 0:
+        problems.append(f"logits_chunk must be >= 0, got {config.logits_chunk}")
+    if config.parallel not in PARALLELS:
+        problems.append(f"unknown parallel {config.parallel!r} (choose one of {PARALLELS})")
     if (config.out_dir / "final").exists():
         problems.append(f"{config.out_dir / 'final'} exists; use a new out_dir")
     return problems
@@ -152,7 +182,46 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints
+# Setup
+
+
+@dataclass
+class Run:
+    """Everything a run holds between steps, made once by `setup`.
+
+    Attributes:
+        model: the policy's parameters (sharded in place under FSDP); export reads it.
+        policy: what the forward pass runs on: `model`, or its DDP wrapper.
+        ref_model: the frozen initial policy when no stored log-probs are given.
+        reference: stored reference log-probs, looked up by pair id.
+        backend: the resolved attention backend.
+        start: steps already done (from a checkpoint).
+        record: the settings a checkpoint stores, to refuse a mismatched resume.
+    """
+
+    config: TrainConfig
+    rows: Sequence[PackedRow]
+    layout: Layout
+    block_size: int
+    max_len: int
+    device: torch.device
+    backend: Backend
+    world: int
+    rank: int
+    model: CausalLM
+    policy: nn.Module
+    ref_model: nn.Module | None
+    reference: ReferenceLogps | None
+    optimizer: torch.optim.Optimizer
+    loss_fn: nn.Module
+    sft: ChosenNLL | None
+    record: dict[str, Any]
+    start: int
+    own_process_group: bool
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.config.batch_rows * self.config.grad_accum * self.world
 
 
 def _run_record(
@@ -171,40 +240,128 @@ def _run_record(
     return {"config": settings, "data": data}
 
 
+def setup(
+    config: TrainConfig,
+    rows: Sequence[PackedRow],
+    layout: Layout,
+    block_size: int,
+    max_len: int,
+    model: CausalLM,
+    reference: ReferenceLogps | ReferenceCache | None = None,
+) -> Run:
+    """Check, join the process group, prepare policy and reference, build the optimizer,
+    and resume from the latest checkpoint. Arguments as for `train`."""
+    world, rank = world_and_rank()
+    device = resolve_device(config.device)
+    _check_settings(config, rows, layout, max_len, model, device)
+    own_process_group = world > 1 and not dist.is_initialized()
+    if own_process_group:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    use_gpu_defaults(device)
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+
+    # The live reference is the initial policy: copy it before resuming changes the weights.
+    ref_model = None
+    if reference is None:
+        ref_model = copy.deepcopy(model).requires_grad_(False).eval()
+        ref_model = prepare(ref_model, config.parallel, device, config.precision, False)
+    model.activation_checkpointing = config.activation_checkpointing
+    model.logits_chunk = config.logits_chunk
+    if config.compile:
+        model.compile_blocks()
+    policy = prepare(model, config.parallel, device, config.precision)
+    backend = resolve_backend(config.backend, device, config.precision)
+    if isinstance(reference, ReferenceCache):  # all ranks, with the initial weights
+        reference = cached_reference_logps(
+            model,
+            rows,
+            layout,
+            reference,
+            block_size=block_size,
+            backend=backend,
+            batch_rows=config.batch_rows,
+            device=device,
+            precision=config.precision,
+            progress=config.progress,
+        )
+    model.train()
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=config.lr,
+        betas=config.adam_betas,
+        weight_decay=config.weight_decay,
+    )
+    record = _run_record(
+        config, layout, len(rows), block_size, config.batch_rows * config.grad_accum * world
+    )
+    run = Run(
+        config=config,
+        rows=rows,
+        layout=layout,
+        block_size=block_size,
+        max_len=max_len,
+        device=device,
+        backend=backend,
+        world=world,
+        rank=rank,
+        model=model,
+        policy=policy,
+        ref_model=ref_model,
+        reference=reference,
+        optimizer=optimizer,
+        loss_fn=build_loss(config.loss, config.beta, config.label_smoothing),
+        sft=ChosenNLL(config.sft_weight) if config.sft_weight else None,
+        record=record,
+        start=0,
+        own_process_group=own_process_group,
+    )
+    run.start = _resume(run)
+    return run
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+
 def _latest_checkpoint(out_dir: Path) -> Path | None:
     done = sorted((out_dir / "checkpoints").glob(f"step_*/{STATE_NAME}"))
     return done[-1].parent if done else None
 
 
-def _save_checkpoint(
-    out_dir: Path,
-    model: CausalLM,
-    optimizer: torch.optim.Optimizer,
-    step: int,
-    record: dict[str, Any],
-) -> None:
-    """HF folder + optimizer state + trainer state; the folder appears complete or not."""
-    final = out_dir / "checkpoints" / f"step_{step:06d}"
+def _barrier(run: Run) -> None:
+    if run.world > 1:
+        dist.barrier()
+
+
+def save_checkpoint(run: Run, step: int) -> None:
+    """HF folder (rank 0) + optimizer state (DCP, every rank its shard) + trainer state;
+    the folder appears complete or not at all. A collective: every rank calls it."""
+    final = run.config.out_dir / "checkpoints" / f"step_{step:06d}"
     partial = final.with_name(f".{final.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    save_pretrained(model, partial)
-    torch.save(optimizer.state_dict(), partial / OPTIMIZER_NAME)
-    (partial / STATE_NAME).write_text(json.dumps({**record, "step": step}, indent=2) + "\n")
-    partial.rename(final)
+    weights = full_state_dict(run.model)
+    if run.rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        save_pretrained(run.model, partial, state_dict=weights)
+    _barrier(run)
+    save_optimizer(run.model, run.optimizer, partial / OPTIMIZER_DIR)
+    _barrier(run)
+    if run.rank == 0:
+        state = json.dumps({**run.record, "step": step}, indent=2) + "\n"
+        (partial / STATE_NAME).write_text(state)
+        partial.rename(final)
+    _barrier(run)
 
 
-def _resume(
-    out_dir: Path,
-    record: dict[str, Any],
-    model: CausalLM,
-    optimizer: torch.optim.Optimizer,
-    rank: int,
-) -> int:
+def _resume(run: Run) -> int:
     """Load the latest checkpoint (if any) and return the number of steps already done."""
+    out_dir = run.config.out_dir
     ckpt = _latest_checkpoint(out_dir)
     if ckpt is None:
         return 0
     saved = json.loads((ckpt / STATE_NAME).read_text())
+    record = run.record
     changed = [f"data.{k}" for k in record["data"] if record["data"][k] != saved["data"].get(k)]
     changed += [
         f"config.{k}"
@@ -213,18 +370,113 @@ def _resume(
     ]
     if changed:
         raise ValueError(f"{ckpt}: cannot resume, settings differ from the checkpoint: {changed}")
-    model.load_state_dict(read_weights(ckpt, model))
-    optimizer.load_state_dict(torch.load(ckpt / OPTIMIZER_NAME, weights_only=True))
+    load_full_state_dict(run.model, read_weights(ckpt, run.model))
+    load_optimizer(run.model, run.optimizer, ckpt / OPTIMIZER_DIR)
     step = int(saved["step"])
     metrics = out_dir / METRICS_NAME
-    if rank == 0 and metrics.exists():  # drop lines of steps the checkpoint does not hold
+    if run.rank == 0 and metrics.exists():  # drop lines of steps the checkpoint does not hold
         kept = [ln for ln in metrics.read_text().splitlines() if json.loads(ln)["step"] <= step]
         metrics.write_text("".join(ln + "\n" for ln in kept))
     return step
 
 
 # -----------------------------------------------------------------------------
-# The run
+# One optimizer step
+
+
+def _reference_logps(run: Run, batch: Batch) -> PairLogps:
+    """Stored log-probs, or the frozen model's, computed without any autograd state."""
+    if run.reference is not None:
+        return run.reference.lookup(batch.pair_ids, run.device)
+    with torch.inference_mode():
+        ref = pair_logps(run.ref_model, batch)
+    # Clones outside inference mode are ordinary tensors the loss may save for backward.
+    return PairLogps(chosen=ref.chosen.clone(), rejected=ref.rejected.clone())
+
+
+def train_step(run: Run, step: int) -> dict[str, float]:
+    """Run global step `step` (0-based) on this rank and return its metrics (all ranks')."""
+    config, device = run.config, run.device
+    t0 = time.perf_counter()
+    lr = learning_rate(step, config)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    step_rows = global_step_rows(step, len(run.rows), run.rows_per_step, config.seed)
+    pairs_in_step = sum(run.rows[int(i)].num_pairs for i in step_rows)
+    # micro-batch m of rank r: a fixed slice, so any (world, grad_accum) split of the same
+    # global batch sees the same rows.
+    slices = step_rows.reshape(config.grad_accum, run.world, config.batch_rows)
+    sums = torch.zeros(8, dtype=torch.float64, device=device)  # summed over pairs
+    for micro in range(config.grad_accum):
+        row_ids = slices[micro, run.rank].tolist()
+        micro_rows = [run.rows[i] for i in row_ids]
+        mc = run.model.config
+        check_rows(micro_rows, row_ids, run.max_len, mc.vocab_size, mc.sliding_window)
+        batch = collate(
+            micro_rows, run.layout, run.backend, run.block_size, device, pad_to=run.max_len
+        )
+        last = micro == config.grad_accum - 1
+        with autocast(device, config.precision):
+            ref = _reference_logps(run, batch)
+            with gradient_sync(run.policy, enabled=last or run.world == 1):
+                logps = pair_logps(run.policy, batch)
+                losses, chosen_rewards, rejected_rewards = run.loss_fn(logps, ref)
+                if run.sft is not None:
+                    losses = losses + run.sft(logps, batch.chosen_tokens)
+                # DDP and FSDP average gradients over ranks: scale by world for sum / pairs.
+                (losses.sum() * run.world / pairs_in_step).backward()
+        sums += torch.stack(
+            [
+                losses.detach().sum(),
+                chosen_rewards.sum(),
+                rejected_rewards.sum(),
+                (chosen_rewards > rejected_rewards).sum(),
+                logps.chosen.detach().sum(),
+                logps.rejected.detach().sum(),
+                torch.tensor(batch.num_pairs, device=device),
+                torch.tensor(batch.num_tokens, device=device),
+            ]
+        ).double()
+    grad_norm = clip_grad_norm(run.model, config.max_grad_norm)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+    if run.world > 1:
+        dist.all_reduce(sums)
+    (loss, chosen, rejected, accurate, logp_c, logp_r, pairs, tokens) = sums.tolist()
+    seconds = time.perf_counter() - t0
+    return {
+        "step": step + 1,
+        "lr": lr,
+        "loss": loss / pairs,
+        "rewards/chosen": chosen / pairs,
+        "rewards/rejected": rejected / pairs,
+        "rewards/margins": (chosen - rejected) / pairs,
+        "rewards/accuracies": accurate / pairs,
+        "logps/chosen": logp_c / pairs,
+        "logps/rejected": logp_r / pairs,
+        "grad_norm": grad_norm,
+        "pairs": int(pairs),
+        "tokens": int(tokens),
+        "seconds": seconds,
+        "tokens/s": tokens / seconds,
+        "pairs/s": pairs / seconds,
+    }
+
+
+# -----------------------------------------------------------------------------
+# The loop and the export
+
+
+def export(run: Run, tokenizer: str | Path | None) -> Path:
+    """Write `out_dir/final` from the full weights (rank 0; a collective under FSDP)."""
+    final = run.config.out_dir / "final"
+    weights = full_state_dict(run.model)
+    if run.rank == 0:
+        dtype = getattr(torch, run.config.export_dtype)
+        save_pretrained(run.model, final, tokenizer, dtype=dtype, state_dict=weights)
+    _barrier(run)
+    return final
 
 
 def train(
@@ -234,7 +486,7 @@ def train(
     block_size: int,
     max_len: int,
     model: CausalLM,
-    reference: ReferenceLogps | None = None,
+    reference: ReferenceLogps | ReferenceCache | None = None,
     tokenizer: str | Path | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
 ) -> Path:
@@ -245,9 +497,10 @@ def train(
         rows: packed rows (a shard reader or any sequence of `PackedRow`).
         layout: the rows' layout: `shared`, `unshared` or `padded`.
         block_size: the shards' mask block size (used by the flex backend).
-        max_len: the shards' row length limit (checked per row).
+        max_len: the shards' row length limit (checked per row; flex pads to it).
         model: the initial policy, fp32 on CPU; also the reference unless `reference`.
-        reference: stored reference log-probs covering every pair of `rows`.
+        reference: stored reference log-probs covering every pair of `rows`, or a cache
+            to compute them into first (with the initial weights, on all ranks).
         tokenizer: tokenizer.json or tokenizer folder copied into every exported folder.
         on_step: called on rank 0 with each step's metrics (the metrics.jsonl line), after
             the line is written; a progress sink (e.g. `training.report.PipesReporter`).
@@ -259,140 +512,26 @@ def train(
         ValueError: unsupported settings (all named at once), bad rows (named by index),
             or a checkpoint whose settings differ from `config`.
     """
-    # ---- settings and processes -----------------------------------------------------
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    device = resolve_device(config.device)
-    _check_settings(config, rows, layout, max_len, model, device)
-    own_process_group = world > 1 and not dist.is_initialized()
-    if own_process_group:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    config.out_dir.mkdir(parents=True, exist_ok=True)
-    rows_per_step = config.batch_rows * config.grad_accum * world
-    record = _run_record(config, layout, len(rows), block_size, rows_per_step)
-
-    # ---- model, reference, optimizer ------------------------------------------------
-    # The reference is the initial policy: copy it before resuming overwrites the weights.
-    ref_model = None
-    if reference is None:
-        ref_model = copy.deepcopy(model).to(device).eval().requires_grad_(False)
-    model.to(device).train()
-    model.activation_checkpointing = config.activation_checkpointing
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=config.lr,
-        betas=config.adam_betas,
-        weight_decay=config.weight_decay,
-    )
-    loss_fn = build_loss(config.loss, config.beta, config.label_smoothing)
-    sft = ChosenNLL(config.sft_weight) if config.sft_weight else None
-    start = _resume(config.out_dir, record, model, optimizer, rank)
-    policy = model
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        policy = DistributedDataParallel(model, device_ids=ids)
-
-    # ---- training loop --------------------------------------------------------------
-    metrics_file = config.out_dir / METRICS_NAME
-    bar = tqdm(
-        range(start, config.steps),
-        initial=start,
-        total=config.steps,
-        desc="train",
-        disable=not config.progress or rank != 0,
-    )
-    for step in bar:
-        t0 = time.perf_counter()
-        lr = learning_rate(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_rows = global_step_rows(step, len(rows), rows_per_step, config.seed)
-        pairs_in_step = sum(rows[int(i)].num_pairs for i in step_rows)
-        # micro-batch m of rank r: a fixed slice, so any (world, grad_accum) split of the
-        # same global batch sees the same rows.
-        slices = step_rows.reshape(config.grad_accum, world, config.batch_rows)
-        sums = torch.zeros(8, dtype=torch.float64, device=device)  # summed over pairs
-        for micro in range(config.grad_accum):
-            row_ids = slices[micro, rank].tolist()
-            micro_rows = [rows[i] for i in row_ids]
-            check_rows(micro_rows, row_ids, max_len, model.config.vocab_size)
-            batch = collate(micro_rows, layout, config.backend, block_size, device)
-            last = micro == config.grad_accum - 1
-            sync = contextlib.nullcontext() if last or world == 1 else policy.no_sync()
-            with sync:
-                with autocast(device, config.precision):
-                    logps = pair_logps(policy, batch)
-                    if reference is not None:
-                        ref = reference.lookup(batch.pair_ids, device)
-                    else:
-                        with torch.no_grad():
-                            ref = pair_logps(ref_model, batch)
-                losses, chosen_rewards, rejected_rewards = loss_fn(logps, ref)
-                if sft is not None:
-                    losses = losses + sft(logps, batch.chosen_tokens)
-                # DDP averages gradients over ranks: scale by world to get sum / pairs.
-                (losses.sum() * world / pairs_in_step).backward()
-            sums += torch.stack(
-                [
-                    losses.detach().sum(),
-                    chosen_rewards.sum(),
-                    rejected_rewards.sum(),
-                    (chosen_rewards > rejected_rewards).sum(),
-                    logps.chosen.detach().sum(),
-                    logps.rejected.detach().sum(),
-                    torch.tensor(batch.num_pairs, device=device),
-                    torch.tensor(batch.num_tokens, device=device),
-                ]
-            ).double()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), config.max_grad_norm or float("inf")
+    run = setup(config, rows, layout, block_size, max_len, model, reference)
+    try:
+        bar = tqdm(
+            range(run.start, config.steps),
+            initial=run.start,
+            total=config.steps,
+            desc="train",
+            disable=not config.progress or run.rank != 0,
         )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        # ---- metrics and checkpoints ------------------------------------------------
-        if world > 1:
-            dist.all_reduce(sums)
-        (loss, chosen, rejected, accurate, logp_c, logp_r, pairs, tokens) = sums.tolist()
-        seconds = time.perf_counter() - t0
-        metrics = {
-            "step": step + 1,
-            "lr": lr,
-            "loss": loss / pairs,
-            "rewards/chosen": chosen / pairs,
-            "rewards/rejected": rejected / pairs,
-            "rewards/margins": (chosen - rejected) / pairs,
-            "rewards/accuracies": accurate / pairs,
-            "logps/chosen": logp_c / pairs,
-            "logps/rejected": logp_r / pairs,
-            "grad_norm": float(grad_norm),
-            "pairs": int(pairs),
-            "tokens": int(tokens),
-            "seconds": seconds,
-            "tokens/s": tokens / seconds,
-            "pairs/s": pairs / seconds,
-        }
-        if rank == 0:
-            with metrics_file.open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=metrics["rewards/accuracies"])
-            if on_step is not None:
-                on_step(metrics)
-        done = step + 1
-        if config.checkpoint_every and done % config.checkpoint_every == 0:
-            if rank == 0:
-                _save_checkpoint(config.out_dir, model, optimizer, done, record)
-            if world > 1:
-                dist.barrier()
-
-    # ---- export -----------------------------------------------------------------------
-    final = config.out_dir / "final"
-    if rank == 0:
-        save_pretrained(model, final, tokenizer, dtype=getattr(torch, config.export_dtype))
-    if world > 1:
-        dist.barrier()
-    if own_process_group:
-        dist.destroy_process_group()
-    return final
+        for step in bar:
+            metrics = train_step(run, step)
+            if run.rank == 0:
+                with (config.out_dir / METRICS_NAME).open("a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=metrics["rewards/accuracies"])
+                if on_step is not None:
+                    on_step(metrics)
+            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+                save_checkpoint(run, step + 1)
+        return export(run, tokenizer)
+    finally:
+        if run.own_process_group:
+            dist.destroy_process_group()

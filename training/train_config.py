@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-Backend = Literal["dense", "segments", "flex"]
+Backend = Literal["auto", "dense", "segments", "varlen", "flex"]
 BACKENDS: tuple[Backend, ...] = get_args(Backend)
+Parallel = Literal["ddp", "fsdp"]
 Precision = Literal["fp32", "bf16"]
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 LossName = Literal["sigmoid", "robust", "ipo", "hinge"]  # training/losses.py `LOSSES`
@@ -31,8 +32,11 @@ class TrainConfig:
     out_dir: Path = field(metadata=_help("run folder: metrics.jsonl, checkpoints/, final/"))
     # attention
     backend: Backend = field(
-        default="segments",
-        metadata=_help("attention: dense (reference), segments (CPU), flex (CUDA)"),
+        default="auto",
+        metadata=_help(
+            "attention: auto (segments on CPU, varlen on CUDA in bf16, flex on CUDA in fp32), "
+            "dense (the reference), segments, varlen (FlashAttention, CUDA bf16), flex (CUDA)"
+        ),
     )
     # objective
     loss: LossName = field(
@@ -77,6 +81,23 @@ class TrainConfig:
     )
     activation_checkpointing: bool = field(
         default=False, metadata=_help("recompute blocks in backward: less memory, more time")
+    )
+    logits_chunk: int = field(
+        default=1024,
+        metadata=_help(
+            "response tokens per chunk of the output projection + log-softmax, recomputed "
+            "in backward, so no (tokens x vocab) logits are held; 0: all at once"
+        ),
+    )
+    compile: bool = field(
+        default=False,
+        metadata=_help("torch.compile the decoder blocks (attention runs its own kernel)"),
+    )
+    parallel: Parallel = field(
+        default="ddp",
+        metadata=_help(
+            "under torchrun: ddp (replicated parameters) or fsdp (FSDP2, sharded per block)"
+        ),
     )
     device: str = field(
         default="auto", metadata=_help("auto: CUDA (LOCAL_RANK) when present, else CPU")

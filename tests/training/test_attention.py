@@ -1,7 +1,14 @@
-"""Every backend computes attention under the definition mask, on raw q/k/v."""
+"""Every backend computes attention under the definition mask, on raw q/k/v.
+
+The oracle is softmax attention with `packed_row.attention_mask`, row by row. `varlen`'s
+kernel is CUDA-only: on CPU its index construction is checked against the definition mask,
+and the whole backend runs with a CPU emulation of `varlen_attn` (per-sequence SDPA with a
+bottom-right causal mask, FlashAttention's documented semantics) in the kernel's place.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -9,17 +16,30 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch import Tensor
 from torch.nn.attention.flex_attention import create_mask
 
 from data_contracts.packed_row import PackedRow, attention_mask
 from tests.training.pairs import pack
-from training.attention import build_attention, dense_mask, flex_block_mask, segment_calls
+from tests.training.varlen_emulation import emulated_varlen
+from training.attention import (
+    FLAT_BACKENDS,
+    SegmentAttention,
+    VarlenAttention,
+    build_attention,
+    dense_mask,
+    flat_segments,
+    flex_block_mask,
+    length_buckets,
+)
 
 BLOCK = 16
+HEADS, KV_HEADS, HEAD_DIM = 4, 2, 8
 Spec = list[list[tuple[int, int, int]]]  # per row, the (P, C, R) lengths of its pairs
 
 lengths = st.tuples(st.integers(1, 9), st.integers(1, 9), st.integers(1, 9))
 rows_of_pairs = st.lists(st.lists(lengths, min_size=1, max_size=4), min_size=1, max_size=3)
+CPU = torch.device("cpu")
 
 
 def _rows(spec: Spec, layout: str) -> list[PackedRow]:
@@ -34,60 +54,153 @@ def _rows(spec: Spec, layout: str) -> list[PackedRow]:
     return rows
 
 
-def _qkv(batch: int, length: int, requires_grad: bool = False) -> tuple[torch.Tensor, ...]:
-    """q with 4 heads, k and v with 2 (GQA)."""
-    g = torch.Generator().manual_seed(1)
-    shapes = [(batch, 4, length, 8), (batch, 2, length, 8), (batch, 2, length, 8)]
-    return tuple(torch.randn(s, generator=g).requires_grad_(requires_grad) for s in shapes)
+def _row_qkv(rows: list[PackedRow], seed: int = 1) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Per row, leaf q (T, 4, 8), k and v (T, 2, 8) (GQA)."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        tuple(
+            torch.randn(r.num_tokens, h, HEAD_DIM, generator=g).requires_grad_()
+            for h in (HEADS, KV_HEADS, KV_HEADS)
+        )
+        for r in rows
+    ]
 
 
-def _real(rows: list[PackedRow], out: torch.Tensor) -> list[torch.Tensor]:
-    return [out[b, :, : r.num_tokens] for b, r in enumerate(rows)]
+def _batched(per_row: list[tuple[Tensor, ...]], flat: bool, length: int) -> list[Tensor]:
+    """q, k, v as the model hands them over: (1, sum T, h, hd) for flat backends, else
+    (B, length, h, hd) right-padded with zeros."""
+    out = []
+    for i in range(3):
+        parts = [t[i] for t in per_row]
+        if flat:
+            out.append(torch.cat(parts)[None])
+        else:
+            pad = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, length - len(p))) for p in parts]
+            out.append(torch.stack(pad))
+    return out
 
 
-def _brute_force(
-    rows: list[PackedRow], layout: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-) -> list[torch.Tensor]:
+def _per_row(out: Tensor, rows: list[PackedRow], flat: bool) -> list[Tensor]:
+    if flat:
+        return list(out[0].split([r.num_tokens for r in rows]))
+    return [out[b, : r.num_tokens] for b, r in enumerate(rows)]
+
+
+def _brute_force(rows: list[PackedRow], layout: str, per_row: list) -> list[Tensor]:
     """Softmax attention with the definition mask, each row alone, GQA by repetition."""
     outs = []
-    for b, row in enumerate(rows):
-        n = row.num_tokens
-        qb, kb, vb = (
-            q[b, :, :n],
-            k[b, :, :n].repeat_interleave(2, 0),
-            v[b, :, :n].repeat_interleave(2, 0),
-        )
-        scores = qb @ kb.transpose(-1, -2) / 8**0.5
+    for row, (q, k, v) in zip(rows, per_row, strict=True):
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # (h, T, hd)
+        k, v = (t.repeat_interleave(HEADS // KV_HEADS, 0) for t in (k, v))
+        scores = q @ k.transpose(-1, -2) / HEAD_DIM**0.5
         scores = scores.masked_fill(~torch.from_numpy(attention_mask(row, layout)), float("-inf"))
-        outs.append(scores.softmax(-1) @ vb)
+        outs.append((scores.softmax(-1) @ v).transpose(0, 1))
     return outs
+
+
+def _attention(backend: str, rows: list[PackedRow], layout: str, length: int):
+    attention = build_attention(backend, rows, layout, length, BLOCK, CPU)
+    if backend == "varlen":
+        attention = dataclasses.replace(attention, kernel=emulated_varlen)
+    return attention
 
 
 @pytest.mark.parametrize("layout", ["shared", "unshared"])
 @given(spec=rows_of_pairs)
-def test_dense_and_segments_equal_brute_force_forward_and_backward(spec: Spec, layout: str) -> None:
+def test_dense_segments_and_varlen_equal_brute_force_forward_and_backward(
+    spec: Spec, layout: str
+) -> None:
     rows = _rows(spec, layout)
     length = max(r.num_tokens for r in rows)
-    q, k, v = _qkv(len(rows), length, requires_grad=True)
-    want = _brute_force(rows, layout, q, k, v)
-    want_grads = torch.autograd.grad(sum(w.square().sum() for w in want), (q, k, v))
-    for backend in ("dense", "segments"):
-        attention = build_attention(backend, rows, layout, length, BLOCK, torch.device("cpu"))
-        got = _real(rows, attention(q, k, v))
+    per_row = _row_qkv(rows)
+    leaves = [t for qkv in per_row for t in qkv]
+    want = _brute_force(rows, layout, per_row)
+    want_grads = torch.autograd.grad(sum(w.square().sum() for w in want), leaves)
+    for backend in ("dense", "segments", "varlen"):
+        flat = backend in FLAT_BACKENDS
+        out = _attention(backend, rows, layout, length)(*_batched(per_row, flat, length))
+        got = _per_row(out, rows, flat)
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
-        grads = torch.autograd.grad(sum(g.square().sum() for g in got), (q, k, v))
+        grads = torch.autograd.grad(sum(g.square().sum() for g in got), leaves)
         for g, w in zip(grads, want_grads, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
+def _flat_definition_mask(rows: list[PackedRow], layout: str) -> np.ndarray:
+    """The definition mask of the concatenated rows: block-diagonal over rows."""
+    n = sum(r.num_tokens for r in rows)
+    mask, lo = np.zeros((n, n), dtype=bool), 0
+    for row in rows:
+        mask[lo : lo + row.num_tokens, lo : lo + row.num_tokens] = attention_mask(row, layout)
+        lo += row.num_tokens
+    return mask
+
+
+@pytest.mark.parametrize("layout", ["shared", "unshared"])
 @given(spec=rows_of_pairs)
-def test_segment_calls_tile_each_row_in_order(spec: Spec) -> None:
+def test_varlen_indices_give_exactly_the_definition_mask(spec: Spec, layout: str) -> None:
+    """What the two varlen calls let each query see, read off their index tensors and
+    cu_seqlens with FlashAttention's bottom-right causal rule, is the definition mask; and
+    every token's output comes from exactly one call."""
+    rows = _rows(spec, layout)
+    attention = build_attention("varlen", rows, layout, 0, BLOCK, CPU)
+    assert isinstance(attention, VarlenAttention)
+    assert len(attention.calls) == (2 if layout == "shared" else 1)
+    n = sum(r.num_tokens for r in rows)
+    seen = np.zeros((n, n), dtype=bool)
+    answered = []
+    for call in attention.calls:
+        q_index = call.q_index.numpy()
+        k_index = q_index if call.k_index is None else call.k_index.numpy()
+        cu_q, cu_k = call.cu_seq_q.numpy(), call.cu_seq_k.numpy()
+        assert call.max_q == np.diff(cu_q).max() and call.max_k == np.diff(cu_k).max()
+        for i in range(len(cu_q) - 1):
+            qs, ks = q_index[cu_q[i] : cu_q[i + 1]], k_index[cu_k[i] : cu_k[i + 1]]
+            a, b = np.arange(len(qs))[:, None], np.arange(len(ks))[None, :]
+            seen[np.ix_(qs, ks)] |= b <= len(ks) - len(qs) + a
+        answered.append(q_index)
+    assert np.array_equal(seen, _flat_definition_mask(rows, layout))
+    order = np.concatenate(answered)
+    assert sorted(order) == list(range(n))
+    assert np.array_equal(order[attention.out_index.numpy()], np.arange(n))
+
+
+def test_calls_per_layer_do_not_grow_with_pairs() -> None:
+    """Rows of 4096 tokens with 4 to 256 pairs each: varlen makes 2 calls, segments at most
+    one per (kind, length bucket), bounded by the row length, not by the pairs."""
+    rng = np.random.default_rng(0)
+    bound = 2 * (int(np.log2(4096)) + 1)
+    for pairs_per_row in (4, 16, 64, 256):
+        spec = []
+        for _ in range(4):
+            size = 4096 // pairs_per_row
+            p = rng.integers(1, size // 2, pairs_per_row)
+            c = rng.integers(1, size // 4 + 1, pairs_per_row)
+            spec.append(list(zip(p, c, size - p - c, strict=True)))
+        rows = _rows(spec, "shared")
+        segments = build_attention("segments", rows, "shared", 0, BLOCK, CPU)
+        varlen = build_attention("varlen", rows, "shared", 0, BLOCK, CPU)
+        assert isinstance(segments, SegmentAttention) and isinstance(varlen, VarlenAttention)
+        assert len(segments.groups) <= bound and len(varlen.calls) == 2
+
+
+def test_length_buckets_keep_lengths_within_a_factor_of_two() -> None:
+    lengths = np.arange(1, 5000)
+    buckets = length_buckets(lengths)
+    for b in np.unique(buckets):
+        inside = lengths[buckets == b]
+        assert inside.max() < 2 * inside.min() or inside.min() == 1
+
+
+@given(spec=rows_of_pairs)
+def test_flat_segments_tile_the_batch_in_order(spec: Spec) -> None:
     for layout in ("shared", "unshared"):
-        for row in _rows(spec, layout):
-            calls = segment_calls(row, layout)
-            assert calls[0, 0] == 0 and calls[-1, 1] == row.num_tokens
-            assert (calls[1:, 0] == calls[:-1, 1]).all()
+        rows = _rows(spec, layout)
+        segments = flat_segments(rows, layout)
+        ends = segments.q_lo + segments.q_len
+        assert segments.q_lo[0] == 0 and ends[-1] == sum(r.num_tokens for r in rows)
+        assert (segments.q_lo[1:] == ends[:-1]).all()
 
 
 def test_dense_mask_padding_queries_see_only_themselves() -> None:
@@ -101,7 +214,7 @@ def test_dense_mask_padding_queries_see_only_themselves() -> None:
 def test_flex_mask_mod_equals_the_definition(spec: Spec, layout: str) -> None:
     rows = _rows(spec, layout)
     length = -(-max(r.num_tokens for r in rows) // BLOCK) * BLOCK
-    block_mask = flex_block_mask(rows, layout, length, BLOCK, torch.device("cpu"))
+    block_mask = flex_block_mask(rows, layout, length, BLOCK, CPU)
     grid = create_mask(block_mask.mask_mod, len(rows), 1, length, length, device="cpu")
     want = torch.from_numpy(dense_mask(rows, layout, length))
     for b, row in enumerate(rows):
@@ -116,51 +229,59 @@ def test_flex_forward_equals_dense_on_cpu(layout: str) -> None:
     spanning several 16-token blocks, so full, partial and empty blocks all occur."""
     rows = _rows([[(9, 7, 5), (3, 8, 2), (6, 1, 9)], [(4, 4, 4)], [(2, 9, 9), (9, 9, 1)]], layout)
     length = -(-max(r.num_tokens for r in rows) // BLOCK) * BLOCK
-    q, k, v = _qkv(len(rows), length)
-    cpu = torch.device("cpu")
-    dense = build_attention("dense", rows, layout, length, BLOCK, cpu)(q, k, v)
+    qkv = _batched([tuple(t.detach() for t in x) for x in _row_qkv(rows)], False, length)
+    dense = build_attention("dense", rows, layout, length, BLOCK, CPU)(*qkv)
     with warnings.catch_warnings():  # eager flex warns that it is unfused; we know
         warnings.simplefilter("ignore", UserWarning)
-        flex = build_attention("flex", rows, layout, length, BLOCK, cpu)(q, k, v)
-    for g, w in zip(_real(rows, flex), _real(rows, dense), strict=True):
+        flex = build_attention("flex", rows, layout, length, BLOCK, CPU)(*qkv)
+    for g, w in zip(_per_row(flex, rows, False), _per_row(dense, rows, False), strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
 def test_flex_refuses_to_train_on_cpu() -> None:
     rows = _rows([[(3, 2, 2)]], "shared")
-    q, k, v = _qkv(1, BLOCK, requires_grad=True)
-    attention = build_attention("flex", rows, "shared", BLOCK, BLOCK, torch.device("cpu"))
+    qkv = _batched(_row_qkv(rows), False, BLOCK)
+    attention = build_attention("flex", rows, "shared", BLOCK, BLOCK, CPU)
     with pytest.raises(RuntimeError, match="flex backend trains on CUDA only"):
-        attention(q, k, v)
+        attention(*qkv)
 
 
 def test_flex_needs_block_lists_for_its_block_size() -> None:
     rows = _rows([[(9, 9, 9)]], "shared")  # lists for 16-token blocks: 2 query blocks
     with pytest.raises(ValueError, match="needs 4 at block size 8"):
-        flex_block_mask(rows, "shared", 32, 8, torch.device("cpu"))
+        flex_block_mask(rows, "shared", 32, 8, CPU)
 
 
 def test_unknown_backend_is_named() -> None:
     with pytest.raises(ValueError, match="unknown attention backend 'sparse'"):
-        build_attention(
-            "sparse", _rows([[(1, 1, 1)]], "shared"), "shared", 3, BLOCK, torch.device("cpu")
-        )
+        build_attention("sparse", _rows([[(1, 1, 1)]], "shared"), "shared", 3, BLOCK, CPU)
+
+
+# -----------------------------------------------------------------------------
+# CUDA: the real kernels against dense
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention backward needs CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex and varlen kernels need CUDA")
 @pytest.mark.parametrize("layout", ["shared", "unshared"])
-def test_flex_forward_and_backward_equal_dense_on_cuda(layout: str) -> None:
+@pytest.mark.parametrize("backend", ["flex", "varlen"])
+def test_cuda_kernels_forward_and_backward_equal_dense(backend: str, layout: str) -> None:
+    """bf16 q/k/v (FlashAttention has no fp32 kernel); dense runs on the same bf16 inputs."""
     spec = [[(40, 30, 50), (100, 20, 7)], [(9, 200, 31)], [(64, 64, 64), (1, 1, 1)]]
     rows, cuda = _rows(spec, layout), torch.device("cuda")
     length = -(-max(r.num_tokens for r in rows) // BLOCK) * BLOCK
-    q, k, v = (t.detach().cuda().requires_grad_() for t in _qkv(len(rows), length))
+    per_row = [
+        tuple(t.detach().to(cuda, torch.bfloat16).requires_grad_() for t in x)
+        for x in _row_qkv(rows)
+    ]
+    leaves = [t for qkv in per_row for t in qkv]
     results = []
-    for backend in ("dense", "flex"):
-        out = build_attention(backend, rows, layout, length, BLOCK, cuda)(q, k, v)
-        real = _real(rows, out)
-        grads = torch.autograd.grad(sum(r.square().sum() for r in real), (q, k, v))
+    for name in ("dense", backend):
+        flat = name in FLAT_BACKENDS
+        attention = build_attention(name, rows, layout, length, BLOCK, cuda)
+        real = _per_row(attention(*_batched(per_row, flat, length)), rows, flat)
+        grads = torch.autograd.grad(sum(r.float().square().sum() for r in real), leaves)
         results.append((real, grads))
-    (dense_out, dense_grads), (flex_out, flex_grads) = results
-    for g, w in zip(flex_out + list(flex_grads), dense_out + list(dense_grads), strict=True):
-        torch.testing.assert_close(g, w, rtol=2e-3, atol=2e-3)
+    (dense_out, dense_grads), (out, grads) = results
+    for g, w in zip(out + list(grads), dense_out + list(dense_grads), strict=True):
+        torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=2e-2)

@@ -8,14 +8,17 @@ packed row (several pairs per row, multi-turn prompts) equal those of `prompt+ch
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from tests.training.pairs import pack, random_pairs, separate_logps
+from tests.training.varlen_emulation import emulated_varlen
 from training.batch import collate
 from training.configs import tiny, tiny_qwen2
-from training.logps import pair_logps
+from training.logps import pair_logps, token_logps
 from training.losses import DPOLoss, PairLogps
 from training.model import CausalLM
 
@@ -36,10 +39,14 @@ def pairs() -> list:
 
 def _packed_logps(model: CausalLM, pairs: list, layout: str, backend: str) -> PairLogps:
     rows = pack(pairs, layout, pairs_per_row=4)  # rows of 4, 4 and 2 pairs
-    return pair_logps(model, collate(rows, layout, backend, block_size=16))
+    batch = collate(rows, layout, backend, block_size=16)
+    if backend == "varlen":  # its kernel is CUDA-only: the CPU emulation in its place
+        attention = dataclasses.replace(batch.attention, kernel=emulated_varlen)
+        batch = dataclasses.replace(batch, attention=attention)
+    return pair_logps(model, batch)
 
 
-@pytest.mark.parametrize("backend", ["dense", "segments"])
+@pytest.mark.parametrize("backend", ["dense", "segments", "varlen"])
 def test_shared_row_logps_equal_separate_sequences(model, pairs, backend: str) -> None:
     chosen, rejected = separate_logps(model, pairs)
     got = _packed_logps(model, pairs, "shared", backend)
@@ -58,7 +65,7 @@ def test_qwen2_shape_shared_logps_equal_separate_sequences(pairs) -> None:
     torch.testing.assert_close(got.rejected, rejected, **TOL)
 
 
-@pytest.mark.parametrize("backend", ["dense", "segments"])
+@pytest.mark.parametrize("backend", ["dense", "segments", "varlen"])
 def test_dpo_gradients_from_shared_rows_equal_separate_sequences(
     model, pairs, backend: str
 ) -> None:
@@ -110,3 +117,40 @@ def test_batch_keeps_pair_order_and_counts(pairs) -> None:
         2 * len(pairs),
         max(len(p) + max(len(c), len(r)) for p, c, r in pairs),
     )
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 23, 10_000])
+def test_chunked_logps_equal_unchunked_values_and_gradients(chunk: int) -> None:
+    """23 positions, vocabulary 50: chunks of 1, of sizes that do and do not divide 23, of
+    exactly 23 and of more than 23 give the log-probs and the gradients (hidden states and
+    output weight, under per-token upstream gradients as DPO produces them) of the plain
+    (M, vocab) computation."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(23, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    labels = torch.randint(0, 50, (23,), generator=g)
+    upstream = torch.randn(23, generator=g)
+    results = []
+    for c in (0, chunk):
+        out = token_logps(hidden, weight, labels, c)
+        results.append((out, *torch.autograd.grad((out * upstream).sum(), (hidden, weight))))
+    (want, *want_grads), (got, *grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for grad, wanted in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(grad, wanted, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_model_dpo_gradients_do_not_depend_on_the_logits_chunk(model, pairs, chunk) -> None:
+    """Through the whole model (tied output weight included): chunked and unchunked heads
+    give the same DPO gradient for every weight."""
+    reference = PairLogps(chosen=torch.full((len(pairs),), -20.0), rejected=torch.zeros(10) - 25)
+    grads = []
+    for c in (0, chunk):
+        model.zero_grad()
+        model.logits_chunk = c
+        policy = _packed_logps(model, pairs, "shared", "segments")
+        DPOLoss(beta=0.5)(policy, reference)[0].sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-5, msg=name)

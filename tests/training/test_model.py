@@ -5,11 +5,15 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
+from tests.training.pairs import pack, varied_rows
 from training.attention import CausalAttention
+from training.batch import check_rows, collate
 from training.configs import NAMED_CONFIGS, named_config, tiny, tiny_llama3, tiny_qwen2
+from training.logps import pair_logps
 from training.model import CausalLM, ModelConfig, RMSNorm, rope_inv_freq
 
 
@@ -94,11 +98,15 @@ def test_config_rejects_heads_that_do_not_group() -> None:
         ModelConfig(hidden_size=66, num_heads=4)
 
 
-def test_sequences_beyond_the_sliding_window_are_refused() -> None:
-    model = CausalLM(dataclasses.replace(tiny(), sliding_window=4, family="mistral"))
-    _logits(model, torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None])
-    with pytest.raises(ValueError, match="exceeds the sliding window 4"):
-        _logits(model, torch.zeros(1, 5, dtype=torch.long), torch.arange(5)[None])
+def test_rows_beyond_the_sliding_window_are_refused() -> None:
+    """Full attention only: a row longer than a Mistral window is named, not run."""
+    short, long = (
+        pack([(np.zeros(2, np.int32), np.ones(1, np.int32), np.ones(n, np.int32))], "shared", 1)
+        for n in (1, 2)
+    )
+    check_rows(short, [0], None, vocab_size=512, sliding_window=4)
+    with pytest.raises(ValueError, match="row 7: 5 tokens exceed the model's sliding window 4"):
+        check_rows(long, [7], None, vocab_size=512, sliding_window=4)
 
 
 def test_activation_checkpointing_gives_the_same_gradients() -> None:
@@ -123,3 +131,32 @@ def test_logit_index_selects_flat_positions() -> None:
     index = torch.tensor([0, 4, 7, 9])  # (row 0, pos 0), (0, 4), (1, 2), (1, 4)
     picked = model(ids, pos, CausalAttention(), index)
     torch.testing.assert_close(picked, full.flatten(0, 1)[index])
+
+
+def test_compiled_blocks_give_the_eager_log_probs_and_gradients() -> None:
+    """Dynamo captures each block around the attention call (AOTAutograd traces forward and
+    backward; inductor's code generation is what `--compile` adds on a GPU, and is left out
+    here for time); two batches of different lengths reuse the compiled code."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    batches = [
+        collate(varied_rows(0, "shared")[i : i + 3], "shared", "segments", 16) for i in (0, 3)
+    ]
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = CausalLM(tiny())
+        if compiled:
+            model.compile_blocks(backend="aot_eager", dynamic=True)
+        for batch in batches:
+            model.zero_grad()
+            logps = pair_logps(model, batch)
+            (logps.chosen - 2 * logps.rejected).sum().backward()
+            results.append((logps.chosen.detach(), [p.grad.clone() for p in model.parameters()]))
+    for (eager, eager_grads), (comp, comp_grads) in zip(results[:2], results[2:], strict=True):
+        torch.testing.assert_close(comp, eager, rtol=1e-6, atol=1e-5)
+        for got, want in zip(comp_grads, eager_grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] >= 2  # before and after attention

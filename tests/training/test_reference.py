@@ -11,11 +11,18 @@ import pytest
 import torch
 
 from data_contracts.contract import ContractError
+from tests.training.dist_worker import (
+    REFERENCE_BATCH_ROWS,
+    REFERENCE_ROWS,
+    seeded_model,
+    torchrun_workers,
+)
 from tests.training.pairs import separate_logps, varied_rows
 from training.checkpoint import model_fingerprint
 from training.configs import tiny
 from training.model import CausalLM
 from training.reference import (
+    ReferenceCache,
     cached_reference_logps,
     compute_reference_logps,
     read_reference_logps,
@@ -28,6 +35,10 @@ from training.train import TrainConfig, train
 def _model(seed: int = 0) -> CausalLM:
     torch.manual_seed(seed)
     return CausalLM(tiny())
+
+
+def _cache(directory: Path, model: CausalLM, shard_key: str) -> ReferenceCache:
+    return ReferenceCache(directory, shard_key, model_fingerprint(model))
 
 
 def test_computed_logps_equal_separate_sequences() -> None:
@@ -94,25 +105,31 @@ def test_cache_computes_once_per_model_and_shards(
 ) -> None:
     rows = varied_rows(0, "shared")
     model = _model()
-    first = cached_reference_logps(model, rows, "shared", "shard-1", tmp_path, progress=False)
+    cache = _cache(tmp_path, model, "shard-1")
+    first = cached_reference_logps(model, rows, "shared", cache, progress=False)
     path = reference_logps_path(tmp_path, model_fingerprint(model), "shard-1")
-    assert path.exists() and first.model_fingerprint == model_fingerprint(model)
+    assert cache.path == path and path.exists()
+    assert first.model_fingerprint == model_fingerprint(model)
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("recomputed although the file exists")
 
     monkeypatch.setattr("training.reference.compute_reference_logps", refuse)
-    again = cached_reference_logps(model, rows, "shared", "shard-1", tmp_path)
+    again = cached_reference_logps(model, rows, "shared", cache)
     assert again.table.equals(first.table)
+    other = _model(seed=1)
     with pytest.raises(AssertionError, match="recomputed"):  # another model: another key
-        cached_reference_logps(_model(seed=1), rows, "shared", "shard-1", tmp_path)
+        cached_reference_logps(other, rows, "shared", _cache(tmp_path, other, "shard-1"))
 
 
 def test_training_with_stored_logps_equals_training_with_a_reference_model(
     tmp_path: Path,
 ) -> None:
     rows = varied_rows(0, "shared")
-    stored = cached_reference_logps(_model(), rows, "shared", "k", tmp_path, progress=False)
+    model = _model()
+    stored = cached_reference_logps(
+        model, rows, "shared", _cache(tmp_path, model, "k"), progress=False
+    )
     for name, reference in (("model", None), ("stored", stored)):
         config = TrainConfig(
             out_dir=tmp_path / name, steps=3, lr=1e-3, warmup_steps=0, progress=False
@@ -124,3 +141,19 @@ def test_training_with_stored_logps_equals_training_with_a_reference_model(
     }
     np.testing.assert_allclose(losses["stored"], losses["model"], rtol=1e-5)
     assert losses["model"][-1] != losses["model"][0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_compute_the_reference_of_one(tmp_path: Path, parallel: str) -> None:
+    """Each rank computes its share (5 and 6 rows, so one rank runs a padding pass that
+    FSDP's collectives need); the gathered table equals one process's, pair for pair."""
+    torchrun_workers("reference", str(tmp_path / "ref.arrow"), parallel)
+    two = read_reference_logps(tmp_path / "ref.arrow").table
+    rows = varied_rows(0, "shared")[:REFERENCE_ROWS]
+    one = compute_reference_logps(
+        seeded_model(), rows, "shared", batch_rows=REFERENCE_BATCH_ROWS, progress=False
+    )
+    assert two.column("pair_id").to_pylist() == one.column("pair_id").to_pylist()
+    for column in ("chosen_logps", "rejected_logps"):
+        np.testing.assert_allclose(two[column].to_numpy(), one[column].to_numpy(), rtol=1e-6)

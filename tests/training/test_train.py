@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import shutil
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.training.ddp_worker import DDP_STEPS, ddp_config
+from tests.training.dist_worker import STEPS, seeded_model, torchrun_workers, worker_config
 from tests.training.pairs import varied_rows
 from training.checkpoint import load_pretrained
 from training.configs import tiny
@@ -229,36 +226,38 @@ def test_baseline_layouts_train_to_the_same_losses(
 
 
 @pytest.mark.slow
-def test_two_process_ddp_equals_one_process(tmp_path: Path) -> None:
-    """torchrun, 2 processes x 1 row per step (gloo) against 1 process x 2 rows."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(REPO / "tests" / "training" / "ddp_worker.py"),
-            str(tmp_path / "ddp"),
-        ],
-        check=True,
-        cwd=REPO,
-        env=env,
-        timeout=300,
-    )
-    torch.manual_seed(0)
-    train(
-        ddp_config(tmp_path / "single", batch_rows=2, grad_accum=1),
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_equal_one_and_resume_exactly(tmp_path: Path, parallel: str) -> None:
+    """torchrun, 2 processes x 1 row per step against 1 process x 2 rows, 5 steps; then the
+    2-process run loses its export and the steps after its step-3 checkpoint (a crash) and
+    is resumed by 2 new processes: the weights (HF folder) and the sharded optimizer state
+    (DCP) must both come back for steps 4-5 and the export to match."""
+    torchrun_workers("train", str(tmp_path / "two"), parallel)
+    one = train(
+        worker_config(tmp_path / "one", batch_rows=2),
         varied_rows(0, "shared"),
         "shared",
         block_size=16,
         max_len=512,
-        model=CausalLM(tiny()),
+        model=seeded_model(),
     )
-    ddp, single = _metrics(tmp_path / "ddp"), _metrics(tmp_path / "single")
-    assert len(ddp) == DDP_STEPS
-    assert [m["pairs"] for m in ddp] == [m["pairs"] for m in single]
-    np.testing.assert_allclose([m["loss"] for m in ddp], [m["loss"] for m in single], rtol=1e-5)
-    assert ddp[-1]["loss"] != ddp[0]["loss"]  # the weights moved between steps
+    two, single = _metrics(tmp_path / "two"), _metrics(tmp_path / "one")
+    assert [m["step"] for m in two] == list(range(1, STEPS + 1))
+    assert [m["pairs"] for m in two] == [m["pairs"] for m in single]
+    np.testing.assert_allclose([m["loss"] for m in two], [m["loss"] for m in single], rtol=1e-5)
+    assert two[-1]["loss"] != two[0]["loss"]  # the weights moved between steps
+    exported = load_pretrained(tmp_path / "two" / "final").state_dict()
+    for key, value in load_pretrained(one).state_dict().items():
+        torch.testing.assert_close(exported[key], value, rtol=1e-4, atol=1e-5)
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "two", resumed)
+    shutil.rmtree(resumed / "final")
+    assert [p.name for p in (resumed / "checkpoints").iterdir()] == ["step_000003"]
+    torchrun_workers("train", str(resumed), parallel)
+    again = _metrics(resumed)
+    assert [m["step"] for m in again] == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([m["loss"] for m in again], [m["loss"] for m in two], rtol=1e-6)
+    final = load_pretrained(resumed / "final").state_dict()
+    for key, value in exported.items():
+        torch.testing.assert_close(final[key], value, rtol=1e-6, atol=1e-7)

@@ -1,0 +1,82 @@
+"""One process of the multi-process tests, under
+`torchrun --standalone --nproc_per_node 2 dist_worker.py MODE OUT PARALLEL`.
+
+- `train`: trains the same seeded tiny model on the same rows as the single-process runs in
+  `test_train.py`, one row per process per step (a global batch of 2 rows), for `STEPS`
+  steps with a checkpoint every `CHECKPOINT_EVERY` (resuming from OUT when it holds one).
+- `reference`: computes the reference log-probs of `REFERENCE_ROWS` with the model sharded
+  or replicated by PARALLEL; rank 0 writes them to OUT (Arrow).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from tests.training.pairs import varied_rows
+from training.configs import tiny
+from training.device import resolve_device
+from training.model import CausalLM
+from training.parallel import prepare
+from training.reference import compute_reference_logps, write_reference_logps
+from training.train import TrainConfig, train
+
+STEPS = 5
+CHECKPOINT_EVERY = 3
+LR = 1e-3
+REFERENCE_ROWS = 11  # shares of 5 and 6 rows: the short share runs a padding pass
+REFERENCE_BATCH_ROWS = 5
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def torchrun_workers(*args: str) -> None:
+    """Run this file in two gloo processes (one intra-op thread each) with `args`."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node", "2", __file__, *args]
+    subprocess.run(command, check=True, cwd=REPO, env=env, timeout=300)
+
+
+def worker_config(out_dir: Path, batch_rows: int, **changes: object) -> TrainConfig:
+    return TrainConfig(
+        out_dir=out_dir,
+        steps=STEPS,
+        lr=LR,
+        warmup_steps=0,
+        batch_rows=batch_rows,
+        checkpoint_every=CHECKPOINT_EVERY,
+        progress=False,
+        **changes,
+    )
+
+
+def seeded_model() -> CausalLM:
+    torch.manual_seed(0)
+    return CausalLM(tiny())
+
+
+if __name__ == "__main__":
+    mode, out, parallel = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    if mode == "train":
+        config = worker_config(out, batch_rows=1, parallel=parallel)
+        train(config, varied_rows(0, "shared"), "shared", 16, 512, seeded_model())
+    elif mode == "reference":
+        dist.init_process_group("gloo")
+        model = seeded_model()
+        prepare(model, parallel, resolve_device("cpu"), "fp32", trainable=False)
+        rows = varied_rows(0, "shared")[:REFERENCE_ROWS]
+        table = compute_reference_logps(
+            model, rows, "shared", batch_rows=REFERENCE_BATCH_ROWS, progress=False
+        )
+        if dist.get_rank() == 0:
+            write_reference_logps(table, out, "fingerprint", "shards")
+        dist.destroy_process_group()
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")

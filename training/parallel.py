@@ -1,0 +1,159 @@
+"""Data parallelism under torchrun: DDP (replicated parameters) or FSDP2 (parameters,
+gradients and optimizer state sharded per decoder block), behind one small interface, so
+the train loop reads the same for both.
+
+- `prepare` puts a model on its device and wraps or shards it: `fully_shard` on every
+  decoder block, then on the root (embeddings, final norm and the output projection, tied
+  or not, live there). On CUDA in bf16 FSDP computes with bf16 parameters and reduces
+  gradients in fp32 (`MixedPrecisionPolicy`); the fp32 master weights stay sharded.
+- Checkpoints are the same for both: a full Hugging Face folder written by rank 0
+  (`full_state_dict` gathers the shards) and the optimizer state through
+  `torch.distributed.checkpoint`, each rank writing its own shard (DDP ranks write their
+  replicated state once, de-duplicated by DCP). DCP's `.metadata` file is a pickle: we only
+  read checkpoints this trainer wrote.
+- One process (no torchrun) is the plain module: no wrapper, no process group needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import get_args
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+from training.model import CausalLM
+from training.train_config import Parallel, Precision
+
+PARALLELS: tuple[Parallel, ...] = get_args(Parallel)
+
+
+def world_and_rank() -> tuple[int, int]:
+    """(processes, this process's rank) from torchrun's environment; (1, 0) without it."""
+    return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def prepare(
+    model: CausalLM,
+    parallel: Parallel,
+    device: torch.device,
+    precision: Precision,
+    trainable: bool = True,
+) -> nn.Module:
+    """Move `model` to `device` and make it data parallel across the process group.
+
+    Args:
+        model: the unwrapped model (sharded in place under `fsdp`).
+        parallel: `ddp` or `fsdp`.
+        device: this process's device.
+        precision: `bf16` gives FSDP bf16 compute with fp32 gradient reduction on CUDA.
+        trainable: False for a frozen reference model (DDP needs no wrapper for it).
+
+    Returns:
+        What forward is called on: the model itself (one process, FSDP, or a frozen DDP
+        reference) or its DDP wrapper.
+    """
+    model.to(device)
+    if not is_distributed():
+        return model
+    if parallel == "fsdp":
+        policy = MixedPrecisionPolicy()
+        if precision == "bf16" and device.type == "cuda":
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in model.model.layers:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        return model
+    if not trainable:
+        return model
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
+@contextlib.contextmanager
+def gradient_sync(policy: nn.Module, enabled: bool) -> Iterator[None]:
+    """Reduce gradients across processes in this block's backward only when `enabled`
+    (the last micro-batch of a step); the others accumulate locally."""
+    if isinstance(policy, FSDPModule):
+        policy.set_requires_gradient_sync(enabled)
+        yield
+    elif isinstance(policy, DistributedDataParallel) and not enabled:
+        with policy.no_sync():
+            yield
+    else:
+        yield
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm (0: only measure it); the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+# -----------------------------------------------------------------------------
+# State dicts: full weights for Hugging Face folders, sharded optimizer state via DCP
+
+
+def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Every weight, unsharded, on the CPU of rank 0 (other ranks get {}). A collective
+    under FSDP: every rank must call it."""
+    if isinstance(model, FSDPModule):
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=options)
+    return model.state_dict()
+
+
+def load_full_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Load unsharded weights (every rank passes them) into a plain or sharded model."""
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
+@contextlib.contextmanager
+def _one_process_quietly() -> Iterator[None]:
+    """DCP warns that it assumes one process when there is no process group: we know."""
+    with warnings.catch_warnings():
+        if not is_distributed():
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield
+
+
+def save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Write the optimizer state with DCP (every rank its shard; a collective)."""
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    with _one_process_quietly():
+        dcp.save(state, checkpoint_id=directory)
+
+
+def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Read what `save_optimizer` wrote into `optimizer` (any number of processes)."""
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    with _one_process_quietly():
+        dcp.load(state, checkpoint_id=directory)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
