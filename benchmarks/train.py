@@ -1,7 +1,21 @@
-"""Benchmark DPO training throughput: `padded` vs `unshared` packed vs `shared` packed.
+"""Benchmark DPO training: throughput of `padded` vs `unshared` vs `shared` packed rows,
+attention kernels per layer, and the memory of the log-prob step.
 
-Run: `python -m benchmarks.train` (about 10 minutes on 2 busy cores). Prints tables and
+Run: `python -m benchmarks.train` (about 12 minutes on 2 busy cores). Prints tables and
 writes `benchmarks/results/train.json`.
+
+Kernels per layer: the attention calls one layer makes for one micro-batch, per backend,
+counted as they run (the profiler's `aten::scaled_dot_product_attention` events for the SDPA
+backends; the kernel's invocations for varlen, whose FlashAttention kernel is CUDA-only and
+is replaced by a counting stand-in), on UltraFeedback-like and HelpSteer-like micro-batches
+of 8 rows of 4096 tokens and on rows of 4 to 256 pairs. `flex` is one `flex_attention` call
+by construction. The per-pair segments backend this replaced made 2 calls per pair.
+
+Log-prob step memory: the output projection + log-softmax + gather, forward and backward,
+at vocabulary 128,256 and 16,384 response tokens (hidden 2048), chunked (`--logits-chunk`
+default) vs all at once. Peak live tensor bytes are tracked by `torch`'s `MemTracker` on
+fake tensors (the same ops, no real memory: the unchunked case needs about 30 GB); the
+tracker is checked against the real peak RSS of fresh processes at 2,048 tokens.
 
 What is compared, fairly:
 - Same pairs: per dataset, pair lengths are drawn with `benchmarks.pack.draw_lengths`
@@ -37,9 +51,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -335,6 +352,195 @@ def run_dataset(label: str, model: CausalLM, args: argparse.Namespace, root: Pat
     return {"stats": stats, "median": summary, "ratios": ratios, "rounds": per_round}
 
 
+# ---------------------------------------------------------------------------- kernels
+
+KERNEL_MAX_LEN = 4096
+KERNEL_ROWS = 8
+
+
+def _fullest_rows(name: str, max_len: int, rows: int, seed: int) -> list[PackedRow]:
+    """The `rows` fullest `shared` rows the packer makes of pairs drawn like `name`."""
+    p, c, r, _ = cut_lengths(name, 40 * rows, max_len, seed)
+    packed = pack_rows(tokenized_pairs(p, c, r, 1000, seed), "shared", max_len, BLOCK_SIZE)
+    return sorted(packed, key=lambda row: -row.num_tokens)[:rows]
+
+
+def _rows_of(pairs_per_row: int, max_len: int, rows: int) -> list[PackedRow]:
+    """`rows` rows of exactly `pairs_per_row` pairs filling `max_len` (P:C:R = 2:1:1)."""
+    size = max_len // pairs_per_row
+    n = rows * pairs_per_row
+    p = np.full(n, size // 2)
+    c = np.full(n, (size - size // 2) // 2)
+    r = size - p - c
+    table = tokenized_pairs(p, c, r, 1000, 0)
+    return pack_rows(table, "shared", max_len, BLOCK_SIZE)[:rows]
+
+
+class _CountSDPA(torch.overrides.TorchFunctionMode):
+    """Counts `F.scaled_dot_product_attention` calls as they run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += func is torch.nn.functional.scaled_dot_product_attention
+        return func(*args, **(kwargs or {}))
+
+
+def attention_calls(rows: list[PackedRow], backend: str) -> int:
+    """Attention kernel calls of one layer's forward over the micro-batch `rows`."""
+    from training.attention import FLAT_BACKENDS, build_attention
+
+    length = max(r.num_tokens for r in rows)
+    attention = build_attention(backend, rows, "shared", length, BLOCK_SIZE, torch.device("cpu"))
+    calls = []
+    if backend == "varlen":
+
+        def counting_kernel(q: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+            calls.append(len(q))
+            return torch.zeros_like(q)
+
+        attention = dataclasses.replace(attention, kernel=counting_kernel)
+    shape = (
+        (1, sum(r.num_tokens for r in rows)) if backend in FLAT_BACKENDS else (len(rows), length)
+    )
+    q, kv = torch.randn(*shape, 2, 16), torch.randn(*shape, 1, 16)
+    with _CountSDPA() as counter:
+        attention(q, kv, kv)
+    return len(calls) if backend == "varlen" else counter.calls
+
+
+def kernels_per_layer(seed: int) -> dict:
+    """Calls per layer per micro-batch of each backend, as pairs per row grow."""
+    batches = {
+        f"{label}, {KERNEL_ROWS} rows of {KERNEL_MAX_LEN}": _fullest_rows(
+            DATASETS[label][0], KERNEL_MAX_LEN, KERNEL_ROWS, seed
+        )
+        for label in DATASETS
+    }
+    for per_row in (4, 16, 64, 256):
+        batches[f"{per_row} pairs per row x 4 rows"] = _rows_of(per_row, KERNEL_MAX_LEN, 4)
+    out = {}
+    print(f"\n== attention calls per layer per micro-batch (rows of <= {KERNEL_MAX_LEN} tokens)")
+    print(
+        f"{'micro-batch':44} {'pairs':>6} {'dense':>6} {'segments':>9} {'varlen':>7} "
+        f"{'flex':>5} {'per-pair (before)':>18}"
+    )
+    for label, rows in batches.items():
+        pairs = sum(r.num_pairs for r in rows)
+        counts = {b: attention_calls(rows, b) for b in ("dense", "segments", "varlen")}
+        counts |= {"flex": 1, "per-pair segments (before)": 2 * pairs, "pairs": pairs}
+        out[label] = counts
+        print(
+            f"{label:44} {pairs:>6} {counts['dense']:>6} {counts['segments']:>9} "
+            f"{counts['varlen']:>7} {1:>5} {2 * pairs:>18}"
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------- log-prob memory
+
+LOGPS_VOCAB, LOGPS_HIDDEN, LOGPS_TOKENS, LOGPS_CHECK_TOKENS = 128_256, 2048, 16_384, 2048
+
+
+def _logps_inputs(tokens: int, vocab: int, hidden: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    return (
+        torch.randn(tokens, hidden, generator=g).mul_(0.02).requires_grad_(),
+        torch.randn(vocab, hidden, generator=g).mul_(0.02).requires_grad_(),
+        torch.randint(0, vocab, (tokens,), generator=g),
+        torch.randn(tokens, generator=g),
+    )
+
+
+def _step(tokens: int, vocab: int, hidden: int, chunk: int) -> None:
+    """The log-prob step with its inputs: hidden states, output weight, labels, and the
+    per-token upstream gradient of a DPO loss; forward and backward."""
+    from training.logps import token_logps
+
+    hidden_states, weight, labels, upstream = _logps_inputs(tokens, vocab, hidden)
+    (token_logps(hidden_states, weight, labels, chunk) * upstream).sum().backward()
+
+
+def tracked_logps_peak(tokens: int, vocab: int, hidden: int, chunk: int) -> float:
+    """Peak bytes of live tensors of the log-prob step, inputs and gradients included,
+    tracked on fake tensors (the same ops, no real allocation)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    with FakeTensorMode():
+        tracker = MemTracker()
+        with tracker:
+            _step(tokens, vocab, hidden, chunk)
+        return float(tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"])
+
+
+def _status(field: str) -> int:
+    """A /proc/self/status memory field (VmRSS, VmHWM), bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def logps_child(tokens: int, vocab: int, hidden: int, chunk: int) -> None:
+    """In a fresh process: print the peak RSS of the log-prob step over the RSS before it."""
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    before = _status("VmRSS")
+    _step(tokens, vocab, hidden, chunk)
+    print(_status("VmHWM") - before)
+
+
+def real_logps_peak(tokens: int, vocab: int, hidden: int, chunk: int) -> float:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.train",
+            "--logps-child",
+            *map(str, (tokens, vocab, hidden, chunk)),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return float(out.stdout.split()[-1])
+
+
+def logps_memory() -> dict:
+    """Peak memory of the log-prob step, chunked vs unchunked (see the module docstring)."""
+    from training.logps import DEFAULT_LOGITS_CHUNK
+
+    chunks = {"chunked": DEFAULT_LOGITS_CHUNK, "unchunked": 0}
+    gib = 2**30
+    print(f"\n== log-prob step peak memory, vocab {LOGPS_VOCAB}, hidden {LOGPS_HIDDEN}")
+    out: dict = {"vocab": LOGPS_VOCAB, "hidden": LOGPS_HIDDEN, "chunk": DEFAULT_LOGITS_CHUNK}
+    for tokens in (LOGPS_TOKENS, LOGPS_CHECK_TOKENS):
+        row = {
+            name: {"tracked_gib": tracked_logps_peak(tokens, LOGPS_VOCAB, LOGPS_HIDDEN, c) / gib}
+            for name, c in chunks.items()
+        }
+        if tokens == LOGPS_CHECK_TOKENS:
+            for name, c in chunks.items():
+                row[name]["rss_gib"] = real_logps_peak(tokens, LOGPS_VOCAB, LOGPS_HIDDEN, c) / gib
+        row["chunked/unchunked (tracked)"] = (
+            row["chunked"]["tracked_gib"] / row["unchunked"]["tracked_gib"]
+        )
+        out[f"{tokens} response tokens"] = row
+        print(
+            f"{tokens:>6} tokens: "
+            + "  ".join(
+                f"{name} {v['tracked_gib']:.2f} GiB tracked"
+                + (f" / {v['rss_gib']:.2f} GiB RSS" if "rss_gib" in v else "")
+                for name, v in row.items()
+                if isinstance(v, dict)
+            )
+            + f"  ratio {row['chunked/unchunked (tracked)']:.3f}"
+        )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=0, help="pairs per dataset (0: 144 and 96)")
@@ -353,8 +559,15 @@ def main() -> None:
         default=1,
         help="torch intra-op threads; on a busy 2-core machine 2 threads ran ~10x slower",
     )
+    parser.add_argument("--logps-child", nargs=4, type=int, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--skip-throughput", action="store_true", help="only kernels per layer and memory"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.logps_child:
+        logps_child(*args.logps_child)
+        return
     torch.manual_seed(args.seed)
     model = CausalLM(small())
     results: dict = {
@@ -364,8 +577,10 @@ def main() -> None:
     }
     print(results["machine"])
     start = time.perf_counter()
+    results["kernels per layer"] = kernels_per_layer(args.seed)
+    results["log-prob step memory"] = logps_memory()
     with tempfile.TemporaryDirectory() as tmp:
-        for label in DATASETS:
+        for label in DATASETS if not args.skip_throughput else ():
             results[label] = run_dataset(label, model, args, Path(tmp))
     results["seconds"] = time.perf_counter() - start
     print(f"\ntotal {results['seconds']:.0f} s")
