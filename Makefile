@@ -32,9 +32,11 @@ test: lint
 	$(BIN)/python -m pytest
 
 bench: venv
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'  # trl for benchmarks.vs_trl only
 	$(BIN)/python -m benchmarks.normalize_curate
 	$(BIN)/python -m benchmarks.pack
 	$(BIN)/python -m benchmarks.train
+	$(BIN)/python -m benchmarks.vs_trl
 
 clean:
 	rm -rf $(VENV) store .dagster .pytest_cache .ruff_cache .hypothesis

@@ -73,7 +73,7 @@ from pipeline import ragged
 from pipeline.pack import RowPacker, truncated_lengths
 from training.configs import small
 from training.model import CausalLM
-from training.train import TrainConfig, global_step_rows, train
+from training.train import TrainConfig, global_step_rows, train, train_step
 
 RESULTS = Path(__file__).parent / "results" / "train.json"
 # label -> (benchmarks.pack.PUBLISHED name, row budget about 2.5x the median pair, pairs).
@@ -541,6 +541,63 @@ def logps_memory() -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------- step memory
+
+STEP_MAX_LEN = 4096
+
+
+def step_child(activation_checkpointing: int, logits_chunk: int) -> None:
+    """In a fresh process: one training step (fp32, live reference) of the SmolLM2-135M
+    shape on the fullest UltraFeedback-like 4096 row; print its tokens and the peak RSS."""
+    from training.configs import smollm2_135m
+    from training.train import setup
+
+    row = _fullest_rows("UltraFeedback", STEP_MAX_LEN, 1, 0)
+    config = TrainConfig(
+        out_dir=Path(tempfile.mkdtemp()),
+        steps=1,
+        batch_rows=1,
+        warmup_steps=0,
+        device="cpu",
+        progress=False,
+        activation_checkpointing=bool(activation_checkpointing),
+        logits_chunk=logits_chunk,
+    )
+    torch.manual_seed(0)
+    run = setup(config, row, "shared", BLOCK_SIZE, STEP_MAX_LEN, CausalLM(smollm2_135m()))
+    metrics = train_step(run, 0)
+    print(row[0].num_tokens, metrics["seconds"], _status("VmHWM"))
+
+
+def step_memory() -> dict:
+    """Peak RSS of one step, whole process, with and without recomputation."""
+    from training.logps import DEFAULT_LOGITS_CHUNK
+
+    print("\n== one training step, SmolLM2-135M shape, fp32, live reference, one row")
+    out = {}
+    for name, ac, chunk in (
+        ("default", 0, DEFAULT_LOGITS_CHUNK),
+        ("activation checkpointing", 1, DEFAULT_LOGITS_CHUNK),
+        ("unchunked logits", 0, 0),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "benchmarks.train", "--step-child", str(ac), str(chunk)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        tokens, seconds, peak = done.stdout.split()[-3:]
+        out[name] = {
+            "row_tokens": int(tokens),
+            "seconds": float(seconds),
+            "peak_rss_gib": int(peak) / 2**30,
+        }
+        print(
+            f"{name:26} {int(tokens)} tokens  peak RSS {int(peak) / 2**30:.2f} GiB  {float(seconds):.1f} s"
+        )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=0, help="pairs per dataset (0: 144 and 96)")
@@ -560,6 +617,7 @@ def main() -> None:
         help="torch intra-op threads; on a busy 2-core machine 2 threads ran ~10x slower",
     )
     parser.add_argument("--logps-child", nargs=4, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--step-child", nargs=2, type=int, help=argparse.SUPPRESS)
     parser.add_argument(
         "--skip-throughput", action="store_true", help="only kernels per layer and memory"
     )
@@ -567,6 +625,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.logps_child:
         logps_child(*args.logps_child)
+        return
+    if args.step_child:
+        step_child(*args.step_child)
         return
     torch.manual_seed(args.seed)
     model = CausalLM(small())
@@ -579,6 +640,7 @@ def main() -> None:
     start = time.perf_counter()
     results["kernels per layer"] = kernels_per_layer(args.seed)
     results["log-prob step memory"] = logps_memory()
+    results["one step memory"] = step_memory()
     with tempfile.TemporaryDirectory() as tmp:
         for label in DATASETS if not args.skip_throughput else ():
             results[label] = run_dataset(label, model, args, Path(tmp))

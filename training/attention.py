@@ -12,9 +12,10 @@ causal problem. `Segments` lists these problems for a whole micro-batch.
 - `dense`: SDPA with the boolean mask of `packed_row.attention_mask`, padded to the batch.
   The reference; O(T^2) memory per row.
 - `segments` (the CPU path): the problems grouped into length buckets (powers of two), one
-  SDPA call per bucket: documents causally with right padding, rejected queries with a
-  small (queries x keys) mask. The calls per layer are bounded by the number of buckets
-  (at most 2 log2(max_len) + 2), whatever the number of pairs.
+  SDPA call per bucket: documents causally with right padding, rejected queries either as
+  a causal document over `prompt ++ rejected` (short prompts) or with a small (queries x
+  keys) mask (long prompts). The calls per layer are bounded by the number of buckets (at
+  most 2 log2(max_len) + 2), whatever the number of pairs.
 - `varlen` (CUDA): FlashAttention varlen (`torch.nn.attention.varlen.varlen_attn`), two
   calls per layer for the whole micro-batch: every `prompt | chosen` document causally,
   then every rejected query block over its gathered `prompt ++ rejected` keys, where
@@ -176,18 +177,14 @@ def length_buckets(lengths: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class SegmentGroup:
-    """One SDPA call: n problems padded to Lq queries and Lk keys.
+    """One SDPA call: n problems padded to Lq query slots and Lk keys.
 
     Attributes:
-        q_index: (n * Lq,) flat token index of each query slot (padding: 0).
-        k_index: (n * Lk,) flat token index of each key slot (padding: 0).
         shape: (n, Lq, Lk).
-        mask: bool (n, 1, Lq, Lk) for rejected problems; None for documents (right padding
-            under a causal mask is invisible to the real queries).
+        mask: bool (n, 1, Lq, Lk), or None for a causal call: every problem's queries are
+            its keys (right padding under a causal mask is invisible to real queries).
     """
 
-    q_index: Tensor
-    k_index: Tensor
     shape: tuple[int, int, int]
     mask: Tensor | None
 
@@ -198,43 +195,65 @@ class SegmentAttention:
 
     Attributes:
         groups: the calls.
+        q_index, k_index: flat token index of every query / key slot of every group, group
+            after group (padding: 0), so one layer gathers q, k and v once each.
         out_index: (T,) for each token of the flat batch, its output's slot in the
             concatenated padded outputs of all groups.
     """
 
     groups: tuple[SegmentGroup, ...]
+    q_index: Tensor
+    k_index: Tensor
     out_index: Tensor
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         qf, kf, vf = q[0], k[0], v[0]  # (T, h, hd): a flat batch is one sequence
+        qs = qf[self.q_index].split([n * lq for n, lq, _ in (g.shape for g in self.groups)])
+        k_sizes = [n * lk for n, _, lk in (g.shape for g in self.groups)]
+        ks, vs = kf[self.k_index].split(k_sizes), vf[self.k_index].split(k_sizes)
         outs = []
-        for g in self.groups:
+        for g, qg, kg, vg in zip(self.groups, qs, ks, vs, strict=True):
             n, lq, lk = g.shape
-            qs = qf[g.q_index].view(n, lq, *qf.shape[1:])
-            ks = kf[g.k_index].view(n, lk, *kf.shape[1:])
-            vs = vf[g.k_index].view(n, lk, *vf.shape[1:])
+            qg, kg, vg = (
+                qg.view(n, lq, *qf.shape[1:]),
+                kg.view(n, lk, *kf.shape[1:]),
+                vg.view(n, lk, *vf.shape[1:]),
+            )
             if g.mask is None:
-                out = _sdpa(qs, ks, vs, is_causal=True)
+                out = _sdpa(qg, kg, vg, is_causal=True)
             else:
-                out = _sdpa(qs, ks, vs, attn_mask=g.mask)
+                out = _sdpa(qg, kg, vg, attn_mask=g.mask)
             outs.append(out.reshape(n * lq, *out.shape[2:]))
         return torch.cat(outs)[self.out_index][None]  # (1, T, nh, hd)
 
 
 def segment_attention(segments: Segments, device: torch.device) -> SegmentAttention:
-    """Group the problems by kind and key-length bucket and build each call's indices."""
-    kinds = np.where(segments.is_document, 0, 1)
+    """Group the problems by kind and key-length bucket and build each call's indices.
+
+    Two kinds of call. Causal: documents, and rejected problems whose prompt is shorter
+    than the response, run as a causal document over `prompt ++ rejected` whose prompt
+    query slots are computed and dropped: (P+R)^2/2 scores, which beats the masked call's
+    R(P+R) when P < R, and needs no mask (the kernel skips the blocks above the diagonal).
+    Masked: the other rejected problems, queries over `prompt ++ rejected` keys with a
+    small lower-right causal mask.
+    """
+    causal = segments.is_document | (segments.k1_len < segments.k2_len)
+    kinds = np.where(causal, 0, 1)
     buckets = length_buckets(segments.k_len)
     num_tokens = int(segments.q_len.sum())
     out_index = np.empty(num_tokens, dtype=np.int64)
-    groups, slot = [], 0
+    groups, q_parts, k_parts, slot = [], [], [], 0
     for kind, bucket in sorted(set(zip(kinds.tolist(), buckets.tolist(), strict=True))):
         part = segments.take(np.flatnonzero((kinds == kind) & (buckets == bucket)))
-        n, lq, lk = len(part.q_lo), int(part.q_len.max()), int(part.k_len.max())
-        q_tokens = _ranges(part.q_lo, part.q_len)
-        q_index = _padded(q_tokens, part.q_len, lq)
-        k_index = _padded(_key_index(part), part.k_len, lk)
-        out_index[q_tokens] = slot + np.flatnonzero(np.arange(lq) < part.q_len[:, None])
+        keys = _padded(_key_index(part), part.k_len, int(part.k_len.max()))
+        n, lk = keys.shape
+        # A causal call's query slots are its keys; the problem's own queries are the last
+        # q_len of them (all of them for a document).
+        first = part.k_len - part.q_len if kind == 0 else np.zeros_like(part.q_len)
+        lq = lk if kind == 0 else int(part.q_len.max())
+        queries = keys if kind == 0 else _padded(_ranges(part.q_lo, part.q_len), part.q_len, lq)
+        slots = _ranges(first, part.q_len) + np.repeat(np.arange(n) * lq, part.q_len)
+        out_index[_ranges(part.q_lo, part.q_len)] = slot + slots
         slot += n * lq
         mask = None
         if kind == 1:
@@ -243,15 +262,15 @@ def segment_attention(segments: Segments, device: torch.device) -> SegmentAttent
             a, b = np.arange(lq)[None, :, None], np.arange(lk)[None, None, :]
             ql, kl = part.q_len[:, None, None], part.k_len[:, None, None]
             mask = torch.from_numpy(((b < kl) & (b <= kl - ql + a))[:, None]).to(device)
-        groups.append(
-            SegmentGroup(
-                q_index=torch.from_numpy(q_index.reshape(-1)).to(device),
-                k_index=torch.from_numpy(k_index.reshape(-1)).to(device),
-                shape=(n, lq, lk),
-                mask=mask,
-            )
-        )
-    return SegmentAttention(tuple(groups), torch.from_numpy(out_index).to(device))
+        groups.append(SegmentGroup(shape=(n, lq, lk), mask=mask))
+        q_parts.append(queries.reshape(-1))
+        k_parts.append(keys.reshape(-1))
+    return SegmentAttention(
+        groups=tuple(groups),
+        q_index=torch.from_numpy(np.concatenate(q_parts)).to(device),
+        k_index=torch.from_numpy(np.concatenate(k_parts)).to(device),
+        out_index=torch.from_numpy(out_index).to(device),
+    )
 
 
 # -----------------------------------------------------------------------------

@@ -376,6 +376,7 @@ def _logps(args: argparse.Namespace) -> int:
                     device=device,
                     precision=args.precision,
                     progress=args.progress,
+                    max_len=reader.max_len,
                 )
                 if rank == 0:
                     write_reference_logps(table, args.out, fingerprint, reader.key)

@@ -60,11 +60,48 @@ def small() -> ModelConfig:
     )
 
 
+def smollm2_135m() -> ModelConfig:
+    """SmolLM2-135M's shape (30 layers, width 576, GQA 9:3, vocab 49,152, tied): the real
+    model the benchmarks compare with other trainers, here randomly initialised."""
+    return ModelConfig(
+        vocab_size=49_152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        rms_norm_eps=1e-5,
+        rope_theta=100_000.0,
+        max_position_embeddings=8_192,
+        tie_embeddings=True,
+        initializer_range=0.041666666666666664,
+    )
+
+
+def llama3_2_1b() -> ModelConfig:
+    """Llama 3.2 1B's shape (16 layers, width 2048, GQA 32:8, vocab 128,256, tied): the
+    GPU benchmark's model, randomly initialised."""
+    return ModelConfig(
+        vocab_size=128_256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        rms_norm_eps=1e-5,
+        rope_theta=500_000.0,
+        max_position_embeddings=8_192,
+        tie_embeddings=True,
+    )
+
+
 NAMED_CONFIGS: dict[str, Callable[[], ModelConfig]] = {
     "tiny": tiny,
     "tiny_qwen2": tiny_qwen2,
     "tiny_llama3": tiny_llama3,
     "small": small,
+    "smollm2_135m": smollm2_135m,
+    "llama3_2_1b": llama3_2_1b,
 }
 
 

@@ -119,17 +119,19 @@ def rope_inv_freq(config: ModelConfig, device: torch.device | None = None) -> Te
 
 
 def rope_cos_sin(inv_freq: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """cos and sin (B, T, 1, head_dim) in fp32 for the given (B, T) position ids."""
+    """cos and sin (B, T, 1, head_dim/2) in fp32 for the given (B, T) position ids."""
     freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None]  # (B, T, 1, hd), broadcast over heads
-    return emb.cos(), emb.sin()
+    freqs = freqs[:, :, None]  # (B, T, 1, hd/2), broadcast over heads
+    return freqs.cos(), freqs.sin()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate (B, T, h, hd) by the position angles (rotate-half convention of HF/Meta)."""
+    """Rotate (B, T, h, hd) by the position angles (rotate-half convention of HF/Meta):
+    [x1 cos - x2 sin, x2 cos + x1 sin], the same arithmetic as `x * cos + rotate_half(x) *
+    sin` on half-width angles."""
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 # -----------------------------------------------------------------------------
@@ -145,8 +147,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # x * rsqrt(mean(x^2) + eps)
         return self.weight * h.to(x.dtype)
 
 

@@ -86,7 +86,9 @@ def prepare(
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for block in model.model.layers:
             fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
+        # The root keeps its parameters gathered between forward and backward by default; a
+        # frozen reference has no backward, so it must reshard after its forward.
+        fully_shard(model, mp_policy=policy, reshard_after_forward=not trainable)
         return model
     if not trainable:
         return model

@@ -53,6 +53,7 @@ def compute_reference_logps(
     device: str | torch.device = "auto",
     precision: Precision = "fp32",
     progress: bool = True,
+    max_len: int | None = None,
 ) -> pa.Table:
     """Summed chosen/rejected log-probs of every pair in `rows` under `model`.
 
@@ -71,6 +72,7 @@ def compute_reference_logps(
         device: `auto`, `cpu`, `cuda`, ...
         precision: `fp32`, or `bf16` autocast on CUDA (use what training uses).
         progress: show a progress bar (rank 0).
+        max_len: the shards' max_len: `flex` pads every batch to it (one compiled shape).
 
     Returns:
         A `reference_logps` table, pairs in row order.
@@ -97,7 +99,7 @@ def compute_reference_logps(
             row_ids = range(max(share.start, share.stop - 1), share.stop) or range(1)
         chunk = [rows[j] for j in row_ids]
         check_rows(chunk, row_ids, None, config.vocab_size, config.sliding_window)
-        batch = collate(chunk, layout, backend, block_size, dev)
+        batch = collate(chunk, layout, backend, block_size, dev, pad_to=max_len)
         with autocast(dev, precision):
             logps = pair_logps(model, batch)
         if lo < share.stop:

@@ -49,6 +49,7 @@ from torch import nn
 from tqdm import tqdm
 
 from data_contracts.packed_row import LAYOUTS, Layout, PackedRow
+from training.attention import FLAT_BACKENDS
 from training.batch import Batch, check_rows, collate
 from training.checkpoint import read_weights, save_pretrained
 from training.device import (
@@ -269,10 +270,10 @@ def setup(
         ref_model = prepare(ref_model, config.parallel, device, config.precision, False)
     model.activation_checkpointing = config.activation_checkpointing
     model.logits_chunk = config.logits_chunk
-    if config.compile:
-        model.compile_blocks()
-    policy = prepare(model, config.parallel, device, config.precision)
     backend = resolve_backend(config.backend, device, config.precision)
+    if config.compile:  # flat batches change length every step: dynamic shapes from the start
+        model.compile_blocks(dynamic=True if backend in FLAT_BACKENDS else None)
+    policy = prepare(model, config.parallel, device, config.precision)
     if isinstance(reference, ReferenceCache):  # all ranks, with the initial weights
         reference = cached_reference_logps(
             model,
@@ -285,6 +286,7 @@ def setup(
             device=device,
             precision=config.precision,
             progress=config.progress,
+            max_len=max_len,
         )
     model.train()
     optimizer = torch.optim.AdamW(
