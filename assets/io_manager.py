@@ -2,16 +2,17 @@
 
 Assets in prefpack hand each other directories and files in the store, never data. The
 default IO manager would pickle those strings; this one writes `{"path": ...}` under
-`<store>/.io/`, readable by any tool, and fans partitioned upstreams in as a dict.
+`<store>/.io/` (atomically), readable by any tool, and fans partitioned upstreams in as a dict.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import dagster as dg
+
+from pipeline.io import atomic_file
 
 
 class PathIOManager(dg.ConfigurableIOManager):
@@ -26,11 +27,8 @@ class PathIOManager(dg.ConfigurableIOManager):
         if not isinstance(obj, str):
             raise TypeError(f"{context.asset_key.to_user_string()} must return a path string")
         partition = context.partition_key if context.has_partition_key else None
-        target = self._file(context.asset_key, partition)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"path": obj}))
-        os.replace(tmp, target)
+        with atomic_file(self._file(context.asset_key, partition)) as tmp:
+            tmp.write_text(json.dumps({"path": obj}))
 
     def load_input(self, context: dg.InputContext) -> str | dict[str, str]:
         key = context.asset_key

@@ -14,7 +14,7 @@ place, so a shard directory either is complete or does not exist. `open_shards` 
 every file's sha256 against the manifest by default.
 
 Training imports this module (`training -> pipeline.shards -> data_contracts`), so it
-depends on numpy and pyarrow only.
+depends on numpy, pyarrow and `pipeline.io` only.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from data_contracts import manifest as manifest_contract
 from data_contracts import packed_row
 from data_contracts.contract import ContractError
 from data_contracts.packed_row import PackedRow
+from pipeline.io import is_file_name, is_hex_key
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
@@ -211,17 +212,39 @@ def read_manifest(directory: str | Path) -> dict:
     """Parse and validate a shard directory's manifest.
 
     Raises:
-        ShardError: naming manifest.json when it is missing, not JSON or not a manifest.
+        ShardError: naming manifest.json when it is missing, not JSON, not a manifest, or
+            lists a file name or key that could reach outside the directory.
     """
     path = Path(directory) / MANIFEST
     try:
-        return manifest_contract.validate(json.loads(path.read_text(encoding="utf-8")), str(path))
+        manifest = manifest_contract.validate(
+            json.loads(path.read_text(encoding="utf-8")), str(path)
+        )
     except FileNotFoundError as err:
         raise ShardError(f"{path}: missing; not a complete shard directory") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ShardError(f"{path}: not valid JSON: {err}") from err
     except ContractError as err:
         raise ShardError(str(err)) from err
+    _check_names(manifest, path)
+    return manifest
+
+
+def _check_names(manifest: dict, path: Path) -> None:
+    """Refuse a manifest whose file names or keys would reach outside its directory
+    (`../../etc/passwd`, `/etc/passwd`), before any listed file is opened.
+
+    Raises:
+        ShardError: naming the manifest and the bad name.
+    """
+    names = [shard["file"] for shard in manifest["shards"]]
+    names.append(manifest["tokenizer"].get("path"))
+    for name in names:
+        if not is_file_name(name):
+            raise ShardError(f"{path}: {name!r} is not a plain file name")
+    for field, key in (("key", manifest["key"]), ("tokenized.key", manifest["tokenized"]["key"])):
+        if not is_hex_key(key):
+            raise ShardError(f"{path}: {field} {key!r} is not a hex key")
 
 
 def verify_files(directory: str | Path, manifest: dict) -> None:
@@ -244,10 +267,13 @@ def check_files(directory: str | Path, expected: Iterable[tuple[str, int, str]])
         expected: (file name, bytes, sha256 hex) per file.
 
     Raises:
-        ShardError: naming the first file that is missing or differs from its listing.
+        ShardError: naming the first file that is missing or differs from its listing, or
+            a listed name that is not a plain file name (checked before it is opened).
     """
     directory = Path(directory)
     for name, size, digest in expected:
+        if not is_file_name(name):
+            raise ShardError(f"{directory}: listed file {name!r} is not a plain file name")
         path = directory / name
         if not path.is_file():
             raise ShardError(f"{path}: listed but missing")

@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from pipeline.io import atomic_directory
 from training.model import CausalLM, Family, ModelConfig, RopeScaling
 
 ARCHITECTURES: dict[str, Family] = {
@@ -337,16 +337,13 @@ def save_pretrained(
     max_shard_bytes: int = 5 * 2**30,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write `model` as a Hugging Face folder, atomically (temp folder, then rename).
+    """Write `model` as a Hugging Face folder, atomically (`pipeline.io.atomic_directory`):
+    a kill at any moment leaves the complete folder or none.
 
     Args:
         model: the model; keys of its state dict are the HF keys.
         folder: destination; must not exist yet.
-        tokenizer: optional tokenizer.json file or tokenizer folder to copy along.
-        dtype: dtype of the saved tensors (default: the parameters' dtype).
-        max_shard_bytes: above this, weights are split into shards plus an index.
-        state_dict: the weights to write (default: `model.state_dict()`); a sharded model
-            passes its gathered full state dict (`training.parallel.full_state_dict`).
+        tokenizer, dtype, max_shard_bytes, state_dict: as in `write_pretrained`.
 
     Returns:
         The folder.
@@ -357,7 +354,31 @@ def save_pretrained(
     folder = Path(folder)
     if folder.exists():
         raise FileExistsError(f"{folder} exists; refusing to overwrite a checkpoint")
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_directory(folder) as tmp:
+        write_pretrained(model, tmp, tokenizer, dtype, max_shard_bytes, state_dict)
+    return folder
+
+
+def write_pretrained(
+    model: CausalLM,
+    folder: Path,
+    tokenizer: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write the files of a Hugging Face folder into the existing directory `folder`
+    (the temp directory of an atomic write: `save_pretrained`, or a checkpoint's).
+
+    Args:
+        model: the model; keys of its state dict are the HF keys.
+        folder: an existing, empty directory.
+        tokenizer: optional tokenizer.json file or tokenizer folder to copy along.
+        dtype: dtype of the saved tensors (default: the parameters' dtype).
+        max_shard_bytes: above this, weights are split into shards plus an index.
+        state_dict: the weights to write (default: `model.state_dict()`); a sharded model
+            passes its gathered full state dict (`training.parallel.full_state_dict`).
+    """
     state_dict = model.state_dict() if state_dict is None else state_dict
     dtype = dtype or next(iter(state_dict.values())).dtype
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state_dict.items()}
@@ -371,27 +392,20 @@ def save_pretrained(
         shards[-1][key] = tensor
         size += nbytes
     hf = {**hf_extra_keys(model.hf_config), **config_to_hf(model.config, dtype)}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
-        if len(shards) == 1:
-            save_file(shards[0], tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, start=1):
-                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / name, metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(shard, name))
-            total = sum(t.numel() * t.element_size() for t in state.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        if tokenizer is not None:
-            copy_tokenizer_files(tokenizer, tmp)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    (folder / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    if len(shards) == 1:
+        save_file(shards[0], folder / WEIGHTS_NAME, metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, folder / name, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    if tokenizer is not None:
+        copy_tokenizer_files(tokenizer, folder)
 
 
 def model_fingerprint(model: CausalLM) -> str:

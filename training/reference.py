@@ -11,8 +11,6 @@ Format: the `reference_logps` contract, as Arrow IPC (`.arrow`) or Parquet (`.pa
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from tqdm import tqdm
 
 from data_contracts import reference_logps as contract
 from data_contracts.packed_row import DEFAULT_BLOCK_SIZE, Layout, PackedRow
+from pipeline.io import atomic_file, is_hex_key
 from training.attention import Backend
 from training.batch import check_rows, collate
 from training.device import Precision, autocast, check_precision, resolve_backend, resolve_device
@@ -128,7 +127,7 @@ def compute_reference_logps(
 def write_reference_logps(
     table: pa.Table, path: str | Path, model_fingerprint: str, shard_key: str
 ) -> Path:
-    """Write `table` with its key in the schema metadata, atomically (temp file, rename).
+    """Write `table` with its key in the schema metadata, atomically (`atomic_file`).
 
     Args:
         table: a `reference_logps` table.
@@ -152,18 +151,11 @@ def write_reference_logps(
         contract.SHARD_KEY.encode(): shard_key.encode(),
     }
     table = table.replace_schema_metadata(meta)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         if path.suffix == ".arrow":
             feather.write_feather(table, tmp, compression="uncompressed")
         else:
             pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -233,8 +225,20 @@ def read_reference_logps(
 
 
 def reference_logps_path(directory: str | Path, model_fingerprint: str, shard_key: str) -> Path:
-    """Where the log-probs of (model, shards) live under `directory` by default."""
+    """Where the log-probs of (model, shards) live under `directory` by default.
+
+    Raises:
+        ValueError: a key is not hex (`_check_keys`).
+    """
+    _check_keys(directory, model_fingerprint, shard_key)
     return Path(directory) / f"reference_logps-{shard_key}-{model_fingerprint[:16]}.arrow"
+
+
+def _check_keys(directory: str | Path, model_fingerprint: str, shard_key: str) -> None:
+    """Refuse keys that are not hex: they become a file name, which `../x` would escape."""
+    for what, key in (("model fingerprint", model_fingerprint), ("shard key", shard_key)):
+        if not is_hex_key(key):
+            raise ValueError(f"{directory}: reference cache {what} {key!r} is not a hex key")
 
 
 @dataclass(frozen=True)
@@ -245,11 +249,17 @@ class ReferenceCache:
         directory: the folder of the cache files (e.g. beside the shards).
         shard_key: the shards' cache key.
         model_fingerprint: `checkpoint.model_fingerprint` of the reference weights.
+
+    Raises:
+        ValueError: on construction, a key that is not hex.
     """
 
     directory: Path
     shard_key: str
     model_fingerprint: str
+
+    def __post_init__(self) -> None:
+        _check_keys(self.directory, self.model_fingerprint, self.shard_key)
 
     @property
     def path(self) -> Path:

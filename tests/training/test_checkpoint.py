@@ -1,4 +1,5 @@
-"""Hugging Face folders: round trips, sharding, and `transformers` as the oracle.
+"""Hugging Face folders: round trips, sharding, `transformers` as the oracle, and atomic
+saves (a kill leaves no folder; the next save removes the leftover; ordinary modes).
 
 transformers is a test-only dependency: it reads the folders we write and writes folders
 we read, and its logits must equal ours for the same tiny random weights.
@@ -8,6 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
+import signal
+import stat
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +25,7 @@ import transformers
 from training.attention import CausalAttention
 from training.checkpoint import (
     INDEX_NAME,
+    WEIGHTS_NAME,
     UnsupportedCheckpointError,
     load_pretrained,
     model_fingerprint,
@@ -194,3 +202,55 @@ def test_qwen2_export_refuses_a_config_it_cannot_express(tmp_path: Path) -> None
     with pytest.raises(UnsupportedCheckpointError, match="needs q/k/v biases"):
         save_pretrained(model, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
+
+
+# Saves a tiny model to argv[1] and kill -9s itself once the weights file is written.
+_KILLED_SAVE = """
+import os, signal, sys
+import training.checkpoint as checkpoint
+from training.configs import tiny
+from training.model import CausalLM
+
+real = checkpoint.save_file
+def save_then_die(*args, **kwargs):
+    real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.save_file = save_then_die
+checkpoint.save_pretrained(CausalLM(tiny()), sys.argv[1])
+"""
+
+
+def test_a_kill_mid_save_leaves_no_folder_and_the_next_save_removes_the_leftover(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    folder = tmp_path / "ckpt"
+    killed = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(folder)], env=env)
+    assert killed.returncode == -signal.SIGKILL
+    assert not folder.exists()
+    [leftover] = [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt.tmp-")]
+    assert (leftover / WEIGHTS_NAME).is_file()  # killed after the weights, before the rename
+    size = sum(p.stat().st_size for p in leftover.iterdir())
+    with caplog.at_level(logging.WARNING, logger="pipeline.io"):
+        save_pretrained(CausalLM(tiny()), folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert any(
+        f"removed 1 leftover(s) of interrupted runs, {size} bytes" in m for m in caplog.messages
+    )
+    assert load_pretrained(folder).config == tiny()
+
+
+def test_saved_folders_get_the_modes_the_umask_gives(tmp_path: Path) -> None:
+    """safetensors writes its file 0600; a checkpoint is shared data: 0644 under umask 022."""
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    (tmp_path / "tok" / "tokenizer.json").chmod(0o600)
+    old = os.umask(0o022)
+    try:
+        folder = save_pretrained(CausalLM(tiny()), tmp_path / "ckpt", tokenizer=tmp_path / "tok")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+    assert modes == dict.fromkeys(["config.json", WEIGHTS_NAME, "tokenizer.json"], 0o644)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755

@@ -105,9 +105,9 @@ def test_cache_computes_once_per_model_and_shards(
 ) -> None:
     rows = varied_rows(0, "shared")
     model = _model()
-    cache = _cache(tmp_path, model, "shard-1")
+    cache = _cache(tmp_path, model, "5a1d")
     first = cached_reference_logps(model, rows, "shared", cache, progress=False)
-    path = reference_logps_path(tmp_path, model_fingerprint(model), "shard-1")
+    path = reference_logps_path(tmp_path, model_fingerprint(model), "5a1d")
     assert cache.path == path and path.exists()
     assert first.model_fingerprint == model_fingerprint(model)
 
@@ -119,7 +119,7 @@ def test_cache_computes_once_per_model_and_shards(
     assert again.table.equals(first.table)
     other = _model(seed=1)
     with pytest.raises(AssertionError, match="recomputed"):  # another model: another key
-        cached_reference_logps(other, rows, "shared", _cache(tmp_path, other, "shard-1"))
+        cached_reference_logps(other, rows, "shared", _cache(tmp_path, other, "5a1d"))
 
 
 def test_training_with_stored_logps_equals_training_with_a_reference_model(
@@ -128,7 +128,7 @@ def test_training_with_stored_logps_equals_training_with_a_reference_model(
     rows = varied_rows(0, "shared")
     model = _model()
     stored = cached_reference_logps(
-        model, rows, "shared", _cache(tmp_path, model, "k"), progress=False
+        model, rows, "shared", _cache(tmp_path, model, "ab"), progress=False
     )
     for name, reference in (("model", None), ("stored", stored)):
         config = TrainConfig(
