@@ -340,7 +340,13 @@ def peak_rss_mb() -> float:
 def child(pairs: str, tokenizer: str, max_len: int, store: str) -> None:
     with Timer() as timer:
         with Timer() as tokenize_timer:
-            tokens = build_tokenized(pairs, tokenizer or None, TokenizeConfig(), store)
+            tokens = build_tokenized(
+                pairs,
+                tokenizer or None,
+                # GPT-2 has no chatml markers: keep the chatml baselines comparable
+                TokenizeConfig(allow_multi_token_markers=True),
+                store,
+            )
         result = build_shards(tokens.directory, PackConfig(max_len=max_len), store)
     stats = result.manifest["stats"]
     out = timer.rates(stats["pairs_in"], stats["tokens"])

@@ -25,7 +25,7 @@ from typing import Any
 from data_contracts import tokenized_pair
 from data_contracts.contract import ContractError, JsonSpec, check_fields
 
-VERSION = "1"
+VERSION = "2"
 
 LENGTH_PARTS = ("prompt", "chosen", "rejected", "pair")
 
@@ -43,6 +43,10 @@ STATS_FIELDS: JsonSpec = {
     "lengths": (dict, "prompt / chosen / rejected / pair -> p50, p90, p99, max"),
     "length_histograms": (dict, "edges (shared, see above) and counts per part"),
     "boundary_agreement": (dict, "template, tokenizer, checked, agreed, rate, examples"),
+    "responses_ending_with_eos": (
+        dict,
+        "token (the template's end of turn), token_ids, suffix, count, of, rate",
+    ),
 }
 
 FIELDS: JsonSpec = {

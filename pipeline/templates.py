@@ -12,6 +12,11 @@ template renders for `prompt + [assistant: response]` *after* that prompt text, 
 with the template's end of turn (`<|im_end|>\\n`, `<|eot_id|>`, eos). A template for which
 the prompt is not a prefix of the whole conversation cannot share a prefix and is refused.
 
+Markers: `turn_markers` renders a probe conversation and reports the known special
+markers it contains and the one an assistant turn ends with, for built-in and custom
+templates alike, so a tokenizer can be checked to hold each as one token before any pair is
+tokenized (a model that ends its turns with ordinary tokens never stops generating).
+
 Built-ins (`pipeline/chat_templates/*.jinja`): `chatml`, `llama3`, `plain`.
 """
 
@@ -43,6 +48,23 @@ _BUILTIN_TOKENS: dict[str, dict[str, Any]] = {
     },
     "plain": {"special": ("<|endoftext|>",), "bos": None, "eos": "<|endoftext|>"},
 }
+
+# Special markers of common chat templates beyond the built-ins' (Gemma, Phi-3, Llama 2 /
+# Mistral, Llama 3 base): a custom template rendering one of them is checked for it.
+_OTHER_MARKERS = ("<start_of_turn>", "<end_of_turn>", "<|end|>", "</s>", "<eos>", "<|end_of_text|>")
+KNOWN_MARKERS: tuple[str, ...] = tuple(
+    dict.fromkeys(
+        [
+            *(t for tokens in _BUILTIN_TOKENS.values() for t in tokens["special"]),
+            *_OTHER_MARKERS,
+        ]
+    )
+)
+
+# The conversation rendered to find a template's markers; the reply is plain text that no
+# template trims or rewrites, so what follows it is the template's end of turn.
+_PROBE_PROMPT = [{"role": "user", "content": "Hi"}]
+_PROBE_REPLY = "Hello"
 
 # Templates that print today's date would make shards depend on the day they were built;
 # `strftime_now` renders this fixed date instead (Llama 3.1's own default date_string).
@@ -211,3 +233,49 @@ def render_pairs(
         chosen_texts.append(with_good[len(head) :])
         rejected_texts.append(with_bad[len(head) :])
     return PairTexts(prompt_texts, chosen_texts, rejected_texts)
+
+
+@dataclass(frozen=True)
+class TurnMarkers:
+    """The special markers a template renders, found from a probe conversation.
+
+    Attributes:
+        markers: every known marker (KNOWN_MARKERS, the template's own, the tokenizer's
+            bos/eos) in the rendered conversation, in that order.
+        end_of_turn: the marker an assistant response ends with (trailing whitespace
+            aside), or None when it ends with none of them (e.g. `plain` without an eos).
+        suffix: the probe response's text from `end_of_turn` on (`<|im_end|>\\n` for
+            chatml), what a rendered response ends with; "" when `end_of_turn` is None.
+    """
+
+    markers: tuple[str, ...]
+    end_of_turn: str | None
+    suffix: str
+
+
+def turn_markers(
+    template: ChatTemplate, bos_token: str | None, eos_token: str | None
+) -> TurnMarkers:
+    """Render a one-turn probe with the tokenizer's bos/eos and read off its markers.
+
+    Raises:
+        TemplateError: the template fails on a plain user/assistant exchange.
+    """
+    texts = render_pairs(
+        [_PROBE_PROMPT],
+        [_PROBE_REPLY],
+        [_PROBE_REPLY],
+        ["(marker probe)"],
+        template,
+        bos_token,
+        eos_token,
+    )
+    rendered = texts.prompt[0] + texts.chosen[0]
+    named = (template.bos_token, template.eos_token, bos_token, eos_token)
+    known = dict.fromkeys([*KNOWN_MARKERS, *template.special_tokens, *(t for t in named if t)])
+    markers = tuple(m for m in known if m in rendered)
+    after = texts.chosen[0].rpartition(_PROBE_REPLY)[2]
+    ending = after.rstrip()
+    end = max((m for m in markers if ending.endswith(m)), key=len, default=None)
+    suffix = after[len(ending) - len(end) :] if end else ""
+    return TurnMarkers(markers, end, suffix)

@@ -13,6 +13,11 @@ Boundary agreement: the prompt and each response are tokenized separately, so
 `prompt_ids + response_ids` may differ from tokenizing the joined text when a token would
 straddle the boundary (e.g. a generation prompt ending in a space). `boundary_agreement`
 measures how often that happens for a template/tokenizer pair.
+
+Markers: a template's turn markers and end of turn must each be one token of the
+tokenizer (`check_markers`); GPT-2's tokenizer, say, splits chatml's `<|im_end|>` into 7
+ordinary tokens, and a model trained on those never emits the eos a generation loop stops
+on. `EndingReport` counts the responses whose tokens end with the end of turn.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 
 from data_contracts import tokenized_pair
 from pipeline import ragged
-from pipeline.templates import ChatTemplate, PairTexts
+from pipeline.templates import ChatTemplate, PairTexts, TurnMarkers, turn_markers
 
 # Names under which tokenizers commonly store bos/eos, tried in order for a bare
 # tokenizer.json (it has no config saying which special token is which).
@@ -47,6 +52,10 @@ _SPLIT = (
 
 class TokenizerError(ValueError):
     """A tokenizer path cannot be loaded; the message names the file."""
+
+
+class MarkerError(ValueError):
+    """A template's markers are not single tokens of the tokenizer; names them and the fix."""
 
 
 @dataclass(frozen=True)
@@ -156,13 +165,15 @@ def train_tokenizer(
     Args:
         texts: the rendered prompts and responses it will encode.
         vocab_size: target vocabulary, incl. the 256 byte symbols and special tokens.
-        template: its markers and bos/eos become atomic special tokens.
+        template: its markers and bos/eos, and the known markers a custom template
+            renders, become atomic special tokens.
 
     Returns:
         The trained tokenizer; `json_bytes` is its `tokenizer.json`.
     """
-    specials = [*template.special_tokens]
-    specials += [t for t in (template.bos_token, template.eos_token) if t and t not in specials]
+    bos_eos = [t for t in (template.bos_token, template.eos_token) if t]
+    rendered = turn_markers(template, template.bos_token, template.eos_token).markers
+    specials = list(dict.fromkeys([*template.special_tokens, *bos_eos, *rendered]))
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -200,6 +211,35 @@ def encode(tokenizer: Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarr
     offsets = ragged.offsets_of(lengths)
     ids = itertools.chain.from_iterable(e.ids for e in encodings)
     return np.fromiter(ids, dtype=np.int32, count=int(offsets[-1])), offsets
+
+
+def token_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """The ids of `text` alone, encoded as every pair is (no special tokens added)."""
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def check_markers(loaded: LoadedTokenizer, template: ChatTemplate, markers: TurnMarkers) -> None:
+    """Refuse a template whose markers the tokenizer has no single token for.
+
+    Trained so, a model ends its turns with several ordinary tokens (GPT-2 splits
+    `<|im_end|>` into 7) that no generation loop stops on, and nothing else would say so.
+
+    Raises:
+        MarkerError: one line naming each split marker, the template, the tokenizer and the
+            fixes (another template, another tokenizer, or the explicit opt-in).
+    """
+    split = {m: n for m in markers.markers if (n := len(token_ids(loaded.tokenizer, m))) != 1}
+    if not split:
+        return
+    listed = ", ".join(f"{m!r} -> {n} tokens" for m, n in split.items())
+    eos = f", which ends a turn with its eos {loaded.eos_token!r}" if loaded.eos_token else ""
+    raise MarkerError(
+        f"template {template.name!r} uses markers that tokenizer {loaded.name!r} has no single "
+        f"token for ({listed}), so the model would end its turns with ordinary tokens that no "
+        f"generation loop stops on; use a template made for this tokenizer (e.g. --template "
+        f"plain{eos}), a tokenizer that has these markers as special tokens, or "
+        "--allow-multi-token-markers (allow_multi_token_markers=True) to train them as they are"
+    )
 
 
 def tokenize_pairs(texts: PairTexts, pair_ids: list[str], tokenizer: Tokenizer) -> pa.Table:
@@ -249,6 +289,65 @@ class BoundaryReport:
             "rate": self.rate,
             "examples": self.examples,
         }
+
+
+@dataclass
+class EndingReport:
+    """How many responses end with the template's end of turn, as tokens.
+
+    Attributes:
+        token: the end-of-turn marker, None when the template ends turns with none.
+        token_ids: its ids (one, unless multi-token markers were allowed).
+        suffix: a response's text from that marker on (`<|im_end|>\\n` for chatml).
+        suffix_ids: its ids; a response counts when its ids end with them (never, when
+            `token` is None).
+        count: responses (chosen and rejected) that end so.
+        of: responses checked.
+    """
+
+    token: str | None
+    token_ids: list[int]
+    suffix: str
+    suffix_ids: np.ndarray
+    count: int = 0
+    of: int = 0
+
+    @classmethod
+    def for_markers(cls, tokenizer: Tokenizer, markers: TurnMarkers) -> EndingReport:
+        end = markers.end_of_turn
+        suffix_ids = np.array(token_ids(tokenizer, markers.suffix), dtype=np.int32)
+        return cls(end, token_ids(tokenizer, end) if end else [], markers.suffix, suffix_ids)
+
+    @property
+    def rate(self) -> float:
+        return self.count / self.of if self.of else 0.0
+
+    def add(self, responses: pa.Array | pa.ChunkedArray) -> None:
+        """Count a batch of `chosen_ids` or `rejected_ids` lists."""
+        self.of += len(responses)
+        if self.token is not None:
+            self.count += int(_ends_with(responses, self.suffix_ids).sum())
+
+    def to_dict(self) -> dict:
+        return {
+            "token": self.token,
+            "token_ids": self.token_ids,
+            "suffix": self.suffix,
+            "count": self.count,
+            "of": self.of,
+            "rate": self.rate,
+        }
+
+
+def _ends_with(lists: pa.Array | pa.ChunkedArray, suffix: np.ndarray) -> np.ndarray:
+    """bool per list: its last len(suffix) values equal `suffix`."""
+    values, offsets = ragged.list_parts(lists)
+    long_enough = np.diff(offsets) >= len(suffix)
+    # (rows, len(suffix)) positions of each long-enough list's tail.
+    tails = offsets[1:][long_enough, None] - len(suffix) + np.arange(len(suffix))
+    ends = np.zeros(len(offsets) - 1, dtype=bool)
+    ends[long_enough] = (values[tails] == suffix).all(axis=1)
+    return ends
 
 
 def boundary_agreement(

@@ -28,6 +28,7 @@ REPORT = {
         "lengths": {},
         "length_histograms": {},
         "boundary_agreement": {},
+        "responses_ending_with_eos": {},
     },
 }
 

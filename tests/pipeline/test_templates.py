@@ -14,9 +14,11 @@ from pipeline.templates import (
     FIXED_NOW,
     ChatTemplate,
     TemplateError,
+    TurnMarkers,
     builtin_template,
     render_pairs,
     resolve_template,
+    turn_markers,
 )
 from tests.pipeline.factories import fixture_pairs
 
@@ -126,3 +128,62 @@ def test_absent_special_tokens_are_undefined_as_in_transformers() -> None:
     template = ChatTemplate("t", "{{ 'B' if bos_token is defined else 'none' }}")
     assert template.render([], False, None, None) == "none"
     assert template.render([], False, "<s>", None) == "B"
+
+
+@pytest.mark.parametrize(
+    ("name", "bos", "eos", "expected"),
+    [
+        (
+            "chatml",
+            None,
+            "<|endoftext|>",  # a base model's eos: chatml still ends turns with <|im_end|>
+            TurnMarkers(("<|im_start|>", "<|im_end|>"), "<|im_end|>", "<|im_end|>\n"),
+        ),
+        (
+            "llama3",
+            "<|begin_of_text|>",
+            "<|eot_id|>",
+            TurnMarkers(
+                ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+                "<|eot_id|>",
+                "<|eot_id|>",
+            ),
+        ),
+        # llama3 renders the tokenizer's bos, so without one there is none to check.
+        (
+            "llama3",
+            None,
+            None,
+            TurnMarkers(
+                ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+                "<|eot_id|>",
+                "<|eot_id|>",
+            ),
+        ),
+        # plain ends a turn with whatever eos the tokenizer has, or with nothing.
+        ("plain", None, "</s>", TurnMarkers(("</s>",), "</s>", "</s>")),
+        (
+            "plain",
+            None,
+            "<|endoftext|>",
+            TurnMarkers(("<|endoftext|>",), "<|endoftext|>", "<|endoftext|>"),
+        ),
+        ("plain", None, None, TurnMarkers((), None, "")),
+    ],
+)
+def test_turn_markers_of_builtins(
+    name: str, bos: str | None, eos: str | None, expected: TurnMarkers
+) -> None:
+    assert turn_markers(builtin_template(name), bos, eos) == expected
+
+
+def test_turn_markers_of_custom_templates_are_found_by_rendering() -> None:
+    """A .jinja file carries no marker list: the known markers it renders are found, and
+    the end of turn is the one a response ends with, after trailing whitespace."""
+    copy = ChatTemplate("mine.jinja", builtin_template("chatml").source)
+    assert turn_markers(copy, None, None) == turn_markers(builtin_template("chatml"), None, None)
+    # HF_STYLE ends an assistant turn with the tokenizer's eos, then a blank line.
+    hf = turn_markers(ChatTemplate("hf_style", HF_STYLE), "<s>", "</s>")
+    assert hf == TurnMarkers(("</s>", "<s>"), "</s>", "</s>\n")
+    bare = ChatTemplate("bare", "{% for m in messages %}{{ m.content }}{% endfor %}")
+    assert turn_markers(bare, None, "<|im_end|>") == TurnMarkers((), None, "")

@@ -7,21 +7,29 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from pipeline import ragged
-from pipeline.templates import ChatTemplate, builtin_template, render_pairs
+from pipeline.templates import ChatTemplate, builtin_template, render_pairs, turn_markers
 from pipeline.tokenize import (
     BoundaryReport,
+    EndingReport,
+    MarkerError,
     TokenizerError,
     boundary_agreement,
+    check_markers,
     load_tokenizer,
     tokenize_pairs,
     train_tokenizer,
 )
-from tests.pipeline.factories import fixture_pairs, random_pairs
+from tests.conftest import FIXTURES
+from tests.pipeline.factories import fixture_pairs, pair_table, random_pairs
+
+GPT2 = FIXTURES / "gpt2_small_tokenizer.json"  # GPT-2's BPE, no chat markers
+CHATML_FOLDER = FIXTURES / "chatml_tokenizer"  # a SmolLM2-style model folder
 
 
 def _render(table, template: ChatTemplate, bos=None, eos="<|im_end|>"):
@@ -182,3 +190,109 @@ def test_tokenized_lists_line_up_with_each_text(tiny_tokenizer_path: Path) -> No
         for i, text in enumerate(strings):
             expected = loaded.tokenizer.encode(text, add_special_tokens=False).ids
             assert values[offsets[i] : offsets[i + 1]].tolist() == expected
+
+
+def _check(tokenizer: str | Path, template: ChatTemplate) -> None:
+    loaded = load_tokenizer(tokenizer)
+    check_markers(loaded, template, turn_markers(template, loaded.bos_token, loaded.eos_token))
+
+
+def test_gpt2_with_chatml_is_refused_naming_markers_template_and_fixes() -> None:
+    loaded = load_tokenizer(GPT2)
+    assert len(loaded.tokenizer.encode("<|im_end|>", add_special_tokens=False).ids) == 7
+    with pytest.raises(MarkerError) as caught:
+        _check(GPT2, builtin_template("chatml"))
+    message = str(caught.value)
+    assert "\n" not in message  # one line, as the CLI prints it
+    assert "template 'chatml'" in message and "tokenizer 'gpt2_small_tokenizer.json'" in message
+    assert "'<|im_start|>' -> 8 tokens, '<|im_end|>' -> 7 tokens" in message
+    assert "--template plain, which ends a turn with its eos '<|endoftext|>'" in message
+    assert "--allow-multi-token-markers" in message
+
+
+def test_a_custom_template_is_checked_for_the_markers_it_renders() -> None:
+    """A .jinja copy of chatml lists no markers; rendering finds them all the same."""
+    copy = ChatTemplate("mine.jinja", builtin_template("chatml").source)
+    with pytest.raises(MarkerError, match=r"template 'mine\.jinja'.*'<\|im_end\|>' -> 7"):
+        _check(GPT2, copy)
+
+
+@pytest.mark.parametrize(
+    ("tokenizer", "template"),
+    [
+        (GPT2, builtin_template("plain")),  # ends turns with GPT-2's own <|endoftext|>
+        (CHATML_FOLDER, builtin_template("chatml")),
+        (CHATML_FOLDER, ChatTemplate("tokenizer", load_tokenizer(CHATML_FOLDER).chat_template)),
+        (GPT2, ChatTemplate("bare", "{% for m in messages %}{{ m.content }}{% endfor %}")),
+    ],
+    ids=["gpt2-plain", "folder-chatml", "folder-own-template", "gpt2-no-markers"],
+)
+def test_templates_whose_markers_are_single_tokens_pass(
+    tokenizer: Path, template: ChatTemplate
+) -> None:
+    _check(tokenizer, template)
+
+
+def test_trained_bpe_makes_the_markers_of_a_custom_template_atomic() -> None:
+    """With no tokenizer given, the markers a custom template renders become special
+    tokens, so the trained tokenizer passes the marker check."""
+    copy = ChatTemplate("mine.jinja", builtin_template("chatml").source)
+    trained = train_tokenizer(["some words"] * 10, 300, copy)
+    for marker in ("<|im_start|>", "<|im_end|>"):
+        assert len(trained.tokenizer.encode(marker, add_special_tokens=False).ids) == 1
+    check_markers(trained, copy, turn_markers(copy, trained.bos_token, trained.eos_token))
+
+
+def _ending(
+    tokenizer: Tokenizer, template: ChatTemplate, eos: str | None, table: pa.Table
+) -> EndingReport:
+    texts = _render(table, template, None, eos)
+    tokenized = tokenize_pairs(texts, table.column("pair_id").to_pylist(), tokenizer)
+    report = EndingReport.for_markers(tokenizer, turn_markers(template, None, eos))
+    report.add(tokenized.column("chosen_ids"))
+    report.add(tokenized.column("rejected_ids"))
+    return report
+
+
+RESPONSES = pair_table(
+    [
+        ([{"role": "user", "content": "hi"}], "Sure.", "No "),  # GPT-2 merges " <" in "No <|"
+        ([{"role": "user", "content": "why"}], "Because", "ok  "),
+        ([{"role": "user", "content": "yo"}], "fine\n", "x"),
+    ]
+)
+
+
+def test_ending_counts_responses_whose_ids_end_with_the_end_of_turn() -> None:
+    """GPT-2 (markers allowed): chatml's "<|im_end|>\\n" is 8 ordinary tokens, and a
+    response ending in a space merges it into " <", so those two of six do not end with
+    them. With the markers as special tokens every response ends with [<|im_end|>, "\\n"]."""
+    gpt2 = load_tokenizer(GPT2).tokenizer
+    report = _ending(gpt2, builtin_template("chatml"), "<|endoftext|>", RESPONSES)
+    suffix = gpt2.encode("<|im_end|>\n", add_special_tokens=False).ids
+    assert len(report.token_ids) == 7 and len(suffix) == 8
+    assert report.to_dict() == {
+        "token": "<|im_end|>",
+        "token_ids": report.token_ids,
+        "suffix": "<|im_end|>\n",
+        "count": 4,
+        "of": 6,
+        "rate": 4 / 6,
+    }
+    folder = load_tokenizer(CHATML_FOLDER).tokenizer
+    report = _ending(folder, builtin_template("chatml"), "<|im_end|>", RESPONSES)
+    assert (report.token_ids, report.count, report.of, report.rate) == ([1282], 6, 6, 1.0)
+
+
+def test_a_template_without_end_of_turn_ends_no_response() -> None:
+    """`plain` with a tokenizer that has no eos ends turns with nothing: rate 0, no token."""
+    gpt2 = load_tokenizer(GPT2).tokenizer
+    report = _ending(gpt2, builtin_template("plain"), None, RESPONSES)
+    assert report.to_dict() == {
+        "token": None,
+        "token_ids": [],
+        "suffix": "",
+        "count": 0,
+        "of": 6,
+        "rate": 0.0,
+    }

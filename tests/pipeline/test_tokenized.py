@@ -15,9 +15,10 @@ import pytest
 from data_contracts import preference_pair, tokenized_pair
 from data_contracts.contract import ContractError
 from pipeline import ragged, tokenized
+from pipeline.pack import PackConfig, build_shards
 from pipeline.shards import TOKENIZER, TOKENIZER_CONFIG, ShardError
 from pipeline.templates import builtin_template, render_pairs
-from pipeline.tokenize import load_tokenizer, tokenize_pairs
+from pipeline.tokenize import MarkerError, load_tokenizer, tokenize_pairs
 from pipeline.tokenized import (
     DATA_FILES,
     REPORT,
@@ -27,10 +28,13 @@ from pipeline.tokenized import (
     read_tokenized,
     tokenized_key,
 )
+from tests.conftest import FIXTURES
 from tests.pipeline.factories import pair_table, random_pairs, write_pairs
 
 SMALL = TokenizeConfig(boundary_check_pairs=8)
 BARE = "{% for m in messages %}{{ m.content }}{% endfor %}"  # no end of turn
+GPT2 = FIXTURES / "gpt2_small_tokenizer.json"  # GPT-2's BPE: no chat markers
+CHATML_FOLDER = FIXTURES / "chatml_tokenizer"  # SmolLM2-style folder with chat_template
 
 
 def _files(directory: Path) -> dict[str, bytes]:
@@ -123,7 +127,12 @@ def test_a_normalize_or_curate_directory_is_read_as_its_pairs_file(
     assert by_folder.key == by_file.key and by_folder.reused
 
 
-CHANGED = {"template": "llama3", "bpe_vocab_size": 500, "boundary_check_pairs": 3}
+CHANGED = {
+    "template": "llama3",
+    "bpe_vocab_size": 500,
+    "boundary_check_pairs": 3,
+    "allow_multi_token_markers": True,
+}
 
 
 def test_every_config_field_is_in_the_key() -> None:
@@ -268,9 +277,123 @@ def test_bad_input_names_the_file_and_rows(tiny_tokenizer_path: Path, tmp_path: 
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("bpe_vocab_size", 299), ("boundary_check_pairs", -1)]
+    ("flag", "field", "value"),
+    [
+        ("--bpe-vocab-size", "bpe_vocab_size", 299),
+        ("--boundary-check-pairs", "boundary_check_pairs", -1),
+    ],
 )
-def test_out_of_range_settings_are_named(field: str, value: object, tmp_path: Path) -> None:
-    config = dataclasses.replace(SMALL, **{field: value})
-    with pytest.raises(ValueError, match=field):
-        build_tokenized(tmp_path / "unused.parquet", None, config, tmp_path / "s")
+def test_out_of_range_settings_are_named(flag: str, field: str, value: object) -> None:
+    """The config refuses them as it is built, before any data is read."""
+    with pytest.raises(ValueError, match=f"{flag} must be >= .*, got {value}"):
+        dataclasses.replace(SMALL, **{field: value})
+
+
+# ----------------------------------------------------------- markers and end of turn
+
+
+def _exported_eos(directory: Path) -> str | None:
+    return json.loads((directory / TOKENIZER_CONFIG).read_text()).get("eos_token")
+
+
+def _ending_by_hand(directory: Path, suffix: list[int]) -> tuple[int, int]:
+    """(responses whose ids end with `suffix`, responses), from the written rows."""
+    rows = pq.read_table(directory / TOKENIZED).to_pylist()
+    responses = [row[k] for row in rows for k in ("chosen_ids", "rejected_ids")]
+    return sum(r[-len(suffix) :] == suffix for r in responses), len(responses)
+
+
+def test_gpt2_with_chatml_stops_before_any_pair_is_read(
+    pairs_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unread(*args: object) -> None:
+        raise AssertionError("pairs were read")
+
+    monkeypatch.setattr(tokenized, "_pair_batches", unread)
+    monkeypatch.setattr(tokenized, "sha256_file", unread)
+    with pytest.raises(MarkerError) as caught:
+        build_tokenized(pairs_path, GPT2, SMALL, tmp_path / "s")
+    message = str(caught.value)
+    assert "template 'chatml'" in message and "'<|im_end|>' -> 7 tokens" in message
+    assert "--template plain" in message and "--allow-multi-token-markers" in message
+    assert not (tmp_path / "s" / "tokenized").exists()
+
+
+def test_allowed_multi_token_markers_are_tokenized_and_their_ending_rate_reported(
+    tmp_path: Path,
+) -> None:
+    """GPT-2 merges a trailing space with the "<" of "<|im_end|>", so the two responses
+    ending in spaces do not end with the marker's 8 tokens (7 + "\\n"): 4 of 6 do."""
+    table = pair_table(
+        [
+            ([{"role": "user", "content": "hi"}], "Sure.", "No "),
+            ([{"role": "user", "content": "why"}], "Because", "ok  "),
+            ([{"role": "user", "content": "yo"}], "fine\n", "x"),
+        ]
+    )
+    path = write_pairs(tmp_path / "p.parquet", table)
+    config = dataclasses.replace(SMALL, allow_multi_token_markers=True)
+    result = build_tokenized(path, GPT2, config, tmp_path / "s")
+    ending = result.report["stats"]["responses_ending_with_eos"]
+    gpt2 = load_tokenizer(GPT2).tokenizer
+    suffix = gpt2.encode("<|im_end|>\n", add_special_tokens=False).ids
+    assert _ending_by_hand(result.directory, suffix) == (ending["count"], ending["of"]) == (4, 6)
+    assert ending["token"] == "<|im_end|>" and len(ending["token_ids"]) == 7
+    assert ending["rate"] == 4 / 6
+    assert result.report["config"]["allow_multi_token_markers"] is True
+    # <|im_end|> is no token of GPT-2: naming it as eos would make transformers add an
+    # untrained one, so the tokenizer's own eos stays.
+    assert _exported_eos(result.directory) == "<|endoftext|>"
+
+
+def _base_model_folder(tmp_path: Path) -> Path:
+    """A Qwen-base-like folder: chatml markers are special tokens, but eos is
+    <|endoftext|> and there is no chat_template (so chatml is used)."""
+    folder = tmp_path / "base"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_bytes((CHATML_FOLDER / "tokenizer.json").read_bytes())
+    config = {"eos_token": "<|endoftext|>", "tokenizer_class": "GPT2Tokenizer"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("case", "template", "end_of_turn", "suffix"),
+    [
+        ("base-folder", None, "<|im_end|>", "<|im_end|>\n"),
+        ("smollm-folder", None, "<|im_end|>", "<|im_end|>\n"),  # the folder's own template
+        ("trained", None, "<|im_end|>", "<|im_end|>\n"),
+        ("trained", "llama3", "<|eot_id|>", "<|eot_id|>"),
+        ("gpt2", "plain", "<|endoftext|>", "<|endoftext|>"),
+    ],
+)
+def test_every_response_ends_with_the_end_of_turn_and_it_is_the_exported_eos(
+    case: str,
+    template: str | None,
+    end_of_turn: str,
+    suffix: str,
+    pairs_path: Path,
+    tmp_path: Path,
+) -> None:
+    tokenizer = {
+        "base-folder": _base_model_folder(tmp_path),
+        "smollm-folder": CHATML_FOLDER,
+        "trained": None,
+        "gpt2": GPT2,
+    }[case]
+    config = dataclasses.replace(SMALL, template=template, bpe_vocab_size=400)
+    store = tmp_path / "s"
+    result = build_tokenized(pairs_path, tokenizer, config, store)
+    if case == "smollm-folder":
+        assert result.report["template"]["name"] == "tokenizer"
+    ending = result.report["stats"]["responses_ending_with_eos"]
+    loaded = load_tokenizer(result.directory / TOKENIZER)
+    suffix_ids = loaded.tokenizer.encode(suffix, add_special_tokens=False).ids
+    assert ending["token_ids"] == [loaded.tokenizer.token_to_id(end_of_turn)]
+    assert (ending["token"], ending["suffix"], ending["rate"]) == (end_of_turn, suffix, 1.0)
+    assert _ending_by_hand(result.directory, suffix_ids) == (ending["count"], ending["of"])
+    assert ending["of"] == 2 * result.report["stats"]["pairs_out"] > 0
+    # Generation stops where the responses end: in the tokenized and in the shard folder.
+    shards = build_shards(result.directory, PackConfig(max_len=512, pack_window=16), store)
+    assert _exported_eos(result.directory) == end_of_turn
+    assert _exported_eos(shards.directory) == end_of_turn
