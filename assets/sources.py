@@ -3,7 +3,8 @@
 `raw_source` resolves where a source reads from (bundled sample, local path or hub id) and
 fingerprints it; its data version is that fingerprint, so an unchanged input leaves
 everything downstream in sync. `normalized_pairs` maps it to canonical pairs plus
-quarantine, with the counts by reason on the asset.
+quarantine and dropped rows (each findable by file and row index), with the counts by reason
+and the paths of both tables on the asset.
 """
 
 import hashlib
@@ -69,7 +70,7 @@ def raw_source(context: dg.AssetExecutionContext, sources: SourcesResource) -> d
     code_version=CODE_VERSION,
     check_specs=checks.specs("normalized_pairs", checks.SCHEMA, checks.ACCOUNTING),
     description="One source mapped to canonical preference pairs; rows that cannot be mapped "
-    "go to quarantine with a reason code.",
+    "go to quarantine with a reason code, rows that form no pair to dropped.parquet.",
 )
 def normalized_pairs(
     context: dg.AssetExecutionContext,
@@ -91,6 +92,8 @@ def normalized_pairs(
             "dropped": sum(report["dropped"].values()),
             "quarantine_by_reason": count_table(report["quarantined"], total=report["rows_in"]),
             "dropped_by_reason": count_table(report["dropped"], total=report["rows_in"]),
+            "quarantine_path": dg.MetadataValue.path(str(out / report["quarantine_file"])),
+            "dropped_path": dg.MetadataValue.path(str(out / report["dropped_file"])),
             "score_scale": report["score_scale"],
         },
     )

@@ -1,8 +1,10 @@
 """`quarantine`: rows a stage could not use, each with a reason code and the raw row.
 
 The reason codes are the rule names of the contracts plus the adapters' own mapping
-failures (for example `invalid_json`, `invalid_utf8`, `missing_field`, `wrong_type`,
-`score_out_of_range`). Nothing is dropped without a row here or a counted drop reason.
+failures (for example `invalid_json`, `invalid_utf8`, `invalid_unicode`, `too_deep`,
+`duplicate_key`, `number_out_of_range`, `not_an_object`, `missing_field`, `wrong_type`,
+`score_out_of_range`). Nothing is dropped without a row here or, for rows a source's own
+rules leave out, a row in normalize's `dropped.parquet` with its reason.
 """
 
 from __future__ import annotations

@@ -7,22 +7,41 @@ through `datasets.load_dataset`; offline that fails with an error naming the id.
 
 Then `conform` casts each file to a raw contract (see `data_contracts.raw_sources`). Typed
 files (Parquet, Arrow, hub) are checked per column: a missing or wrongly typed column stops
-the run with the file and column named. JSON files are checked per row: a line that is not
-UTF-8, not JSON or not an object, or a value of the wrong type, becomes a row problem with a
-reason code, and the run goes on.
+the run with the file and column named. JSON is checked per row, and one bad row never
+costs the file: a line that is not UTF-8, not JSON, not an object, nested too deep, holds a
+duplicate key or a number no double holds, or a value of the wrong type, becomes a row
+problem with a reason code, and the run goes on.
+
+JSON lines are parsed by `pyarrow.json` in blocks of `BLOCK_BYTES` (C++, threaded). Lines it
+must not see go to Python's parser first: invalid UTF-8 (pyarrow does not check) and lines
+with more than `DEEP_BRACKETS` opening brackets (pyarrow crashes on ~10k levels; Python
+raises RecursionError, which is caught). A block pyarrow refuses (a bad line, or types that
+change between rows) is bisected; pieces of at most `PYTHON_LINES` lines are parsed line by
+line in Python, with the same rules as pyarrow (ints beyond int64 become doubles, NaN and
+Infinity are numbers, duplicate keys and overflowing numbers are refused). A JSON array is
+re-serialized as JSON lines, so both formats share this path.
+
+Column names may be dotted (`metadata.score_chosen`) to reach a field of a struct column.
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
+import itertools
 import json
+import math
 import re
-from collections.abc import Callable, Sequence
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from data_contracts.contract import Contract, ContractError
@@ -42,10 +61,16 @@ KNOWN_SPLITS = (
     "train_gen",
     "test_gen",
 )
+BLOCK_BYTES = 16 << 20  # one pyarrow.json call: bounded memory, cheap to bisect
+DEEP_BRACKETS = 1000  # more `[`/`{` in a line than this: Python's parser only (a bound on depth)
+PYTHON_LINES = 16  # a refused piece this small is parsed line by line
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_ARROW_ERRORS = (pa.ArrowException, TypeError, OverflowError, UnicodeError)
+_INT64 = (-(2**63), 2**63)
 
 Convert = Callable[[str, pa.Array], pa.Array]
+Problem = tuple[int, str, str]  # (row index, reason, message)
 
 
 class IngestError(ValueError):
@@ -74,32 +99,32 @@ class RawFile:
     Attributes:
         label: the path or `hub_id:split`, written to quarantine rows as `file`.
         split: the split its name or the hub gives, or None when unknown.
-        rows: rows seen, parsed or not (blank JSON lines are not rows).
+        rows: rows in the file (blank JSON lines are not rows).
         table: a typed table (Parquet, Arrow, hub), or None for JSON input.
-        records: JSON input: the parsed objects, in file order.
-        row_index: JSON input: the 0-based row (line) index of each record.
-        failures: rows that could not be parsed: (row index, reason, message).
-        raw_lines: JSON lines input: the undecoded line of each row index.
+        data: JSON input: the bytes, as JSON lines (an array is re-serialized).
+        line_index: JSON input: per row, its 0-based line number (its row index).
+        starts, ends: JSON input: per row, the byte range of its line in `data`.
     """
 
     label: str
     split: str | None
     rows: int
     table: pa.Table | None = None
-    records: list[dict[str, Any]] = field(default_factory=list)
-    row_index: list[int] = field(default_factory=list)
-    failures: list[tuple[int, str, str]] = field(default_factory=list)
-    raw_lines: list[bytes] | None = None
+    data: bytes = b""
+    line_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    starts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    ends: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def line(self, position: int) -> bytes:
+        """The bytes of the `position`-th row of JSON input."""
+        return self.data[self.starts[position] : self.ends[position]]
 
     def raw(self, row_indices: Sequence[int]) -> list[str]:
         """The raw rows at `row_indices` as text: the original line, or the row as JSON."""
-        if self.raw_lines is not None:
-            return [self.raw_lines[i].decode("utf-8", "backslashreplace") for i in row_indices]
-        if self.table is not None:
-            rows = self.table.take(pa.array(row_indices, pa.int64())).to_pylist()
-        else:
-            position = {r: i for i, r in enumerate(self.row_index)}
-            rows = [self.records[position[i]] if i in position else None for i in row_indices]
+        if self.table is None:
+            positions = np.searchsorted(self.line_index, np.asarray(row_indices, np.int64))
+            return [self.line(int(p)).decode("utf-8", "backslashreplace") for p in positions]
+        rows = self.table.take(pa.array(row_indices, pa.int64())).to_pylist()
         return [json.dumps(r, ensure_ascii=False, default=str) for r in rows]
 
 
@@ -128,8 +153,9 @@ def read(input: str | Path, hub: HubOptions | None = None) -> list[RawFile]:
         One `RawFile` per file or hub split, in a stable order.
 
     Raises:
-        IngestError: a missing path, an unknown format, an unreadable file or an empty
-            directory (naming the path), or a hub id that cannot be loaded (naming the id).
+        IngestError: a missing path, an unknown format, an unreadable file, an empty
+            directory or an input without rows (naming the path), or a hub id that cannot
+            be loaded (naming the id).
     """
     if is_hub_id(input):
         return _read_hub(str(input), hub or HubOptions())
@@ -137,11 +163,15 @@ def read(input: str | Path, hub: HubOptions | None = None) -> list[RawFile]:
     if not path.exists():
         raise IngestError(f"{path}: no such file or directory")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and _format(p) is not None)
-        if not files:
+        found = sorted(p for p in path.rglob("*") if p.is_file() and _format(p) is not None)
+        if not found:
             raise IngestError(f"{path}: no {', '.join(SUFFIXES)} (optionally .gz) files inside")
-        return [_read_file(p) for p in files]
-    return [_read_file(path)]
+        files = [_read_file(p) for p in found]
+    else:
+        files = [_read_file(path)]
+    if not any(f.rows for f in files):
+        raise IngestError(f"{path}: no rows (empty file{'s' if path.is_dir() else ''})")
+    return files
 
 
 def _format(path: Path) -> str | None:
@@ -170,17 +200,10 @@ def _read_file(path: Path) -> RawFile:
         data = path.read_bytes()
         if path.name.lower().endswith(".gz"):
             data = gzip.decompress(data)
-    except (OSError, EOFError, pa.ArrowInvalid) as err:
+    except (OSError, EOFError, zlib.error, pa.ArrowInvalid) as err:
         raise IngestError(f"{path}: cannot read as {kind}: {err}") from err
-    if kind == ".json":
-        try:
-            whole = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            whole = None  # not one JSON document: read it as JSON lines
-        if whole is not None:
-            if not isinstance(whole, list):
-                raise IngestError(f"{path}: expected a JSON array of objects or JSON lines")
-            return _from_objects(label, split, whole)
+    if kind == ".json" and data.lstrip(b" \t\r\n" + codecs.BOM_UTF8).startswith(b"["):
+        return _from_array(label, split, data)
     return _from_json_lines(label, split, data)
 
 
@@ -193,39 +216,53 @@ def _read_arrow(path: Path) -> pa.Table:
             return pa.ipc.open_stream(source).read_all()
 
 
-def _from_objects(label: str, split: str | None, objects: list[Any]) -> RawFile:
-    raw = RawFile(label, split, len(objects))
-    for i, obj in enumerate(objects):
-        if isinstance(obj, dict):
-            raw.records.append(obj)
-            raw.row_index.append(i)
-        else:
-            raw.failures.append((i, "not_an_object", f"row {i}: expected an object"))
-    return raw
+def _from_array(label: str, split: str | None, data: bytes) -> RawFile:
+    """A JSON array, each element re-serialized as one JSON line (element i is row i)."""
+    try:
+        elements = json.loads(data)
+    except RecursionError:
+        raise IngestError(
+            f"{label}: JSON nested too deep for Python's parser; as JSON lines, only the deep "
+            "rows would be quarantined"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise IngestError(f"{label}: not a valid JSON array: {err}") from None
+    lines = [_dumps(element) for element in elements]
+    return _from_json_lines(label, split, b"\n".join(lines))
+
+
+def _dumps(value: Any) -> bytes:
+    """One JSON line; lone surrogates (which UTF-8 cannot hold) stay escaped."""
+    try:
+        return json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value).encode("ascii")
 
 
 def _from_json_lines(label: str, split: str | None, data: bytes) -> RawFile:
-    """Parse line by line (the JSON parser is the batch boundary), keeping bad lines apart."""
-    lines = data.split(b"\n")
-    raw = RawFile(label, split, 0, raw_lines=lines)
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        raw.rows += 1
-        try:
-            obj = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError as err:
-            raw.failures.append((i, "invalid_utf8", f"line {i + 1}: {err}"))
-            continue
-        except json.JSONDecodeError as err:
-            raw.failures.append((i, "invalid_json", f"line {i + 1}: {err}"))
-            continue
-        if not isinstance(obj, dict):
-            raw.failures.append((i, "not_an_object", f"line {i + 1}: expected a JSON object"))
-            continue
-        raw.records.append(obj)
-        raw.row_index.append(i)
-    return raw
+    """Find the rows (non-blank lines) of JSON lines, vectorised; nothing is parsed yet."""
+    buffer = np.frombuffer(data, np.uint8)
+    newlines = np.flatnonzero(buffer == ord("\n"))
+    starts = np.concatenate([[0], newlines + 1]).astype(np.int64)
+    ends = np.concatenate([newlines, [len(data)]]).astype(np.int64)
+    if data.startswith(codecs.BOM_UTF8):
+        starts[0] = len(codecs.BOM_UTF8)  # a BOM opening the file is no part of row 0
+    # Rows start with "{" almost always; only the others are checked for being blank.
+    first = buffer[np.minimum(starts, max(len(data) - 1, 0))] if len(data) else starts
+    maybe_blank = np.flatnonzero((starts >= ends) | (first != ord("{")))
+    blank = [i for i in maybe_blank if not data[starts[i] : ends[i]].strip(b" \t\r")]
+    keep = np.ones(len(starts), bool)
+    keep[np.asarray(blank, np.int64)] = False
+    line_index = np.flatnonzero(keep).astype(np.int64)
+    return RawFile(
+        label,
+        split,
+        len(line_index),
+        data=data,
+        line_index=line_index,
+        starts=starts[keep],
+        ends=ends[keep],
+    )
 
 
 def _read_hub(hub_id: str, hub: HubOptions) -> list[RawFile]:
@@ -294,7 +331,33 @@ class Conformed:
 
     table: pa.Table
     row_index: pa.Array
-    problems: list[tuple[int, str, str]]
+    problems: list[Problem]
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One contract field, the input column (maybe dotted) it is read from, its types."""
+
+    field: pa.Field
+    column: str
+    accepted: tuple[pa.DataType, ...]
+
+
+@dataclass
+class _Chunk:
+    """Some rows of a JSON file, cast.
+
+    Attributes:
+        table, row_index, problems: as in `Conformed`, for these rows.
+        present: the target columns some of these rows hold.
+        columns: the columns (and `column.field` of objects) these rows hold, for messages.
+    """
+
+    table: pa.Table
+    row_index: np.ndarray
+    problems: list[Problem]
+    present: set[str]
+    columns: set[str]
 
 
 def conform(
@@ -302,7 +365,8 @@ def conform(
     contract: Contract,
     shapes: dict[str, tuple[pa.DataType, ...]],
     convert: Convert,
-    columns: dict[str, str] | None = None,
+    columns: Mapping[str, str] | None = None,
+    column_options: Mapping[str, str] | None = None,
 ) -> Conformed:
     """Cast `raw` to `contract`'s schema, converting fields that arrive in another shape.
 
@@ -311,52 +375,335 @@ def conform(
         contract: the source's raw contract.
         shapes: field -> other accepted types (`data_contracts.raw_sources.SHAPES`).
         convert: (field name, array of an accepted other type) -> array of the field's type.
-        columns: contract field -> column name in the input, where they differ.
+        columns: contract field -> the input column (dotted for a struct field) the user
+            chose; such a column must exist, even for an optional field.
+        column_options: contract field -> the source option that names its column, for
+            error messages (`-o chosen_column=...`).
 
     Raises:
-        ContractError: naming the file and every missing required column, or a typed
-            column whose type fits neither the contract nor an accepted shape.
+        ContractError: naming the file, the missing required or chosen columns, the
+            columns the file has and the option that maps them; or a typed column whose
+            type fits neither the contract nor an accepted shape.
+        IngestError: a JSON file in which no row could be read.
     """
-    if raw.table is not None:
-        present = set(raw.table.column_names)
-    else:
-        present = {key for record in raw.records for key in record}
-    columns = columns or {}
-    name = {f.name: columns.get(f.name, f.name) for f in contract.schema}
-    missing = [
-        name[f.name] for f in contract.schema if not f.nullable and name[f.name] not in present
+    columns = dict(columns or {})
+    targets = [
+        _Target(f, columns.get(f.name, f.name), (f.type, *shapes.get(f.name, ())))
+        for f in contract.schema
     ]
-    if missing and (raw.table is not None or raw.records):
-        raise ContractError(
-            f"{raw.label}: missing column(s) for {contract.name} v{contract.version}: "
-            + ", ".join(missing)
+    if raw.table is not None:
+        present = {t.column for t in targets if _typed_column(raw.table, t.column) is not None}
+        has = _table_paths(raw.table)
+        _check_columns(raw, contract, targets, columns, column_options, present, has)
+        return _conform_table(raw, contract, targets, convert)
+    if not raw.rows:  # an empty file in a directory that has rows elsewhere
+        empty = pa.schema([t.field for t in targets]).empty_table()
+        return Conformed(empty, pa.array([], pa.int64()), [])
+    chunks = [c for c in _json_chunks(raw, targets, convert) if len(c.row_index) or c.problems]
+    parsed = sum(len(c.row_index) for c in chunks)
+    problems = [p for c in chunks for p in c.problems]
+    if not parsed:
+        first = min(problems)
+        raise IngestError(
+            f"{raw.label}: no row could be read as a JSON object ({raw.rows} rows; "
+            f"first, row {first[0]}: {first[1]}: {first[2]})"
         )
-    problems = list(raw.failures)
+    present = set().union(*(c.present for c in chunks))
+    has = set().union(*(c.columns for c in chunks))
+    _check_columns(raw, contract, targets, columns, column_options, present, has)
+    table = pa.concat_tables([c.table for c in chunks]).combine_chunks()
+    row_index = np.concatenate([c.row_index for c in chunks])
+    if len(row_index) > 1 and np.any(np.diff(row_index) < 0):
+        order = np.argsort(row_index, kind="stable")
+        table, row_index = table.take(pa.array(order)), row_index[order]
+    return Conformed(table, pa.array(row_index, pa.int64()), sorted(problems))
+
+
+def _check_columns(
+    raw: RawFile,
+    contract: Contract,
+    targets: list[_Target],
+    columns: Mapping[str, str],
+    column_options: Mapping[str, str] | None,
+    present: set[str],
+    has: set[str],
+) -> None:
+    """Refuse a file without a required column, or without a column the user chose."""
+    absent = [
+        t
+        for t in targets
+        if t.column not in present and (not t.field.nullable or t.field.name in columns)
+    ]
+    if not absent:
+        return
+    options = column_options or {}
+    listed = sorted(has)
+    shown = ", ".join(listed[:40]) + (f", ... ({len(listed)} in all)" if len(listed) > 40 else "")
+    what = "; ".join(
+        f"{t.column!r}"
+        + (f" (option {options[t.field.name]}={t.column})" if t.field.name in columns else "")
+        for t in absent
+    )
+    maps = [f"-o {options[t.field.name]}=<column>" for t in absent if t.field.name in options]
+    hint = f"; map one with {', '.join(maps)}" if maps else ""
+    raise ContractError(
+        f"{raw.label}: missing column(s) for {contract.name} v{contract.version}: {what}; "
+        f"the file has: {shown or 'no columns'}{hint}"
+    )
+
+
+def _table_paths(table: pa.Table) -> set[str]:
+    """Column names, and `column.field` for the fields of struct columns (one level)."""
+    paths = set(table.column_names)
+    for f in table.schema:
+        if pa.types.is_struct(f.type):
+            paths |= {f"{f.name}.{f.type.field(i).name}" for i in range(f.type.num_fields)}
+    return paths
+
+
+def _typed_column(table: pa.Table, name: str) -> pa.ChunkedArray | None:
+    """The column `name`, or the struct field a dotted `name` reaches; None when absent."""
+    if name in table.column_names:
+        return table.column(name)
+    root, *path = name.split(".")
+    if not path or root not in table.column_names:
+        return None
+    column, kind, indices = table.column(root), table.schema.field(root).type, []
+    for part in path:
+        if not pa.types.is_struct(kind) or kind.get_field_index(part) < 0:
+            return None
+        indices.append(kind.get_field_index(part))
+        kind = kind.field(part).type
+    return pc.struct_field(column, indices)
+
+
+def _conform_table(
+    raw: RawFile, contract: Contract, targets: list[_Target], convert: Convert
+) -> Conformed:
+    """A typed file, column by column: a type that fits nothing stops the run."""
+    assert raw.table is not None
     arrays = []
-    for f in contract.schema:
-        accepted = (f.type, *shapes.get(f.name, ()))
-        if raw.table is None:
-            values = [record.get(name[f.name]) for record in raw.records]
-            array, bad = _column_from_values(values, f, accepted, convert)
-            problems += [(raw.row_index[i], "wrong_type", message) for i, message in bad]
-        elif name[f.name] not in present:
-            array = pa.nulls(raw.table.num_rows, f.type)
-        else:
-            array = raw.table.column(name[f.name]).combine_chunks()
-            target = next((t for t in accepted if conforms(array.type, t)), None)
-            if target is None:
-                raise ContractError(
-                    f"{raw.label}: column {name[f.name]!r} has type {array.type}; "
-                    f"{contract.name} needs {f.type}"
-                )
-            array = _as_field(array, target, f, convert)
-        arrays.append(array)
+    for t in targets:
+        column = _typed_column(raw.table, t.column)
+        if column is None:
+            arrays.append(pa.nulls(raw.table.num_rows, t.field.type))
+            continue
+        array = column.combine_chunks()
+        target = next((a for a in t.accepted if conforms(array.type, a)), None)
+        if target is None:
+            raise ContractError(
+                f"{raw.label}: column {t.column!r} has type {array.type}; "
+                f"{contract.name} needs {t.field.type}"
+            )
+        arrays.append(_as_field(array, target, t.field, convert))
     table = pa.Table.from_arrays(arrays, schema=contract.schema)
-    if raw.table is None:
-        row_index = pa.array(raw.row_index, pa.int64())
+    return Conformed(table, pa.array(range(raw.table.num_rows), pa.int64()), [])
+
+
+# ---------------------------------------------------------------------------------------
+# JSON lines: pyarrow.json in blocks, Python's parser around what it refuses
+
+
+def _json_chunks(raw: RawFile, targets: list[_Target], convert: Convert) -> Iterator[_Chunk]:
+    """Every row of `raw`, block by block, in chunks the fast or the slow path cast."""
+    bounds = np.searchsorted(raw.starts, np.arange(0, len(raw.data), BLOCK_BYTES))
+    bounds = np.unique(np.append(bounds, raw.rows))
+    for low, high in itertools.pairwise(bounds):
+        positions = np.arange(low, high, dtype=np.int64)
+        slow = _needs_python(raw, positions)
+        yield from _arrow_or_bisect(raw, positions[~slow], targets, convert)
+        if slow.any():
+            yield _python_chunk(raw, positions[slow], targets, convert)
+
+
+def _needs_python(raw: RawFile, positions: np.ndarray) -> np.ndarray:
+    """Per row: True when pyarrow must not parse it (deep nesting, or not UTF-8)."""
+    low, high = int(raw.starts[positions[0]]), int(raw.ends[positions[-1]])
+    view = memoryview(raw.data)[low:high]
+    buffer = np.frombuffer(view, np.uint8)
+    opens = (buffer == ord("[")) | (buffer == ord("{"))
+    # Brackets from each row's start to the next one's (blank lines have none).
+    per_row = np.add.reduceat(opens, raw.starts[positions] - low, dtype=np.int64)
+    slow = per_row > DEEP_BRACKETS
+    try:
+        codecs.utf_8_decode(view, "strict", True)
+    except UnicodeDecodeError:
+        for k, position in enumerate(positions):
+            try:
+                raw.line(int(position)).decode("utf-8")
+            except UnicodeDecodeError:
+                slow[k] = True
+    return slow
+
+
+def _arrow_or_bisect(
+    raw: RawFile, positions: np.ndarray, targets: list[_Target], convert: Convert
+) -> Iterator[_Chunk]:
+    """Cast `positions` with pyarrow; if refused, halve, down to pieces for Python."""
+    if not len(positions):
+        return
+    chunk = _arrow_chunk(raw, positions, targets, convert)
+    if chunk is not None:
+        yield chunk
+    elif len(positions) <= PYTHON_LINES:
+        yield _python_chunk(raw, positions, targets, convert)
     else:
-        row_index = pa.array(range(raw.table.num_rows), pa.int64())
-    return Conformed(table, row_index, problems)
+        half = len(positions) // 2
+        yield from _arrow_or_bisect(raw, positions[:half], targets, convert)
+        yield from _arrow_or_bisect(raw, positions[half:], targets, convert)
+
+
+def _arrow_chunk(
+    raw: RawFile, positions: np.ndarray, targets: list[_Target], convert: Convert
+) -> _Chunk | None:
+    """Rows parsed by pyarrow.json and cast per column; None when pyarrow refuses them or
+    a column's type is ambiguous (rows of different shapes merged into one struct)."""
+    first, last = int(positions[0]), int(positions[-1])
+    if last - first + 1 == len(positions):  # contiguous: no copy
+        payload = pa.py_buffer(memoryview(raw.data)[raw.starts[first] : raw.ends[last]])
+    else:
+        payload = pa.py_buffer(b"\n".join(raw.line(int(p)) for p in positions))
+    longest = int((raw.ends[positions] - raw.starts[positions]).max())
+    options = pa_json.ReadOptions(block_size=min(max(1 << 20, 2 * longest + 2), 2**31 - 1))
+    try:
+        table_read = pa_json.read_json(pa.BufferReader(payload), read_options=options)
+    except pa.ArrowException:
+        return None
+    if table_read.num_rows != len(positions):  # e.g. two objects on one line
+        return None
+    row_index = raw.line_index[positions]
+    arrays, problems, present = [], [], set()
+    for t in targets:
+        column = _typed_column(table_read, t.column)
+        if column is None or pa.types.is_null(column.type):
+            arrays.append(pa.nulls(table_read.num_rows, t.field.type))
+            present |= {t.column} if column is not None else set()
+            continue
+        present.add(t.column)
+        array = column.combine_chunks()
+        matches = [a for a in t.accepted if conforms(array.type, a)]
+        if len(matches) > 1:
+            return None
+        if not matches:
+            bad = np.flatnonzero(array.is_valid().to_numpy(zero_copy_only=False))
+            message = f"field {t.field.name!r}: {array.type} is not {t.field.type}"
+            problems += [(int(row_index[i]), "wrong_type", message) for i in bad]
+            arrays.append(pa.nulls(table_read.num_rows, t.field.type))
+            continue
+        try:
+            arrays.append(_as_field(array, matches[0], t.field, convert))
+        except _ARROW_ERRORS:
+            return None
+    schema = pa.schema([t.field for t in targets])
+    table = pa.Table.from_arrays(arrays, schema=schema)
+    return _Chunk(table, row_index, problems, present, _table_paths(table_read))
+
+
+class _Refused(ValueError):
+    """A line Python's parser reads but pyarrow's would not; `reason` is the code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _Refused("duplicate_key", f"key {twice!r} appears twice in one object")
+    return obj
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _Refused("number_out_of_range", f"{text[:40]} does not fit a double")
+    return value
+
+
+def _int(text: str) -> int | float:
+    """As pyarrow: an int beyond int64 becomes a double."""
+    try:
+        value = int(text)
+    except ValueError:  # more digits than Python converts
+        raise _Refused("number_out_of_range", f"{text[:40]}... does not fit a double") from None
+    return value if _INT64[0] <= value < _INT64[1] else _float(text)
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_object, parse_float=_float, parse_int=_int)
+
+
+def parse_line(line: bytes) -> tuple[dict[str, Any] | None, str, str]:
+    """One JSON line by Python's parser: (object, "", "") or (None, reason, message)."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return None, "invalid_utf8", str(err)
+    try:
+        value = _DECODER.decode(text)
+    except RecursionError:
+        return None, "too_deep", "nested deeper than the parser's recursion limit"
+    except _Refused as err:
+        return None, err.reason, str(err)
+    except json.JSONDecodeError as err:
+        return None, "invalid_json", str(err)
+    if not isinstance(value, dict):
+        return None, "not_an_object", f"expected a JSON object, got {type(value).__name__}"
+    if _SURROGATE_ESCAPE.search(line):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return None, "invalid_unicode", "a string holds a lone UTF-16 surrogate"
+    return value, "", ""
+
+
+def _python_chunk(
+    raw: RawFile, positions: np.ndarray, targets: list[_Target], convert: Convert
+) -> _Chunk:
+    """Rows parsed one by one; values are cast per column, then per value where they mix."""
+    records, index, problems = [], [], []
+    for position in positions:
+        row = int(raw.line_index[position])
+        record, reason, message = parse_line(raw.line(int(position)))
+        if record is None:
+            problems.append((row, reason, f"line {row + 1}: {message}"))
+        else:
+            records.append(record)
+            index.append(row)
+    arrays, present = [], set()
+    for t in targets:
+        found = [_lookup(r, t.column) for r in records]
+        present |= {t.column} if any(ok for ok, _ in found) else set()
+        values = [value for _, value in found]
+        array, bad = _column_from_values(values, t.field, t.accepted, convert)
+        problems += [(index[i], "wrong_type", message) for i, message in bad]
+        arrays.append(array)
+    schema = pa.schema([t.field for t in targets])
+    table = pa.Table.from_arrays(arrays, schema=schema)
+    return _Chunk(table, np.asarray(index, np.int64), problems, present, _record_paths(records))
+
+
+def _record_paths(records: list[dict[str, Any]]) -> set[str]:
+    """Keys, and `key.field` for the fields of object values (one level)."""
+    paths: set[str] = set()
+    for record in records:
+        paths.update(record)
+        paths.update(f"{k}.{sub}" for k, v in record.items() if isinstance(v, dict) for sub in v)
+    return paths
+
+
+def _lookup(record: dict[str, Any], name: str) -> tuple[bool, Any]:
+    """(found, value) of key `name`, or of the nested field a dotted `name` reaches."""
+    if name in record:
+        return True, record[name]
+    value: Any = record
+    for part in name.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return False, None
+        value = value[part]
+    return "." in name, value
 
 
 def _as_field(array: pa.Array, target: pa.DataType, f: pa.Field, convert: Convert) -> pa.Array:
@@ -375,36 +722,47 @@ def _column_from_values(
     """
     try:
         inferred = pa.array(values)
-        target = next((t for t in accepted if conforms(inferred.type, t)), None)
-        if target is not None:
-            return _as_field(inferred, target, f, convert), []
-    except (*_ARROW_ERRORS, OverflowError):
-        pass  # mixed types: find the values that fit, one by one
+        matches = [t for t in accepted if conforms(inferred.type, t)]
+        if pa.types.is_null(inferred.type):
+            return pa.nulls(len(values), f.type), []
+        if len(matches) == 1:
+            return _as_field(inferred, matches[0], f, convert), []
+    except _ARROW_ERRORS:
+        pass  # mixed types, or shapes merged into one struct: sort the values one by one
     groups: dict[int, list[int]] = {}
     bad: list[tuple[int, str]] = []
     for i, value in enumerate(values):
-        try:
-            kind = pa.array([value]).type
-        except (*_ARROW_ERRORS, OverflowError):
-            kind = None
-        target = (
-            None
-            if kind is None
-            else next((k for k, t in enumerate(accepted) if conforms(kind, t)), None)
-        )
+        target = _fitting_type(value, accepted)
         if target is None:
-            shown = json.dumps(value, ensure_ascii=False, default=str)[:80]
-            bad.append((i, f"field {f.name!r}: {shown} is not {f.type}"))
+            bad.append((i, _wrong_type(f, value)))
         else:
             groups.setdefault(target, []).append(i)
     parts, positions = [], []
     for k, members in groups.items():
-        part = pa.array([values[i] for i in members], type=accepted[k])
-        parts.append(_as_field(part, accepted[k], f, convert))
-        positions += members
-    for i, _ in bad:
-        parts.append(pa.nulls(1, f.type))
-        positions.append(i)
+        try:
+            part = pa.array([values[i] for i in members], type=accepted[k])
+            parts.append(_as_field(part, accepted[k], f, convert))
+            positions += members
+        except _ARROW_ERRORS:
+            bad += [(i, _wrong_type(f, values[i])) for i in members]
+    parts += [pa.nulls(1, f.type)] * (len(values) - len(positions))
+    positions += [i for i, _ in bad]
     merged = pa.concat_arrays(parts) if parts else pa.nulls(0, f.type)
     order = sorted(range(len(positions)), key=positions.__getitem__)
-    return merged.take(pa.array(order, pa.int64())), bad
+    return merged.take(pa.array(order, pa.int64())), sorted(bad)
+
+
+def _fitting_type(value: Any, accepted: tuple[pa.DataType, ...]) -> int | None:
+    """The index of the first accepted type `value` conforms to, or None."""
+    if value is None:
+        return 0
+    try:
+        kind = pa.array([value]).type
+    except _ARROW_ERRORS:
+        return None
+    return next((k for k, t in enumerate(accepted) if conforms(kind, t)), None)
+
+
+def _wrong_type(f: pa.Field, value: Any) -> str:
+    shown = json.dumps(value, ensure_ascii=False, default=str)[:80]
+    return f"field {f.name!r}: {shown} is not {f.type}"

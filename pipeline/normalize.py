@@ -4,9 +4,10 @@
     -> adapter pairs -> drop chosen == rejected -> pair ids -> preference_pair
 
 Every row in ends in exactly one place: a pair (one row per pair, or two for HelpSteer's
-rating rows), quarantine (with a reason code and the raw row), or a counted drop for rows
-that are fine but form no pair. The report states the three and `normalize` checks that
-they add up:
+rating rows), quarantine (with a reason code and the raw row), or a drop for rows that are
+fine but form no pair (with its reason and the raw row, in `dropped.parquet`, as datatrove's
+exclusion writer keeps what a filter removed). The report states the three and `normalize`
+checks that they add up:
 
     rows_in = rows_paired + sum(quarantined) + sum(dropped),  rows_paired = pairs_out * rows_per_pair
 
@@ -28,9 +29,11 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from data_contracts import preference_pair, quarantine
+from data_contracts.contract import described
 from data_contracts.raw_sources import SHAPES
 from pipeline import ingest
 from pipeline.io import (
+    DROPPED_FILE,
     PAIRS_FILE,
     QUARANTINE_FILE,
     REPORT_FILE,
@@ -42,6 +45,23 @@ from pipeline.sources import Source, SourceOptions, get_source
 from pipeline.sources.base import ATTRIBUTES_DTYPE, ORDER_SHIFT, PAIR_COLUMNS, first_reason
 
 _PAIR_RULES = preference_pair.CONTRACT.rules
+# Rows that were read and mapped but form no pair; the reason names the rule.
+DROPPED_SCHEMA = pa.schema(
+    [
+        described("source", pa.string(), "adapter name"),
+        described("file", pa.string(), "input file (or hub id) the row came from"),
+        described("row_index", pa.int64(), "0-based index of the row (line) in that file"),
+        described("reason", pa.string(), "stable reason code, e.g. identical_responses"),
+        described("raw", pa.string(), "the raw row as JSON (or the line as read)"),
+    ],
+    metadata={"contract": "normalize_dropped", "version": "1"},
+)
+_PROBLEMS = {
+    "__file": pl.Int64,
+    "__row_index": pl.Int64,
+    "reason": pl.String,
+    "__message": pl.String,
+}
 
 
 @dataclass(frozen=True)
@@ -51,11 +71,13 @@ class Normalized:
     Attributes:
         pairs: conforms to `preference_pair.SCHEMA`; metadata `score_scale` names the scale.
         quarantine: conforms to `quarantine.SCHEMA`, ordered by file and row.
+        dropped: `DROPPED_SCHEMA`, ordered by file and row.
         report: rows in, pairs out, quarantined and dropped by reason (see module doc).
     """
 
     pairs: pa.Table
     quarantine: pa.Table
+    dropped: pa.Table
     report: dict[str, Any]
 
 
@@ -93,8 +115,10 @@ def normalize(source: str, input: str | Path, **source_options: Any) -> Normaliz
 
     Raises:
         ValueError: an unknown source or option.
-        pipeline.ingest.IngestError: a missing, unreadable or unloadable input.
-        data_contracts.ContractError: a file without the source's required columns.
+        pipeline.ingest.IngestError: a missing, unreadable, empty or unloadable input, or a
+            JSON file in which no row parses (naming the file).
+        data_contracts.ContractError: a file without the source's required columns, or
+            without a column an option names (naming the file, its columns, the option).
     """
     adapter = get_source(source)
     options = adapter.make_options(source_options)
@@ -130,17 +154,57 @@ def normalize(source: str, input: str | Path, **source_options: Any) -> Normaliz
         )
     )
     pairs, dropped = adapter.pairs(rows.filter(pl.col("__reason").is_null()), options)
-    identical = pl.col("chosen") == pl.col("rejected")
-    n_identical = int(pairs.select(identical.sum()).item())
-    if n_identical:
-        dropped["identical_responses"] = n_identical * adapter.rows_per_pair
-    pairs = pairs.filter(~identical.fill_null(False)).sort("__order")
+    pairs, broken = _pair_rule_problems(pairs)
+    problems.append(broken)
+    identical = (pl.col("chosen") == pl.col("rejected")).fill_null(False)
+    same = pairs.filter(identical).select(
+        pl.col("__rows").alias("__order"), pl.lit("identical_responses").alias("reason")
+    )
+    dropped = pl.concat([dropped, same.explode("__order")])
+    pairs = pairs.filter(~identical).sort("__order")
 
     scale = adapter.score_scale(options)
     table = _pairs_table(source, pairs, scale)
     quarantined = _quarantine_table(source, files, pl.concat(problems))
-    report = _report(adapter, options, input, files, table, quarantined, dropped, scale)
-    return Normalized(table, quarantined, report)
+    dropped_table = _dropped_table(source, files, dropped)
+    report = _report(adapter, options, input, files, table, quarantined, dropped_table, scale)
+    return Normalized(table, quarantined, dropped_table, report)
+
+
+def _file_and_row() -> list[pl.Expr]:
+    """`__file` and `__row_index` back from `__order` (`__file << ORDER_SHIFT | row`)."""
+    order = pl.col("__order")
+    return [
+        (order // (1 << ORDER_SHIFT)).alias("__file"),
+        (order % (1 << ORDER_SHIFT)).alias("__row_index"),
+    ]
+
+
+def _pair_rule_problems(pairs: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(pairs that keep every `preference_pair` rule, problems of the rows of the others).
+
+    The adapters' checks should leave nothing here; this makes a gap in them cost the rows
+    of one pair, not the file.
+    """
+    rules = [
+        (pl.col(c).is_null(), "missing_field", f"no {c}") for c in ("prompt", "chosen", "rejected")
+    ]
+    rules += [
+        (~rule().fill_null(False), name, f"the pair breaks preference_pair rule {name!r}")
+        for name, rule in _PAIR_RULES.items()
+    ]
+    labelled = pairs.with_columns(first_reason(*rules))
+    bad = labelled.filter(pl.col("__reason").is_not_null())
+    problems = bad.select(pl.col("__rows").alias("__order"), "__reason", "__message").explode(
+        "__order"
+    )
+    problems = problems.select(
+        *_file_and_row(),
+        pl.col("__reason").alias("reason"),
+        "__message",
+    )
+    kept = labelled.filter(pl.col("__reason").is_null()).drop("__reason", "__message")
+    return kept, problems.cast(_PROBLEMS)
 
 
 def _valid_rows(
@@ -154,6 +218,7 @@ def _valid_rows(
         SHAPES.get(contract.name, {}),
         partial(adapter.convert, options=options),
         adapter.columns(options),
+        adapter.column_options(),
     )
     frame = pl.from_arrow(conformed.table)
     assert isinstance(frame, pl.DataFrame)
@@ -167,7 +232,7 @@ def _valid_rows(
     )
     read_problems = pl.DataFrame(
         conformed.problems,
-        schema={"__row_index": pl.Int64, "reason": pl.String, "__message": pl.String},
+        schema={k: v for k, v in _PROBLEMS.items() if k != "__file"},
         orient="row",
     ).unique("__row_index", keep="first", maintain_order=True)
     frame = frame.join(read_problems.select("__row_index"), on="__row_index", how="anti")
@@ -215,15 +280,40 @@ def _pairs_table(source: str, pairs: pl.DataFrame, scale: str) -> pa.Table:
     return table.replace_schema_metadata(metadata)
 
 
-def _quarantine_table(source: str, files: list[ingest.RawFile], problems: pl.DataFrame) -> pa.Table:
-    """Quarantine rows in file and row order, each with its raw row."""
-    problems = problems.sort("__file", "__row_index")
+def _raw_rows(files: list[ingest.RawFile], rows: pl.DataFrame) -> tuple[list[str], list[str]]:
+    """(file label, raw row text) of each (`__file`, `__row_index`) row, in its order."""
     labels, raws = [], []
-    for number, part in problems.group_by("__file", maintain_order=True):
+    for number, part in rows.group_by("__file", maintain_order=True):
         raw = files[int(number[0])]
         indices = part["__row_index"].to_list()
         labels += [raw.label] * len(indices)
         raws += raw.raw(indices)
+    return labels, raws
+
+
+def _dropped_table(source: str, files: list[ingest.RawFile], dropped: pl.DataFrame) -> pa.Table:
+    """Dropped rows in file and row order, each with its reason and raw row."""
+    rows = dropped.select(
+        *_file_and_row(),
+        "reason",
+    ).sort("__file", "__row_index")
+    labels, raws = _raw_rows(files, rows)
+    table = pa.table(
+        {
+            "source": pa.array([source] * rows.height, pa.string()),
+            "file": pa.array(labels, pa.string()),
+            "row_index": rows["__row_index"].to_arrow().cast(pa.int64()),
+            "reason": rows["reason"].to_arrow().cast(pa.string()),
+            "raw": pa.array(raws, pa.string()),
+        }
+    )
+    return table.cast(DROPPED_SCHEMA)
+
+
+def _quarantine_table(source: str, files: list[ingest.RawFile], problems: pl.DataFrame) -> pa.Table:
+    """Quarantine rows in file and row order, each with its raw row."""
+    problems = problems.sort("__file", "__row_index")
+    labels, raws = _raw_rows(files, problems)
     table = pa.table(
         {
             "source": pa.array([source] * problems.height, pa.string()),
@@ -250,13 +340,13 @@ def _report(
     files: list[ingest.RawFile],
     pairs: pa.Table,
     quarantined: pa.Table,
-    dropped: dict[str, int],
+    dropped_rows: pa.Table,
     scale: str,
 ) -> dict[str, Any]:
     rows_in = sum(f.rows for f in files)
     rows_paired = pairs.num_rows * adapter.rows_per_pair
     by_reason = _counts(quarantined["reason"])
-    dropped = dict(sorted(dropped.items()))
+    dropped = _counts(dropped_rows["reason"])
     accounted = rows_paired + sum(by_reason.values()) + sum(dropped.values())
     if accounted != rows_in:
         raise RuntimeError(
@@ -275,11 +365,14 @@ def _report(
         "pairs_out": pairs.num_rows,
         "quarantined": by_reason,
         "dropped": dropped,
+        "quarantine_file": QUARANTINE_FILE,
+        "dropped_file": DROPPED_FILE,
     }
 
 
 def write_normalized(result: Normalized, out_dir: str | Path) -> Path:
-    """Write `pairs.parquet`, `quarantine.parquet` and `report.json` atomically.
+    """Write `pairs.parquet`, `quarantine.parquet`, `dropped.parquet` and `report.json`
+    atomically.
 
     Returns:
         `out_dir`, complete; the same result always gives the same bytes.
@@ -288,5 +381,6 @@ def write_normalized(result: Normalized, out_dir: str | Path) -> Path:
     with atomic_directory(out_dir) as tmp:
         write_parquet(result.pairs, tmp / PAIRS_FILE)
         write_parquet(result.quarantine, tmp / QUARANTINE_FILE)
+        write_parquet(result.dropped, tmp / DROPPED_FILE)
         write_json(result.report, tmp / REPORT_FILE)
     return out_dir

@@ -5,8 +5,9 @@ An adapter maps the rows of one source's raw contract to canonical pairs in two 
   reason (`__reason`, `__message`) when the row cannot be mapped. Such rows go to
   quarantine; so do rows whose prompt breaks a `preference_pair` prompt rule.
 - `pairs`: the good rows become pairs. Sources with one pair per row map them one to one;
-  HelpSteer's rating rows are grouped by prompt. Rows that form no pair are counted by
-  reason, so every row in is accounted for.
+  HelpSteer's rating rows are grouped by prompt. Each pair lists the rows it consumed
+  (`__rows`, their `__order`), and rows that form no pair are returned with a reason, so
+  every row in is findable.
 
 Frames carry bookkeeping columns: `__file` (file number), `__row_index` (row in that
 file), `__order` (`__file << 40 | __row_index`, unique and in input order) and `__split`
@@ -49,6 +50,7 @@ PAIR_COLUMNS = (
     "rejected_attributes",
     "rationale",
 )
+DROPPED_SCHEMA = {"__order": pl.Int64, "reason": pl.String}  # rows that form no pair
 MESSAGE_DTYPE = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
 ATTRIBUTES_DTYPE = pl.List(pl.Struct({"key": pl.String, "value": pl.Float64}))
 
@@ -101,7 +103,12 @@ class Source:
         raise NotImplementedError
 
     def columns(self, options: SourceOptions) -> dict[str, str]:
-        """Contract field -> column name in the input, where they differ."""
+        """Contract field -> the input column the user chose (dotted for a struct field),
+        where it differs from the default; such a column must exist."""
+        return {}
+
+    def column_options(self) -> dict[str, str]:
+        """Contract field -> the option that names its input column (for messages)."""
         return {}
 
     def convert(self, field: str, array: pa.Array, options: SourceOptions) -> pa.Array:
@@ -115,12 +122,15 @@ class Source:
 
     def pairs(
         self, rows: pl.DataFrame, options: SourceOptions
-    ) -> tuple[pl.DataFrame, dict[str, int]]:
-        """Good rows -> (pairs with PAIR_COLUMNS and `__order`, rows left unpaired by reason).
+    ) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """Good rows -> (pairs with `__order`, `__rows` and PAIR_COLUMNS, rows left unpaired
+        as `DROPPED_SCHEMA`).
 
-        The default maps one row to one pair.
+        `__rows` lists the `__order` of every row a pair consumed. The default maps one row
+        to one pair.
         """
-        return rows.select("__order", *PAIR_COLUMNS), {}
+        pairs = rows.select("__order", pl.concat_list("__order").alias("__rows"), *PAIR_COLUMNS)
+        return pairs, pl.DataFrame(schema=DROPPED_SCHEMA)
 
 
 def option_types(options: type[SourceOptions]) -> dict[str, Any]:

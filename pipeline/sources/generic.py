@@ -30,6 +30,7 @@ from pipeline.sources.base import (
     strings_to_messages,
 )
 
+COLUMN_FIELDS = ("prompt", "chosen", "rejected", "score_chosen", "score_rejected")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant"}
 
 
@@ -37,6 +38,7 @@ SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "user": "user", "assistan
 class GenericOptions(SourceOptions):
     """Column names and prompt parsing of the generic source."""
 
+    # Input columns; a dotted name (metadata.score) reads a field of a struct column.
     prompt_column: str = "prompt"  # string or messages; optional when chosen is a conversation
     chosen_column: str = "chosen"  # string, or messages ending with the assistant's
     rejected_column: str = "rejected"
@@ -73,13 +75,15 @@ class Generic(Source):
         )
 
     def columns(self, options: GenericOptions) -> dict[str, str]:
+        default = GenericOptions()
         return {
-            "prompt": options.prompt_column,
-            "chosen": options.chosen_column,
-            "rejected": options.rejected_column,
-            "score_chosen": options.score_chosen_column,
-            "score_rejected": options.score_rejected_column,
+            field: getattr(options, option)
+            for field, option in self.column_options().items()
+            if getattr(options, option) != getattr(default, option)
         }
+
+    def column_options(self) -> dict[str, str]:
+        return {f: f"{f}_column" for f in COLUMN_FIELDS}
 
     def convert(self, field: str, array: pa.Array, options: GenericOptions) -> pa.Array:
         if not (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)):
@@ -123,7 +127,8 @@ class Generic(Source):
                     "chosen holds no conversation",
                 ),
                 (
-                    (last_role(chosen) != "assistant") | (last_role(rejected) != "assistant"),
+                    last_role(chosen).ne_missing("assistant")
+                    | last_role(rejected).ne_missing("assistant"),
                     "no_assistant_turn",
                     "chosen and rejected must end with an assistant message",
                 ),

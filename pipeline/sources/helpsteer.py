@@ -20,6 +20,7 @@ import pyarrow as pa
 from data_contracts import raw_sources as raw
 from pipeline.ingest import HubOptions
 from pipeline.sources.base import (
+    DROPPED_SCHEMA,
     KEYS,
     PAIR_COLUMNS,
     Source,
@@ -77,7 +78,7 @@ class HelpSteer(Source):
 
     def pairs(
         self, rows: pl.DataFrame, options: HelpSteerOptions
-    ) -> tuple[pl.DataFrame, dict[str, int]]:
+    ) -> tuple[pl.DataFrame, pl.DataFrame]:
         group = ["split", "__prompt_text"]
         ranked = rows.with_columns(
             # Best first; equal scores keep input order.
@@ -94,6 +95,7 @@ class HelpSteer(Source):
         )
         pairs = joined.select(
             pl.min_horizontal("__order", "__order_r").alias("__order"),
+            pl.concat_list("__order", "__order_r").alias("__rows"),
             "split",
             "prompt",
             pl.col("response").alias("chosen"),
@@ -108,11 +110,16 @@ class HelpSteer(Source):
             pl.lit(None, dtype=pl.String).alias("rationale"),
         )
         middle = (pl.col("__rank") > 0) & (pl.col("__rank") < pl.col("__n") - 1)
-        counts = ranked.select(
-            (pl.col("__n") == 1).sum().alias("single_response"),
-            middle.sum().alias("not_selected"),
-        ).row(0, named=True)
-        return pairs.select("__order", *PAIR_COLUMNS), {k: v for k, v in counts.items() if v}
+        reason = (
+            pl.when(pl.col("__n") == 1)
+            .then(pl.lit("single_response"))  # no other response to compare with
+            .when(middle)
+            .then(pl.lit("not_selected"))  # neither the best nor the worst of its prompt
+        )
+        dropped = ranked.select("__order", reason.alias("reason")).filter(
+            pl.col("reason").is_not_null()
+        )
+        return pairs.select("__order", "__rows", *PAIR_COLUMNS), dropped.cast(DROPPED_SCHEMA)
 
 
 class HelpSteer2(HelpSteer):

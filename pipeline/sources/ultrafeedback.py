@@ -186,7 +186,8 @@ class UltraFeedbackBinarized(Source):
             pl.lit(None, dtype=pl.String).alias("rationale"),
             *first_reason(
                 (
-                    (last_role(chosen) != "assistant") | (last_role(rejected) != "assistant"),
+                    last_role(chosen).ne_missing("assistant")
+                    | last_role(rejected).ne_missing("assistant"),
                     "no_assistant_turn",
                     "chosen and rejected must end with an assistant message",
                 ),

@@ -12,14 +12,20 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_contracts import ContractError
+from data_contracts.contract import Contract
 from data_contracts.raw_sources import HELPSTEER3, MESSAGES, SHAPES
 from pipeline import ingest
 
 ROWS = [{"a": 1, "b": "x"}, {"a": 2, "b": "y"}]
+AB = Contract("ab", "1", pa.schema([pa.field("a", pa.float64()), pa.field("b", pa.string())]))
 
 
 def _convert(field: str, array: pa.Array) -> pa.Array:
     raise AssertionError(f"no conversion expected for {field}")
+
+
+def _ab(path) -> ingest.Conformed:
+    return ingest.conform(ingest.read(path)[0], AB, {}, _convert)
 
 
 def test_json_lines_keep_bad_lines_apart(tmp_path) -> None:
@@ -27,13 +33,36 @@ def test_json_lines_keep_bad_lines_apart(tmp_path) -> None:
     path.write_bytes(b'{"a": 1}\n\n{"a": \n"\xff"\n[1, 2]\n{"a": 2}\n')
     raw = ingest.read(path)[0]
     assert raw.rows == 5  # the blank line is no row
-    assert raw.row_index == [0, 5]
-    assert [(i, reason) for i, reason, _ in raw.failures] == [
+    conformed = ingest.conform(raw, AB, {}, _convert)
+    assert conformed.row_index.to_pylist() == [0, 5]
+    assert conformed.table["a"].to_pylist() == [1.0, 2.0]
+    assert [(i, reason) for i, reason, _ in conformed.problems] == [
         (2, "invalid_json"),
         (3, "invalid_utf8"),
         (4, "not_an_object"),
     ]
     assert raw.raw([3]) == ['"\\xff"']  # undecodable bytes stay visible
+
+
+def test_big_clean_file_takes_the_block_path_and_keeps_order(tmp_path, monkeypatch) -> None:
+    """Several blocks, one bad line in the middle: bisection keeps every other row."""
+    monkeypatch.setattr(ingest, "BLOCK_BYTES", 4096)
+    lines = [json.dumps({"a": i, "b": f"row {i}"}) for i in range(2000)]
+    lines[777] = '{"a": "seven", "b": "x"}'  # a type change pyarrow refuses in a block
+    lines[1500] = '{"a": 1, "a": 2}'
+    (tmp_path / "big.jsonl").write_text("\n".join(lines) + "\n")
+    python_lines = []
+    parse = ingest.parse_line
+    monkeypatch.setattr(ingest, "parse_line", lambda line: python_lines.append(line) or parse(line))
+    conformed = _ab(tmp_path / "big.jsonl")
+    assert [(i, r) for i, r, _ in conformed.problems] == [
+        (777, "wrong_type"),
+        (1500, "duplicate_key"),
+    ]
+    # The unparsable row is left out; the wrongly typed one stays, as nulls, to be set aside.
+    assert conformed.row_index.to_pylist() == [i for i in range(2000) if i != 1500]
+    assert conformed.table["a"].to_pylist()[776:779] == [776.0, None, 778.0]
+    assert len(python_lines) <= 2 * ingest.PYTHON_LINES  # only around the two bad lines
 
 
 @pytest.mark.parametrize("name", ["rows.json", "rows.json.gz", "rows.jsonl.gz", "rows.ndjson"])
@@ -44,7 +73,7 @@ def test_json_variants_read_the_same_records(tmp_path, name) -> None:
         data = json.dumps(ROWS).encode()
     path = tmp_path / name
     path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
-    assert ingest.read(path)[0].records == ROWS
+    assert _ab(path).table.to_pylist() == [{"a": 1.0, "b": "x"}, {"a": 2.0, "b": "y"}]
 
 
 def test_parquet_and_arrow_file_and_stream(tmp_path) -> None:
@@ -76,9 +105,12 @@ def test_bad_paths_are_named(tmp_path) -> None:
     empty.mkdir()
     with pytest.raises(ingest.IngestError, match=r"empty: no .*files inside"):
         ingest.read(empty)
-    (tmp_path / "obj.json").write_text('{"a": 1}')
-    with pytest.raises(ingest.IngestError, match=r"obj.json: expected a JSON array"):
-        ingest.read(tmp_path / "obj.json")
+    (tmp_path / "broken.json").write_text('[{"a": 1},')
+    with pytest.raises(ingest.IngestError, match=r"broken.json: not a valid JSON array"):
+        ingest.read(tmp_path / "broken.json")
+    (tmp_path / "empty.jsonl").write_bytes(b"\n \n")
+    with pytest.raises(ingest.IngestError, match=r"empty.jsonl: no rows"):
+        ingest.read(tmp_path / "empty.jsonl")
 
 
 def test_split_from_file_name() -> None:
@@ -135,10 +167,41 @@ HS3_ROW = {
 }
 
 
+def _user_turns(field: str, array: pa.Array) -> pa.Array:
+    return pa.array([[{"role": "user", "content": s}] for s in array.to_pylist()], MESSAGES)
+
+
 def test_missing_required_columns_are_named(tmp_path) -> None:
-    raw = _json_file(tmp_path, [{"context": "q", "response1": "a"}])
-    with pytest.raises(ContractError, match=r"rows\.jsonl: missing .*response2, overall_pref"):
-        ingest.conform(raw, HELPSTEER3, SHAPES[HELPSTEER3.name], _convert)
+    raw = _json_file(tmp_path, [{"context": "q", "response1": "a", "meta": {"x": 1}}])
+    with pytest.raises(ContractError) as err:
+        ingest.conform(raw, HELPSTEER3, SHAPES[HELPSTEER3.name], _user_turns)
+    message = str(err.value)
+    assert "rows.jsonl: missing column(s) for raw_helpsteer3 v1: 'response2'; " in message
+    assert "the file has: context, meta, meta.x, response1" in message
+    assert "\n" not in message
+
+
+def test_a_chosen_column_must_exist_and_may_be_dotted(tmp_path) -> None:
+    rows = [HS3_ROW | {"meta": {"lang": "en"}}, HS3_ROW | {"meta": None}]
+    raw = _json_file(tmp_path, rows)
+    columns = {"language": "meta.lang"}
+    conformed = ingest.conform(raw, HELPSTEER3, SHAPES[HELPSTEER3.name], _user_turns, columns)
+    assert conformed.table["language"].to_pylist() == ["en", None]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
+    typed = ingest.read(tmp_path / "t.parquet")[0]
+    from_parquet = ingest.conform(typed, HELPSTEER3, SHAPES[HELPSTEER3.name], _user_turns, columns)
+    assert from_parquet.table["language"].to_pylist() == ["en", None]
+    options = {"language": "language_column"}
+    for file in (raw, typed):
+        with pytest.raises(ContractError, match=r"'meta\.langs' \(option language_column=meta"):
+            ingest.conform(
+                file,
+                HELPSTEER3,
+                SHAPES[HELPSTEER3.name],
+                _user_turns,
+                {"language": "meta.langs"},
+                options,
+            )
 
 
 def test_typed_column_of_wrong_type_is_named(tmp_path) -> None:
