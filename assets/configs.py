@@ -1,72 +1,23 @@
 """Run configs of the assets, built from the pipeline's own config dataclasses.
 
-The CLI builds its flags from the same dataclasses, so the UI's launchpad, the CLI and the
-library share one set of names, defaults and help texts.
+The CLI builds its flags from the same dataclasses (`pipeline.flags`), so the UI's
+launchpad, the CLI and the library share one set of names, defaults, help texts and
+ranges.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from pathlib import Path
-from typing import Any
-
 import dagster as dg
-from pydantic import Field, create_model
+from pydantic import Field
 
 from pipeline.curate import CurateConfig
+from pipeline.flags import dagster_config
 from pipeline.pack import PackConfig
 from pipeline.sources import SOURCES
 from pipeline.tokenized import TokenizeConfig
 from training.train_config import TrainConfig
 
-
-def _config_type(annotation: Any) -> Any:
-    """Dagster config has lists, not tuples, and strings, not paths:
-    `tuple[str, ...] | None` -> `list[str] | None`, `Path` -> `str`."""
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return typing.Optional[_config_type(typing.get_args(annotation)[0])]  # noqa: UP045
-    if typing.get_origin(annotation) is tuple:
-        return list[typing.get_args(annotation)[0]]
-    if annotation is Path:
-        return str
-    return annotation
-
-
-def config_from_dataclass(
-    cls: type, name: str, exclude: tuple[str, ...] = (), **extra: Any
-) -> type[dg.Config]:
-    """A `dg.Config` with the dataclass's fields (but `exclude`), defaults and help texts,
-    plus `extra` fields."""
-    hints = typing.get_type_hints(cls)
-    fields: dict[str, Any] = {
-        f.name: (
-            _config_type(hints[f.name]),
-            Field(
-                default=list(f.default) if isinstance(f.default, tuple) else f.default,
-                description=f.metadata.get("help"),
-            ),
-        )
-        for f in dataclasses.fields(cls)
-        if f.name not in exclude
-    }
-    fields.update(extra)
-    return create_model(name, __base__=dg.Config, __doc__=cls.__doc__, **fields)
-
-
-def to_dataclass(config: dg.Config, cls: type, **given: Any) -> Any:
-    """The pipeline dataclass for a config built by `config_from_dataclass`; `given`
-    supplies the excluded fields."""
-    values = dict(given)
-    for f in dataclasses.fields(cls):
-        if f.name not in given:
-            value = getattr(config, f.name)
-            values[f.name] = tuple(value) if isinstance(value, list) else value
-    return cls(**values)
-
-
-CurationConfig = config_from_dataclass(
+CurationConfig = dagster_config(
     CurateConfig,
     "CurationConfig",
     sources=(
@@ -90,7 +41,7 @@ CurationConfig = config_from_dataclass(
 )
 
 
-TokenizationConfig = config_from_dataclass(
+TokenizationConfig = dagster_config(
     TokenizeConfig,
     "TokenizationConfig",
     min_boundary_agreement=(
@@ -99,7 +50,7 @@ TokenizationConfig = config_from_dataclass(
     ),
 )
 
-PackingConfig = config_from_dataclass(
+PackingConfig = dagster_config(
     PackConfig,
     "PackingConfig",
     min_fill_ratio=(
@@ -111,7 +62,7 @@ PackingConfig = config_from_dataclass(
     ),
 )
 
-TrainingConfig = config_from_dataclass(
+TrainingConfig = dagster_config(
     TrainConfig,
     "TrainingConfig",
     exclude=("out_dir", "progress"),

@@ -5,10 +5,11 @@ import numpy as np
 import pyarrow.compute as pc
 
 from assets import checks
-from assets.configs import CurationConfig, to_dataclass
+from assets.configs import CurationConfig
 from assets.metadata import count_table, histogram, records_table
 from assets.resources import StoreResource
 from pipeline.curate import CurateConfig, curate, load_eval_prompts, read_pairs, write_curated
+from pipeline.flags import config_from_dagster
 from pipeline.sample_data import eval_prompts_path
 
 CODE_VERSION = "1"
@@ -39,7 +40,7 @@ def curated_pairs(
     pairs = read_pairs(dirs)
     eval_file = config.eval_prompts or str(eval_prompts_path())
     eval_prompts = load_eval_prompts(eval_file) if config.use_eval_prompts else None
-    result = curate(pairs, to_dataclass(config, CurateConfig), eval_prompts)
+    result = curate(pairs, config_from_dagster(config, CurateConfig), eval_prompts)
     out = write_curated(result, store.path("curated"))
     report = result.report
     kept = result.pairs
@@ -55,6 +56,7 @@ def curated_pairs(
             "rows_in": report["rows_in"],
             "rows_out": report["rows_out"],
             "dropped": sum(report["dropped"].values()),
+            "dropped_path": dg.MetadataValue.path(str(out / report["dropped_file"])),
             "funnel": count_table(
                 {**report["dropped"], "kept": report["rows_out"]}, total=report["rows_in"]
             ),

@@ -10,11 +10,12 @@ import dagster as dg
 import pyarrow.parquet as pq
 
 from assets import checks
-from assets.configs import PackingConfig, TokenizationConfig, to_dataclass
+from assets.configs import PackingConfig, TokenizationConfig
 from assets.metadata import binned, count_table, records_table
 from assets.resources import StoreResource, TokenizerResource
+from pipeline.flags import config_from_dagster
 from pipeline.io import pairs_path
-from pipeline.pack import PackConfig, ShardResult, build_shards
+from pipeline.pack import PackConfig, ShardResult, build_shards, truncation_warning
 from pipeline.tokenized import TokenizeConfig, TokenizedResult, build_tokenized, read_tokenized
 
 CODE_VERSION = "1"
@@ -59,7 +60,7 @@ def tokenized_pairs(
 ):
     pairs = pairs_path(curated_pairs)
     result = build_tokenized(
-        pairs, tokenizer.path, to_dataclass(config, TokenizeConfig), store.root
+        pairs, tokenizer.path, config_from_dagster(config, TokenizeConfig), store.root
     )
     report, stats = result.report, result.report["stats"]
     histograms = stats["length_histograms"]
@@ -72,6 +73,8 @@ def tokenized_pairs(
             "dropped": sum(stats["dropped"].values()),
             "dropped_by_reason": count_table(stats["dropped"], total=stats["pairs_in"]),
             "boundary_agreement": float(stats["boundary_agreement"]["rate"]),
+            "responses_ending_with_eos": float(stats["responses_ending_with_eos"]["rate"]),
+            "end_of_turn": stats["responses_ending_with_eos"]["token"] or "(none)",
             "tokenizer": report["tokenizer"]["name"],
             "vocab_size": report["tokenizer"]["vocab_size"],
             "template": report["template"]["name"],
@@ -107,9 +110,13 @@ def packed_shards(
     tokenized_pairs: str,
     store: StoreResource,
 ):
-    result = build_shards(tokenized_pairs, to_dataclass(config, PackConfig), store.root)
+    pack_config = config_from_dagster(config, PackConfig)
+    result = build_shards(tokenized_pairs, pack_config, store.root)
     manifest = result.manifest
     stats = manifest["stats"]
+    warning = truncation_warning(stats, pack_config)
+    if warning:
+        context.log.warning(warning)
     histogram = stats["pair_length_histogram"]
     yield _keyed_output(
         context,

@@ -54,6 +54,8 @@ def config_flags(values: dict) -> list[str]:
     flags: list[str] = []
     for name, value in values.items():
         flag = "--" + name.replace("_", "-")
+        if value is None:  # not given: the command's default
+            continue
         if isinstance(value, bool):
             flags.append(flag if value else "--no-" + name.replace("_", "-"))
         elif isinstance(value, list | tuple):

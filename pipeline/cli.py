@@ -4,12 +4,10 @@ inspect."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
-import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from pipeline.tokenized import TokenizedResult
@@ -18,6 +16,7 @@ if TYPE_CHECKING:
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register `normalize`, `curate`, `tokenize`, `pack` and `inspect`."""
     from pipeline.curate import CurateConfig
+    from pipeline.flags import add_flags
     from pipeline.sources import SOURCES
     from pipeline.sources.base import option_types
 
@@ -28,7 +27,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "normalize",
         help="map one source to canonical pairs (pairs, quarantine, report)",
         description="Read a source (local file/dir or hub id) and write pairs.parquet, "
-        "quarantine.parquet and report.json to --out, atomically.",
+        "quarantine.parquet (rows that could not be read or mapped, with a reason), "
+        "dropped.parquet (rows the source's rules leave out, with a reason) and report.json "
+        "to --out, atomically. *_column options take dotted paths into struct columns "
+        "(-o score_chosen_column=metadata.score_chosen); naming an absent column is an error.",
         epilog="\n".join(lines),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -64,42 +66,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="eval prompts (.txt one per line, or .jsonl/.parquet with 'prompt') to "
         "check contamination against",
     )
-    rules = curate.add_argument_group("rules (CurateConfig)")
-    hints = typing.get_type_hints(CurateConfig)
-    for f in dataclasses.fields(CurateConfig):
-        _add_config_flag(rules, f, hints[f.name])
+    add_flags(curate.add_argument_group("rules (CurateConfig)"), CurateConfig)
     curate.set_defaults(handler=_curate)
 
     _add_tokenize(subparsers)
     _add_pack(subparsers)
     _add_inspect(subparsers)
-
-
-def _add_config_flag(group: argparse._ArgumentGroup, f: dataclasses.Field, hint: Any) -> None:
-    flag = "--" + f.name.replace("_", "-")
-    text = f.metadata["help"]
-    if hint is bool:
-        group.add_argument(
-            flag, action=argparse.BooleanOptionalAction, default=f.default, help=text
-        )
-        return
-    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    if typing.get_origin(args[0]) is tuple:
-        group.add_argument(flag, nargs="+", default=f.default, metavar="NAME", help=text)
-        return
-    base, optional = args[0], type(None) in typing.get_args(hint)
-
-    def parse(text: str) -> Any:
-        return None if optional and text.lower() == "none" else base(text)
-
-    off = "; 'none' turns it off" if optional else ""
-    group.add_argument(
-        flag,
-        type=parse,
-        default=f.default,
-        metavar=base.__name__.upper(),
-        help=f"{text} (default: {f.default}{off})",
-    )
 
 
 def _normalize(args: argparse.Namespace) -> int:
@@ -112,9 +84,8 @@ def _normalize(args: argparse.Namespace) -> int:
     for item in args.option:
         key, sep, value = item.partition("=")
         if not sep or key not in types_:
-            raise SystemExit(
-                f"prefpack normalize: bad option {item!r}; {args.source} takes "
-                f"{', '.join(types_)} as KEY=VALUE"
+            raise ValueError(
+                f"bad option {item!r}; {args.source} takes {', '.join(types_)} as KEY=VALUE"
             )
         options[key] = parse_option(types_[key], value)
     result = normalize(args.source, args.input, **options)
@@ -129,12 +100,9 @@ def _normalize(args: argparse.Namespace) -> int:
 
 def _curate(args: argparse.Namespace) -> int:
     from pipeline.curate import CurateConfig, curate, load_eval_prompts, read_pairs, write_curated
+    from pipeline.flags import config_from_args
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(CurateConfig)}
-    for name, value in values.items():
-        if isinstance(value, list):
-            values[name] = tuple(value)
-    config = CurateConfig(**values)
+    config = config_from_args(CurateConfig, args)
     evals = None if args.eval_prompts is None else load_eval_prompts(args.eval_prompts)
     result = curate(read_pairs(args.pairs), config, evals)
     out = write_curated(result, args.out)
@@ -149,7 +117,8 @@ def _curate(args: argparse.Namespace) -> int:
 
 def _add_tokenize_flags(p: argparse.ArgumentParser) -> None:
     """Inputs and settings of the tokenize stage, shared by `tokenize` and `pack`."""
-    from pipeline.tokenized import TOKENIZE_DEFAULTS as d
+    from pipeline.flags import add_flags
+    from pipeline.tokenized import TokenizeConfig
 
     p.add_argument(
         "--pairs",
@@ -162,24 +131,7 @@ def _add_tokenize_flags(p: argparse.ArgumentParser) -> None:
         help="tokenizer.json or a Hugging Face model folder; omitted: train a byte-level BPE",
     )
     p.add_argument("--out", default="store", help="store root (default: %(default)s)")
-    p.add_argument(
-        "--template",
-        default=d["template"],
-        help="chatml | llama3 | plain | path.jinja (default: the tokenizer's, else chatml)",
-    )
-    p.add_argument(
-        "--bpe-vocab-size",
-        type=int,
-        default=d["bpe_vocab_size"],
-        help="vocabulary of the trained BPE when no --tokenizer (default: %(default)s)",
-    )
-    p.add_argument(
-        "--boundary-check-pairs",
-        type=int,
-        default=d["boundary_check_pairs"],
-        help="pairs whose split tokenization is checked against the joined text "
-        "(default: %(default)s)",
-    )
+    add_flags(p.add_argument_group("tokenize (TokenizeConfig)"), TokenizeConfig)
 
 
 def _add_tokenize(subparsers: argparse._SubParsersAction) -> None:
@@ -195,7 +147,8 @@ def _add_tokenize(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_pack(subparsers: argparse._SubParsersAction) -> None:
-    from pipeline.pack import PACK_DEFAULTS as d
+    from pipeline.flags import add_flags
+    from pipeline.pack import PackConfig
 
     p = subparsers.add_parser(
         "pack",
@@ -207,57 +160,16 @@ def _add_pack(subparsers: argparse._SubParsersAction) -> None:
         "identical second call rewrites nothing.",
     )
     _add_tokenize_flags(p)
-    # layout and length
-    p.add_argument("--max-len", type=int, default=d["max_len"], help="tokens per row at most")
-    p.add_argument(
-        "--layout",
-        choices=("shared", "unshared", "padded"),
-        default=d["layout"],
-        help="shared P|C|R (default), unshared P|C|P|R packed, padded one pair per row",
-    )
-    p.add_argument(
-        "--too-long",
-        choices=("truncate", "drop"),
-        default=d["too_long"],
-        help="what to do with pairs longer than --max-len (default: %(default)s)",
-    )
-    p.add_argument(
-        "--min-response-len",
-        type=int,
-        default=d["min_response_len"],
-        help="truncation never cuts a response below this (default: %(default)s)",
-    )
-    # mask metadata, memory and files
-    p.add_argument(
-        "--block-size",
-        type=int,
-        default=d["mask_block_size"],
-        help="block size of the block-sparse mask summary (default: %(default)s)",
-    )
-    p.add_argument(
-        "--pack-window",
-        type=int,
-        default=d["pack_window"],
-        help="pairs packed together; bounds memory (default: %(default)s)",
-    )
-    p.add_argument(
-        "--shard-bytes",
-        type=int,
-        default=d["shard_bytes"],
-        help="a shard file closes past this size (default: %(default)s)",
-    )
+    add_flags(p.add_argument_group("pack (PackConfig)"), PackConfig)
     p.set_defaults(handler=_pack)
 
 
 def _run_tokenize(args: argparse.Namespace) -> TokenizedResult:
     """The tokenize stage from the shared flags; says on stderr what it did."""
+    from pipeline.flags import config_from_args
     from pipeline.tokenized import TokenizeConfig, build_tokenized
 
-    config = TokenizeConfig(
-        template=args.template,
-        bpe_vocab_size=args.bpe_vocab_size,
-        boundary_check_pairs=args.boundary_check_pairs,
-    )
+    config = config_from_args(TokenizeConfig, args)
     result = build_tokenized(args.pairs, args.tokenizer, config, args.out)
     stats = result.report["stats"]
     if result.reused:
@@ -266,11 +178,12 @@ def _run_tokenize(args: argparse.Namespace) -> TokenizedResult:
             file=sys.stderr,
         )
     else:
-        agreement = stats["boundary_agreement"]
+        agreement, ending = stats["boundary_agreement"], stats["responses_ending_with_eos"]
         print(
             f"tokenize: {stats['pairs_in']} pairs in, {stats['pairs_out']} tokenized, "
             f"dropped {stats['dropped']}, boundary agreement {agreement['rate']:.4f} "
-            f"({agreement['agreed']}/{agreement['checked']})",
+            f"({agreement['agreed']}/{agreement['checked']}), responses ending with "
+            f"{ending['token']} {ending['rate']:.4f} ({ending['count']}/{ending['of']})",
             file=sys.stderr,
         )
     return result
@@ -282,17 +195,10 @@ def _tokenize(args: argparse.Namespace) -> int:
 
 
 def _pack(args: argparse.Namespace) -> int:
-    from pipeline.pack import PackConfig, build_shards
+    from pipeline.flags import config_from_args
+    from pipeline.pack import PackConfig, build_shards, truncation_warning
 
-    config = PackConfig(
-        layout=args.layout,
-        max_len=args.max_len,
-        too_long=args.too_long,
-        min_response_len=args.min_response_len,
-        mask_block_size=args.block_size,
-        pack_window=args.pack_window,
-        shard_bytes=args.shard_bytes,
-    )
+    config = config_from_args(PackConfig, args)  # checked before anything is tokenized
     tokenized = _run_tokenize(args)
     result = build_shards(tokenized.directory, config, args.out)
     stats = result.manifest["stats"]
@@ -305,6 +211,9 @@ def _pack(args: argparse.Namespace) -> int:
             f"truncated {stats['truncated']})",
             file=sys.stderr,
         )
+    warning = truncation_warning(stats, config)
+    if warning:
+        print(f"pack: warning: {warning}", file=sys.stderr)
     if tokenized.reused and result.reused:
         print("both stages reused; nothing rewritten", file=sys.stderr)
     print(result.directory)
@@ -350,8 +259,9 @@ def _inspect(args: argparse.Namespace) -> int:
     if not len(reader):
         return 0
     if not -len(reader) <= args.row < len(reader):
-        print(f"row {args.row} out of range: {len(reader)} rows", file=sys.stderr)
-        return 2
+        raise ValueError(
+            f"--row {args.row} is out of range: {args.directory} has {len(reader)} rows"
+        )
     tokenizer = Tokenizer.from_file(str(reader.tokenizer_path))
     row = reader[args.row]
     print(f"\nrow {args.row % len(reader)}: {row.num_pairs} pair(s), {row.num_tokens} tokens")

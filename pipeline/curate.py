@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_contracts import preference_pair
+from pipeline.flags import check_settings, setting
 from pipeline.io import (
+    DROPPED_FILE,
     PAIRS_FILE,
     REPORT_FILE,
     atomic_directory,
@@ -42,70 +44,53 @@ from pipeline.io import (
 )
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
 @dataclass(frozen=True)
 class CurateConfig:
     """What curation keeps. Each field's `help` says what it does (the CLI flags and the
     Dagster config are built from these fields); None turns a threshold off."""
 
-    drop_empty: bool = field(
-        default=True, metadata=_help("drop pairs whose chosen or rejected is empty or blank")
+    drop_empty: bool = setting(True, "drop pairs whose chosen or rejected is empty or blank")
+    drop_identical: bool = setting(
+        True, "drop pairs whose chosen and rejected are equal after text normalization"
     )
-    drop_identical: bool = field(
-        default=True,
-        metadata=_help("drop pairs whose chosen and rejected are equal after text normalization"),
+    drop_ties: bool = setting(True, "drop pairs with margin 0: no preference to learn")
+    dedup: bool = setting(
+        True, "keep the first of pairs equal in normalized prompt, chosen and rejected"
     )
-    drop_ties: bool = field(
-        default=True, metadata=_help("drop pairs with margin 0: no preference to learn")
+    languages: tuple[str, ...] | None = setting(
+        None, "keep only these languages (pairs without one are kept)"
     )
-    dedup: bool = field(
-        default=True,
-        metadata=_help("keep the first of pairs equal in normalized prompt, chosen and rejected"),
+    exclude_languages: tuple[str, ...] | None = setting(None, "drop these languages")
+    domains: tuple[str, ...] | None = setting(
+        None, "keep only these domains (pairs without one are kept)"
     )
-    languages: tuple[str, ...] | None = field(
-        default=None, metadata=_help("keep only these languages (pairs without one are kept)")
+    exclude_domains: tuple[str, ...] | None = setting(None, "drop these domains")
+    max_prompt_chars: int | None = setting(
+        16_000, "drop prompts longer than this, all messages (~4k tokens)", ge=1
     )
-    exclude_languages: tuple[str, ...] | None = field(
-        default=None, metadata=_help("drop these languages")
+    min_response_chars: int | None = setting(
+        None, "drop pairs whose shorter response has fewer characters", ge=0
     )
-    domains: tuple[str, ...] | None = field(
-        default=None, metadata=_help("keep only these domains (pairs without one are kept)")
+    max_response_chars: int | None = setting(
+        16_000, "drop pairs whose longer response has more characters", ge=1
     )
-    exclude_domains: tuple[str, ...] | None = field(
-        default=None, metadata=_help("drop these domains")
+    min_margin: float | None = setting(None, "drop pairs with a smaller margin (source scale)")
+    max_margin: float | None = setting(None, "drop pairs with a larger margin (source scale)")
+    min_chosen_score: float | None = setting(
+        None, "drop pairs whose chosen scores lower (source scale)"
     )
-    max_prompt_chars: int | None = field(
-        default=16_000, metadata=_help("drop prompts longer than this, all messages (~4k tokens)")
+    contamination_ngram: int = setting(
+        13,
+        "word n-gram size of the contamination check against eval prompts (shorter eval "
+        "prompts must equal the whole prompt)",
+        ge=1,
     )
-    min_response_chars: int | None = field(
-        default=None, metadata=_help("drop pairs whose shorter response has fewer characters")
+    max_pairs_per_prompt: int | None = setting(
+        None, "keep at most this many pairs per prompt, largest margins first", ge=1
     )
-    max_response_chars: int | None = field(
-        default=16_000, metadata=_help("drop pairs whose longer response has more characters")
-    )
-    min_margin: float | None = field(
-        default=None, metadata=_help("drop pairs with a smaller margin (source scale)")
-    )
-    max_margin: float | None = field(
-        default=None, metadata=_help("drop pairs with a larger margin (source scale)")
-    )
-    min_chosen_score: float | None = field(
-        default=None, metadata=_help("drop pairs whose chosen scores lower (source scale)")
-    )
-    contamination_ngram: int = field(
-        default=13,
-        metadata=_help(
-            "word n-gram size of the contamination check against eval prompts (shorter eval "
-            "prompts must equal the whole prompt)"
-        ),
-    )
-    max_pairs_per_prompt: int | None = field(
-        default=None,
-        metadata=_help("keep at most this many pairs per prompt, largest margins first"),
-    )
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
 @dataclass(frozen=True)
@@ -114,11 +99,14 @@ class Curated:
 
     Attributes:
         pairs: the kept pairs, in input order, with the input's schema and metadata.
+        dropped: every other input pair, in input order, with its `position` in the input
+            and `reason`, the rule that dropped it (findable, not only counted).
         report: the funnel (rows_in, dropped by rule, rows_out), the config, per-source
             counts and attribute agreement.
     """
 
     pairs: pa.Table
+    dropped: pa.Table
     report: dict[str, Any]
 
 
@@ -361,20 +349,22 @@ def curate(
         hit = contaminated(frame["__prompt_text"], eval_prompts, config.contamination_ngram)
         frame = frame.with_columns(pl.Series("__contaminated", hit))
     dropped: dict[str, int] = {}
+    reason = np.full(pairs.num_rows, None, object)
     for name, rule in rules.items():
         keep = rule(config)
         if keep is None:
             continue
-        before = frame.height
-        frame = frame.filter(keep.fill_null(True))
-        dropped[name] = before - frame.height
-    mask = np.zeros(pairs.num_rows, bool)
-    mask[frame["__position"].to_numpy()] = True
-    kept = pairs.filter(pa.array(mask))
+        frame = frame.with_columns(keep.fill_null(True).alias("__keep"))
+        reason[frame.filter(~pl.col("__keep"))["__position"].to_numpy()] = name
+        frame = frame.filter(pl.col("__keep"))
+        dropped[name] = int(np.count_nonzero(reason == name))
+    is_kept = reason == None  # noqa: E711 (elementwise on an object array)
+    kept = pairs.filter(pa.array(is_kept))
     report = {
         "rows_in": pairs.num_rows,
         "dropped": dropped,
         "rows_out": kept.num_rows,
+        "dropped_file": DROPPED_FILE,
         "config": dataclasses.asdict(config),
         "eval_prompts": None if eval_prompts is None else len(eval_prompts),
         "score_scale": json.loads((pairs.schema.metadata or {}).get(b"score_scale", b"{}")),
@@ -383,7 +373,14 @@ def curate(
             _frame(kept, ["source", "chosen_attributes", "rejected_attributes"])
         ),
     }
-    return Curated(kept, report)
+    return Curated(kept, _dropped_rows(pairs, reason, ~is_kept), report)
+
+
+def _dropped_rows(pairs: pa.Table, reason: np.ndarray, is_dropped: np.ndarray) -> pa.Table:
+    positions = np.flatnonzero(is_dropped)
+    table = pairs.take(pa.array(positions, pa.int64()))
+    table = table.append_column("position", pa.array(positions, pa.int64()))
+    return table.append_column("reason", pa.array(reason[positions].tolist(), pa.string()))
 
 
 def read_pairs(paths: Sequence[str | Path]) -> pa.Table:
@@ -396,7 +393,10 @@ def read_pairs(paths: Sequence[str | Path]) -> pa.Table:
     tables, scales = [], {}
     for path in paths:
         file = pairs_path(path)
-        table = pq.read_table(file)
+        try:
+            table = pq.read_table(file)
+        except pa.ArrowException as err:
+            raise ValueError(f"{file}: not a readable Parquet file ({err})") from err
         scales.update(json.loads((table.schema.metadata or {}).get(b"score_scale", b"{}")))
         tables.append(preference_pair.CONTRACT.conform(table, source=str(file)))
     metadata = {**preference_pair.SCHEMA.metadata, b"score_scale": json.dumps(scales)}
@@ -419,7 +419,8 @@ def _per_source(before: pa.Table, after: pa.Table) -> dict[str, dict[str, int]]:
 
 
 def write_curated(result: Curated, out_dir: str | Path) -> Path:
-    """Write the curated `pairs.parquet` and `report.json` atomically.
+    """Write the curated `pairs.parquet`, `dropped.parquet` (each other pair and the rule
+    that dropped it) and `report.json` atomically.
 
     Returns:
         `out_dir`, complete; the same result always gives the same bytes.
@@ -427,5 +428,6 @@ def write_curated(result: Curated, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
         write_parquet(result.pairs, tmp / PAIRS_FILE)
+        write_parquet(result.dropped, tmp / DROPPED_FILE)
         write_json(result.report, tmp / REPORT_FILE)
     return out_dir

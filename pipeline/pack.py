@@ -34,7 +34,7 @@ import os
 import shutil
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -45,8 +45,9 @@ from tqdm import tqdm
 from data_contracts import manifest as manifest_contract
 from data_contracts import packed_row, tokenized_pair
 from data_contracts.manifest import DROP_TOO_LONG
-from data_contracts.packed_row import LAYOUTS, Layout, pair_tokens
+from data_contracts.packed_row import Layout, pair_tokens
 from pipeline import ragged
+from pipeline.flags import check_settings, setting
 from pipeline.io import atomic_directory, rechunk
 from pipeline.lengths import LengthCounts
 from pipeline.mask_blocks import block_summary
@@ -66,47 +67,43 @@ log = logging.getLogger(__name__)
 PACKER_VERSION = "2"
 BATCH_TOKENS = 1 << 20  # about this many tokens per written record batch
 MAX_CARRY = 512  # under-filled rows carried from one packing window to the next
+TRUNCATION_WARNING = 0.05  # share of packed pairs truncated above which pack warns
+MIN_MAX_LEN = 3  # one token each of prompt, chosen and rejected
 
 
 @dataclass(frozen=True)
 class PackConfig:
     """Every setting of the pack stage; all of them are part of the shard cache key."""
 
-    # shared: P|C|R, the prompt once (the point of prefpack); unshared: P|C|P|R packed;
-    # padded: P|C|P|R one pair per row, the baseline of trainers without packing.
-    layout: Layout = "shared"
-    # Tokens per row at most. Rows are never padded on disk; the trainer pads a batch.
-    max_len: int = 2048
-    # A pair longer than max_len is "truncate"d (rule in the module docstring) or "drop"ped.
-    too_long: Literal["truncate", "drop"] = "truncate"
-    # Truncation never cuts a response below this many tokens (ends matter for DPO too).
-    min_response_len: int = 64
-    # FlexAttention block size of the kv_block_* summary (its default is 128).
-    mask_block_size: int = packed_row.DEFAULT_BLOCK_SIZE
-    # Pairs bin-packed together; bounds memory (tokens of a window live in RAM).
-    pack_window: int = 65_536
-    # A shard file closes once it passes this size (plus at most one record batch).
-    shard_bytes: int = 256 * 2**20
+    layout: Layout = setting(
+        "shared",
+        "shared P|C|R (the prompt once), unshared P|C|P|R packed, padded one pair per row "
+        "(the baseline of trainers without packing)",
+    )
+    max_len: int = setting(
+        2048, "tokens per row at most (rows are never padded on disk)", ge=MIN_MAX_LEN
+    )
+    too_long: Literal["truncate", "drop"] = setting(
+        "truncate", "what to do with pairs longer than --max-len (rule: module docstring)"
+    )
+    min_response_len: int = setting(
+        64, "truncation never cuts a response below this many tokens", ge=1
+    )
+    mask_block_size: int = setting(
+        packed_row.DEFAULT_BLOCK_SIZE,
+        "block size of the block-sparse mask summary (FlexAttention's default is 128)",
+        ge=1,
+        flag="--block-size",
+    )
+    pack_window: int = setting(
+        65_536, "pairs bin-packed together; bounds memory (a window's tokens live in RAM)", ge=1
+    )
+    shard_bytes: int = setting(
+        256 * 2**20, "a shard file closes once it passes this size (plus one batch)", ge=1
+    )
 
-    def check(self) -> None:
-        """Raises: ValueError naming the first setting out of range."""
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
-        if self.too_long not in ("truncate", "drop"):
-            raise ValueError(f"too_long must be 'truncate' or 'drop', got {self.too_long!r}")
-        minimum = {
-            "max_len": 3,
-            "min_response_len": 1,
-            "mask_block_size": 1,
-            "pack_window": 1,
-            "shard_bytes": 1,
-        }
-        for name, low in minimum.items():
-            if getattr(self, name) < low:
-                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
-
-
-PACK_DEFAULTS = {f.name: f.default for f in fields(PackConfig)}
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
 @dataclass(frozen=True)
@@ -544,7 +541,6 @@ def build_shards(tokenized: str | Path, config: PackConfig, store: str | Path) -
         ShardError: the tokenized directory is incomplete or corrupt (names the file).
         ValueError: a setting is out of range.
     """
-    config.check()
     tokenized, store = Path(tokenized), Path(store)
     # The report alone gives the key; the data files are verified only when packing.
     report = read_tokenized(tokenized, verify=False)
@@ -557,6 +553,32 @@ def build_shards(tokenized: str | Path, config: PackConfig, store: str | Path) -
         except ShardError as err:
             log.warning("rebuilding %s: %s", directory, err)
     read_tokenized(tokenized, verify=True)  # never pack from corrupt tokenized pairs
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, keep_identical=True) as tmp:
         manifest = _write_shards(tokenized, report, config, key, store, tmp)
+        _refuse_empty(manifest["stats"], report, config)
     return ShardResult(directory, key, reused=False, manifest=manifest)
+
+
+def _refuse_empty(stats: dict, tokenized: dict, config: PackConfig) -> None:
+    """Raises: ValueError when no pair was packed, with the lengths that explain why."""
+    if stats["pairs"]:
+        return
+    lengths = tokenized["stats"]["lengths"]["pair"]
+    raise ValueError(
+        f"no pair packed: {stats['tokenized_pairs']} tokenized pairs, dropped "
+        f"{stats['dropped']}; prompt+chosen+rejected is {lengths['p50']} tokens at the "
+        f"median and {lengths['max']} at most, against --max-len {config.max_len} "
+        f"(--too-long {config.too_long}, --min-response-len {config.min_response_len})"
+    )
+
+
+def truncation_warning(stats: dict, config: PackConfig) -> str | None:
+    """A warning when more than `TRUNCATION_WARNING` of the packed pairs were cut to fit
+    (the CLI prints it, the asset logs it); None otherwise."""
+    if stats["truncated"] <= TRUNCATION_WARNING * stats["pairs"]:
+        return None
+    share = stats["truncated"] / stats["pairs"]
+    return (
+        f"{stats['truncated']} of {stats['pairs']} pairs ({share:.0%}) were truncated to fit "
+        f"--max-len {config.max_len}; raise --max-len or use --too-long drop"
+    )

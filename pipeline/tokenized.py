@@ -4,14 +4,21 @@
 streams a `preference_pair` parquet in batches: render each pair with the chat template,
 tokenize the prompt once and each response on its own, compare the first
 `boundary_check_pairs` pairs with the joined text, drop pairs that break the
-`tokenized_pair` rules (counted by rule), and write `<store>/tokenized/<key>/`:
+`tokenized_pair` rules (counted by rule), and write `<store>/tokenized/<key>/`. Before any
+pair is read it refuses a template whose turn markers or end of turn the given tokenizer
+has no single token for (`pipeline.tokenize.check_markers`), unless
+`allow_multi_token_markers` says to train them as several ordinary tokens. It writes:
 
 - `tokenized.parquet`: `tokenized_pair` rows in input order, in row groups of exactly
   `ROW_GROUP` pairs (so how the input is read never changes the bytes);
 - `tokenizer.json` + `tokenizer_config.json`: the tokenizer (trained here when none is
-  given) and a minimal config (bos/eos, chat template) that transformers loads;
+  given) and a minimal config (bos/eos, chat template) that transformers loads; its
+  `eos_token` is the template's end of turn when that is one token (chatml's `<|im_end|>`
+  even for a tokenizer whose own eos is `<|endoftext|>`), so generation stops where the
+  trained responses end;
 - `report.json` (`data_contracts.tokenized_report`), written last: key, input,
-  tokenizer, template, row accounting, boundary agreement, token-length quantiles and
+  tokenizer, template, row accounting, boundary agreement, the share of responses that
+  end with the end of turn (`responses_ending_with_eos`), token-length quantiles and
   histograms, and the size and sha256 of every other file.
 
 The key hashes the input file, the tokenizer, the template, every `TokenizeConfig`
@@ -28,7 +35,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -39,6 +46,7 @@ from tqdm import tqdm
 from data_contracts import preference_pair, tokenized_pair, tokenized_report
 from data_contracts.contract import ContractError
 from pipeline import ragged
+from pipeline.flags import check_settings, setting
 from pipeline.io import atomic_directory, pairs_path, rechunk
 from pipeline.lengths import LengthCounts, power_of_two_edges
 from pipeline.shards import (
@@ -48,12 +56,22 @@ from pipeline.shards import (
     check_files,
     sha256_file,
 )
-from pipeline.templates import ChatTemplate, PairTexts, render_pairs, resolve_template
+from pipeline.templates import (
+    ChatTemplate,
+    PairTexts,
+    TurnMarkers,
+    render_pairs,
+    resolve_template,
+    turn_markers,
+)
 from pipeline.tokenize import (
     BoundaryReport,
+    EndingReport,
     LoadedTokenizer,
     boundary_agreement,
+    check_markers,
     load_tokenizer,
+    token_ids,
     tokenize_pairs,
     train_tokenizer,
 )
@@ -61,7 +79,7 @@ from pipeline.tokenize import (
 log = logging.getLogger(__name__)
 
 # Bump when this module's code would write different bytes for the same inputs.
-TOKENIZE_VERSION = "1"
+TOKENIZE_VERSION = "2"
 TOKENIZED = "tokenized.parquet"
 REPORT = "report.json"
 READ_BATCH = 1024  # pairs rendered and tokenized at once (does not change the bytes)
@@ -73,22 +91,28 @@ DATA_FILES = (TOKENIZED, TOKENIZER, TOKENIZER_CONFIG)  # listed with sha256 in t
 class TokenizeConfig:
     """Every setting of the tokenize stage; all of them are part of its cache key."""
 
-    # None: the tokenizer folder's chat_template, else chatml. Or a built-in name
-    # (chatml, llama3, plain) or a path to a .jinja file.
-    template: str | None = None
-    # Vocabulary of the byte-level BPE trained when no tokenizer is given.
-    bpe_vocab_size: int = 8192
-    # Pairs (the first ones) whose separate tokenization is compared with the joined text.
-    boundary_check_pairs: int = 1000
+    template: str | None = setting(
+        None,
+        "chatml | llama3 | plain | path.jinja; none: the tokenizer folder's chat_template, "
+        "else chatml",
+    )
+    bpe_vocab_size: int = setting(
+        8192, "vocabulary of the byte-level BPE trained when no --tokenizer is given", ge=300
+    )
+    boundary_check_pairs: int = setting(
+        1000,
+        "pairs (the first ones) whose split tokenization is checked against the joined text",
+        ge=0,
+    )
+    allow_multi_token_markers: bool = setting(
+        False,
+        "tokenize even when the template's turn markers or end of turn are not single tokens "
+        "of the tokenizer (e.g. chatml with GPT-2's); the model then ends its turns with "
+        "ordinary tokens that no generation loop stops on",
+    )
 
-    def check(self) -> None:
-        """Raises: ValueError naming the first setting out of range."""
-        for name, low in (("bpe_vocab_size", 300), ("boundary_check_pairs", 0)):
-            if getattr(self, name) < low:
-                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
-
-
-TOKENIZE_DEFAULTS = {f.name: f.default for f in fields(TokenizeConfig)}
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
 @dataclass(frozen=True)
@@ -176,13 +200,25 @@ def _training_texts(path: Path, template: ChatTemplate) -> Iterator[str]:
 # ---------------------------------------------------------------------------- writing
 
 
-def _tokenizer_config(tokenizer: LoadedTokenizer, template: ChatTemplate) -> dict:
+def _stop_token(tokenizer: LoadedTokenizer, markers: TurnMarkers) -> str | None:
+    """The eos to export: the end of turn responses end with, when it is one token, so a
+    generation loop stops where training put the end; else the tokenizer's own eos (naming
+    a multi-token marker would make transformers add it as a new, untrained token)."""
+    end = markers.end_of_turn
+    if end is not None and len(token_ids(tokenizer.tokenizer, end)) == 1:
+        return end
+    return tokenizer.eos_token
+
+
+def _tokenizer_config(
+    tokenizer: LoadedTokenizer, template: ChatTemplate, markers: TurnMarkers
+) -> dict:
     """A minimal tokenizer_config.json so transformers can load the stored tokenizer."""
     config: dict = {"tokenizer_class": "PreTrainedTokenizerFast"}
     if tokenizer.bos_token:
         config["bos_token"] = tokenizer.bos_token
-    if tokenizer.eos_token:
-        config["eos_token"] = tokenizer.eos_token
+    if eos := _stop_token(tokenizer, markers):
+        config["eos_token"] = eos
     config.update({"chat_template": template.source, "clean_up_tokenization_spaces": False})
     return config
 
@@ -190,10 +226,11 @@ def _tokenizer_config(tokenizer: LoadedTokenizer, template: ChatTemplate) -> dic
 class _Stats:
     """Accounting and token lengths of the written pairs, for the report."""
 
-    def __init__(self, boundary: BoundaryReport) -> None:
+    def __init__(self, boundary: BoundaryReport, ending: EndingReport) -> None:
         self.pairs_in = 0
         self.dropped: Counter[str] = Counter()
         self.boundary = boundary
+        self.ending = ending
         self.lengths = {part: LengthCounts() for part in tokenized_report.LENGTH_PARTS}
 
     def add(self, kept: pa.Table) -> None:
@@ -202,6 +239,8 @@ class _Stats:
         )
         for part, x in zip(tokenized_report.LENGTH_PARTS, (p, c, r, p + c + r), strict=True):
             self.lengths[part].add(x)
+        self.ending.add(kept.column("chosen_ids"))
+        self.ending.add(kept.column("rejected_ids"))
 
     def to_dict(self) -> dict:
         edges = power_of_two_edges(self.lengths["pair"].longest)
@@ -216,6 +255,7 @@ class _Stats:
                 **{part: x.histogram(edges) for part, x in self.lengths.items()},
             },
             "boundary_agreement": self.boundary.to_dict(),
+            "responses_ending_with_eos": self.ending.to_dict(),
         }
 
 
@@ -252,13 +292,15 @@ def _write_tokenized(
     input_sha256: str,
     tokenizer: LoadedTokenizer,
     template: ChatTemplate,
+    markers: TurnMarkers,
     config: TokenizeConfig,
     key: str,
     directory: Path,
 ) -> dict:
     """Tokenize every pair and write the directory's files, report.json last."""
     rows_in = pq.ParquetFile(pairs).metadata.num_rows
-    stats = _Stats(BoundaryReport(template.name, tokenizer.name))
+    ending = EndingReport.for_markers(tokenizer.tokenizer, markers)
+    stats = _Stats(BoundaryReport(template.name, tokenizer.name), ending)
     batches = _tokenized_batches(pairs, tokenizer, template, config, stats, rows_in)
     with pq.ParquetWriter(
         directory / TOKENIZED, tokenized_pair.SCHEMA, compression="zstd"
@@ -266,7 +308,7 @@ def _write_tokenized(
         for group in rechunk(batches, ROW_GROUP):
             writer.write_table(group, row_group_size=ROW_GROUP)
     (directory / TOKENIZER).write_bytes(tokenizer.json_bytes)
-    config_text = json.dumps(_tokenizer_config(tokenizer, template), indent=2) + "\n"
+    config_text = json.dumps(_tokenizer_config(tokenizer, template, markers), indent=2) + "\n"
     (directory / TOKENIZER_CONFIG).write_text(config_text, encoding="utf-8")
 
     report = {
@@ -385,11 +427,20 @@ def build_tokenized(
         FileNotFoundError: `pairs` does not exist.
         ContractError: the pairs break the preference_pair contract (names file, rows).
         TemplateError, TokenizerError, ValueError: bad template, tokenizer or config.
+        MarkerError: the template's markers are not single tokens of `tokenizer` (and
+            `config.allow_multi_token_markers` is off); raised before the pairs are read.
     """
-    config.check()
     pairs, store = pairs_path(pairs), Path(store)
     loaded = load_tokenizer(tokenizer) if tokenizer is not None else None
     template = resolve_template(config.template, loaded.chat_template if loaded else None)
+    # A trained tokenizer gets the template's markers as special tokens; a given one must
+    # already have them.
+    bos_eos = (
+        (loaded.bos_token, loaded.eos_token) if loaded else (template.bos_token, template.eos_token)
+    )
+    markers = turn_markers(template, *bos_eos)
+    if loaded is not None and not config.allow_multi_token_markers:
+        check_markers(loaded, template, markers)
     input_sha256 = sha256_file(pairs)
     key = tokenized_key(input_sha256, loaded, template, config)
     directory = store / "tokenized" / key
@@ -400,6 +451,6 @@ def build_tokenized(
             log.warning("rebuilding %s: %s", directory, err)
     if loaded is None:
         loaded = train_tokenizer(_training_texts(pairs, template), config.bpe_vocab_size, template)
-    with atomic_directory(directory) as tmp:
-        report = _write_tokenized(pairs, input_sha256, loaded, template, config, key, tmp)
+    with atomic_directory(directory, keep_identical=True) as tmp:
+        report = _write_tokenized(pairs, input_sha256, loaded, template, markers, config, key, tmp)
     return TokenizedResult(directory, key, reused=False, report=report)

@@ -39,3 +39,29 @@ def _seed() -> None:
 @pytest.fixture
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]):
+    """Run `prefpack.main(argv)` as the shell would: (exit status, stderr)."""
+    import prefpack
+
+    def run(argv: list[str]) -> tuple[int, str]:
+        try:
+            status = prefpack.main(argv)
+        except SystemExit as exit_:  # argparse's usage errors
+            status = exit_.code if isinstance(exit_.code, int) else 1
+        return status, capsys.readouterr().err
+
+    return run
+
+
+def assert_one_error_line(status: int, err: str, command: str, *named: str) -> None:
+    """A user error: exit status 2, one line `prefpack COMMAND: error: ...` naming each of
+    `named`, and no traceback."""
+    assert status == 2, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith(f"prefpack {command}: error:")]
+    assert len(lines) == 1, err
+    for text in named:
+        assert text in lines[0], (text, err)

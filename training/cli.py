@@ -17,11 +17,11 @@ import contextlib
 import dataclasses
 import os
 import sys
-import typing
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from pipeline.flags import add_flags, config_from_args
 from training.train_config import TrainConfig
 
 if TYPE_CHECKING:  # names for annotations only: the handlers import torch when they run
@@ -58,6 +58,8 @@ TRAIN_FLAG_GROUPS: dict[str, tuple[str, ...]] = {
     ),
     "outputs": ("checkpoint_every", "export_dtype", "progress"),
 }
+# The TrainConfig fields that `prefpack logps` takes as flags too.
+LOGPS_FIELDS = ("backend", "precision", "device", "parallel", "logits_chunk", "progress")
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -68,24 +70,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 # -----------------------------------------------------------------------------
 # Flags
-
-
-def _add_field_flag(group: argparse._ActionsContainer, name: str) -> None:
-    """One flag for the TrainConfig field `name`: its help, default and type or choices."""
-    field = {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
-    hint = typing.get_type_hints(TrainConfig)[name]
-    text = field.metadata["help"]
-    kwargs: dict[str, Any] = {"default": field.default, "help": f"{text} (default: %(default)s)"}
-    if hint is bool:
-        kwargs |= {"action": argparse.BooleanOptionalAction, "help": text}
-    elif typing.get_origin(hint) is typing.Literal:
-        kwargs["choices"] = typing.get_args(hint)
-    elif typing.get_origin(hint) is tuple:  # adam_betas: --adam-betas FLOAT FLOAT
-        kinds = typing.get_args(hint)
-        kwargs |= {"nargs": len(kinds), "type": kinds[0], "metavar": kinds[0].__name__.upper()}
-    else:
-        kwargs |= {"type": hint, "metavar": hint.__name__.upper()}
-    group.add_argument("--" + name.replace("_", "-"), **kwargs)
 
 
 def _add_inputs(parser: argparse.ArgumentParser) -> None:
@@ -159,9 +143,7 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
         "and reuse them on later runs",
     )
     for title, names in TRAIN_FLAG_GROUPS.items():
-        group = p.add_argument_group(title)
-        for name in names:
-            _add_field_flag(group, name)
+        add_flags(p.add_argument_group(title), TrainConfig, names)
     p.set_defaults(handler=_train)
 
 
@@ -182,24 +164,21 @@ def _add_logps(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--batch-rows", type=int, default=8, help="rows per forward pass (default: %(default)s)"
     )
-    for name in ("backend", "precision", "device", "parallel", "logits_chunk", "progress"):
-        _add_field_flag(run, name)
+    add_flags(run, TrainConfig, LOGPS_FIELDS)
     p.set_defaults(handler=_logps)
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig of parsed `prefpack train` arguments."""
-    values = {name: getattr(args, name) for names in TRAIN_FLAG_GROUPS.values() for name in names}
-    values["adam_betas"] = tuple(values["adam_betas"])
-    return TrainConfig(out_dir=args.out, **values)
+    """The TrainConfig of parsed `prefpack train` arguments.
+
+    Raises:
+        SettingError: a flag out of range (every one named), before anything is read.
+    """
+    return config_from_args(TrainConfig, args, out_dir=args.out)
 
 
 # -----------------------------------------------------------------------------
 # Handlers
-
-
-def _fail(command: str, err: Exception) -> SystemExit:
-    return SystemExit(f"prefpack {command}: error: {err}")
 
 
 def _rank() -> int:
@@ -292,42 +271,39 @@ def _train(args: argparse.Namespace) -> int:
 
     config = train_config(args)
     rank = _rank()
-    try:
-        # Pipes first, so that Dagster also hears of a run that fails its checks.
-        with pipes_reporter(config.steps) as reporter, _process_group(config.device):
-            check_config(config, resolve_device(config.device))
-            reader, model = _open_inputs(args)
-            reference = _reference(args, reader, model)
-            if rank == 0:
-                print(f"metrics: {config.out_dir / 'metrics.jsonl'}", file=sys.stderr)
-            train(
-                config,
-                reader,
-                reader.layout,
-                reader.block_size,
-                reader.max_len,
-                model,
-                reference=reference,
-                tokenizer=reader.directory,  # its tokenizer.json + tokenizer_config.json
-                on_step=reporter,
-            )
-            if rank == 0:
-                summary = summarize(config.out_dir)
-                print(format_summary(summary))
-                if reporter is not None:
-                    reporter.materialize(
-                        summary,
-                        extra={
-                            "backend": resolve_backend(
-                                config.backend, resolve_device(config.device), config.precision
-                            ),
-                            "layout": reader.layout,
-                            "shard_key": reader.key,
-                            "model": str(args.model or f"config {args.config}"),
-                        },
-                    )
-    except (ValueError, FileNotFoundError) as err:
-        raise _fail("train", err) from err
+    # Pipes first, so that Dagster also hears of a run that fails its checks.
+    with pipes_reporter(config.steps) as reporter, _process_group(config.device):
+        check_config(config, resolve_device(config.device))
+        reader, model = _open_inputs(args)
+        reference = _reference(args, reader, model)
+        if rank == 0:
+            print(f"metrics: {config.out_dir / 'metrics.jsonl'}", file=sys.stderr)
+        train(
+            config,
+            reader,
+            reader.layout,
+            reader.block_size,
+            reader.max_len,
+            model,
+            reference=reference,
+            tokenizer=reader.directory,  # its tokenizer.json + tokenizer_config.json
+            on_step=reporter,
+        )
+        if rank == 0:
+            summary = summarize(config.out_dir)
+            print(format_summary(summary))
+            if reporter is not None:
+                reporter.materialize(
+                    summary,
+                    extra={
+                        "backend": resolve_backend(
+                            config.backend, resolve_device(config.device), config.precision
+                        ),
+                        "layout": reader.layout,
+                        "shard_key": reader.key,
+                        "model": str(args.model or f"config {args.config}"),
+                    },
+                )
     return 0
 
 
@@ -343,50 +319,48 @@ def _logps(args: argparse.Namespace) -> int:
     from training.report import pipes_context, reference_metadata
 
     if args.out.suffix not in (".arrow", ".parquet"):
-        raise _fail("logps", ValueError(f"{args.out}: write .arrow or .parquet"))
+        raise ValueError(f"--out {args.out}: write .arrow or .parquet")
+    config_from_args(TrainConfig, args, out_dir=args.out)  # the ranges of its flags
     rank = _rank()
-    try:
-        with pipes_context() as pipes, _process_group(args.device):
-            reader, model = _open_inputs(args)
-            fingerprint = model_fingerprint(model)
-            table = None
-            if args.out.exists():
-                try:
-                    table = read_reference_logps(args.out, fingerprint, reader.key).table
-                    if rank == 0:
-                        print(
-                            f"reused {table.num_rows} pairs' log-probs (same model and shards)",
-                            file=sys.stderr,
-                        )
-                except ValueError as err:
-                    if rank == 0:
-                        print(f"replacing {args.out}: {err}", file=sys.stderr)
-            reused = table is not None
-            if not reused:  # every rank computes its share of the rows
-                device = resolve_device(args.device)
-                model.logits_chunk = args.logits_chunk
-                prepare(model, args.parallel, device, args.precision, trainable=False)
-                table = compute_reference_logps(
-                    model,
-                    reader,
-                    reader.layout,
-                    block_size=reader.block_size,
-                    backend=args.backend,
-                    batch_rows=args.batch_rows,
-                    device=device,
-                    precision=args.precision,
-                    progress=args.progress,
-                    max_len=reader.max_len,
-                )
+    with pipes_context() as pipes, _process_group(args.device):
+        reader, model = _open_inputs(args)
+        fingerprint = model_fingerprint(model)
+        table = None
+        if args.out.exists():
+            try:
+                table = read_reference_logps(args.out, fingerprint, reader.key).table
                 if rank == 0:
-                    write_reference_logps(table, args.out, fingerprint, reader.key)
-                    print(f"computed {table.num_rows} pairs' log-probs", file=sys.stderr)
-            if pipes is not None:
-                pipes.report_asset_materialization(
-                    metadata=reference_metadata(args.out, table, fingerprint, reader.key, reused)
-                )
-    except (ValueError, FileNotFoundError) as err:
-        raise _fail("logps", err) from err
+                    print(
+                        f"reused {table.num_rows} pairs' log-probs (same model and shards)",
+                        file=sys.stderr,
+                    )
+            except ValueError as err:
+                if rank == 0:
+                    print(f"replacing {args.out}: {err}", file=sys.stderr)
+        reused = table is not None
+        if not reused:  # every rank computes its share of the rows
+            device = resolve_device(args.device)
+            model.logits_chunk = args.logits_chunk
+            prepare(model, args.parallel, device, args.precision, trainable=False)
+            table = compute_reference_logps(
+                model,
+                reader,
+                reader.layout,
+                block_size=reader.block_size,
+                backend=args.backend,
+                batch_rows=args.batch_rows,
+                device=device,
+                precision=args.precision,
+                progress=args.progress,
+                max_len=reader.max_len,
+            )
+            if rank == 0:
+                write_reference_logps(table, args.out, fingerprint, reader.key)
+                print(f"computed {table.num_rows} pairs' log-probs", file=sys.stderr)
+        if pipes is not None:
+            pipes.report_asset_materialization(
+                metadata=reference_metadata(args.out, table, fingerprint, reader.key, reused)
+            )
     if rank == 0:
         print(args.out)
     return 0

@@ -30,11 +30,12 @@ pure function of (seed, step), so resuming from a checkpoint replays exactly the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import math
-import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -49,9 +50,10 @@ from torch import nn
 from tqdm import tqdm
 
 from data_contracts.packed_row import LAYOUTS, Layout, PackedRow
+from pipeline.io import atomic_directory
 from training.attention import FLAT_BACKENDS
 from training.batch import Batch, check_rows, collate
-from training.checkpoint import read_weights, save_pretrained
+from training.checkpoint import read_weights, save_pretrained, write_pretrained
 from training.device import (
     autocast,
     backend_problems,
@@ -64,7 +66,6 @@ from training.logps import pair_logps
 from training.losses import ChosenNLL, PairLogps, build_loss
 from training.model import CausalLM
 from training.parallel import (
-    PARALLELS,
     clip_grad_norm,
     full_state_dict,
     gradient_sync,
@@ -104,16 +105,8 @@ def _config_problems(config: TrainConfig, device: torch.device) -> list[str]:
     problems = backend_problems(
         resolve_backend(config.backend, device, config.precision), device, config.precision
     )
-    if min(config.batch_rows, config.grad_accum, config.steps) < 1:
-        problems.append("batch_rows, grad_accum and steps must be >= 1")
-    if not 0 <= config.warmup_steps <= config.steps:
-        problems.append(f"warmup_steps must be in [0, steps], got {config.warmup_steps}")
-    if config.logits_chunk < 0:
-        problems.append(f"logits_chunk must be >= 0, got {config.logits_chunk}")
-    if config.parallel not in PARALLELS:
-        problems.append(f"unknown parallel {config.parallel!r} (choose one of {PARALLELS})")
     if (config.out_dir / "final").exists():
-        problems.append(f"{config.out_dir / 'final'} exists; use a new out_dir")
+        problems.append(f"{config.out_dir / 'final'} exists; use a new --out")
     return problems
 
 
@@ -241,6 +234,21 @@ def _run_record(
     return {"config": settings, "data": data}
 
 
+def _fit_batch_rows(config: TrainConfig, num_rows: int, world: int, rank: int) -> TrainConfig:
+    """`config` with batch_rows at most each process's share of the rows, rounded up
+    (warned), so a global step never holds the same rows many times over."""
+    fits = max(1, -(-num_rows // world))
+    if config.batch_rows <= fits:
+        return config
+    if rank == 0:
+        print(
+            f"warning: --batch-rows {config.batch_rows} is more than the {fits} rows per "
+            f"process there are; using {fits}",
+            file=sys.stderr,
+        )
+    return dataclasses.replace(config, batch_rows=fits)
+
+
 def setup(
     config: TrainConfig,
     rows: Sequence[PackedRow],
@@ -255,6 +263,7 @@ def setup(
     world, rank = world_and_rank()
     device = resolve_device(config.device)
     _check_settings(config, rows, layout, max_len, model, device)
+    config = _fit_batch_rows(config, len(rows), world, rank)
     own_process_group = world > 1 and not dist.is_initialized()
     if own_process_group:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -338,22 +347,32 @@ def _barrier(run: Run) -> None:
 
 
 def save_checkpoint(run: Run, step: int) -> None:
-    """HF folder (rank 0) + optimizer state (DCP, every rank its shard) + trainer state;
-    the folder appears complete or not at all. A collective: every rank calls it."""
+    """HF folder (rank 0) + optimizer state (DCP, every rank its shard) + trainer state,
+    all written into rank 0's `atomic_directory`, so the folder appears complete or not at
+    all. A collective: every rank calls it."""
     final = run.config.out_dir / "checkpoints" / f"step_{step:06d}"
-    partial = final.with_name(f".{final.name}.partial")
     weights = full_state_dict(run.model)
-    if run.rank == 0:
-        shutil.rmtree(partial, ignore_errors=True)
-        save_pretrained(run.model, partial, state_dict=weights)
+    with atomic_directory(final) if run.rank == 0 else contextlib.nullcontext() as own:
+        tmp = _rank0_path(run, own)
+        if run.rank == 0:
+            write_pretrained(run.model, tmp, state_dict=weights)
+        _barrier(run)
+        save_optimizer(run.model, run.optimizer, tmp / OPTIMIZER_DIR)
+        _barrier(run)
+        if run.rank == 0:
+            state = json.dumps({**run.record, "step": step}, indent=2) + "\n"
+            (tmp / STATE_NAME).write_text(state)
     _barrier(run)
-    save_optimizer(run.model, run.optimizer, partial / OPTIMIZER_DIR)
-    _barrier(run)
-    if run.rank == 0:
-        state = json.dumps({**run.record, "step": step}, indent=2) + "\n"
-        (partial / STATE_NAME).write_text(state)
-        partial.rename(final)
-    _barrier(run)
+
+
+def _rank0_path(run: Run, path: Path | None) -> Path:
+    """Rank 0's `path` on every rank: the temp directory they all write into."""
+    if run.world == 1:
+        assert path is not None
+        return path
+    box = [str(path) if run.rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return Path(box[0])
 
 
 def _resume(run: Run) -> int:
@@ -470,6 +489,14 @@ def train_step(run: Run, step: int) -> dict[str, float]:
 # The loop and the export
 
 
+def metrics_line(metrics: dict[str, float]) -> str:
+    """One strict JSON line (a non-finite number becomes null)."""
+    clean = {
+        k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in metrics.items()
+    }
+    return json.dumps(clean, allow_nan=False) + "\n"
+
+
 def export(run: Run, tokenizer: str | Path | None) -> Path:
     """Write `out_dir/final` from the full weights (rank 0; a collective under FSDP)."""
     final = run.config.out_dir / "final"
@@ -525,12 +552,19 @@ def train(
         )
         for step in bar:
             metrics = train_step(run, step)
+            finite = math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
             if run.rank == 0:
                 with (config.out_dir / METRICS_NAME).open("a") as f:
-                    f.write(json.dumps(metrics) + "\n")
+                    f.write(metrics_line(metrics))
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=metrics["rewards/accuracies"])
-                if on_step is not None:
+                if on_step is not None and finite:
                     on_step(metrics)
+            if not finite:
+                raise ValueError(
+                    f"step {step + 1}: loss {metrics['loss']}, gradient norm "
+                    f"{metrics['grad_norm']}: training diverged and stopped, no final/ "
+                    f"written; lower --lr (now {config.lr:g}) or check the data"
+                )
             if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
                 save_checkpoint(run, step + 1)
         return export(run, tokenizer)

@@ -1,15 +1,20 @@
 """`TrainConfig` and the names its fields choose from, without importing torch.
 
 Kept apart from `train.py` so that `prefpack --help` and the Dagster layer can build their
-flags and configs from these fields without loading torch. Each field's `help` says what
-it does; the `prefpack train` flags are made from them (`training/cli.py`).
+flags and configs from these fields without loading torch. Each field is a
+`pipeline.flags.setting`: its help, range and default make the `prefpack train` flags
+(`training/cli.py`) and the Dagster run config, and a config out of range is refused
+when it is built, before any data or model is read.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
+
+from pipeline.flags import SettingError, setting, setting_problems
 
 Backend = Literal["auto", "dense", "segments", "varlen", "flex"]
 BACKENDS: tuple[Backend, ...] = get_args(Backend)
@@ -19,92 +24,88 @@ PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 LossName = Literal["sigmoid", "robust", "ipo", "hinge"]  # training/losses.py `LOSSES`
 LOSS_NAMES: tuple[LossName, ...] = get_args(LossName)
 ExportDtype = Literal["float32", "bfloat16"]
-
-
-def _help(text: str) -> dict[str, Any]:
-    return {"help": text}
+DEFAULT_WARMUP_STEPS = 10  # clamped to `steps` when `warmup_steps` is not given
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a run needs besides the data and the model."""
 
-    out_dir: Path = field(metadata=_help("run folder: metrics.jsonl, checkpoints/, final/"))
+    out_dir: Path = field(metadata={"help": "run folder: metrics.jsonl, checkpoints/, final/"})
     # attention
-    backend: Backend = field(
-        default="auto",
-        metadata=_help(
-            "attention: auto (segments on CPU, varlen on CUDA in bf16, flex on CUDA in fp32), "
-            "dense (the reference), segments, varlen (FlashAttention, CUDA bf16), flex (CUDA)"
-        ),
+    backend: Backend = setting(
+        "auto",
+        "attention: auto (segments on CPU, varlen on CUDA in bf16, flex on CUDA in fp32), "
+        "dense (the reference), segments, varlen (FlashAttention, CUDA bf16), flex (CUDA)",
     )
     # objective
-    loss: LossName = field(
-        default="sigmoid",
-        metadata=_help("sigmoid (DPO/cDPO), robust (rDPO), ipo, hinge (SLiC)"),
+    loss: LossName = setting("sigmoid", "sigmoid (DPO/cDPO), robust (rDPO), ipo, hinge (SLiC)")
+    beta: float = setting(0.1, "KL strength: the usual DPO range is 0.01-0.5", gt=0)
+    label_smoothing: float = setting(
+        0.0, "cDPO / rDPO label-noise rate (sigmoid and robust)", ge=0, lt=0.5
     )
-    beta: float = field(default=0.1, metadata=_help("KL strength: the usual DPO range is 0.01-0.5"))
-    label_smoothing: float = field(
-        default=0.0, metadata=_help("cDPO / rDPO label-noise rate (sigmoid and robust)")
-    )
-    sft_weight: float = field(
-        default=0.0,
-        metadata=_help("> 0 adds weight * per-token NLL of the chosen response (RPO)"),
+    sft_weight: float = setting(
+        0.0, "> 0 adds weight * per-token NLL of the chosen response (RPO)", ge=0
     )
     # batching: a global step = batch_rows * grad_accum * world_size packed rows
-    batch_rows: int = field(default=4, metadata=_help("packed rows per micro-batch per process"))
-    grad_accum: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
+    batch_rows: int = setting(
+        4, "packed rows per micro-batch per process (at most the rows there are)", ge=1
+    )
+    grad_accum: int = setting(1, "micro-batches per optimizer step", ge=1)
     # optimisation (AdamW, linear warmup then cosine decay to min_lr_ratio * lr)
-    steps: int = field(default=100, metadata=_help("optimizer steps"))
-    lr: float = field(
-        default=5e-7,
-        metadata=_help("peak learning rate; DPO fine-tunes a trained model (Zephyr: 5e-7)"),
+    steps: int = setting(100, "optimizer steps", ge=1)
+    lr: float = setting(
+        5e-7, "peak learning rate; DPO fine-tunes a trained model (Zephyr: 5e-7)", gt=0
     )
-    min_lr_ratio: float = field(
-        default=0.1, metadata=_help("the cosine decays to this fraction of lr")
+    min_lr_ratio: float = setting(0.1, "the cosine decays to this fraction of lr", ge=0, le=1)
+    warmup_steps: int | None = setting(
+        None,
+        f"linear warmup steps; not given: {DEFAULT_WARMUP_STEPS}, or --steps if fewer",
+        ge=0,
     )
-    warmup_steps: int = field(default=10, metadata=_help("linear warmup steps"))
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
-    adam_betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=_help("AdamW betas"))
-    max_grad_norm: float = field(
-        default=1.0, metadata=_help("gradient clipping; 0 disables it (the norm is still logged)")
+    weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
+    adam_betas: tuple[float, float] = setting((0.9, 0.999), "AdamW betas", ge=0, lt=1)
+    max_grad_norm: float = setting(
+        1.0, "gradient clipping; 0 disables it (the norm is still logged)", ge=0
     )
-    seed: int = field(
-        default=0,
-        metadata=_help(
-            "row order (nothing else is random: no dropout; model init is seeded apart)"
-        ),
+    seed: int = setting(
+        0, "row order (nothing else is random: no dropout; model init is seeded apart)", ge=0
     )
     # precision and memory
-    precision: Precision = field(
-        default="fp32", metadata=_help("bf16: autocast on CUDA with fp32 master weights")
+    precision: Precision = setting("fp32", "bf16: autocast on CUDA with fp32 master weights")
+    activation_checkpointing: bool = setting(
+        False, "recompute blocks in backward: less memory, more time"
     )
-    activation_checkpointing: bool = field(
-        default=False, metadata=_help("recompute blocks in backward: less memory, more time")
+    logits_chunk: int = setting(
+        1024,
+        "response tokens per chunk of the output projection + log-softmax, recomputed in "
+        "backward, so no (tokens x vocab) logits are held; 0: all at once",
+        ge=0,
     )
-    logits_chunk: int = field(
-        default=1024,
-        metadata=_help(
-            "response tokens per chunk of the output projection + log-softmax, recomputed "
-            "in backward, so no (tokens x vocab) logits are held; 0: all at once"
-        ),
+    compile: bool = setting(
+        False, "torch.compile the decoder blocks (attention runs its own kernel)"
     )
-    compile: bool = field(
-        default=False,
-        metadata=_help("torch.compile the decoder blocks (attention runs its own kernel)"),
+    parallel: Parallel = setting(
+        "ddp", "under torchrun: ddp (replicated parameters) or fsdp (FSDP2, sharded per block)"
     )
-    parallel: Parallel = field(
-        default="ddp",
-        metadata=_help(
-            "under torchrun: ddp (replicated parameters) or fsdp (FSDP2, sharded per block)"
-        ),
-    )
-    device: str = field(
-        default="auto", metadata=_help("auto: CUDA (LOCAL_RANK) when present, else CPU")
+    device: str = setting(
+        "auto", "auto, cpu, cuda or cuda:N; auto: CUDA (LOCAL_RANK) when present, else CPU"
     )
     # outputs
-    checkpoint_every: int = field(
-        default=0, metadata=_help("save a resumable checkpoint every N steps (0: never)")
-    )
-    export_dtype: ExportDtype = field(default="float32", metadata=_help("dtype of final/ weights"))
-    progress: bool = field(default=True, metadata=_help("tqdm progress bar on rank 0"))
+    checkpoint_every: int = setting(0, "save a resumable checkpoint every N steps (0: never)", ge=0)
+    export_dtype: ExportDtype = setting("float32", "dtype of final/ weights")
+    progress: bool = setting(True, "tqdm progress bar on rank 0")
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps is None:  # frozen: set the clamped default once, here
+            object.__setattr__(self, "warmup_steps", min(DEFAULT_WARMUP_STEPS, self.steps))
+        problems = setting_problems(self)
+        if not _DEVICE.fullmatch(self.device):
+            problems.append(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.warmup_steps > self.steps:
+            problems.append(
+                f"--warmup-steps must be at most --steps ({self.steps}), got {self.warmup_steps}"
+            )
+        if problems:
+            raise SettingError("; ".join(problems))

@@ -132,17 +132,20 @@ def test_changed_max_len_makes_a_new_key_and_keeps_tokens(built, instance) -> No
 
 
 def test_training_with_two_processes_runs_torchrun_through_pipes(built, instance) -> None:
-    """nproc_per_node 2: the asset launches torchrun (gloo on CPU); rank 0 reports back."""
+    """nproc_per_node 2 with half the batch rows: the asset launches torchrun (gloo on CPU),
+    rank 0 reports back, and the same global batch gives the single process's numbers."""
     defs, results = built
     config = copy.deepcopy(TEST_CONFIG)
-    config["ops"]["trained_model"]["config"]["nproc_per_node"] = 2
+    train = config["ops"]["trained_model"]["config"]
+    train["nproc_per_node"] = 2
+    train["batch_rows"] //= 2
     result = _stage(defs, instance, ["trained_model"], config)
     trained = materialized_metadata([result])["trained_model"][0]
     single = materialized_metadata(results)["trained_model"][0]
-    assert trained["reused"] is False  # a new run key: the global batch doubled
+    assert trained["reused"] is False  # a new run key: other settings
     assert trained["output"] != single["output"]
-    assert trained["steps"] == single["steps"]
-    assert trained["pairs"] > single["pairs"]  # two processes, each batch_rows rows a step
+    assert trained["steps"] == single["steps"] and trained["pairs"] == single["pairs"]
+    assert trained["loss"] == pytest.approx(single["loss"], rel=1e-5)
 
 
 def test_failing_blocking_check_stops_downstream(built, instance, monkeypatch) -> None:

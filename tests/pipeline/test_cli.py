@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pyarrow.parquet as pq
-import pytest
 
 import prefpack
 from pipeline.sample_data import eval_prompts_path, sample_path
+from tests.conftest import assert_one_error_line
 
 
 def test_normalize_then_curate(tmp_path, capsys) -> None:
@@ -68,18 +68,18 @@ def test_normalize_then_curate(tmp_path, capsys) -> None:
     assert "curate:" in capsys.readouterr().out
 
 
-def test_bad_option_is_named(tmp_path) -> None:
-    with pytest.raises(SystemExit, match="bad option 'colour=red'; helpsteer3 takes"):
-        prefpack.main(
-            [
-                "normalize",
-                "--source",
-                "helpsteer3",
-                "--input",
-                str(sample_path("helpsteer3")),
-                "--out",
-                str(tmp_path / "o"),
-                "-o",
-                "colour=red",
-            ]
-        )
+def test_bad_option_is_named(tmp_path, cli) -> None:
+    status, err = cli(
+        [
+            "normalize",
+            "--source",
+            "helpsteer3",
+            "--input",
+            str(sample_path("helpsteer3")),
+            "--out",
+            str(tmp_path / "o"),
+            "-o",
+            "colour=red",
+        ]
+    )
+    assert_one_error_line(status, err, "normalize", "bad option 'colour=red'; helpsteer3 takes")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 import prefpack
+from tests.conftest import assert_one_error_line
 from tests.pipeline.factories import fixture_pairs, write_pairs
 
 
@@ -71,3 +73,74 @@ def test_a_new_max_len_repacks_the_tokenized_pairs_of_prefpack_tokenize(
         assert "nothing rewritten" not in run.err
     assert len(list((tmp_path / "store" / "shards").iterdir())) == 2
     assert list((tmp_path / "store" / "tokenized").iterdir()) == [tokenized]
+
+
+# -----------------------------------------------------------------------------
+# Mistakes: one line, exit status 2, nothing written
+
+
+def _pack_argv(tiny_tokenizer_path: Path, tmp_path: Path, *extra: str) -> list[str]:
+    pairs = write_pairs(tmp_path / "pairs.parquet", fixture_pairs())
+    return [
+        "pack",
+        "--pairs", str(pairs),
+        "--tokenizer", str(tiny_tokenizer_path),
+        "--out", str(tmp_path / "store"),
+        *extra,
+    ]  # fmt: skip
+
+
+def test_max_len_out_of_range_stops_before_tokenizing(
+    tiny_tokenizer_path: Path, tmp_path: Path, cli
+) -> None:
+    status, err = cli(_pack_argv(tiny_tokenizer_path, tmp_path, "--max-len", "0"))
+    assert_one_error_line(status, err, "pack", "--max-len must be >= 3, got 0")
+    assert not (tmp_path / "store").exists()
+
+
+def test_nothing_packed_is_an_error_with_the_lengths(
+    tiny_tokenizer_path: Path, tmp_path: Path, cli
+) -> None:
+    argv = _pack_argv(tiny_tokenizer_path, tmp_path, "--max-len", "8", "--too-long", "drop")
+    status, err = cli(argv)
+    assert_one_error_line(status, err, "pack", "no pair packed", "against --max-len 8")
+    assert re.search(r"is \d+ tokens at the median and \d+ at most", err)
+    shards = tmp_path / "store" / "shards"
+    assert not shards.exists() or not any(p.name[0] != "." for p in shards.iterdir())
+
+
+def test_truncating_many_pairs_warns_with_the_count(
+    tiny_tokenizer_path: Path, tmp_path: Path, cli
+) -> None:
+    status, err = cli(
+        _pack_argv(tiny_tokenizer_path, tmp_path, "--max-len", "64", "--min-response-len", "4")
+    )
+    assert status == 0, err
+    truncated = re.search(r"truncated (\d+)\)", err)
+    assert truncated and int(truncated.group(1)) > 0, err
+    assert f"{truncated.group(1)} of " in err and "were truncated to fit --max-len 64" in err
+
+
+@pytest.mark.parametrize("target", ["file", "folder", "missing"])
+def test_inspect_on_something_else_is_one_line(tmp_path: Path, cli, target: str) -> None:
+    path = tmp_path / target
+    if target == "file":
+        path.write_text("not shards\n")
+    elif target == "folder":
+        path.mkdir()
+    status, err = cli(["inspect", str(path)])
+    assert_one_error_line(status, err, "inspect", str(path))
+
+
+def test_curate_on_a_missing_path_is_one_line(tmp_path: Path, cli) -> None:
+    missing = tmp_path / "nothing_here"
+    status, err = cli(["curate", "--pairs", str(missing), "--out", str(tmp_path / "out")])
+    assert_one_error_line(status, err, "curate", str(missing))
+    assert not (tmp_path / "out").exists()
+
+
+def test_curate_on_a_corrupt_parquet_is_one_line(tmp_path: Path, cli) -> None:
+    bad = tmp_path / "pairs.parquet"
+    bad.write_bytes(b"PAR1 not really")
+    status, err = cli(["curate", "--pairs", str(bad), "--out", str(tmp_path / "out")])
+    assert_one_error_line(status, err, "curate", str(bad), "not a readable Parquet file")

@@ -7,6 +7,7 @@ import json
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from data_contracts import preference_pair
@@ -110,6 +111,30 @@ def test_defaults_drop_empty_identical_ties_and_duplicates_first_rule_wins() -> 
     assert report["rows_in"] == report["rows_out"] + sum(report["dropped"].values())
 
 
+def test_every_dropped_pair_is_written_with_its_rule(tmp_path) -> None:
+    table = _pairs(
+        {},
+        {"chosen": "", "margin": 0.0},
+        {"chosen": "Lyon."},
+        {"margin": 0.0},
+        {"prompt": _user("Question 0?"), "chosen": "paris.", "rejected": "LYON."},
+    )
+    out = write_curated(curate(table, CurateConfig()), tmp_path / "curated")
+    dropped = pq.read_table(out / "dropped.parquet")
+    assert dropped["position"].to_pylist() == [1, 2, 3, 4]
+    assert dropped["reason"].to_pylist() == [
+        "empty_response",
+        "identical_responses",
+        "tie",
+        "duplicate",
+    ]
+    assert dropped["pair_id"].to_pylist() == table["pair_id"].take([1, 2, 3, 4]).to_pylist()
+    kept = pq.read_table(out / "pairs.parquet")["pair_id"].to_pylist()
+    assert sorted(kept + dropped["pair_id"].to_pylist()) == sorted(table["pair_id"].to_pylist())
+    report = json.loads((out / "report.json").read_text())
+    assert report["dropped_file"] == "dropped.parquet"
+
+
 def test_rules_do_not_apply_to_null_columns() -> None:
     table = _pairs({"margin": None, "score_chosen": None, "language": None, "domain": None})
     config = dataclasses.replace(
@@ -179,7 +204,7 @@ def test_output_keeps_schema_and_metadata_and_writes_atomically(tmp_path) -> Non
     assert result.pairs.schema.equals(table.schema, check_metadata=True)
     write_curated(result, tmp_path / "a")
     write_curated(curate(table, CurateConfig()), tmp_path / "b")
-    for name in ("pairs.parquet", "report.json"):
+    for name in ("pairs.parquet", "dropped.parquet", "report.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 

@@ -19,6 +19,7 @@ import torch
 
 import prefpack
 from pipeline.shards import open_shards
+from tests.conftest import assert_one_error_line
 from tests.training.conftest import TINY_SHARD_PAIRS
 from training.checkpoint import load_pretrained, model_fingerprint, save_pretrained
 from training.cli import TRAIN_FLAG_GROUPS, train_config
@@ -84,8 +85,11 @@ def test_every_train_config_field_is_a_flag() -> None:
         elif typing.get_origin(hint) is tuple:
             expected[name] = (0.5, 0.75)
             argv += [flag, "0.5", "0.75"]
-        else:
-            expected[name] = "cpu" if hint is str else default + hint(3)
+        elif hint is str:
+            expected[name] = "cpu"
+            argv += [flag, "cpu"]
+        else:  # a number inside the field's range, other than its default
+            expected[name] = (default / 2 or 0.25) if hint is float else (default or 0) + 3
             argv += [flag, str(expected[name])]
     config = train_config(prefpack.build_parser().parse_args(argv))
     assert config.out_dir == Path("o")
@@ -222,7 +226,19 @@ def _corrupt_copy(shards: Path, to: Path) -> Path:
             r"tokenizer has 320 tokens but the model only 64",
         ),
         ({"--backend": "flex"}, r"backend flex trains on CUDA only"),
-        ({"--warmup-steps": "9"}, r"warmup_steps must be in \[0, steps\], got 9"),
+        ({"--warmup-steps": "9"}, r"--warmup-steps must be at most --steps \(3\), got 9"),
+        ({"--beta": "0"}, r"--beta must be > 0, got 0.0"),
+        ({"--beta": "-1"}, r"--beta must be > 0, got -1.0"),
+        ({"--lr": "-1"}, r"--lr must be > 0, got -1.0"),
+        ({"--min-lr-ratio": "5"}, r"--min-lr-ratio must be >= 0 and <= 1, got 5.0"),
+        ({"--max-grad-norm": "-1"}, r"--max-grad-norm must be >= 0, got -1.0"),
+        ({"--sft-weight": "-1"}, r"--sft-weight must be >= 0, got -1.0"),
+        ({"--checkpoint-every": "-1"}, r"--checkpoint-every must be >= 0, got -1"),
+        ({"--weight-decay": "-3"}, r"--weight-decay must be >= 0, got -3.0"),
+        ({"--adam-betas": "2"}, r"argument --adam-betas: expected 2 arguments"),
+        ({"--seed": "-1"}, r"--seed must be >= 0, got -1"),
+        ({"--device": "tpu"}, r"--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+        ({"--lr": "nan"}, r"--lr must be > 0, got nan"),
         ({"--loss": "ipo", "--label-smoothing": "0.1"}, r"'ipo' takes no label_smoothing"),
         ({"--loss": "dpo"}, r"argument --loss: invalid choice: 'dpo'"),
         ({"--model": "empty"}, r"argument --model: not allowed with argument --config"),
@@ -234,7 +250,7 @@ def _corrupt_copy(shards: Path, to: Path) -> Path:
 def test_bad_flags_and_inputs_fail_fast_with_the_cause_named(
     tiny_shards: Path,
     tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    cli,
     change: dict[str, str | None],
     message: str,
 ) -> None:
@@ -255,17 +271,61 @@ def test_bad_flags_and_inputs_fail_fast_with_the_cause_named(
         if value is not None:
             is_path = flag in ("--shards", "--model", "--reference") or value == "b"
             argv += [flag, str(tmp_path / value) if is_path else value]
-    with pytest.raises(SystemExit) as exit_:
-        prefpack.main(argv)
-    shown = exit_.value.code if isinstance(exit_.value.code, str) else capsys.readouterr().err
-    assert shown.startswith("prefpack train: error:") or "usage: prefpack train" in shown
+    status, shown = cli(argv)
+    if "usage: prefpack train" in shown:  # argparse's own two lines
+        assert status == 2
+    else:
+        assert_one_error_line(status, shown, "train")
     assert len(re.findall(message, shown)) == 1, shown
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run").exists()  # refused before the run folder is made
 
 
-def test_logps_refuses_other_suffixes(tiny_shards: Path, tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match=r"ref.json: write .arrow or .parquet"):
-        prefpack.main(_logps_argv(tiny_shards, tmp_path / "ref.json"))
+def test_adam_betas_out_of_range_are_named(tiny_shards: Path, tmp_path: Path, cli) -> None:
+    argv = _train_argv(tiny_shards, tmp_path / "run", "--adam-betas", "2", "3")
+    status, err = cli(argv)
+    assert_one_error_line(status, err, "train", "--adam-betas must be >= 0 and < 1, got (2.0, 3.0)")
+    assert not (tmp_path / "run").exists()
+
+
+def test_debug_shows_the_traceback(tiny_shards: Path, tmp_path: Path) -> None:
+    argv = ["--debug", *_train_argv(tiny_shards, tmp_path / "run", "--beta", "0")]
+    with pytest.raises(ValueError, match="--beta must be > 0"):
+        prefpack.main(argv)
+
+
+def test_steps_below_the_default_warmup_train(tiny_shards: Path, tmp_path: Path, cli) -> None:
+    """--warmup-steps not given: its default (10) is clamped to --steps."""
+    argv = _train_argv(tiny_shards, tmp_path / "run")
+    i = argv.index("--warmup-steps")
+    del argv[i : i + 2]
+    status, err = cli(argv)
+    assert status == 0, err
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert lrs[-1] == pytest.approx(1e-3)  # warmup of 3 steps: the last step at the peak
+
+
+def test_a_diverging_run_stops_without_final(tiny_shards: Path, tmp_path: Path, cli) -> None:
+    argv = _train_argv(tiny_shards, tmp_path / "run", "--lr", "1e9", "--steps", "6")
+    status, err = cli(argv)
+    assert_one_error_line(status, err, "train", "training diverged", "--lr")
+    assert not (tmp_path / "run" / "final").exists()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert 1 <= len(lines) < 6
+    last = json.loads(lines[-1], parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+    assert last["loss"] is None or last["grad_norm"] is None
+
+
+def test_batch_rows_beyond_the_data_are_clamped(tiny_shards: Path, tmp_path: Path, cli) -> None:
+    status, err = cli(_train_argv(tiny_shards, tmp_path / "run", "--batch-rows", "100000"))
+    assert status == 0, err
+    assert "--batch-rows 100000 is more than the" in err
+    pairs = [json.loads(line)["pairs"] for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert max(pairs) <= open_shards(tiny_shards).manifest["stats"]["pairs"]
+
+
+def test_logps_refuses_other_suffixes(tiny_shards: Path, tmp_path: Path, cli) -> None:
+    status, err = cli(_logps_argv(tiny_shards, tmp_path / "ref.json"))
+    assert_one_error_line(status, err, "logps", "ref.json: write .arrow or .parquet")
 
 
 # -----------------------------------------------------------------------------
