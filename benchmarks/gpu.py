@@ -47,8 +47,9 @@ from benchmarks.train import cut_lengths, pack_rows, tokenized_pairs
 from data_contracts.packed_row import Layout, PackedRow
 from training.configs import llama3_2_1b, tiny
 from training.model import CausalLM, ModelConfig
-from training.reference import ReferenceLogps
+from training.reference import ReferenceKey, ReferenceLogps
 from training.train import TrainConfig, global_step_rows, setup, train_step
+from training.train_config import Precision
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LEN = 8192
@@ -109,7 +110,7 @@ def peak_flops() -> float:
 # ---------------------------------------------------------------------------- runs
 
 
-def random_reference(rows: list[PackedRow]) -> ReferenceLogps:
+def random_reference(rows: list[PackedRow], precision: Precision) -> ReferenceLogps:
     """Stored reference log-probs for the rows (values do not change the step's cost)."""
     ids = [pid for r in rows for pid in r.pair_ids]
     rng = np.random.default_rng(0)
@@ -120,7 +121,7 @@ def random_reference(rows: list[PackedRow]) -> ReferenceLogps:
             "rejected_logps": pa.array(-rng.uniform(50, 500, len(ids)), pa.float32()),
         }
     )
-    return ReferenceLogps(table, "benchmark", "benchmark")
+    return ReferenceLogps(table, ReferenceKey("0" * 64, "0" * 20, precision))
 
 
 def timed_run(
@@ -174,7 +175,15 @@ def timed_run(
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    run = setup(train_config, rows, layout, BLOCK_SIZE, max_len, model, random_reference(rows))
+    run = setup(
+        train_config,
+        rows,
+        layout,
+        BLOCK_SIZE,
+        max_len,
+        model,
+        random_reference(rows, train_config.precision),
+    )
     start = time.perf_counter()
     warm = [train_step(run, 0), train_step(run, 1)]
     warmup_seconds = time.perf_counter() - start

@@ -371,7 +371,7 @@ def run_prefpack(spec: RunSpec) -> dict[str, Any]:
     """prefpack's trainer on the warm-up rows, then the measured rows."""
     from benchmarks.train import pack_rows
     from training.checkpoint import load_pretrained
-    from training.reference import ReferenceLogps, compute_reference_logps
+    from training.reference import ReferenceKey, ReferenceLogps, compute_reference_logps
     from training.train import TrainConfig, train
 
     model = load_pretrained(spec.model)
@@ -398,7 +398,7 @@ def run_prefpack(spec: RunSpec) -> dict[str, Any]:
             device="cpu",
             progress=False,
         )
-        reference = ReferenceLogps(table, "vs_trl", "vs_trl")
+        reference = ReferenceLogps(table, ReferenceKey("0" * 64, "0" * 20, "fp32"))
         setup_s = time.perf_counter() - start
     config = TrainConfig(
         out_dir=Path(spec.workdir) / "prefpack",

@@ -18,7 +18,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from data_contracts.packed_row import (
@@ -29,6 +32,7 @@ from data_contracts.packed_row import (
     targets,
     token_roles,
 )
+from pipeline.shards import ShardReader
 from training.attention import (
     FLAT_BACKENDS,
     AttentionBackend,
@@ -72,35 +76,88 @@ class Batch:
         return len(self.pair_ids)
 
 
+def rows_table(rows: Sequence[PackedRow]) -> pa.Table:
+    """The rows' `input_ids` and `pair_ids` as Arrow columns, for checks over all rows at
+    once: a shard reader's own table (zero copy over the memory maps), or one built from
+    rows held in memory."""
+    if isinstance(rows, ShardReader):
+        return rows.table
+    return pa.table(
+        {
+            "input_ids": pa.array([r.input_ids for r in rows], pa.list_(pa.int32())),
+            "pair_ids": pa.array([list(r.pair_ids) for r in rows], pa.list_(pa.string())),
+        }
+    )
+
+
+def _is_distributed() -> bool:
+    # Imported here: training.parallel imports the model, which imports this module.
+    from training.parallel import is_distributed
+
+    return is_distributed()
+
+
+def agree(problem: str | None) -> None:
+    """Raise rank 0's `problem` on every rank (one decision, so no rank fails alone while
+    the others wait in a collective); in one process, raise `problem` if any."""
+    if _is_distributed():
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem is not None:
+        raise ValueError(problem)
+
+
 def check_rows(
     rows: Sequence[PackedRow],
-    row_ids: Sequence[int],
     max_len: int | None,
     vocab_size: int,
     sliding_window: int | None = None,
 ) -> None:
-    """Fail fast, naming the row, on rows the model cannot take.
+    """Fail before any work, naming the row, on rows the model cannot take: rank 0 checks
+    every row at once, vectorised over the rows' Arrow table, and every rank raises its
+    verdict (`agree`).
 
     Raises:
         ValueError: a row is longer than `max_len` (when given) or than the model's
             sliding window (not implemented: we run full attention), or holds a token id
-            >= `vocab_size`.
+            outside [0, `vocab_size`).
     """
-    for row_id, row in zip(row_ids, rows, strict=True):
-        if max_len is not None and row.num_tokens > max_len:
-            raise ValueError(f"row {row_id}: {row.num_tokens} tokens exceed max_len {max_len}")
-        if sliding_window is not None and row.num_tokens > sliding_window:
-            raise ValueError(
-                f"row {row_id}: {row.num_tokens} tokens exceed the model's sliding window "
-                f"{sliding_window}; sliding-window attention is not implemented, pack with "
-                "max_len <= sliding_window"
-            )
-        top = int(row.input_ids.max())
-        if top >= vocab_size:
-            raise ValueError(
-                f"row {row_id}: token id {top} is outside the model's vocabulary "
+    problem = None
+    if not _is_distributed() or dist.get_rank() == 0:
+        problem = _row_problem(rows_table(rows)["input_ids"], max_len, vocab_size, sliding_window)
+    agree(problem)
+
+
+def _row_problem(
+    input_ids: pa.ChunkedArray, max_len: int | None, vocab_size: int, window: int | None
+) -> str | None:
+    """The first problem of `check_rows`, or None."""
+    lengths = pc.list_value_length(input_ids).to_numpy()
+    window_hint = "; sliding-window attention is not implemented, pack with max_len <= " + (
+        "sliding_window"
+    )
+    for limit, what, hint in (
+        (max_len, "max_len", ""),
+        (window, "the model's sliding window", window_hint),
+    ):
+        too_long = np.flatnonzero(lengths > limit) if limit is not None else []
+        if len(too_long):
+            row = int(too_long[0])
+            return f"row {row}: {lengths[row]} tokens exceed {what} {limit}{hint}"
+    first_row = 0
+    for chunk in input_ids.chunks:  # one shard batch at a time: bounded temporaries
+        ids = pc.list_flatten(chunk).to_numpy()
+        if len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
+            i = int(np.flatnonzero((ids < 0) | (ids >= vocab_size))[0])
+            ends = np.cumsum(pc.list_value_length(chunk).to_numpy())
+            row = first_row + int(np.searchsorted(ends, i, side="right"))
+            return (
+                f"row {row}: token id {ids[i]} is outside the model's vocabulary "
                 f"({vocab_size}); shards and model use different tokenizers"
             )
+        first_row += len(chunk)
+    return None
 
 
 def collate(

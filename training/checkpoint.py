@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import shutil
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -412,11 +414,38 @@ def model_fingerprint(model: CausalLM) -> str:
     """sha256 over the config and every tensor's name, dtype, shape and bytes.
 
     Independent of how the weights were stored (sharding, file order), and different for
-    the same weights in another dtype, since log-probs differ too.
+    the same weights in another dtype, since log-probs differ too. Hashing reads every
+    byte (seconds for a large model), and a run asks for the fingerprint of its initial
+    model more than once (reference key, resume record), so the digest is kept on the
+    model while it still holds: see `_weights_stamp`.
     """
+    stamp = _weights_stamp(model)
+    cached = getattr(model, "_fingerprint", None)
+    if cached is not None and _same_stamp(cached[0], stamp):
+        return cached[1]
     h = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True).encode())
     for key, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy())
-    return h.hexdigest()
+    model._fingerprint = (stamp, h.hexdigest())
+    return model._fingerprint[1]
+
+
+_Stamp = list[tuple[str, weakref.ref, int]]
+
+
+def _weights_stamp(model: CausalLM) -> _Stamp:
+    """Which tensor objects the model holds, at which version: an in-place write (an
+    optimizer step, `load_state_dict`) bumps a tensor's version counter, and assigning
+    new tensors changes the objects; either makes a cached fingerprint stale. Weak
+    references, so a replaced tensor is freed and its id cannot be mistaken for a new
+    one. (Writes through `.data` bypass the counter; nothing in prefpack makes them.)"""
+    tensors = itertools.chain(model.named_parameters(), model.named_buffers())
+    return [(name, weakref.ref(t), t._version) for name, t in tensors]
+
+
+def _same_stamp(old: _Stamp, new: _Stamp) -> bool:
+    return len(old) == len(new) and all(
+        a[0] == b[0] and a[1]() is b[1]() and a[2] == b[2] for a, b in zip(old, new, strict=True)
+    )

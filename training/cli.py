@@ -6,8 +6,9 @@
 
 The run-setting flags of `train` are made from `TrainConfig`'s fields (help text, defaults,
 choices), in the groups below. torch is imported inside the handlers, so `prefpack --help`
-stays fast. Under torchrun every process runs the command; rank 0 alone prints, computes
-a missing cached reference, writes metrics and reports to Dagster Pipes.
+stays fast. Under torchrun every process runs the command; rank 0 alone verifies the
+shards' sha256 (the others wait for its verdict), prints, writes the reference file and
+metrics, and reports to Dagster Pipes.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from training.train_config import TrainConfig
 if TYPE_CHECKING:  # names for annotations only: the handlers import torch when they run
     from pipeline.shards import ShardReader
     from training.model import CausalLM
-    from training.reference import ReferenceCache, ReferenceLogps
+    from training.reference import ReferenceCache, ReferenceKey, ReferenceLogps
 
 # The `prefpack train` flag groups; together they hold every TrainConfig field but out_dir
 # (that is --out).
@@ -103,7 +104,9 @@ def _add_inputs(parser: argparse.ArgumentParser) -> None:
         help="torch seed of the random init with --config (default: %(default)s)",
     )
     inputs.add_argument(
-        "--no-verify", action="store_true", help="skip the shards' sha256 check when opening"
+        "--no-verify",
+        action="store_true",
+        help="skip hashing the shard files when opening (the manifest, its checksum and the tokenizer files are always checked)",
     )
 
 
@@ -133,14 +136,15 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
         "--reference",
         type=Path,
         metavar="FILE",
-        help="stored log-probs from `prefpack logps`; must match this model and these shards",
+        help="stored log-probs from `prefpack logps`; must match this model, these shards "
+        "and --precision",
     )
     reference.add_argument(
         "--reference-cache",
         type=Path,
         metavar="DIR",
-        help="compute the log-probs once into DIR, keyed by model fingerprint + shard key, "
-        "and reuse them on later runs",
+        help="compute the log-probs once into DIR, keyed by model fingerprint, shard key, "
+        "precision and reference code version, and reuse them on later runs",
     )
     for title, names in TRAIN_FLAG_GROUPS.items():
         add_flags(p.add_argument_group(title), TrainConfig, names)
@@ -153,8 +157,8 @@ def _add_logps(subparsers: argparse._SubParsersAction) -> None:
         help="compute per-pair reference log-probs once (reused when the key matches)",
         description="Write the summed chosen/rejected log-probs of every pair of --shards "
         "under the model (Arrow .arrow or .parquet, with pair ids), keyed by the model "
-        "fingerprint and the shard key. If --out already holds them for this model and "
-        "these shards, nothing is recomputed. Prints the file.",
+        "fingerprint, the shard key, --precision and the reference code version. If --out "
+        "already holds them for that key, nothing is recomputed. Prints the file.",
     )
     _add_inputs(p)
     p.add_argument(
@@ -216,12 +220,11 @@ def _open_inputs(args: argparse.Namespace) -> tuple[ShardReader, CausalLM]:
     """
     import torch
 
-    from pipeline.shards import open_shards
     from training.checkpoint import load_pretrained
     from training.configs import named_config
     from training.model import CausalLM
 
-    reader = open_shards(args.shards, verify=not args.no_verify)
+    reader = _open_shards_once(args.shards, verify=not args.no_verify)
     vocab = int(reader.manifest["tokenizer"]["vocab_size"])
     if args.model is not None:
         if not (args.model / "config.json").is_file():
@@ -239,22 +242,57 @@ def _open_inputs(args: argparse.Namespace) -> tuple[ShardReader, CausalLM]:
     return reader, model
 
 
-def _reference(
-    args: argparse.Namespace, reader: ShardReader, model: CausalLM
-) -> ReferenceLogps | ReferenceCache | None:
-    """Stored reference log-probs (--reference), a cache that training fills first if it
-    is empty (--reference-cache), or None (a reference model in memory)."""
+def _open_shards_once(directory: Path, verify: bool) -> ShardReader:
+    """Open the shards; under torchrun rank 0 alone checks their sha256 (every byte read
+    once per job, not once per process) while the others wait for its verdict, which
+    every rank then raises alike.
+
+    Raises:
+        ShardError: a missing or corrupt shard directory, on every rank.
+    """
+    import torch.distributed as dist
+
+    from pipeline.shards import ShardError, open_shards
+
+    if not (verify and dist.is_initialized() and dist.get_world_size() > 1):
+        return open_shards(directory, verify=verify)
+    verdict: list[str | None] = [None]
+    reader = None
+    if dist.get_rank() == 0:
+        try:
+            reader = open_shards(directory, verify=True)
+        except (ValueError, OSError) as err:
+            verdict = [str(err)]
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise ShardError(verdict[0])
+    return reader or open_shards(directory, verify=False)
+
+
+def _reference_key(reader: ShardReader, model: CausalLM, precision: str) -> ReferenceKey:
+    """The key of this model's log-probs over these shards in this precision."""
     from training.checkpoint import model_fingerprint
+    from training.reference import ReferenceKey
+
+    return ReferenceKey(model_fingerprint(model), reader.key, precision)
+
+
+def _reference(
+    args: argparse.Namespace, reader: ShardReader, model: CausalLM, precision: str
+) -> ReferenceLogps | ReferenceCache | None:
+    """Stored reference log-probs (--reference; refused unless their key is this model's,
+    these shards' and this precision's), a cache that training fills first if it is
+    empty (--reference-cache), or None (a reference model in memory)."""
     from training.reference import ReferenceCache, read_reference_logps
 
     if args.reference is None and args.reference_cache is None:
         return None
-    fingerprint = model_fingerprint(model)
+    key = _reference_key(reader, model, precision)
     if args.reference is not None:
         if not args.reference.is_file():
             raise FileNotFoundError(f"{args.reference}: no such file; write it with prefpack logps")
-        return read_reference_logps(args.reference, fingerprint, reader.key)
-    cache = ReferenceCache(args.reference_cache, reader.key, fingerprint)
+        return read_reference_logps(args.reference, key)
+    cache = ReferenceCache(args.reference_cache, key)
     if _rank() == 0:
         print(
             f"reference log-probs: {'reusing' if cache.path.exists() else 'computing'} "
@@ -267,7 +305,7 @@ def _reference(
 def _train(args: argparse.Namespace) -> int:
     from training.device import resolve_backend, resolve_device
     from training.report import format_summary, pipes_reporter, summarize
-    from training.train import check_config, train
+    from training.train import RunIdentity, check_config, train
 
     config = train_config(args)
     rank = _rank()
@@ -275,7 +313,8 @@ def _train(args: argparse.Namespace) -> int:
     with pipes_reporter(config.steps) as reporter, _process_group(config.device):
         check_config(config, resolve_device(config.device))
         reader, model = _open_inputs(args)
-        reference = _reference(args, reader, model)
+        reference = _reference(args, reader, model, config.precision)
+        identity = RunIdentity(reader.key, args.init_seed if args.config else None)
         if rank == 0:
             print(f"metrics: {config.out_dir / 'metrics.jsonl'}", file=sys.stderr)
         train(
@@ -288,6 +327,7 @@ def _train(args: argparse.Namespace) -> int:
             reference=reference,
             tokenizer=reader.directory,  # its tokenizer.json + tokenizer_config.json
             on_step=reporter,
+            identity=identity,
         )
         if rank == 0:
             summary = summarize(config.out_dir)
@@ -308,8 +348,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _logps(args: argparse.Namespace) -> int:
-    from training.checkpoint import model_fingerprint
-    from training.device import resolve_device
+    from training.device import check_precision, resolve_device
     from training.parallel import prepare
     from training.reference import (
         compute_reference_logps,
@@ -321,17 +360,19 @@ def _logps(args: argparse.Namespace) -> int:
     if args.out.suffix not in (".arrow", ".parquet"):
         raise ValueError(f"--out {args.out}: write .arrow or .parquet")
     config_from_args(TrainConfig, args, out_dir=args.out)  # the ranges of its flags
+    check_precision(args.precision, resolve_device(args.device))
     rank = _rank()
     with pipes_context() as pipes, _process_group(args.device):
         reader, model = _open_inputs(args)
-        fingerprint = model_fingerprint(model)
+        key = _reference_key(reader, model, args.precision)
         table = None
         if args.out.exists():
             try:
-                table = read_reference_logps(args.out, fingerprint, reader.key).table
+                table = read_reference_logps(args.out, key).table
                 if rank == 0:
                     print(
-                        f"reused {table.num_rows} pairs' log-probs (same model and shards)",
+                        f"reused {table.num_rows} pairs' log-probs (same model, shards and "
+                        "precision)",
                         file=sys.stderr,
                     )
             except ValueError as err:
@@ -355,11 +396,11 @@ def _logps(args: argparse.Namespace) -> int:
                 max_len=reader.max_len,
             )
             if rank == 0:
-                write_reference_logps(table, args.out, fingerprint, reader.key)
+                write_reference_logps(table, args.out, key)
                 print(f"computed {table.num_rows} pairs' log-probs", file=sys.stderr)
         if pipes is not None:
             pipes.report_asset_materialization(
-                metadata=reference_metadata(args.out, table, fingerprint, reader.key, reused)
+                metadata=reference_metadata(args.out, table, key, reused)
             )
     if rank == 0:
         print(args.out)

@@ -1,16 +1,22 @@
-"""Reference log-probs computed once per (model, shards) and reused by every run.
+"""Reference log-probs computed once per (model, shards, precision) and reused by every run.
 
 DPO needs log p_ref(chosen) and log p_ref(rejected) per pair; they depend only on the
-reference weights and the tokens, so a run can read them from a file instead of holding a
-second model in memory and running a second forward pass each step. A file is keyed by the
-model fingerprint (`checkpoint.model_fingerprint`) and the shard key, both stored in its
-schema metadata and checked on read; `cached_reference_logps` computes it when absent.
+reference weights, the tokens, the precision they were computed in and the code that
+computed them, so a run can read them from a file instead of holding a second model in
+memory and running a second forward pass each step. A file is keyed by all four
+(`ReferenceKey`: the model fingerprint of `checkpoint.model_fingerprint`, the shard key,
+fp32 / bf16, and `REFERENCE_VERSION`), stored in its schema metadata and checked on read:
+a bf16 run given fp32 log-probs would start with a policy/reference ratio that is not 1
+and a loss that is not log 2. `cached_reference_logps` computes a file when absent.
 
 Format: the `reference_logps` contract, as Arrow IPC (`.arrow`) or Parquet (`.parquet`).
+Lookups go through a sorted index of the pair ids built once per file, so a micro-batch
+costs the same whatever the table's size (`benchmarks/reference_lookup.py`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +35,57 @@ from data_contracts import reference_logps as contract
 from data_contracts.packed_row import DEFAULT_BLOCK_SIZE, Layout, PackedRow
 from pipeline.io import atomic_file, is_hex_key
 from training.attention import Backend
-from training.batch import check_rows, collate
+from training.batch import agree, check_rows, collate, rows_table
 from training.device import Precision, autocast, check_precision, resolve_backend, resolve_device
 from training.logps import pair_logps
 from training.losses import PairLogps
 from training.parallel import is_distributed, is_sharded
+
+# Bumped whenever the numbers of `compute_reference_logps` change (log-prob code, the
+# reduction, the stored dtype): files of another version are refused, never reused.
+REFERENCE_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class ReferenceKey:
+    """What stored reference log-probs depend on; each field is a schema metadata key.
+
+    Attributes:
+        model_fingerprint: `checkpoint.model_fingerprint` of the reference weights.
+        shard_key: the shards' cache key.
+        precision: `fp32` or `bf16`, the precision of the forward pass (and the run's).
+        reference_version: `REFERENCE_VERSION` of the code that computed them.
+    """
+
+    model_fingerprint: str
+    shard_key: str
+    precision: Precision
+    reference_version: str = REFERENCE_VERSION
+
+    def metadata(self) -> dict[bytes, bytes]:
+        return {k.encode(): v.encode() for k, v in dataclasses.asdict(self).items()}
+
+    def differences(self, expected: ReferenceKey) -> list[str]:
+        """`field is stored, expected wanted` for each field that differs."""
+        stored, want = dataclasses.asdict(self), dataclasses.asdict(expected)
+        return [f"{k} is {stored[k]}, expected {want[k]}" for k in stored if stored[k] != want[k]]
+
+    @classmethod
+    def from_metadata(cls, meta: dict[bytes, bytes] | None, source: str) -> ReferenceKey:
+        """The key stored in a file's schema metadata.
+
+        Raises:
+            ValueError: a key field is missing (a file of an older prefpack), all named.
+        """
+        text = {k.decode(): v.decode() for k, v in (meta or {}).items()}
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [name for name in names if name not in text]
+        if missing:
+            raise ValueError(
+                f"{source}: no {', '.join(missing)} in the file's metadata; recompute it "
+                "with prefpack logps"
+            )
+        return cls(**{name: text[name] for name in names})
 
 
 def _share(num_rows: int, world: int, rank: int) -> range:
@@ -71,10 +123,14 @@ def compute_reference_logps(
         device: `auto`, `cpu`, `cuda`, ...
         precision: `fp32`, or `bf16` autocast on CUDA (use what training uses).
         progress: show a progress bar (rank 0).
-        max_len: the shards' max_len: `flex` pads every batch to it (one compiled shape).
+        max_len: the shards' max_len: every row is checked against it, and `flex` pads
+            every batch to it (one compiled shape).
 
     Returns:
         A `reference_logps` table, pairs in row order.
+
+    Raises:
+        ValueError: a bad row (`batch.check_rows`), on every rank, before the first pass.
     """
     dev = resolve_device(str(device))
     check_precision(precision, dev)
@@ -82,13 +138,14 @@ def compute_reference_logps(
     if not is_sharded(model):
         model.to(dev)
     model.eval()
+    config = model.config
+    check_rows(rows, max_len, config.vocab_size, config.sliding_window)  # before any pass
     world, rank = (dist.get_world_size(), dist.get_rank()) if is_distributed() else (1, 0)
     share = _share(len(rows), world, rank)
     # Every rank runs as many passes as the largest share needs (a short share repeats its
     # last batch and drops the result), so sharded forwards stay in step.
     largest_share = -(-len(rows) // world)
     passes = -(-largest_share // batch_rows)
-    config = model.config
     ids: list[str] = []
     chosen, rejected = [], []
     for i in tqdm(range(passes), desc="reference log-probs", disable=not progress or rank != 0):
@@ -97,7 +154,6 @@ def compute_reference_logps(
         if not row_ids:
             row_ids = range(max(share.start, share.stop - 1), share.stop) or range(1)
         chunk = [rows[j] for j in row_ids]
-        check_rows(chunk, row_ids, None, config.vocab_size, config.sliding_window)
         batch = collate(chunk, layout, backend, block_size, dev, pad_to=max_len)
         with autocast(dev, precision):
             logps = pair_logps(model, batch)
@@ -124,16 +180,13 @@ def compute_reference_logps(
     return contract.CONTRACT.validate(table, source="reference log-probs")
 
 
-def write_reference_logps(
-    table: pa.Table, path: str | Path, model_fingerprint: str, shard_key: str
-) -> Path:
+def write_reference_logps(table: pa.Table, path: str | Path, key: ReferenceKey) -> Path:
     """Write `table` with its key in the schema metadata, atomically (`atomic_file`).
 
     Args:
         table: a `reference_logps` table.
         path: `.arrow` (uncompressed Arrow IPC) or `.parquet`.
-        model_fingerprint: of the model that produced it.
-        shard_key: of the shards it covers.
+        key: the model, shards, precision and code version that produced it.
 
     Returns:
         The path.
@@ -145,12 +198,7 @@ def write_reference_logps(
     if path.suffix not in (".arrow", ".parquet"):
         raise ValueError(f"{path}: reference log-probs are written as .arrow or .parquet")
     table = contract.CONTRACT.validate(table, source=str(path))
-    meta = {
-        **(table.schema.metadata or {}),
-        contract.MODEL_FINGERPRINT.encode(): model_fingerprint.encode(),
-        contract.SHARD_KEY.encode(): shard_key.encode(),
-    }
-    table = table.replace_schema_metadata(meta)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **key.metadata()})
     with atomic_file(path) as tmp:
         if path.suffix == ".arrow":
             feather.write_feather(table, tmp, compression="uncompressed")
@@ -159,111 +207,145 @@ def write_reference_logps(
     return path
 
 
+def _id_array(pair_ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Pair ids as a numpy bytes array (UTF-8), which sorts and searches vectorised."""
+    return pc.cast(pair_ids, pa.binary()).to_numpy(zero_copy_only=False).astype(np.bytes_)
+
+
 class ReferenceLogps:
     """Stored reference log-probs, looked up by pair id.
 
+    The ids are sorted once here (about 0.6 s per million pairs); a lookup is then a
+    binary search of its own ids only, whatever the size of the table.
+
     Attributes:
         table: the `reference_logps` table.
-        model_fingerprint: the key's model part.
-        shard_key: the key's shard part.
+        key: what the numbers depend on.
     """
 
-    def __init__(self, table: pa.Table, model_fingerprint: str, shard_key: str) -> None:
+    def __init__(self, table: pa.Table, key: ReferenceKey) -> None:
         self.table = table
-        self.model_fingerprint = model_fingerprint
-        self.shard_key = shard_key
-        self._chosen = table.column("chosen_logps").to_numpy()
-        self._rejected = table.column("rejected_logps").to_numpy()
+        self.key = key
+        ids = _id_array(table["pair_id"])
+        order = np.argsort(ids, kind="stable")
+        self._sorted_ids = ids[order]
+        self._sorted_strings = table["pair_id"].combine_chunks().take(order)
+        self._chosen = table.column("chosen_logps").to_numpy()[order]
+        self._rejected = table.column("rejected_logps").to_numpy()[order]
+
+    def _find(self, pair_ids: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+        """(position in the sorted ids, found) per pair id. The bytes array finds the
+        position; the strings there are then compared exactly (numpy's bytes drop
+        trailing NULs, so `a\\0` would otherwise match `a`)."""
+        n = len(self._sorted_ids)
+        if not n:
+            return np.zeros(len(pair_ids), np.int64), np.zeros(len(pair_ids), bool)
+        pos = np.minimum(np.searchsorted(self._sorted_ids, _id_array(pair_ids)), n - 1)
+        same = pc.equal(self._sorted_strings.take(pa.array(pos)), pair_ids)
+        return pos, np.asarray(same.to_numpy(zero_copy_only=False), bool)
+
+    def contains(self, pair_ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """Whether each of `pair_ids` has stored log-probs (bool per id)."""
+        return self._find(pair_ids)[1]
 
     def lookup(self, pair_ids: Sequence[str], device: torch.device | str = "cpu") -> PairLogps:
         """The stored log-probs of `pair_ids`, in that order.
 
         Raises:
-            KeyError: naming the first pair ids that have no stored log-probs.
+            KeyError: naming the first pair ids that have no stored log-probs (training
+                checks every pair once before step 1: `check_covers`).
         """
-        index = pc.index_in(pa.array(pair_ids, pa.string()), value_set=self.table["pair_id"])
-        found = index.is_valid().to_numpy(zero_copy_only=False)
+        pos, found = self._find(pa.array(pair_ids, pa.string()))
         if not found.all():
             missing = [pid for pid, ok in zip(pair_ids, found, strict=True) if not ok]
             raise KeyError(
                 f"{len(missing)} pair(s) have no reference log-probs (for example "
                 f"{missing[:3]}); were they computed for these shards?"
             )
-        i = index.to_numpy(zero_copy_only=False).astype(np.int64)
         return PairLogps(
-            chosen=torch.from_numpy(self._chosen[i]).to(device),
-            rejected=torch.from_numpy(self._rejected[i]).to(device),
+            chosen=torch.from_numpy(self._chosen[pos]).to(device),
+            rejected=torch.from_numpy(self._rejected[pos]).to(device),
         )
 
+    def check_covers(self, rows: Sequence[PackedRow]) -> None:
+        """Fail before any work, on every rank alike, unless every pair of `rows` has
+        stored log-probs; rank 0 checks all pairs at once (`batch.agree`).
 
-def read_reference_logps(
-    path: str | Path, model_fingerprint: str | None = None, shard_key: str | None = None
-) -> ReferenceLogps:
+        Raises:
+            ValueError: naming the first row and pair without log-probs, and how many.
+        """
+        problem = None
+        if not is_distributed() or dist.get_rank() == 0:
+            pair_ids = rows_table(rows)["pair_ids"]
+            flat = pc.list_flatten(pair_ids)
+            missing = np.flatnonzero(~self.contains(flat))
+            if len(missing):
+                ends = np.cumsum(pc.list_value_length(pair_ids).to_numpy())
+                row = int(np.searchsorted(ends, missing[0], side="right"))
+                problem = (
+                    f"row {row}: pair {flat[int(missing[0])].as_py()} has no reference log-probs "
+                    f"({len(missing)} of {len(flat)} pairs missing); were they computed for "
+                    "these shards?"
+                )
+        agree(problem)
+
+
+def read_reference_logps(path: str | Path, expected: ReferenceKey | None = None) -> ReferenceLogps:
     """Read a file written by `write_reference_logps` and check its key.
 
     Args:
         path: the `.arrow` or `.parquet` file.
-        model_fingerprint: when given, must equal the stored one.
-        shard_key: when given, must equal the stored one.
+        expected: when given, the key the file must have (every field).
 
     Raises:
-        ValueError: the file has no key, or a key other than the one expected.
+        ValueError: the file has no key, or a key other than `expected`, every differing
+            field named with both values.
         ContractError: the table breaks the `reference_logps` contract.
     """
     path = Path(path)
     table = pq.read_table(path) if path.suffix == ".parquet" else feather.read_table(path)
-    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-    stored = {key: meta.get(key) for key in (contract.MODEL_FINGERPRINT, contract.SHARD_KEY)}
-    if None in stored.values():
-        raise ValueError(f"{path}: no model fingerprint / shard key in the file's metadata")
-    expected = {contract.MODEL_FINGERPRINT: model_fingerprint, contract.SHARD_KEY: shard_key}
-    for key, want in expected.items():
-        if want is not None and stored[key] != want:
-            raise ValueError(f"{path}: {key} is {stored[key]}, expected {want}")
+    key = ReferenceKey.from_metadata(table.schema.metadata, str(path))
+    differences = [] if expected is None else key.differences(expected)
+    if differences:
+        raise ValueError(f"{path}: reference log-probs of another run: " + "; ".join(differences))
     table = contract.CONTRACT.validate(table, source=str(path))
-    return ReferenceLogps(table, stored[contract.MODEL_FINGERPRINT], stored[contract.SHARD_KEY])
-
-
-def reference_logps_path(directory: str | Path, model_fingerprint: str, shard_key: str) -> Path:
-    """Where the log-probs of (model, shards) live under `directory` by default.
-
-    Raises:
-        ValueError: a key is not hex (`_check_keys`).
-    """
-    _check_keys(directory, model_fingerprint, shard_key)
-    return Path(directory) / f"reference_logps-{shard_key}-{model_fingerprint[:16]}.arrow"
-
-
-def _check_keys(directory: str | Path, model_fingerprint: str, shard_key: str) -> None:
-    """Refuse keys that are not hex: they become a file name, which `../x` would escape."""
-    for what, key in (("model fingerprint", model_fingerprint), ("shard key", shard_key)):
-        if not is_hex_key(key):
-            raise ValueError(f"{directory}: reference cache {what} {key!r} is not a hex key")
+    return ReferenceLogps(table, key)
 
 
 @dataclass(frozen=True)
 class ReferenceCache:
-    """Where the log-probs of (model, shards) are kept: computed on first use, then reused.
+    """Where the log-probs of a key are kept: computed on first use, then reused.
+
+    The file is `directory/reference_logps-<shard key>-<fingerprint[:16]>-<precision>-
+    v<REFERENCE_VERSION>.arrow`, and its metadata holds the whole key (checked on read).
 
     Attributes:
         directory: the folder of the cache files (e.g. beside the shards).
-        shard_key: the shards' cache key.
-        model_fingerprint: `checkpoint.model_fingerprint` of the reference weights.
+        key: the model, shards, precision and code version.
 
     Raises:
-        ValueError: on construction, a key that is not hex.
+        ValueError: on construction, a fingerprint or shard key that is not hex: they
+            become a file name, which `../x` would escape.
     """
 
     directory: Path
-    shard_key: str
-    model_fingerprint: str
+    key: ReferenceKey
 
     def __post_init__(self) -> None:
-        _check_keys(self.directory, self.model_fingerprint, self.shard_key)
+        for what, key in (
+            ("model fingerprint", self.key.model_fingerprint),
+            ("shard key", self.key.shard_key),
+        ):
+            if not is_hex_key(key):
+                raise ValueError(
+                    f"{self.directory}: reference cache {what} {key!r} is not a hex key"
+                )
 
     @property
     def path(self) -> Path:
-        return reference_logps_path(self.directory, self.model_fingerprint, self.shard_key)
+        k = self.key
+        name = f"{k.shard_key}-{k.model_fingerprint[:16]}-{k.precision}-v{k.reference_version}"
+        return Path(self.directory) / f"reference_logps-{name}.arrow"
 
 
 def cached_reference_logps(
@@ -273,14 +355,14 @@ def cached_reference_logps(
     cache: ReferenceCache,
     **compute_kwargs: object,
 ) -> ReferenceLogps:
-    """Read the (model, shards) log-probs of `cache`, computing and writing them first when
-    they are not there yet. Under torch.distributed every rank computes its share of the
-    rows, rank 0 writes the file, and every rank reads it.
+    """Read the log-probs of `cache`, computing and writing them first when they are not
+    there yet. Under torch.distributed every rank computes its share of the rows, rank 0
+    writes the file, and every rank reads it.
 
     Args:
         model: the reference model, whose fingerprint `cache` names (plain or sharded).
         rows, layout: the packed rows and their layout.
-        cache: where the file lives and its key.
+        cache: where the file lives and its key (its precision is the one computed in).
         **compute_kwargs: passed to `compute_reference_logps`.
     """
     path = cache.path
@@ -288,9 +370,11 @@ def cached_reference_logps(
     if is_distributed():  # one decision for all ranks: they compute together or not at all
         dist.broadcast_object_list(missing, src=0)
     if missing[0]:
-        table = compute_reference_logps(model, rows, layout, **compute_kwargs)
+        table = compute_reference_logps(
+            model, rows, layout, precision=cache.key.precision, **compute_kwargs
+        )
         if not is_distributed() or dist.get_rank() == 0:
-            write_reference_logps(table, path, cache.model_fingerprint, cache.shard_key)
+            write_reference_logps(table, path, cache.key)
         if is_distributed():
             dist.barrier()
-    return read_reference_logps(path, cache.model_fingerprint, cache.shard_key)
+    return read_reference_logps(path, cache.key)

@@ -20,9 +20,12 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # torch-free at run time
+    from training.reference import ReferenceKey
 
 PIPES_CONTEXT_ENV = "DAGSTER_PIPES_CONTEXT"  # set by every Dagster Pipes client
 CURVE_ROWS = 50  # at most this many rows in the loss-curve table
@@ -221,7 +224,7 @@ def pipes_reporter(steps: int) -> Iterator[PipesReporter | None]:
 
 
 def reference_metadata(
-    path: Path, table: Any, fingerprint: str, shard_key: str, reused: bool
+    path: Path, table: Any, key: ReferenceKey, reused: bool
 ) -> dict[str, dict[str, Any]]:
     """The metadata of the reference log-probs' materialization, typed for Pipes."""
     return {
@@ -229,7 +232,9 @@ def reference_metadata(
         "pairs": _int(table.num_rows),
         "mean_chosen_logps": _float(np.mean(table.column("chosen_logps").to_numpy())),
         "mean_rejected_logps": _float(np.mean(table.column("rejected_logps").to_numpy())),
-        "model_fingerprint": {"raw_value": fingerprint, "type": "text"},
-        "shard_key": {"raw_value": shard_key, "type": "text"},
+        "model_fingerprint": {"raw_value": key.model_fingerprint, "type": "text"},
+        "shard_key": {"raw_value": key.shard_key, "type": "text"},
+        "precision": {"raw_value": key.precision, "type": "text"},
+        "reference_version": {"raw_value": key.reference_version, "type": "text"},
         "reused": {"raw_value": reused, "type": "bool"},
     }

@@ -4,7 +4,9 @@
     final = train(TrainConfig(out_dir=Path("runs/x"), steps=100), rows, "shared",
                   block_size=128, max_len=2048, model=model, tokenizer=tokenizer_path)
 
-- `setup`: check the settings, join the process group, prepare the policy (DDP or FSDP2,
+- `setup`: check the settings, join the process group, refuse a checkpoint of another run,
+  check all the data once (every row's length and token ids, every pair's stored
+  reference log-probs; rank 0 decides for all ranks), prepare the policy (DDP or FSDP2,
   `training/parallel.py`), the reference (a frozen copy sharded the same way, stored
   log-probs, or a cache computed now by all ranks), the optimizer, and resume.
 - `train_step`: one optimizer step over `grad_accum` micro-batches; the reference pass runs
@@ -25,7 +27,9 @@ A global step covers `batch_rows * grad_accum * world_size` packed rows. Packed 
 different numbers of pairs, so the loss is the *sum* of per-pair losses divided by the
 number of pairs in the global step: every pair weighs the same whatever row, micro-batch or
 rank it lands in, exactly as in an unpacked DPO batch of those pairs. The row order is a
-pure function of (seed, step), so resuming from a checkpoint replays exactly the same steps.
+pure function of (seed, step), so resuming from a checkpoint replays exactly the same steps;
+a checkpoint records the settings, the shard key, the initial model's fingerprint, the init
+seed and the reference's key, and a rerun that differs in any of them is refused.
 """
 
 from __future__ import annotations
@@ -53,7 +57,12 @@ from data_contracts.packed_row import LAYOUTS, Layout, PackedRow
 from pipeline.io import atomic_directory
 from training.attention import FLAT_BACKENDS
 from training.batch import Batch, check_rows, collate
-from training.checkpoint import read_weights, save_pretrained, write_pretrained
+from training.checkpoint import (
+    model_fingerprint,
+    read_weights,
+    save_pretrained,
+    write_pretrained,
+)
 from training.device import (
     autocast,
     backend_problems,
@@ -75,7 +84,13 @@ from training.parallel import (
     save_optimizer,
     world_and_rank,
 )
-from training.reference import ReferenceCache, ReferenceLogps, cached_reference_logps
+from training.reference import (
+    REFERENCE_VERSION,
+    ReferenceCache,
+    ReferenceKey,
+    ReferenceLogps,
+    cached_reference_logps,
+)
 from training.train_config import Backend, TrainConfig
 
 METRICS_NAME = "metrics.jsonl"
@@ -130,8 +145,11 @@ def _check_settings(
     max_len: int,
     model: CausalLM,
     device: torch.device,
+    reference: ReferenceLogps | ReferenceCache | None,
 ) -> None:
     problems = _config_problems(config, device)
+    if reference is not None:
+        problems += _reference_problems(reference.key, config)
     if layout not in LAYOUTS:
         problems.append(f"unknown layout {layout!r} (choose one of {LAYOUTS})")
     if not len(rows):
@@ -144,6 +162,23 @@ def _check_settings(
     if problems:
         raise ValueError("cannot train: " + "; ".join(problems))
     check_config(config, device)
+
+
+def _reference_problems(key: ReferenceKey, config: TrainConfig) -> list[str]:
+    """Stored log-probs computed in another precision (or by other code) than this run's
+    would make the policy/reference ratio differ from 1 at step 0."""
+    problems = []
+    if key.precision != config.precision:
+        problems.append(
+            f"the reference log-probs were computed in {key.precision}, the run trains in "
+            f"{config.precision} (--precision); compute them in {config.precision}"
+        )
+    if key.reference_version != REFERENCE_VERSION:
+        problems.append(
+            f"the reference log-probs are of reference code version {key.reference_version}, "
+            f"this prefpack computes version {REFERENCE_VERSION}; compute them again"
+        )
+    return problems
 
 
 # -----------------------------------------------------------------------------
@@ -218,10 +253,30 @@ class Run:
         return self.config.batch_rows * self.config.grad_accum * self.world
 
 
+@dataclass(frozen=True)
+class RunIdentity:
+    """Where the rows and the initial model came from, as far as the trainer cannot see
+    it in the rows and the model themselves: a resume must match it.
+
+    Attributes:
+        shard_key: the shards' cache key (None: rows built in memory, known by count).
+        init_seed: the seed of a random init (`--config`); None for a loaded model.
+    """
+
+    shard_key: str | None = None
+    init_seed: int | None = None
+
+
 def _run_record(
-    config: TrainConfig, layout: str, num_rows: int, block_size: int, rows_per_step: int
+    config: TrainConfig,
+    layout: str,
+    num_rows: int,
+    block_size: int,
+    rows_per_step: int,
+    inputs: dict[str, Any],
 ) -> dict[str, Any]:
-    """What a checkpoint stores about its run (JSON types), to refuse a mismatched resume."""
+    """What a checkpoint stores about its run (JSON types), to refuse a mismatched resume:
+    the settings, the data's shape and the inputs (`_inputs`)."""
     settings = dataclasses.asdict(config)
     settings["out_dir"] = str(config.out_dir)
     settings["adam_betas"] = list(config.adam_betas)
@@ -231,7 +286,21 @@ def _run_record(
         "block_size": block_size,
         "rows_per_step": rows_per_step,
     }
-    return {"config": settings, "data": data}
+    return {"config": settings, "data": data, "inputs": inputs}
+
+
+def _inputs(
+    identity: RunIdentity, model: CausalLM, reference: ReferenceLogps | ReferenceCache | None
+) -> dict[str, Any]:
+    """The run's inputs: shards, the initial model's content fingerprint (taken before any
+    step or resume changes the weights), its init seed, and the reference: `live` (the
+    frozen initial model) or the stored log-probs' key, wherever they are read from."""
+    return {
+        "shard_key": identity.shard_key,
+        "model_fingerprint": model_fingerprint(model),
+        "init_seed": identity.init_seed,
+        "reference": "live" if reference is None else dataclasses.asdict(reference.key),
+    }
 
 
 def _fit_batch_rows(config: TrainConfig, num_rows: int, world: int, rank: int) -> TrainConfig:
@@ -257,12 +326,14 @@ def setup(
     max_len: int,
     model: CausalLM,
     reference: ReferenceLogps | ReferenceCache | None = None,
+    identity: RunIdentity | None = None,
 ) -> Run:
-    """Check, join the process group, prepare policy and reference, build the optimizer,
-    and resume from the latest checkpoint. Arguments as for `train`."""
+    """Check the settings, join the process group, refuse a checkpoint this run cannot
+    continue, check every row (and every pair against stored log-probs) once, prepare
+    policy and reference, build the optimizer, and resume. Arguments as for `train`."""
     world, rank = world_and_rank()
     device = resolve_device(config.device)
-    _check_settings(config, rows, layout, max_len, model, device)
+    _check_settings(config, rows, layout, max_len, model, device, reference)
     config = _fit_batch_rows(config, len(rows), world, rank)
     own_process_group = world > 1 and not dist.is_initialized()
     if own_process_group:
@@ -270,6 +341,14 @@ def setup(
     if device.type == "cuda":
         torch.cuda.set_device(device)
     use_gpu_defaults(device)
+    rows_per_step = config.batch_rows * config.grad_accum * world
+    inputs = _inputs(identity or RunIdentity(), model, reference)
+    record = _run_record(config, layout, len(rows), block_size, rows_per_step, inputs)
+    checkpoint = _checkpoint_to_resume(config.out_dir, record)
+    mc = model.config
+    check_rows(rows, max_len, mc.vocab_size, mc.sliding_window)
+    if isinstance(reference, ReferenceLogps):
+        reference.check_covers(rows)
     config.out_dir.mkdir(parents=True, exist_ok=True)
 
     # The live reference is the initial policy: copy it before resuming changes the weights.
@@ -293,19 +372,16 @@ def setup(
             backend=backend,
             batch_rows=config.batch_rows,
             device=device,
-            precision=config.precision,
             progress=config.progress,
             max_len=max_len,
         )
+        reference.check_covers(rows)  # a file reused under a key that other rows share
     model.train()
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=config.lr,
         betas=config.adam_betas,
         weight_decay=config.weight_decay,
-    )
-    record = _run_record(
-        config, layout, len(rows), block_size, config.batch_rows * config.grad_accum * world
     )
     run = Run(
         config=config,
@@ -328,7 +404,7 @@ def setup(
         start=0,
         own_process_group=own_process_group,
     )
-    run.start = _resume(run)
+    run.start = 0 if checkpoint is None else _resume(run, checkpoint)
     return run
 
 
@@ -375,22 +451,42 @@ def _rank0_path(run: Run, path: Path | None) -> Path:
     return Path(box[0])
 
 
-def _resume(run: Run) -> int:
-    """Load the latest checkpoint (if any) and return the number of steps already done."""
-    out_dir = run.config.out_dir
+def _checkpoint_to_resume(out_dir: Path, record: dict[str, Any]) -> Path | None:
+    """The latest checkpoint, if any, once it is known to continue this very run.
+
+    Raises:
+        ValueError: the checkpoint's settings or inputs differ from this run's, each
+            difference named with both values, before any work.
+    """
     ckpt = _latest_checkpoint(out_dir)
     if ckpt is None:
-        return 0
+        return None
     saved = json.loads((ckpt / STATE_NAME).read_text())
-    record = run.record
-    changed = [f"data.{k}" for k in record["data"] if record["data"][k] != saved["data"].get(k)]
-    changed += [
-        f"config.{k}"
-        for k in record["config"]
-        if k not in _RESUMABLE_CHANGES and record["config"][k] != saved["config"].get(k)
+    changed = [
+        f"{part}.{k} was {_as_json(saved.get(part, {}).get(k))}, now {_as_json(value)}"
+        for part in ("data", "inputs", "config")
+        for k, value in record[part].items()
+        if not (part == "config" and k in _RESUMABLE_CHANGES)
+        and saved.get(part, {}).get(k) != value
     ]
     if changed:
-        raise ValueError(f"{ckpt}: cannot resume, settings differ from the checkpoint: {changed}")
+        raise ValueError(
+            f"{ckpt}: cannot resume, this run differs from the checkpoint's: "
+            + "; ".join(changed)
+            + "; use another --out to start a new run"
+        )
+    return ckpt
+
+
+def _as_json(value: object) -> str:
+    """A recorded value for a message: JSON, so that absent (null) and dicts read plainly."""
+    return json.dumps(value, sort_keys=True)
+
+
+def _resume(run: Run, ckpt: Path) -> int:
+    """Load `ckpt` (checked by `_checkpoint_to_resume`) and return the steps it holds."""
+    out_dir = run.config.out_dir
+    saved = json.loads((ckpt / STATE_NAME).read_text())
     load_full_state_dict(run.model, read_weights(ckpt, run.model))
     load_optimizer(run.model, run.optimizer, ckpt / OPTIMIZER_DIR)
     step = int(saved["step"])
@@ -429,10 +525,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     slices = step_rows.reshape(config.grad_accum, run.world, config.batch_rows)
     sums = torch.zeros(8, dtype=torch.float64, device=device)  # summed over pairs
     for micro in range(config.grad_accum):
-        row_ids = slices[micro, run.rank].tolist()
-        micro_rows = [run.rows[i] for i in row_ids]
-        mc = run.model.config
-        check_rows(micro_rows, row_ids, run.max_len, mc.vocab_size, mc.sliding_window)
+        micro_rows = [run.rows[i] for i in slices[micro, run.rank].tolist()]
         batch = collate(
             micro_rows, run.layout, run.backend, run.block_size, device, pad_to=run.max_len
         )
@@ -518,6 +611,7 @@ def train(
     reference: ReferenceLogps | ReferenceCache | None = None,
     tokenizer: str | Path | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
+    identity: RunIdentity | None = None,
 ) -> Path:
     """Train `model` with the configured preference loss and export it.
 
@@ -533,15 +627,19 @@ def train(
         tokenizer: tokenizer.json or tokenizer folder copied into every exported folder.
         on_step: called on rank 0 with each step's metrics (the metrics.jsonl line), after
             the line is written; a progress sink (e.g. `training.report.PipesReporter`).
+        identity: the shard key and init seed, recorded in checkpoints so that a resume
+            from other shards (of the same row count) or another init is refused; the
+            model's fingerprint and the reference's key are recorded whatever is given.
 
     Returns:
         The exported Hugging Face folder `out_dir/final`.
 
     Raises:
-        ValueError: unsupported settings (all named at once), bad rows (named by index),
-            or a checkpoint whose settings differ from `config`.
+        ValueError: before step 1: unsupported settings (all named at once), a bad row
+            (named by index) or a pair without stored log-probs (named with its row),
+            or a checkpoint whose settings or inputs differ from this run's.
     """
-    run = setup(config, rows, layout, block_size, max_len, model, reference)
+    run = setup(config, rows, layout, block_size, max_len, model, reference, identity)
     try:
         bar = tqdm(
             range(run.start, config.steps),

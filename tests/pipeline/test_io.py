@@ -350,11 +350,12 @@ def test_check_files_refuses_a_listed_name_outside_the_directory(tmp_path: Path)
 
 
 def test_the_reference_cache_refuses_keys_that_are_not_hex(tmp_path: Path) -> None:
-    from training.reference import ReferenceCache
+    from training.reference import ReferenceCache, ReferenceKey
 
     with pytest.raises(ValueError, match=r"shard key '\.\./\.\./x' is not a hex key"):
-        ReferenceCache(tmp_path, "../../x", "ab" * 32)
+        ReferenceCache(tmp_path, ReferenceKey("ab" * 32, "../../x", "fp32"))
     with pytest.raises(ValueError, match="model fingerprint '/etc' is not a hex key"):
-        ReferenceCache(tmp_path, "abc123", "/etc")
-    path = ReferenceCache(tmp_path, "abc123", "ab" * 32).path
-    assert path.parent == tmp_path and path.name == f"reference_logps-abc123-{'ab' * 8}.arrow"
+        ReferenceCache(tmp_path, ReferenceKey("/etc", "abc123", "fp32"))
+    path = ReferenceCache(tmp_path, ReferenceKey("ab" * 32, "abc123", "fp32")).path
+    assert path.parent == tmp_path
+    assert path.name == f"reference_logps-abc123-{'ab' * 8}-fp32-v1.arrow"

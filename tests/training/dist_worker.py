@@ -6,15 +6,21 @@
   steps with a checkpoint every `CHECKPOINT_EVERY` (resuming from OUT when it holds one).
 - `reference`: computes the reference log-probs of `REFERENCE_ROWS` with the model sharded
   or replicated by PARALLEL; rank 0 writes them to OUT (Arrow).
+- `refuse`: starts two runs that must stop before step 1, one with a token outside the
+  vocabulary in the last row, one with stored log-probs lacking the last row's pairs;
+  each rank writes the two error messages to OUT/rank<R>.json.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import torch
 import torch.distributed as dist
 
@@ -23,7 +29,12 @@ from training.configs import tiny
 from training.device import resolve_device
 from training.model import CausalLM
 from training.parallel import prepare
-from training.reference import compute_reference_logps, write_reference_logps
+from training.reference import (
+    ReferenceKey,
+    ReferenceLogps,
+    compute_reference_logps,
+    write_reference_logps,
+)
 from training.train import TrainConfig, train
 
 STEPS = 5
@@ -62,6 +73,26 @@ def seeded_model() -> CausalLM:
     return CausalLM(tiny())
 
 
+def refusals(out: Path) -> list[str]:
+    """The messages of the two runs of mode `refuse` (this rank's)."""
+    rows = varied_rows(0, "shared")
+    ids = rows[-1].input_ids.copy()
+    ids[-1] = 700  # the model has 512 tokens
+    bad_token = [*rows[:-1], dataclasses.replace(rows[-1], input_ids=ids)]
+    kept = [pid for row in rows[:-1] for pid in row.pair_ids]
+    logps = pa.array([-1.0] * len(kept), pa.float32())
+    table = pa.table({"pair_id": kept, "chosen_logps": logps, "rejected_logps": logps})
+    lacking = ReferenceLogps(table, ReferenceKey("ab", "cd", "fp32"))
+    messages = []
+    for name, run_rows, reference in (("tokens", bad_token, None), ("pairs", rows, lacking)):
+        config = worker_config(out / name, batch_rows=1)
+        try:
+            train(config, run_rows, "shared", 16, 512, seeded_model(), reference=reference)
+        except ValueError as err:
+            messages.append(str(err))
+    return messages
+
+
 if __name__ == "__main__":
     mode, out, parallel = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     if mode == "train":
@@ -76,7 +107,12 @@ if __name__ == "__main__":
             model, rows, "shared", batch_rows=REFERENCE_BATCH_ROWS, progress=False
         )
         if dist.get_rank() == 0:
-            write_reference_logps(table, out, "fingerprint", "shards")
+            write_reference_logps(table, out, ReferenceKey("fingerprint", "shards", "fp32"))
+        dist.destroy_process_group()
+    elif mode == "refuse":
+        dist.init_process_group("gloo")
+        messages = refusals(out)
+        (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(messages))
         dist.destroy_process_group()
     else:
         raise SystemExit(f"unknown mode {mode!r}")

@@ -18,14 +18,14 @@ import pytest
 import torch
 
 import prefpack
-from pipeline.shards import open_shards
+from pipeline.shards import ShardError, open_shards
 from tests.conftest import assert_one_error_line
 from tests.training.conftest import TINY_SHARD_PAIRS
 from training.checkpoint import load_pretrained, model_fingerprint, save_pretrained
 from training.cli import TRAIN_FLAG_GROUPS, train_config
 from training.configs import tiny
 from training.model import CausalLM
-from training.reference import read_reference_logps
+from training.reference import ReferenceKey, read_reference_logps, write_reference_logps
 from training.train_config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -167,7 +167,8 @@ def test_logps_computed_once_then_reused(
 
     # Keyed by this model's fingerprint and the shard key; one row per packed pair.
     reader = open_shards(tiny_shards)
-    stored = read_reference_logps(ref, model_fingerprint(_tiny_model(tiny_shards)), reader.key)
+    key = ReferenceKey(model_fingerprint(_tiny_model(tiny_shards)), reader.key, "fp32")
+    stored = read_reference_logps(ref, key)
     assert sorted(stored.table["pair_id"].to_pylist()) == sorted(
         pid for row in reader for pid in row.pair_ids
     )
@@ -177,7 +178,105 @@ def test_logps_computed_once_then_reused(
     assert prefpack.main(_logps_argv(tiny_shards, ref, "--init-seed", "1", "--no-progress")) == 0
     assert "replacing" in capsys.readouterr().err
     other = model_fingerprint(_tiny_model(tiny_shards, seed=1))
-    assert read_reference_logps(ref).model_fingerprint == other
+    assert read_reference_logps(ref).key.model_fingerprint == other
+
+
+def test_bf16_reference_logps_are_refused_by_an_fp32_run(
+    tiny_shards: Path, tmp_path: Path, cli
+) -> None:
+    """The same numbers under a bf16 key (bf16 runs on CUDA only, so the file is rewritten
+    through the library): `--reference` names both precisions; `logps --precision bf16`
+    on CPU stops before reading anything."""
+    ref = tmp_path / "ref.arrow"
+    assert prefpack.main(_logps_argv(tiny_shards, ref, "--no-progress")) == 0
+    stored = read_reference_logps(ref)
+    bf16 = dataclasses.replace(stored.key, precision="bf16")
+    write_reference_logps(stored.table, tmp_path / "bf16.arrow", bf16)
+    status, err = cli(
+        _train_argv(tiny_shards, tmp_path / "run", "--reference", str(tmp_path / "bf16.arrow"))
+    )
+    assert_one_error_line(status, err, "train", "bf16.arrow", "precision is bf16, expected fp32")
+    assert not (tmp_path / "run").exists()
+    status, err = cli(_logps_argv(tiny_shards, tmp_path / "b.arrow", "--precision", "bf16"))
+    assert_one_error_line(status, err, "logps", "bf16 autocast runs on CUDA only")
+
+
+def test_resume_with_another_init_seed_is_refused(tiny_shards: Path, tmp_path: Path, cli) -> None:
+    """The checkpoint records the shard key, the initial model's fingerprint and the init
+    seed; a rerun into the same --out with --init-seed 1 is refused, both named."""
+    run = tmp_path / "run"
+    argv = _train_argv(tiny_shards, run, "--steps", "2", "--checkpoint-every", "1")
+    assert cli(argv)[0] == 0
+    shutil.rmtree(run / "final")
+    state = json.loads((run / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
+    assert state["inputs"] == {
+        "shard_key": open_shards(tiny_shards).key,
+        "model_fingerprint": model_fingerprint(_tiny_model(tiny_shards)),
+        "init_seed": 0,
+        "reference": "live",
+    }
+    status, err = cli([*argv, "--init-seed", "1"])
+    assert_one_error_line(
+        status,
+        err,
+        "train",
+        "step_000002: cannot resume",
+        "inputs.init_seed was 0, now 1",
+        "inputs.model_fingerprint was",
+        "use another --out",
+    )
+    assert cli(argv)[0] == 0  # the same run resumes
+    assert (run / "final").is_dir()
+
+
+class _FakeRanks:
+    """torch.distributed as seen by `rank` of 2, rank 0's broadcast being `verdict`."""
+
+    def __init__(self, rank: int, verdict: str | None) -> None:
+        self.rank, self.verdict = rank, verdict
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def get_world_size(self) -> int:
+        return 2
+
+    def get_rank(self) -> int:
+        return self.rank
+
+    def broadcast_object_list(self, box: list, src: int) -> None:
+        if self.rank != src:
+            box[0] = self.verdict
+
+
+@pytest.mark.parametrize(("rank", "verdict"), [(0, None), (1, None), (1, "shard-00000.arrow: bad")])
+def test_only_rank_0_hashes_the_shards_and_all_share_its_verdict(
+    tiny_shards: Path, monkeypatch: pytest.MonkeyPatch, rank: int, verdict: str | None
+) -> None:
+    import pipeline.shards
+    from training.cli import _open_shards_once
+
+    opened: list[bool] = []
+    real = pipeline.shards.open_shards
+
+    def spy(directory: Path, verify: bool = True) -> object:
+        opened.append(verify)
+        return real(directory, verify=verify)
+
+    monkeypatch.setattr(pipeline.shards, "open_shards", spy)
+    monkeypatch.setattr(
+        "torch.distributed.is_initialized", _FakeRanks(rank, verdict).is_initialized
+    )
+    fake = _FakeRanks(rank, verdict)
+    for name in ("get_world_size", "get_rank", "broadcast_object_list"):
+        monkeypatch.setattr(f"torch.distributed.{name}", getattr(fake, name))
+    if verdict is None:
+        assert len(_open_shards_once(tiny_shards, verify=True)) > 0
+        assert opened == [rank == 0]  # rank 0 verifies, rank 1 opens without hashing
+    else:
+        with pytest.raises(ShardError, match=r"shard-00000\.arrow: bad"):
+            _open_shards_once(tiny_shards, verify=True)
+        assert opened == []
 
 
 def test_stored_reference_trains_like_the_reference_model(
@@ -208,10 +307,13 @@ def test_stored_reference_trains_like_the_reference_model(
 
 
 def _corrupt_copy(shards: Path, to: Path) -> Path:
-    shutil.copytree(shards, to)
-    with (to / "shard-00000.arrow").open("ab") as f:
+    """A copy under `to` (named by its key, as a shard directory must be) with one shard
+    a byte longer."""
+    copy = to / shards.name
+    shutil.copytree(shards, copy)
+    with (copy / "shard-00000.arrow").open("ab") as f:
         f.write(b"\0")
-    return to
+    return copy
 
 
 @pytest.mark.parametrize(
@@ -262,7 +364,7 @@ def test_bad_flags_and_inputs_fail_fast_with_the_cause_named(
             prefpack.main(_logps_argv(tiny_shards, other, "--init-seed", "7", "--no-progress")) == 0
         )
     if change.get("--shards") == "corrupt":
-        _corrupt_copy(tiny_shards, tmp_path / "corrupt")
+        change = {"--shards": str(_corrupt_copy(tiny_shards, tmp_path / "corrupt"))}
     argv = _train_argv(tiny_shards, tmp_path / "run")
     for flag, value in change.items():
         if flag in argv:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.feather as feather
 import pytest
 import torch
 
@@ -22,11 +25,13 @@ from training.checkpoint import model_fingerprint
 from training.configs import tiny
 from training.model import CausalLM
 from training.reference import (
+    REFERENCE_VERSION,
     ReferenceCache,
+    ReferenceKey,
+    ReferenceLogps,
     cached_reference_logps,
     compute_reference_logps,
     read_reference_logps,
-    reference_logps_path,
     write_reference_logps,
 )
 from training.train import TrainConfig, train
@@ -37,8 +42,13 @@ def _model(seed: int = 0) -> CausalLM:
     return CausalLM(tiny())
 
 
-def _cache(directory: Path, model: CausalLM, shard_key: str) -> ReferenceCache:
-    return ReferenceCache(directory, shard_key, model_fingerprint(model))
+def _cache(
+    directory: Path, model: CausalLM, shard_key: str, precision: str = "fp32"
+) -> ReferenceCache:
+    return ReferenceCache(directory, ReferenceKey(model_fingerprint(model), shard_key, precision))
+
+
+KEY = ReferenceKey("fp-1", "shard-1", "fp32")
 
 
 def test_computed_logps_equal_separate_sequences() -> None:
@@ -67,22 +77,92 @@ def test_computed_logps_equal_separate_sequences() -> None:
 @pytest.mark.parametrize("suffix", [".arrow", ".parquet"])
 def test_write_read_round_trip_checks_the_key(tmp_path: Path, suffix: str) -> None:
     table = compute_reference_logps(_model(), varied_rows(0, "shared"), "shared", progress=False)
-    path = write_reference_logps(table, tmp_path / f"ref{suffix}", "fp-1", "shard-1")
-    again = write_reference_logps(table, tmp_path / f"again{suffix}", "fp-1", "shard-1")
+    path = write_reference_logps(table, tmp_path / f"ref{suffix}", KEY)
+    again = write_reference_logps(table, tmp_path / f"again{suffix}", KEY)
     assert path.read_bytes() == again.read_bytes()  # same input, same bytes
-    stored = read_reference_logps(path, model_fingerprint="fp-1", shard_key="shard-1")
-    assert (stored.model_fingerprint, stored.shard_key) == ("fp-1", "shard-1")
+    stored = read_reference_logps(path, KEY)
+    assert stored.key == KEY and KEY.reference_version == REFERENCE_VERSION
     got = stored.lookup(["pair-7", "pair-2"])
     index = {pid: i for i, pid in enumerate(table["pair_id"].to_pylist())}
     want = table["chosen_logps"].to_numpy()[[index["pair-7"], index["pair-2"]]]
     np.testing.assert_array_equal(got.chosen.numpy(), want)
-    with pytest.raises(ValueError, match="model_fingerprint is fp-1, expected fp-2"):
-        read_reference_logps(path, model_fingerprint="fp-2")
-    with pytest.raises(ValueError, match="shard_key is shard-1, expected other"):
-        read_reference_logps(path, shard_key="other")
+    for change, message in (
+        ({"model_fingerprint": "fp-2"}, "model_fingerprint is fp-1, expected fp-2"),
+        ({"shard_key": "other"}, "shard_key is shard-1, expected other"),
+        ({"precision": "bf16"}, "precision is fp32, expected bf16"),
+        ({"reference_version": "0"}, f"reference_version is {REFERENCE_VERSION}, expected 0"),
+    ):
+        with pytest.raises(ValueError, match=f"ref{suffix}: reference log-probs of another run: "):
+            read_reference_logps(path, dataclasses.replace(KEY, **change))
+        with pytest.raises(ValueError, match=message):
+            read_reference_logps(path, dataclasses.replace(KEY, **change))
     with pytest.raises(KeyError, match=r"1 pair\(s\) have no reference log-probs"):
         stored.lookup(["pair-1", "nope"])
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"again{suffix}", f"ref{suffix}"]
+
+
+def test_a_bf16_file_is_refused_for_fp32_and_an_fp32_file_for_bf16(tmp_path: Path) -> None:
+    """bf16 forward passes run on CUDA only, so the bf16 file is written through the
+    library with its key: the key, not the numbers, is what the reader checks."""
+    table = compute_reference_logps(_model(), varied_rows(0, "shared"), "shared", progress=False)
+    bf16 = write_reference_logps(table, tmp_path / "bf16.arrow", replace_precision(KEY, "bf16"))
+    fp32 = write_reference_logps(table, tmp_path / "fp32.arrow", KEY)
+    with pytest.raises(ValueError, match="precision is bf16, expected fp32"):
+        read_reference_logps(bf16, KEY)
+    with pytest.raises(ValueError, match="precision is fp32, expected bf16"):
+        read_reference_logps(fp32, replace_precision(KEY, "bf16"))
+    assert read_reference_logps(bf16, replace_precision(KEY, "bf16")).key.precision == "bf16"
+
+
+def replace_precision(key: ReferenceKey, precision: str) -> ReferenceKey:
+    return dataclasses.replace(key, precision=precision)
+
+
+def test_a_file_without_the_whole_key_is_refused(tmp_path: Path) -> None:
+    """A file of an older prefpack: fingerprint and shard key, no precision or version."""
+    table = compute_reference_logps(_model(), varied_rows(0, "shared"), "shared", progress=False)
+    old = table.replace_schema_metadata({b"model_fingerprint": b"fp-1", b"shard_key": b"shard-1"})
+    feather.write_feather(old, tmp_path / "old.arrow", compression="uncompressed")
+    with pytest.raises(ValueError, match="no precision, reference_version in the file's metadata"):
+        read_reference_logps(tmp_path / "old.arrow", KEY)
+
+
+def _index_in_lookup(table: pa.Table, pair_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The lookup before the index: a hash of the whole table on every call."""
+    i = pc.index_in(pa.array(pair_ids, pa.string()), value_set=table["pair_id"]).to_numpy(
+        zero_copy_only=False
+    )
+    return table["chosen_logps"].to_numpy()[i], table["rejected_logps"].to_numpy()[i]
+
+
+def test_indexed_lookup_equals_the_old_lookup_on_random_ids() -> None:
+    """Random ids of random lengths (non-ASCII and prefixes of each other included), in
+    random order, looked up with repeats: the sorted index must give what index_in gave."""
+    rng = np.random.default_rng(0)
+    alphabet = list("abcdef0123456789éß漢")
+    ids = sorted({"".join(rng.choice(alphabet, rng.integers(1, 12))) for _ in range(3000)})
+    ids = [ids[i] for i in rng.permutation(len(ids))]
+    ids += [ids[0] + "x", ids[1][:-1] or "z"]  # near misses of stored ids
+    ids = list(dict.fromkeys(ids))
+    table = pa.table(
+        {
+            "pair_id": pa.array(ids, pa.string()),
+            "chosen_logps": pa.array(-rng.random(len(ids)), pa.float32()),
+            "rejected_logps": pa.array(-rng.random(len(ids)), pa.float32()),
+        }
+    )
+    reference = ReferenceLogps(table, KEY)
+    for _ in range(20):
+        query = [ids[i] for i in rng.integers(0, len(ids), 64)]
+        got = reference.lookup(query)
+        chosen, rejected = _index_in_lookup(table, query)
+        np.testing.assert_array_equal(got.chosen.numpy(), chosen)
+        np.testing.assert_array_equal(got.rejected.numpy(), rejected)
+    absent = [ids[0] + "?", "", ids[2] + "\u0000"]  # numpy bytes would drop the NUL
+    assert not reference.contains(pa.array(absent)).any()
+    assert reference.contains(pa.array(ids)).all()
+    with pytest.raises(KeyError, match=r"1 pair\(s\)"):
+        reference.lookup([ids[0], absent[0]])
 
 
 def test_contract_refuses_impossible_logps(tmp_path: Path) -> None:
@@ -94,9 +174,9 @@ def test_contract_refuses_impossible_logps(tmp_path: Path) -> None:
         }
     )
     with pytest.raises(ContractError, match="logps_positive_or_nan: 1 row"):
-        write_reference_logps(table, tmp_path / "bad.arrow", "fp", "key")
+        write_reference_logps(table, tmp_path / "bad.arrow", KEY)
     with pytest.raises(ValueError, match=r"written as \.arrow or \.parquet"):
-        write_reference_logps(table, tmp_path / "bad.csv", "fp", "key")
+        write_reference_logps(table, tmp_path / "bad.csv", KEY)
     assert not list(tmp_path.iterdir())
 
 
@@ -107,9 +187,11 @@ def test_cache_computes_once_per_model_and_shards(
     model = _model()
     cache = _cache(tmp_path, model, "5a1d")
     first = cached_reference_logps(model, rows, "shared", cache, progress=False)
-    path = reference_logps_path(tmp_path, model_fingerprint(model), "5a1d")
-    assert cache.path == path and path.exists()
-    assert first.model_fingerprint == model_fingerprint(model)
+    fingerprint = model_fingerprint(model)
+    name = f"reference_logps-5a1d-{fingerprint[:16]}-fp32-v{REFERENCE_VERSION}.arrow"
+    assert cache.path == tmp_path / name and cache.path.exists()
+    assert first.key == ReferenceKey(fingerprint, "5a1d", "fp32")
+    assert _cache(tmp_path, model, "5a1d", "bf16").path != cache.path  # precision: another file
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("recomputed although the file exists")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -12,13 +13,18 @@ import numpy as np
 import pytest
 import torch
 
-from tests.training.dist_worker import STEPS, seeded_model, torchrun_workers, worker_config
+from tests.training.dist_worker import (
+    STEPS,
+    seeded_model,
+    torchrun_workers,
+    worker_config,
+)
 from tests.training.pairs import varied_rows
 from training.checkpoint import load_pretrained
 from training.configs import tiny
 from training.model import CausalLM
-from training.reference import compute_reference_logps, read_reference_logps, write_reference_logps
-from training.train import TrainConfig, global_step_rows, learning_rate, train
+from training.reference import ReferenceKey, ReferenceLogps, compute_reference_logps
+from training.train import RunIdentity, TrainConfig, global_step_rows, learning_rate, train
 
 REPO = Path(__file__).resolve().parents[2]
 METRIC_NAMES = {
@@ -120,25 +126,15 @@ def test_loss_is_normalised_by_pairs_in_the_global_step(tmp_path: Path) -> None:
 def test_resume_continues_exactly(tmp_path: Path) -> None:
     """Run A: 4 steps uninterrupted. Run B: the same with checkpoints every 2 steps, then
     its last checkpoint and export are deleted (a crash after step 2) and it is resumed
-    with a *different* random model and stored reference log-probs: only if the weights
-    and optimizer state come from the step-2 checkpoint do steps 3-4 match A."""
+    with a fresh copy of the initial model: only if the weights and optimizer state come
+    from the step-2 checkpoint do steps 3-4 match A."""
     rows = varied_rows(0, "shared")
     _run(tmp_path / "a", rows, checkpoint_every=2)
     _run(tmp_path / "b", rows, checkpoint_every=2)
     shutil.rmtree(tmp_path / "b" / "final")
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_000004")
 
-    reference = compute_reference_logps(_model(), rows, "shared", progress=False)
-    path = write_reference_logps(reference, tmp_path / "ref.arrow", "m", "k")
-    train(
-        _config(tmp_path / "b", checkpoint_every=2),
-        rows,
-        "shared",
-        block_size=16,
-        max_len=512,
-        model=_model(seed=99),
-        reference=read_reference_logps(path),
-    )
+    _run(tmp_path / "b", rows, checkpoint_every=2)
     a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
     assert [m["step"] for m in b] == [1, 2, 3, 4]  # the lines of the lost steps were dropped
     np.testing.assert_allclose([m["loss"] for m in b], [m["loss"] for m in a], rtol=1e-5)
@@ -150,12 +146,44 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
         torch.testing.assert_close(final_b.state_dict()[key], value, rtol=1e-4, atol=1e-6)
 
 
-def test_resume_refuses_changed_settings(tmp_path: Path) -> None:
+def _stored_reference(rows: list, precision: str = "fp32") -> ReferenceLogps:
+    """The initial model's log-probs of `rows`, as a file would hold them."""
+    table = compute_reference_logps(_model(), rows, "shared", progress=False)
+    return ReferenceLogps(table, ReferenceKey("ab" * 32, "cd", precision))
+
+
+IDENTITY = RunIdentity(shard_key="5a1d", init_seed=0)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"beta": 0.2}, "config.beta was 0.1, now 0.2"),
+        ({"model": 1}, r'inputs.model_fingerprint was "[0-9a-f]{64}", now "[0-9a-f]{64}"'),
+        ({"identity": RunIdentity("5a1d", 1)}, "inputs.init_seed was 0, now 1"),
+        ({"identity": RunIdentity("6b2e", 0)}, 'inputs.shard_key was "5a1d", now "6b2e"'),
+        ({"reference": "stored"}, r'inputs.reference was "live", now \{"model_fingerprint"'),
+    ],
+)
+def test_resume_refuses_another_run(tmp_path: Path, change: dict, message: str) -> None:
+    """Same rows (so the same row count) each time: only the named difference is left for
+    the check to find, and it is refused before step 1 (no metrics line is added)."""
     rows = varied_rows(0, "shared")
-    _run(tmp_path / "run", rows, steps=2, checkpoint_every=1)
-    shutil.rmtree(tmp_path / "run" / "final")
-    with pytest.raises(ValueError, match=r"settings differ from the checkpoint: \['config.beta'\]"):
-        _run(tmp_path / "run", rows, steps=2, checkpoint_every=1, beta=0.2)
+    run = tmp_path / "run"
+    train(_config(run, steps=2, checkpoint_every=1), rows, "shared", 16, 512, _model(),
+          identity=IDENTITY)  # fmt: skip
+    shutil.rmtree(run / "final")
+    shutil.rmtree(run / "checkpoints" / "step_000002")
+    lines = (run / "metrics.jsonl").read_text()
+    config = _config(run, steps=2, checkpoint_every=1, beta=change.get("beta", 0.1))
+    reference = _stored_reference(rows) if change.get("reference") else None
+    with pytest.raises(ValueError, match="step_000001: cannot resume") as refused:
+        train(config, rows, "shared", 16, 512, _model(change.get("model", 0)),
+              reference=reference, identity=change.get("identity", IDENTITY))  # fmt: skip
+    assert re.search(message, str(refused.value)), refused.value
+    assert str(refused.value).endswith("; use another --out to start a new run")
+    assert str(refused.value).count(" was ") == 1  # nothing else is named
+    assert (run / "metrics.jsonl").read_text() == lines
 
 
 def test_every_row_once_per_epoch_whatever_the_step_size() -> None:
@@ -192,14 +220,44 @@ def test_unsupported_settings_fail_fast(tmp_path: Path, changes: dict, message: 
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_bad_rows_are_named(tmp_path: Path) -> None:
-    rows = varied_rows(0, "shared", vocab=600)  # ids up to 599, the model has 512
+def test_bad_rows_are_named_before_step_1(tmp_path: Path) -> None:
+    """The bad row is the last one: a check per micro-batch would have trained first."""
+    rows = varied_rows(0, "shared")
+    bad = rows[-1]
+    ids = bad.input_ids.copy()
+    ids[-1] = 700  # the model has 512 tokens
+    rows[-1] = replace(bad, input_ids=ids)
+    last = len(rows) - 1
     with pytest.raises(
-        ValueError, match=r"row \d+: token id 5\d\d is outside the model's vocabulary"
+        ValueError, match=rf"row {last}: token id 700 is outside the model's vocabulary \(512\)"
     ):
         _run(tmp_path / "run", rows)
     with pytest.raises(ValueError, match=r"row \d+: \d+ tokens exceed max_len 20"):
         train(_config(tmp_path / "r2"), varied_rows(0, "shared"), "shared", 16, 20, _model())
+    assert not (tmp_path / "run").exists() and not (tmp_path / "r2").exists()
+
+
+def test_a_pair_without_reference_logps_fails_before_step_1(tmp_path: Path) -> None:
+    rows = varied_rows(0, "shared")
+    reference = _stored_reference(rows[:-1])
+    missing = rows[-1].pair_ids[0]
+    with pytest.raises(
+        ValueError,
+        match=rf"row {len(rows) - 1}: pair {missing} has no reference log-probs "
+        rf"\({rows[-1].num_pairs} of \d+ pairs missing\)",
+    ):
+        train(_config(tmp_path / "run"), rows, "shared", 16, 512, _model(), reference=reference)
+    assert not (tmp_path / "run").exists()
+
+
+def test_reference_logps_of_another_precision_are_refused(tmp_path: Path) -> None:
+    rows = varied_rows(0, "shared")
+    with pytest.raises(
+        ValueError, match="reference log-probs were computed in bf16, the run trains in fp32"
+    ):
+        train(_config(tmp_path / "run"), rows, "shared", 16, 512, _model(),
+              reference=_stored_reference(rows, "bf16"))  # fmt: skip
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(
@@ -261,3 +319,17 @@ def test_two_processes_equal_one_and_resume_exactly(tmp_path: Path, parallel: st
     final = load_pretrained(resumed / "final").state_dict()
     for key, value in exported.items():
         torch.testing.assert_close(final[key], value, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_two_processes_refuse_bad_data_before_step_1(tmp_path: Path) -> None:
+    """Under torchrun (2 gloo processes) a token outside the vocabulary and a pair without
+    reference log-probs stop both ranks with the same message naming the row and pair,
+    before any metrics line."""
+    torchrun_workers("refuse", str(tmp_path), "ddp")
+    messages = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert messages[0] == messages[1]
+    token, pair = messages[0]
+    assert re.fullmatch(r"row \d+: token id 700 is outside the model's vocabulary .*", token)
+    assert re.fullmatch(r"row \d+: pair pair-\d+ has no reference log-probs .*", pair)
+    assert not list(tmp_path.glob("*/metrics.jsonl"))
