@@ -25,7 +25,7 @@ from typing import Any
 from data_contracts import tokenized_pair
 from data_contracts.contract import ContractError, JsonSpec, check_fields
 
-VERSION = "2"
+VERSION = "3"
 
 LENGTH_PARTS = ("prompt", "chosen", "rejected", "pair")
 
@@ -60,6 +60,7 @@ FIELDS: JsonSpec = {
     "template": (dict, "name and sha256 of the chat template"),
     "files": (list, "one entry per data file (FILE_FIELDS), checked before reuse"),
     "stats": (dict, "STATS_FIELDS"),
+    "checksum": (str, "sha256 of this document's canonical JSON without this field"),
 }
 
 

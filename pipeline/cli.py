@@ -230,7 +230,12 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("directory", help="a shard directory printed by `prefpack pack`")
     p.add_argument("--row", type=int, default=0, help="row to decode (default: %(default)s)")
-    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check")
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip hashing the shard files (the manifest's key and checksum and the "
+        "tokenizer files are checked either way)",
+    )
     p.set_defaults(handler=_inspect)
 
 
@@ -246,7 +251,10 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"input      {m['input']['name']} ({m['input']['rows']} pairs)")
     print(f"tokenizer  {m['tokenizer']['name']}  template {m['template']['name']}")
     print(f"rows       {stats['rows']} in {len(m['shards'])} shard(s)")
-    print(f"pairs      {stats['pairs']} packed, {stats['truncated']} truncated")
+    print(
+        f"pairs      {stats['pairs']} packed, {stats['truncated']} truncated "
+        f"({stats['one_response_cut']} with only one response cut before its end of turn)"
+    )
     print(f"dropped    {json.dumps(stats['dropped'])}")
     print(f"fill ratio {stats['fill_ratio']:.4f}")
     print(

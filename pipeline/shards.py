@@ -10,8 +10,15 @@ A shard directory (named by its cache key) holds:
 - `manifest.json` (`data_contracts.manifest`), written last.
 
 Everything is written into a hidden temp directory beside the final one and renamed into
-place, so a shard directory either is complete or does not exist. `open_shards` checks
-every file's sha256 against the manifest by default.
+place, so a shard directory either is complete or does not exist.
+
+A directory proves what it is before anything trusts it (`read_manifest`, then
+`verify_files`): the manifest's key is the directory's name and the key of the manifest's
+own config and inputs; its checksum covers every other field and the file is exactly the
+text written; it lists the size and sha256 of every other file. A mismatch is a
+`ShardError` naming the file (and the field) that changed. `open_shards(verify=False)`
+skips only the sha256 of the shard files (the bytes that take time to read); every other
+check always runs.
 
 Training imports this module (`training -> pipeline.shards -> data_contracts`), so it
 depends on numpy, pyarrow and `pipeline.io` only.
@@ -38,6 +45,7 @@ from pipeline.io import is_file_name, is_hex_key
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
+TOKENIZER_FILES = (TOKENIZER, TOKENIZER_CONFIG)  # listed in the manifest's `files`
 SHARD_NAME = "shard-{:05d}.arrow"
 
 
@@ -105,11 +113,28 @@ class ShardWriter:
         return self.shards
 
 
-def write_manifest(directory: Path, manifest: dict) -> None:
-    """Validate and write `manifest.json` (deterministic bytes)."""
-    manifest_contract.validate(manifest, str(directory / MANIFEST))
-    text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
-    (directory / MANIFEST).write_text(text, encoding="utf-8")
+def file_entries(directory: Path, names: Iterable[str]) -> list[dict]:
+    """`{file, bytes, sha256}` per named file of `directory`, for a manifest or report."""
+    return [
+        {
+            "file": name,
+            "bytes": (directory / name).stat().st_size,
+            "sha256": sha256_file(directory / name),
+        }
+        for name in names
+    ]
+
+
+def write_manifest(directory: Path, manifest: dict) -> dict:
+    """Seal (add the checksum), validate and write `manifest.json` (deterministic bytes).
+
+    Returns:
+        The manifest as written, checksum included.
+    """
+    sealed = {**manifest, "checksum": manifest_contract.checksum(manifest)}
+    manifest_contract.validate(sealed, str(directory / MANIFEST))
+    (directory / MANIFEST).write_text(manifest_contract.text(sealed), encoding="utf-8")
+    return sealed
 
 
 # ---------------------------------------------------------------------------- reading
@@ -209,17 +234,21 @@ class ShardReader(Sequence[PackedRow]):
 
 
 def read_manifest(directory: str | Path) -> dict:
-    """Parse and validate a shard directory's manifest.
+    """Parse a shard directory's manifest and check it proves its own content.
+
+    Cheap (reads only manifest.json): the contract, plain names, the key (the directory's
+    name, and the key of the manifest's config and inputs), the checksum, and that the file
+    is exactly the text written.
 
     Raises:
-        ShardError: naming manifest.json when it is missing, not JSON, not a manifest, or
-            lists a file name or key that could reach outside the directory.
+        ShardError: naming manifest.json (and the field) when it is missing, not JSON, not
+            a manifest of this version, lists a file name or key that could reach outside the
+            directory, or was edited.
     """
     path = Path(directory) / MANIFEST
     try:
-        manifest = manifest_contract.validate(
-            json.loads(path.read_text(encoding="utf-8")), str(path)
-        )
+        raw = path.read_bytes().decode("utf-8")  # as written: no newline translation
+        manifest = manifest_contract.validate(json.loads(raw), str(path))
     except FileNotFoundError as err:
         raise ShardError(f"{path}: missing; not a complete shard directory") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -227,6 +256,8 @@ def read_manifest(directory: str | Path) -> dict:
     except ContractError as err:
         raise ShardError(str(err)) from err
     _check_names(manifest, path)
+    _check_key(manifest, path)
+    check_sealed(manifest, raw, path)
     return manifest
 
 
@@ -238,6 +269,7 @@ def _check_names(manifest: dict, path: Path) -> None:
         ShardError: naming the manifest and the bad name.
     """
     names = [shard["file"] for shard in manifest["shards"]]
+    names += [entry["file"] for entry in manifest["files"]]
     names.append(manifest["tokenizer"].get("path"))
     for name in names:
         if not is_file_name(name):
@@ -245,26 +277,83 @@ def _check_names(manifest: dict, path: Path) -> None:
     for field, key in (("key", manifest["key"]), ("tokenized.key", manifest["tokenized"]["key"])):
         if not is_hex_key(key):
             raise ShardError(f"{path}: {field} {key!r} is not a hex key")
+    listed = sorted(entry["file"] for entry in manifest["files"])
+    if listed != sorted(TOKENIZER_FILES) or manifest["tokenizer"].get("path") != TOKENIZER:
+        raise ShardError(
+            f"{path}: files lists {listed} and tokenizer.path is "
+            f"{manifest['tokenizer'].get('path')!r}; a shard directory's are "
+            f"{sorted(TOKENIZER_FILES)} and {TOKENIZER!r}"
+        )
 
 
-def verify_files(directory: str | Path, manifest: dict) -> None:
-    """Check the size and sha256 of every shard and of tokenizer.json.
+def _check_key(manifest: dict, path: Path) -> None:
+    """The key names this directory and is the key of the manifest's own settings.
+
+    Raises:
+        ShardError: naming the manifest and the key that disagrees (an edited setting, or a
+            directory renamed or copied under another key).
+    """
+    name = path.parent.resolve().name
+    if manifest["key"] != name:
+        raise ShardError(f"{path}: key {manifest['key']!r} is not the directory's name {name!r}")
+    recomputed = manifest_contract.shard_key(
+        manifest["tokenized"]["key"], manifest["config"], manifest["contracts"], manifest["packer"]
+    )
+    if recomputed != manifest["key"]:
+        raise ShardError(
+            f"{path}: key {manifest['key']!r} is not the key of its config, tokenized.key, "
+            f"packer and contracts ({recomputed!r}): one of them was edited"
+        )
+
+
+def check_sealed(document: dict, raw: str, path: Path) -> None:
+    """Check a sealed JSON document (manifest or report) is unedited.
+
+    Args:
+        document: the parsed document; its `checksum` field is checked.
+        raw: the file's text, which must be exactly what was written.
+        path: the file, named in the error.
+
+    Raises:
+        ShardError: naming `path` when the checksum is absent or does not match the
+            content (an edited value, a listed sha256 included), or only the bytes differ.
+    """
+    stored = document.get("checksum")
+    if not isinstance(stored, str):
+        raise ShardError(f"{path}: no checksum; written by an older prefpack, build it again")
+    actual = manifest_contract.checksum(document)
+    if actual != stored:
+        raise ShardError(
+            f"{path}: content does not match its checksum ({actual[:12]}... != stored "
+            f"{stored[:12]}...): {path.name} was edited"
+        )
+    if raw != manifest_contract.text(document):
+        raise ShardError(f"{path}: not the text that was written: {path.name} was edited")
+
+
+def verify_files(directory: str | Path, manifest: dict, hash_shards: bool = True) -> None:
+    """Check the size and sha256 of tokenizer.json, tokenizer_config.json and every shard.
+
+    Args:
+        hash_shards: also hash the shard files (the other files are small: always hashed).
 
     Raises:
         ShardError: naming the first file that is missing or differs from the manifest.
     """
-    expected = [(s["file"], s["bytes"], s["sha256"]) for s in manifest["shards"]]
-    tok = manifest["tokenizer"]
-    expected.append((tok["path"], tok["bytes"], tok["sha256"]))
-    check_files(directory, expected)
+    check_files(directory, [(f["file"], f["bytes"], f["sha256"]) for f in manifest["files"]])
+    shards = [(s["file"], s["bytes"], s["sha256"]) for s in manifest["shards"]]
+    check_files(directory, shards, hash_=hash_shards)
 
 
-def check_files(directory: str | Path, expected: Iterable[tuple[str, int, str]]) -> None:
+def check_files(
+    directory: str | Path, expected: Iterable[tuple[str, int, str]], hash_: bool = True
+) -> None:
     """Check that each listed file exists with its size and sha256.
 
     Args:
         directory: where the files are.
         expected: (file name, bytes, sha256 hex) per file.
+        hash_: False checks names and sizes only (reads no data).
 
     Raises:
         ShardError: naming the first file that is missing or differs from its listing, or
@@ -279,6 +368,8 @@ def check_files(directory: str | Path, expected: Iterable[tuple[str, int, str]])
             raise ShardError(f"{path}: listed but missing")
         if path.stat().st_size != size:
             raise ShardError(f"{path}: {path.stat().st_size} bytes, listed as {size}")
+        if not hash_:
+            continue
         actual = sha256_file(path)
         if actual != digest:
             raise ShardError(f"{path}: sha256 {actual[:12]}... != listed {digest[:12]}...")
@@ -289,16 +380,16 @@ def open_shards(directory: str | Path, verify: bool = True) -> ShardReader:
 
     Args:
         directory: a directory written by `pipeline.pack.build_shards`.
-        verify: check every file's sha256 first (reads every byte once).
+        verify: hash the shard files too (reads every byte once); the manifest's own
+            checks and the tokenizer files' sha256 run either way.
 
     Raises:
-        ShardError: naming the file that is missing, corrupt or not in the packed_row
-            schema.
+        ShardError: naming the file (and field) that is missing, edited, corrupt or not in
+            the packed_row schema.
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
-    if verify:
-        verify_files(directory, manifest)
+    verify_files(directory, manifest, hash_shards=verify)
     tables = []
     for shard in manifest["shards"]:
         path = directory / shard["file"]

@@ -17,6 +17,11 @@ markers it contains and the one an assistant turn ends with, for built-in and cu
 templates alike, so a tokenizer can be checked to hold each as one token before any pair is
 tokenized (a model that ends its turns with ordinary tokens never stops generating).
 
+Turn openings: `turn_openings` finds, from probes, the marker every turn's text starts with
+(`<|start_header_id|>`, `<|im_start|>`) and how a system turn starts, so the pack stage can
+find a prompt's head (bos and system turns) and its turn boundaries in token ids and cut a
+too-long prompt between whole turns.
+
 Built-ins (`pipeline/chat_templates/*.jinja`): `chatml`, `llama3`, `plain`.
 """
 
@@ -65,6 +70,7 @@ KNOWN_MARKERS: tuple[str, ...] = tuple(
 # template trims or rewrites, so what follows it is the template's end of turn.
 _PROBE_PROMPT = [{"role": "user", "content": "Hi"}]
 _PROBE_REPLY = "Hello"
+_PROBE_SYSTEM = {"role": "system", "content": "Be brief."}
 
 # Templates that print today's date would make shards depend on the day they were built;
 # `strftime_now` renders this fixed date instead (Llama 3.1's own default date_string).
@@ -279,3 +285,56 @@ def turn_markers(
     end = max((m for m in markers if ending.endswith(m)), key=len, default=None)
     suffix = after[len(ending) - len(end) :] if end else ""
     return TurnMarkers(markers, end, suffix)
+
+
+@dataclass(frozen=True)
+class TurnOpenings:
+    """How a template opens its turns, read off probe renders.
+
+    Attributes:
+        start: the marker every turn's text begins with (`<|start_header_id|>`).
+        system: what a system turn begins with (`<|start_header_id|>system`), or None when
+            the template has no system turn that starts so.
+        generation_starts_turn: the generation prompt begins with `start`, so a prompt's
+            last turn start opens the generation prompt, not a message.
+    """
+
+    start: str
+    system: str | None
+    generation_starts_turn: bool
+
+
+def turn_openings(
+    template: ChatTemplate, bos_token: str | None, eos_token: str | None
+) -> TurnOpenings | None:
+    """Render a system + user probe and find the marker each turn starts with.
+
+    Returns:
+        The openings, or None when turns start with no known marker (`plain`), the template
+        refuses the probe, or a shorter conversation is not a prefix of a longer one.
+    """
+    conversation = [_PROBE_SYSTEM, *_PROBE_PROMPT]
+    try:
+        alone, both, prompt = (
+            template.render(messages, generation, bos_token, eos_token)
+            for messages, generation in (
+                (conversation[:1], False),
+                (conversation, False),
+                (conversation, True),
+            )
+        )
+    except jinja2.exceptions.TemplateError:
+        return None
+    if not (both.startswith(alone) and prompt.startswith(both)):
+        return None
+    user_turn = both[len(alone) :]
+    known = [*KNOWN_MARKERS, *template.special_tokens]
+    start = max((m for m in known if user_turn.startswith(m)), key=len, default=None)
+    if start is None:
+        return None
+    system = start + "system"
+    return TurnOpenings(
+        start=start,
+        system=system if system in alone else None,
+        generation_starts_turn=prompt[len(both) :].startswith(start),
+    )

@@ -25,7 +25,12 @@ The key hashes the input file, the tokenizer, the template, every `TokenizeConfi
 setting and the code and contract versions, and nothing of packing: a new max_len or
 layout repacks these pairs (`pipeline.pack.build_shards`) without tokenizing again. The
 directory is written under a temp name and renamed, so it is complete or absent; an
-existing one with the key is reused when every file verifies, and rebuilt otherwise.
+existing one with the key is reused when it proves itself, and rebuilt otherwise.
+
+Proof, as for a shard directory (`pipeline.shards`): report.json's `key` is the
+directory's name; its `checksum` (`data_contracts.manifest.checksum`) covers every other
+field and the file is exactly the text written, so an edited value (a listed sha256
+included) is blamed on report.json; `files` gives the size and sha256 of every other file.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import pyarrow.parquet as pq
 import tokenizers
 from tqdm import tqdm
 
+from data_contracts import manifest as sealed
 from data_contracts import preference_pair, tokenized_pair, tokenized_report
 from data_contracts.contract import ContractError
 from pipeline import ragged
@@ -54,6 +60,8 @@ from pipeline.shards import (
     TOKENIZER_CONFIG,
     ShardError,
     check_files,
+    check_sealed,
+    file_entries,
     sha256_file,
 )
 from pipeline.templates import (
@@ -79,7 +87,7 @@ from pipeline.tokenize import (
 log = logging.getLogger(__name__)
 
 # Bump when this module's code would write different bytes for the same inputs.
-TOKENIZE_VERSION = "2"
+TOKENIZE_VERSION = "3"
 TOKENIZED = "tokenized.parquet"
 REPORT = "report.json"
 READ_BATCH = 1024  # pairs rendered and tokenized at once (does not change the bytes)
@@ -331,19 +339,12 @@ def _write_tokenized(
             "eos_token": tokenizer.eos_token,
         },
         "template": {"name": template.name, "sha256": template.sha256},
-        "files": [
-            {
-                "file": name,
-                "bytes": (directory / name).stat().st_size,
-                "sha256": sha256_file(directory / name),
-            }
-            for name in DATA_FILES
-        ],
+        "files": file_entries(directory, DATA_FILES),
         "stats": stats.to_dict(),
     }
+    report["checksum"] = sealed.checksum(report)
     tokenized_report.validate(report, str(directory / REPORT))
-    text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
-    (directory / REPORT).write_text(text, encoding="utf-8")
+    (directory / REPORT).write_text(sealed.text(report), encoding="utf-8")
     return report
 
 
@@ -355,29 +356,38 @@ def read_tokenized(directory: str | Path, verify: bool = True) -> dict:
 
     Args:
         directory: a directory written by `build_tokenized`.
-        verify: check the size and sha256 of every listed file (reads every byte once).
+        verify: check the size and sha256 of every listed file (reads every byte once);
+            the report's own checks (key, checksum, text) run either way.
 
     Returns:
         The parsed, validated report.json.
 
     Raises:
         ShardError: naming report.json when it is missing, not JSON, not a
-            tokenized_report or leaves a data file unlisted; or naming the data file that
-            is missing, corrupt, or not tokenized_pair rows as many as the report says.
+            tokenized_report, edited, named other than its key, or leaves a data file
+            unlisted; or naming the data file that is missing, corrupt, or not
+            tokenized_pair rows as many as the report says.
     """
     directory = Path(directory)
     path = directory / REPORT
     try:
-        report = tokenized_report.validate(json.loads(path.read_text(encoding="utf-8")), str(path))
+        raw = path.read_bytes().decode("utf-8")  # as written: no newline translation
+        report = tokenized_report.validate(json.loads(raw), str(path))
     except FileNotFoundError as err:
         raise ShardError(f"{path}: missing; not a complete tokenized directory") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ShardError(f"{path}: not valid JSON: {err}") from err
     except ContractError as err:
         raise ShardError(str(err)) from err
+    if report["key"] != directory.resolve().name:
+        raise ShardError(
+            f"{path}: key {report['key']!r} is not the directory's name "
+            f"{directory.resolve().name!r}"
+        )
     listed = {entry["file"] for entry in report["files"]}
     if unlisted := set(DATA_FILES) - listed:
         raise ShardError(f"{path}: files does not list {sorted(unlisted)}")
+    check_sealed(report, raw, path)
     if verify:
         check_files(directory, [(f["file"], f["bytes"], f["sha256"]) for f in report["files"]])
     data = directory / TOKENIZED

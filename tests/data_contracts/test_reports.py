@@ -1,5 +1,6 @@
 """The JSON contracts of stage outputs: the tokenized report and the shard manifest refuse
-documents whose row accounting does not add up."""
+documents whose row accounting does not add up; the manifest's key and checksum are
+functions of its content."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ REPORT = {
         "boundary_agreement": {},
         "responses_ending_with_eos": {},
     },
+    "checksum": "0" * 64,
 }
 
 
@@ -66,15 +68,18 @@ MANIFEST = {
     "version": manifest.VERSION,
     "contracts": {},
     "key": "k",
+    "packer": "1",
     "layout": "shared",
     "max_len": 64,
     "mask_block_size": 16,
-    "config": {},
+    "config": {"layout": "shared", "max_len": 64, "mask_block_size": 16},
     "input": {},
     "tokenized": {"key": "t", "directory": "tokenized/t", "config": {}},
     "tokenizer": {},
     "template": {},
     "shards": [{"file": "s", "rows": 3, "pairs": 5, "tokens": 100, "bytes": 1, "sha256": ""}],
+    "files": [{"file": "tokenizer.json", "bytes": 1, "sha256": ""}],
+    "checksum": "",
     "stats": {
         "rows": 3,
         "pairs_in": 10,
@@ -83,6 +88,7 @@ MANIFEST = {
         "tokens": 100,
         "fill_ratio": 0.5,
         "truncated": 0,
+        "one_response_cut": 0,
         "dropped": {"empty_chosen_ids": 3, "too_long": 2},
         "tokens_by_layout": {},
         "tokens_saved_by_prefix_sharing": 0,
@@ -106,8 +112,51 @@ def test_a_consistent_manifest_validates() -> None:
         (("stats", "dropped"), {"empty_chosen_ids": 3, "too_long": 1}, "pairs_add_up"),
         (("stats", "rows"), 4, "shard_rows_add_up"),
         (("tokenized",), {"key": "t"}, r"tokenized\. lacks directory, config"),
+        (("files",), [{"file": "tokenizer.json"}], r"files\[0\]\. lacks bytes, sha256"),
+        (("stats", "one_response_cut"), None, "one_response_cut is NoneType"),
+        (("version",), "2", "version is '2', this prefpack reads manifest v3"),
+        # What the trainer reads at the top level must be what the key hashes (config).
+        (("max_len",), 65, "trainer_fields_match_config broken: max_len is 65, config"),
+        (("config", "layout"), "padded", "layout is 'shared', config.layout is 'padded'"),
+        (("mask_block_size",), 32, "mask_block_size is 32, config.mask_block_size is 16"),
     ],
 )
 def test_manifest_rules_name_what_is_broken(path: tuple, value: object, rule: str) -> None:
     with pytest.raises(ContractError, match=rule):
         manifest.validate(_changed(MANIFEST, path, value), "m.json")
+
+
+def test_the_checksum_covers_every_field_but_itself() -> None:
+    base = manifest.checksum(MANIFEST)
+    assert len(base) == 64 and manifest.checksum(_changed(MANIFEST, ("checksum",), "x")) == base
+    # Key order and formatting do not matter; any value does, nested ones included.
+    assert manifest.checksum(dict(reversed(list(MANIFEST.items())))) == base
+    for path, value in [
+        (("shards", 0, "sha256"), "0" * 64),
+        (("stats", "truncated"), 1),
+        (("config", "max_len"), 63),
+        (("files", 0, "bytes"), 2),
+    ]:
+        assert manifest.checksum(_changed(MANIFEST, path, value)) != base, path
+
+
+def test_the_shard_key_hashes_each_input_and_only_the_key_contracts() -> None:
+    contracts = {"manifest": "3", "packed_row": "1", "tokenized_pair": "2"}
+    base = manifest.shard_key("ab", {"max_len": 64}, contracts, "3")
+    assert len(base) == 20 and base == manifest.shard_key("ab", {"max_len": 64}, contracts, "3")
+    variants = [
+        manifest.shard_key("ac", {"max_len": 64}, contracts, "3"),
+        manifest.shard_key("ab", {"max_len": 65}, contracts, "3"),
+        manifest.shard_key("ab", {"max_len": 64}, {**contracts, "packed_row": "2"}, "3"),
+        manifest.shard_key("ab", {"max_len": 64}, contracts, "4"),
+    ]
+    assert len({base, *variants}) == 5
+    # Upstream contracts are covered by the tokenized key, not hashed twice.
+    assert manifest.shard_key("ab", {"max_len": 64}, {**contracts, "x": "9"}, "3") == base
+
+
+def test_the_text_is_what_json_reads_back() -> None:
+    import json
+
+    text = manifest.text(MANIFEST)
+    assert text.endswith("}\n") and manifest.text(json.loads(text)) == text

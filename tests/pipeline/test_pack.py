@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from data_contracts import tokenized_pair
 from data_contracts.packed_row import (
     PackedRow,
     attention_mask,
@@ -26,7 +27,9 @@ from pipeline.pack import (
     BestFitPacker,
     PackConfig,
     RowPacker,
+    TemplateIds,
     apply_length_policy,
+    prompt_cuts,
     truncated_lengths,
 )
 from tests.pipeline.factories import tokenized_table
@@ -267,3 +270,137 @@ def test_ragged_gather_matches_slicing() -> None:
     starts, lens = np.array([5, 0, 90, 40]), np.array([3, 0, 10, 1])
     expected = np.concatenate([values[s : s + n] for s, n in zip(starts, lens, strict=True)])
     assert ragged.gather(values, starts, lens).tolist() == expected.tolist()
+
+
+# A Llama-3-shaped prompt in made-up ids: 9 = bos, 1 = a turn's start marker, 2 = "system",
+# 3 = "user", 4 = "assistant", 7 = end of turn; 5 6 close the generation prompt.
+PROMPT = [
+    9,
+    1, 2, 50, 51, 7,  # system turn: the head ends at position 6
+    1, 3, 60, 61, 62, 7,  # user, starts at 6
+    1, 4, 65, 66, 7,  # assistant, starts at 12
+    1, 3, 70, 71, 72, 73, 7,  # user, starts at 17
+    1, 5, 6,  # generation prompt, starts at 24
+]  # fmt: skip
+IDS = TemplateIds(turn_start=1, system=(1, 2), generation_starts_turn=True, end_of_turn=7)
+
+
+def _pairs(rows: list[tuple[list[int], list[int], list[int]]]) -> pa.Table:
+    """tokenized_pair rows with these exact ids; pair ids p0, p1, ..."""
+    columns = [pa.array([f"p{i}" for i in range(len(rows))])]
+    for k in range(3):
+        columns.append(pa.array([row[k] for row in rows], pa.list_(pa.int32())))
+    return pa.Table.from_arrays(columns, schema=tokenized_pair.SCHEMA)
+
+
+@pytest.mark.parametrize(
+    ("budget", "head", "tail"),
+    [
+        (27, 0, 0),  # fits: uncut
+        (16, 6, 17),  # head + the last user turn and the generation prompt, exactly
+        (20, 6, 17),  # the cut moves forward to the next turn start (4 tokens freed)
+        (25, 6, 12),  # two whole turns fit
+        (15, 6, 18),  # the last message alone does not fit: its first token goes
+        (6, 0, 21),  # the head leaves no room: the end only
+    ],
+)
+def test_a_cut_prompt_keeps_its_head_and_its_end_from_a_turn_start(budget, head, tail) -> None:
+    values = np.array(PROMPT, np.int32)
+    offsets = np.array([0, len(PROMPT)])
+    heads, tails = prompt_cuts(values, offsets, np.array([budget]), IDS)
+    assert (int(heads[0]), int(tails[0])) == (head, tail)
+    kept = PROMPT[:head] + PROMPT[tail:] if budget < len(PROMPT) else PROMPT
+    assert len(kept) <= budget and kept[-3:] == [1, 5, 6]
+    # Without known turns the prompt keeps its end only (the `plain` template).
+    heads, tails = prompt_cuts(values, offsets, np.array([budget]), TemplateIds())
+    assert (int(heads[0]), int(tails[0])) == ((0, len(PROMPT) - budget) if budget < 27 else (0, 0))
+
+
+def test_prompt_cuts_are_per_prompt_in_a_batch() -> None:
+    """Turn starts are owned by their prompt: a batch gives each prompt's own cut."""
+    short = [9, 1, 3, 80, 7, 1, 5, 6]  # no system turn: the head is the bos alone
+    values = np.array(short + PROMPT + short, np.int32)
+    offsets = np.array([0, 8, 8 + 27, 8 + 27 + 8])
+    heads, tails = prompt_cuts(values, offsets, np.array([8, 16, 5]), IDS)
+    # The last short prompt: head 1 (bos) + end from position 4 (no whole turn fits).
+    assert heads.tolist() == [0, 6, 1] and tails.tolist() == [0, 17, 4]
+
+
+def test_policy_cuts_turns_gives_freed_room_to_the_responses_and_counts_one_sided_cuts() -> None:
+    """max_len 26, min_response_len 4, shared. Each pair is 27 + C + R > 26.
+
+    Responses first go down to 4 + 4, leaving the prompt 26 - 8 = 18 tokens: head 6, and
+    the end from the first turn start at or after 27 - 12 = 15, i.e. 17: 6 + 10 = 16
+    tokens. The 2 freed tokens go back to the responses, room 26 - 16 = 10:
+    - p0, C=10, R=4: R keeps all 4, C gets 6: only the chosen lost its end -> counted;
+    - p1, C=10, R=10: 5 and 5, both lost their ends -> not counted;
+    - p2, C=6, R=4 with C ending 7 8 (end of turn, then a newline, as chatml does):
+      C keeps 6 (all), R 4: nothing cut in the responses -> not counted.
+    """
+    chosen = [20 + i for i in range(9)] + [7]
+    rows = [
+        (PROMPT, chosen, [30, 31, 32, 7]),
+        (PROMPT, chosen, [40 + i for i in range(9)] + [7]),
+        (PROMPT, [21, 22, 23, 24, 7, 8], [30, 31, 32, 7]),
+    ]
+    config = PackConfig(max_len=26, min_response_len=4)
+    result = apply_length_policy(_pairs(rows), config, IDS)
+    kept = result.kept.to_pylist()
+    assert (result.truncated, result.too_long, result.one_response_cut) == (3, 0, 1)
+    cut_prompt = PROMPT[:6] + PROMPT[17:]
+    assert [k["prompt_ids"] for k in kept] == [cut_prompt] * 3
+    assert [(len(k["chosen_ids"]), len(k["rejected_ids"])) for k in kept] == [
+        (6, 4),
+        (5, 5),
+        (6, 4),
+    ]
+    for k, (_, c, r) in zip(kept, rows, strict=True):
+        assert k["chosen_ids"] == c[: len(k["chosen_ids"])]
+        assert k["rejected_ids"] == r[: len(k["rejected_ids"])]
+
+
+def test_a_response_cut_after_its_end_of_turn_keeps_it() -> None:
+    """C = x x x 7 8 cut by one keeps its end of turn 7: not a one-sided loss; without a
+    known end of turn every cut response counts as having lost it."""
+    rows = [([9, 1, 5], [21, 22, 23, 7, 8], [30, 7, 8])]
+    config = PackConfig(max_len=10, min_response_len=1)
+    with_end = apply_length_policy(_pairs(rows), config, IDS)
+    assert with_end.kept.to_pylist()[0]["chosen_ids"] == [21, 22, 23, 7]
+    assert (with_end.truncated, with_end.one_response_cut) == (1, 0)
+    assert apply_length_policy(_pairs(rows), config).one_response_cut == 1
+
+
+@st.composite
+def _turn_prompts(draw: st.DrawFn) -> list[int]:
+    """bos, maybe a system turn, 1-5 user/assistant turns, the generation prompt (ids as
+    in PROMPT; message words are 50..99)."""
+    prompt = [9]
+    if draw(st.booleans()):
+        prompt += [1, 2, *draw(st.lists(st.integers(50, 99), max_size=6)), 7]
+    for turn in range(draw(st.integers(1, 5))):
+        role = 3 if turn % 2 == 0 else 4
+        prompt += [1, role, *draw(st.lists(st.integers(50, 99), max_size=12)), 7]
+    return [*prompt, 1, 5, 6]
+
+
+@given(prompts=st.lists(_turn_prompts(), min_size=1, max_size=6), data=st.data())
+def test_prompt_cuts_keep_the_head_and_an_end_within_the_budget(prompts, data) -> None:
+    values = np.array([t for p in prompts for t in p], np.int32)
+    offsets = ragged.offsets_of(np.array([len(p) for p in prompts]))
+    budget = np.array([data.draw(st.integers(1, len(p))) for p in prompts])
+    heads, tails = prompt_cuts(values, offsets, budget, IDS)
+    for prompt, b, h, t in zip(
+        prompts, budget.tolist(), heads.tolist(), tails.tolist(), strict=True
+    ):
+        if b == len(prompt):
+            assert (h, t) == (0, 0)
+            continue
+        kept = prompt[:h] + prompt[t:]
+        assert 0 <= h < b and h < t and len(kept) <= b
+        head = prompt.index(3) - 1  # the first non-system turn starts the end of the head
+        assert h in (head, 0) and (h == head) == (head < b)
+        # The end is whole turns when it starts at a turn start; else exactly fills.
+        assert prompt[t] == 1 or len(kept) == b
+        if prompt[t] == 1:  # and then no earlier turn start would have fit
+            nominal = len(prompt) - b + h
+            assert all(prompt[j] != 1 for j in range(nominal, t))

@@ -16,8 +16,10 @@ import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
+from data_contracts import manifest as manifest_contract
 from data_contracts import packed_row
 from pipeline import pack, tokenized
 from pipeline.pack import PackConfig, ShardResult, build_shards
@@ -32,6 +34,7 @@ from pipeline.shards import (
 from pipeline.templates import resolve_template
 from pipeline.tokenize import train_tokenizer
 from pipeline.tokenized import TOKENIZED, TokenizeConfig, build_tokenized
+from tests.conftest import assert_one_error_line
 from tests.pipeline.factories import pair_table, random_pairs, tokenized_table, write_pairs
 
 SMALL = PackConfig(max_len=256, mask_block_size=16, pack_window=16)
@@ -219,23 +222,127 @@ def test_key_changes_with_tokenizer_template_data_and_tokenize_config(
     assert len({r.key for r in results}) == len(variants)
 
 
-@pytest.mark.parametrize("victim", ["shard", "tokenizer"])
+@pytest.mark.parametrize("victim", ["shard", TOKENIZER, TOKENIZER_CONFIG])
 def test_a_flipped_byte_is_detected_and_rebuilt(
     victim: str, pairs_path: Path, tiny_tokenizer_path: Path, tmp_path: Path
 ) -> None:
     result = _build(pairs_path, tiny_tokenizer_path, tmp_path / "store")
     original = _files(result.directory)
-    name = result.manifest["shards"][0]["file"] if victim == "shard" else "tokenizer.json"
+    name = result.manifest["shards"][0]["file"] if victim == "shard" else victim
     path = result.directory / name
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
-    with pytest.raises(ShardError, match=name):
+    with pytest.raises(ShardError, match=f"^{path}: sha256"):
         open_shards(result.directory)
-    open_shards(result.directory, verify=False)  # same size, so only the hash can tell
+    if victim == "shard":  # same size, so only the hash can tell; --no-verify skips it
+        open_shards(result.directory, verify=False)
+    else:  # the tokenizer files are small: hashed even without verify
+        with pytest.raises(ShardError, match=f"^{path}: sha256"):
+            open_shards(result.directory, verify=False)
     again = _build(pairs_path, tiny_tokenizer_path, tmp_path / "store")
     assert not again.reused and again.key == result.key
     assert _files(again.directory) == original
+
+
+def _edit(manifest: dict, path: tuple, value: object) -> dict:
+    edited = json.loads(json.dumps(manifest))
+    node = edited
+    for step in path[:-1]:
+        node = node[step]
+    node[path[-1]] = value(node[path[-1]]) if callable(value) else value
+    return edited
+
+
+# (field path, new value, what the error says). Edits are written in the manifest's own
+# format, so only the content differs; a field the reader can name is named.
+EDITS = [
+    (("key",), "0" * 20, "key '00000000000000000000' is not the directory's name"),
+    (("layout",), "unshared", "layout is 'unshared', config.layout is 'shared'"),
+    (("max_len",), 300, "max_len is 300, config.max_len is 256"),
+    (("mask_block_size",), 32, "mask_block_size is 32, config.mask_block_size is 16"),
+    (("config", "max_len"), 300, "max_len is 256, config.max_len is 300"),
+    (("config", "min_response_len"), 8, "is not the key of its config"),
+    (("config", "pack_window"), 17, "is not the key of its config"),
+    (("tokenized", "key"), "0" * 20, "is not the key of its config, tokenized.key"),
+    (("packer",), "0", "is not the key of its config, tokenized.key, packer"),
+    (("contracts", "packed_row"), "0", "is not the key of its config, tokenized.key, packer"),
+    (("shards", 0, "sha256"), "0" * 64, "does not match its checksum"),
+    (("files", 1, "sha256"), "0" * 64, "does not match its checksum"),
+    (("stats", "truncated"), lambda n: n + 1, "does not match its checksum"),
+    (("stats", "fill_ratio"), 1.0, "does not match its checksum"),
+    (("tokenizer", "bos_token"), "<|im_start|>", "does not match its checksum"),
+    (("checksum",), "0" * 64, "does not match its checksum"),
+]
+
+
+@pytest.fixture
+def built(pairs_path: Path, tiny_tokenizer_path: Path, tmp_path: Path) -> ShardResult:
+    return _build(pairs_path, tiny_tokenizer_path, tmp_path / "store")
+
+
+@pytest.mark.parametrize(("field", "value", "says"), EDITS, ids=lambda x: str(x))
+def test_an_edited_manifest_field_is_named_refused_and_rebuilt(
+    field: tuple, value: object, says: str, built: ShardResult, pairs_path: Path,
+    tiny_tokenizer_path: Path, tmp_path: Path, cli,
+) -> None:  # fmt: skip
+    original = _files(built.directory)
+    path = built.directory / MANIFEST
+    path.write_text(manifest_contract.text(_edit(built.manifest, field, value)))
+    for verify in (True, False):  # the manifest's checks never depend on --no-verify
+        with pytest.raises(ShardError) as raised:
+            open_shards(built.directory, verify=verify)
+        assert str(raised.value).startswith(f"{path}: ") and says in str(raised.value)
+        assert built.manifest["shards"][0]["file"] not in str(raised.value)
+    for flags in ([], ["--no-verify"]):
+        status, err = cli(["inspect", str(built.directory), *flags])
+        assert_one_error_line(status, err, "inspect", str(path), says)
+    again = _build(pairs_path, tiny_tokenizer_path, tmp_path / "store")
+    assert not again.reused and again.directory == built.directory
+    assert _files(again.directory) == original and again.manifest == built.manifest
+
+
+def test_a_manifest_with_only_its_bytes_changed_is_refused(built: ShardResult) -> None:
+    """Same content, other bytes (a reformatting editor): still not what was written."""
+    path = built.directory / MANIFEST
+    path.write_text(json.dumps(built.manifest, indent=4) + "\n")
+    with pytest.raises(ShardError, match=f"^{path}: not the text that was written"):
+        open_shards(built.directory, verify=False)
+
+
+def test_an_edited_tokenizer_config_never_reaches_training(
+    built: ShardResult, pairs_path: Path, tiny_tokenizer_path: Path, tmp_path: Path, cli
+) -> None:
+    """An edited bos_token is caught (and named) even with --no-verify, then rebuilt."""
+    path = built.directory / TOKENIZER_CONFIG
+    original = path.read_bytes()
+    config = json.loads(original)
+    config["bos_token"] = "<|im_end|>"
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    with pytest.raises(ShardError, match=f"^{path}: "):
+        open_shards(built.directory, verify=False)
+    status, err = cli(["inspect", str(built.directory), "--no-verify"])
+    assert_one_error_line(status, err, "inspect", str(path))
+    again = _build(pairs_path, tiny_tokenizer_path, tmp_path / "store")
+    assert not again.reused and path.read_bytes() == original
+    open_shards(again.directory)
+
+
+def test_a_copy_under_another_name_is_not_its_key(built: ShardResult, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "store" / "shards" / ("f" * 20)
+    shutil.copytree(built.directory, copy)
+    with pytest.raises(ShardError, match=f"^{copy / MANIFEST}: key '{built.key}' is not the"):
+        open_shards(copy)
+
+
+def test_a_reader_recomputes_the_key_the_packer_computed(built: ShardResult) -> None:
+    manifest = built.manifest
+    config = PackConfig(**manifest["config"])
+    assert pack.cache_key(manifest["tokenized"]["key"], config) == manifest["key"] == built.key
+    assert manifest["checksum"] == manifest_contract.checksum(manifest)
+    assert [f["file"] for f in manifest["files"]] == [TOKENIZER, TOKENIZER_CONFIG]
 
 
 def test_corrupt_tokenized_pairs_are_never_packed(
@@ -482,3 +589,61 @@ def test_out_of_range_settings_are_named(field: str, value: object) -> None:
     """Refused when the config is made, before any input is read; the flag is named."""
     with pytest.raises(ValueError, match="--" + field.replace("_", "-")):
         dataclasses.replace(SMALL, **{field: value})
+
+
+LLAMA3_HEAD = "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+LLAMA3_GENERATION = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+
+
+def test_a_cut_llama3_prompt_keeps_bos_system_and_generation_prompt(tmp_path: Path) -> None:
+    """Long multi-turn prompts with a system message, packed at a max_len that forces the
+    prompt to be cut: each keeps bos + the system turn, then whole later turns, and ends
+    with the generation prompt; one_response_cut is recounted from the rows."""
+    words = "the cat sat on a mat and then it ran off to see the sea " * 3
+    rows = []
+    for i in range(12):
+        prompt = [{"role": "system", "content": "Be brief."}]
+        for turn in range(3 + i % 3):
+            prompt += [
+                {"role": "user", "content": f"question {i} {turn} {words}"},
+                {"role": "assistant", "content": f"answer {turn} {words[: 20 * (i + 1)]}"},
+            ]
+        prompt.append({"role": "user", "content": f"last question {i}"})
+        rows.append((prompt, f"yes {words[: 9 * i]}", f"no {words[: 5 * (12 - i)]}"))
+    pairs = write_pairs(tmp_path / "p.parquet", pair_table(rows))
+    tok = dataclasses.replace(TOK, template="llama3", bpe_vocab_size=400)
+    store = tmp_path / "s"
+    tokens = build_tokenized(pairs, None, tok, store)
+    config = PackConfig(max_len=160, min_response_len=8, mask_block_size=16, pack_window=16)
+    result = build_shards(tokens.directory, config, store)
+    reader = open_shards(result.directory)
+    decoder = Tokenizer.from_file(str(reader.tokenizer_path))
+    source = {
+        r["pair_id"]: r for r in pa.parquet.read_table(tokens.directory / TOKENIZED).to_pylist()
+    }
+    eot = decoder.token_to_id("<|eot_id|>")
+    cut_prompts = one_sided = 0
+    for row in reader:
+        for i, pid in enumerate(row.pair_ids):
+            s, p = int(row.pair_start[i]), int(row.prompt_len[i])
+            c, r = int(row.chosen_len[i]), int(row.rejected_len[i])
+            ids = row.input_ids[s : s + p].tolist()
+            full = source[pid]["prompt_ids"]
+            text = decoder.decode(ids, skip_special_tokens=False)
+            assert text.startswith(LLAMA3_HEAD) and text.endswith(LLAMA3_GENERATION), text
+            if p < len(full):
+                cut_prompts += 1
+                head = len(decoder.encode(LLAMA3_HEAD, add_special_tokens=False).ids)
+                assert ids[:head] == full[:head] and ids[head:] == full[len(full) - p + head :]
+                # The end starts at a whole turn, the last question's or earlier.
+                assert text[len(LLAMA3_HEAD) :].startswith("<|start_header_id|>")
+            chosen = row.input_ids[s + p : s + p + c].tolist()
+            rejected = row.input_ids[s + p + c : s + p + c + r].tolist()
+            lost = [
+                len(kept) < len(source[pid][name]) and kept[-1] != eot
+                for kept, name in ((chosen, "chosen_ids"), (rejected, "rejected_ids"))
+            ]
+            one_sided += lost[0] != lost[1]
+    stats = result.manifest["stats"]
+    assert cut_prompts >= 6 and stats["truncated"] >= cut_prompts
+    assert stats["one_response_cut"] == one_sided > 0

@@ -191,6 +191,55 @@ def test_a_missing_broken_or_inconsistent_report_is_named(
         read_tokenized(directory)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        (("files", 0, "sha256"), "0" * 64, "does not match its checksum"),
+        (("config", "boundary_check_pairs"), 3, "does not match its checksum"),
+        (("tokenizer", "bos_token"), "<|im_end|>", "does not match its checksum"),
+        (("stats", "lengths", "pair", "max"), 1, "does not match its checksum"),
+        (("key",), "0" * 20, "is not the directory's name"),
+    ],
+)
+def test_an_edited_report_is_named_and_rebuilt(
+    field: tuple, value: object, says: str, pairs_path: Path, tiny_tokenizer_path: Path,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """Edits that keep the report's own accounting and format: caught by the key and the
+    checksum, blamed on report.json (not on the intact file a sha256 lists), rebuilt."""
+    from data_contracts import manifest as sealed
+
+    result = build_tokenized(pairs_path, tiny_tokenizer_path, SMALL, tmp_path / "store")
+    original = _files(result.directory)
+    edited = json.loads(json.dumps(result.report))
+    node = edited
+    for step in field[:-1]:
+        node = node[step]
+    node[field[-1]] = value
+    path = result.directory / REPORT
+    path.write_text(sealed.text(edited))
+    for verify in (True, False):
+        with pytest.raises(ShardError) as raised:
+            read_tokenized(result.directory, verify=verify)
+        assert str(raised.value).startswith(f"{path}: ") and says in str(raised.value)
+    again = build_tokenized(pairs_path, tiny_tokenizer_path, SMALL, tmp_path / "store")
+    assert not again.reused and _files(again.directory) == original
+
+
+def test_a_report_is_sealed_by_its_checksum(
+    pairs_path: Path, tiny_tokenizer_path: Path, tmp_path: Path
+) -> None:
+    from data_contracts import manifest as sealed
+
+    result = build_tokenized(pairs_path, tiny_tokenizer_path, SMALL, tmp_path / "store")
+    text = (result.directory / REPORT).read_text()
+    assert text == sealed.text(result.report)
+    assert result.report["checksum"] == sealed.checksum(result.report)
+    (result.directory / REPORT).write_text(text.replace("\n", "\r\n"))
+    with pytest.raises(ShardError, match="not the text that was written"):
+        read_tokenized(result.directory, verify=False)
+
+
 def test_an_exception_mid_write_leaves_no_directory(
     pairs_path: Path, tiny_tokenizer_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
