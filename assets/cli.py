@@ -25,10 +25,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register `run` and `ui`."""
     run = subparsers.add_parser(
         "run",
-        help="materialize the whole asset graph (bundled sample data by default)",
-        description="Materialize every asset in process: each source partition, then "
-        "curation, tokenization, packing, reference log-probs and training. A second run "
-        "with unchanged inputs reuses the shards. Ends with a summary.",
+        help="materialize what is missing or stale in the asset graph (bundled samples by default)",
+        description="Materialize in process what is missing or stale: each source partition "
+        "whose input, code or settings changed, then curation, tokenization, packing, "
+        "reference log-probs and training from the first stale stage on. With nothing "
+        "changed it launches no run and prints 'everything up to date'. Ends with a summary.",
     )
     run.add_argument(
         "--store", type=Path, help="store directory (default: $PREFPACK_STORE or ./store)"
@@ -66,8 +67,9 @@ def _run(args: argparse.Namespace) -> int:
     from assets.run import materialize_all, summary
 
     started = time.perf_counter()
-    results = materialize_all(defs, dg.DagsterInstance.get())
-    print(summary(results, seconds=time.perf_counter() - started))
+    instance = dg.DagsterInstance.get()
+    results = materialize_all(defs, instance)
+    print(summary(instance, results, seconds=time.perf_counter() - started))
     return 0
 
 

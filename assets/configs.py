@@ -65,7 +65,8 @@ PackingConfig = dagster_config(
 TrainingConfig = dagster_config(
     TrainConfig,
     "TrainingConfig",
-    exclude=("out_dir", "progress"),
+    # precision and device are the `compute` resource's, shared with reference_logps
+    exclude=("out_dir", "progress", "precision", "device"),
     nproc_per_node=(
         int,
         Field(

@@ -13,7 +13,13 @@ import dagster as dg
 
 from assets import curation, jobs, packing, sources, training
 from assets.io_manager import PathIOManager
-from assets.resources import ModelResource, SourcesResource, StoreResource, TokenizerResource
+from assets.resources import (
+    ComputeResource,
+    ModelResource,
+    SourcesResource,
+    StoreResource,
+    TokenizerResource,
+)
 
 # Data versions on outputs are what make reuse visible to Dagster; their beta status is
 # known and accepted here, so the warning is not repeated on every materialization. Pipes'
@@ -24,7 +30,10 @@ warnings.filterwarnings("ignore", category=DeprecationWarning, module="dagster._
 
 
 def build_resources(
-    store: str | Path, sources: SourcesResource | None = None, model: ModelResource | None = None
+    store: str | Path,
+    sources: SourcesResource | None = None,
+    model: ModelResource | None = None,
+    compute: ComputeResource | None = None,
 ) -> dict[str, object]:
     """Every resource the assets need, rooted at `store` (absolute, so runs agree)."""
     root = str(Path(store).resolve())
@@ -34,6 +43,7 @@ def build_resources(
         "sources": sources or SourcesResource(),
         "tokenizer": TokenizerResource(),
         "model": model or ModelResource(),
+        "compute": compute or ComputeResource(),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }
 

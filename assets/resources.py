@@ -1,4 +1,5 @@
-"""Resources: where things live (the store), what the sources read, the tokenizer, the model.
+"""Resources: where things live (the store), what the sources read, the tokenizer, the model,
+and the precision and device the trainer computes in.
 
 They are the knobs a user turns in the UI's launchpad or in `definitions.py` to point the
 same graph at the real hub datasets, local files, a real tokenizer or a real model.
@@ -13,6 +14,7 @@ import dagster as dg
 from pydantic import Field
 
 from pipeline.sample_data import sample_path
+from training.train_config import Precision
 
 
 class StoreResource(dg.ConfigurableResource):
@@ -64,3 +66,24 @@ class ModelResource(dg.ConfigurableResource):
         default="tiny", description="named model config used from scratch when path is unset"
     )
     seed: int = Field(default=0, description="init seed when starting from scratch")
+
+
+class ComputeResource(dg.ConfigurableResource):
+    """The precision and device of every trainer command (`prefpack logps` and `train`).
+
+    One resource for both, so the reference log-probs are always computed in the precision
+    the policy trains in (a bf16 run against fp32 references would be silently off).
+    """
+
+    precision: Precision = Field(
+        default="fp32", description="fp32, or bf16 (autocast on CUDA, fp32 master weights)"
+    )
+    device: str = Field(
+        default="auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="auto, cpu, cuda or cuda:N; auto: CUDA when present, else CPU",
+    )
+
+    def flags(self) -> list[str]:
+        """`--precision P --device D`, as `prefpack logps` and `train` take them."""
+        return ["--precision", self.precision, "--device", self.device]

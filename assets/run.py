@@ -1,16 +1,22 @@
-"""`prefpack run`: every source partition, then every stage, in process, on the project's
-instance; and the short summary printed at the end."""
+"""`prefpack run`: what is missing or stale, in process, on the project's instance (the
+source partitions first, then the stages); and the short summary printed at the end.
+
+With nothing changed it launches no run and adds no history to any asset: it prints
+"everything up to date" with the numbers of the current materializations.
+"""
 
 from collections.abc import Mapping
 from typing import Any
 
 import dagster as dg
 
-from assets.jobs import SAMPLE_CONFIG
+from assets import staleness
+from assets.jobs import SAMPLE_CONFIG, SOURCE_ASSETS, STAGE_ASSETS
 from assets.partitions import source_partitions
 
 # The console shows what a user reads: INFO and up, not every step event.
 QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+UP_TO_DATE = "everything up to date"
 
 
 def materialize_all(
@@ -18,7 +24,8 @@ def materialize_all(
     instance: dg.DagsterInstance,
     run_config: Mapping[str, Any] | None = None,
 ) -> list[dg.ExecuteInProcessResult]:
-    """Run `source_job` once per source partition, then `sample_job`.
+    """Run `source_job` for each source partition that needs it, then `sample_job` on the
+    stages that need it (`assets.staleness`); nothing when everything is up to date.
 
     Args:
         defs: the Definitions (`assets.definitions.defs`, or one built for a test).
@@ -26,16 +33,38 @@ def materialize_all(
         run_config: overrides `sample_job`'s sample-sized config when given.
 
     Returns:
-        The results of every run, in order (each raises on failure).
+        The results of the runs launched, in order (each raises on failure).
     """
+    config = run_config or SAMPLE_CONFIG
+    staleness.observe_model(defs, instance)
     sources = defs.resolve_job_def("source_job")
+    source_keys = [dg.AssetKey(name) for name in SOURCE_ASSETS]
     results = [
-        sources.execute_in_process(partition_key=partition, instance=instance, run_config=QUIET)
-        for partition in source_partitions.get_partition_keys()
+        sources.execute_in_process(
+            partition_key=partition,
+            instance=instance,
+            run_config=QUIET,
+            tags=staleness.settings_tags(defs, source_keys, config),
+        )
+        for partition in staleness.stale_partitions(defs, instance, config)
     ]
-    stages = defs.resolve_job_def("sample_job")
-    config = {**(run_config or SAMPLE_CONFIG), **QUIET}
-    results.append(stages.execute_in_process(instance=instance, run_config=config))
+    # New source data reaches every stage; otherwise only what is stale and its downstream.
+    stages = (
+        [dg.AssetKey(name) for name in STAGE_ASSETS]
+        if results
+        else staleness.stale_stages(defs, instance, config)
+    )
+    if stages:
+        names = {key.path[-1] for key in stages}
+        ops = {name: op for name, op in config.get("ops", {}).items() if name in names}
+        results.append(
+            defs.resolve_job_def("sample_job").execute_in_process(
+                instance=instance,
+                asset_selection=stages,
+                run_config={"ops": ops, **QUIET},
+                tags=staleness.settings_tags(defs, stages, config),
+            )
+        )
     return results
 
 
@@ -50,16 +79,39 @@ def materialized_metadata(results: list[dg.ExecuteInProcessResult]) -> dict[str,
     return found
 
 
-def summary(results: list[dg.ExecuteInProcessResult], seconds: float) -> str:
-    """Pairs per stage, fill ratio, tokens saved, final training loss and reward accuracy."""
-    md = materialized_metadata(results)
+def current_metadata(instance: dg.DagsterInstance) -> dict[str, list[dict]]:
+    """Asset name -> the metadata of its latest materialization (one per source
+    partition), as plain values: what the UI shows now."""
+    found: dict[str, list[dict]] = {}
+    for name in (*SOURCE_ASSETS, *STAGE_ASSETS):
+        key = dg.AssetKey(name)
+        partitions = source_partitions.get_partition_keys() if name in SOURCE_ASSETS else [None]
+        for partition in partitions:
+            record = staleness.latest_materialization(instance, key, partition)
+            if record is not None:
+                metadata = record.asset_materialization.metadata
+                found.setdefault(name, []).append({k: v.value for k, v in metadata.items()})
+    return found
+
+
+def summary(
+    instance: dg.DagsterInstance, results: list[dg.ExecuteInProcessResult], seconds: float
+) -> str:
+    """What ran (or "everything up to date"), then pairs per stage, fill ratio, tokens
+    saved, final training loss and reward accuracy of the current materializations."""
+    if results:
+        ran = sorted({key.to_user_string() for r in results for key in _materialized(r)})
+        head = f"prefpack run finished in {seconds:.1f} s: {len(results)} runs ({', '.join(ran)})"
+    else:
+        head = f"prefpack run: {UP_TO_DATE}, no run launched ({seconds:.1f} s)"
+    md = current_metadata(instance)
     normalized = md["normalized_pairs"]
     curated = md["curated_pairs"][-1]
     tokenized = md["tokenized_pairs"][-1]
     packed = md["packed_shards"][-1]
     trained = md["trained_model"][-1]
     lines = [
-        f"prefpack run finished in {seconds:.1f} s",
+        head,
         f"  sources      {len(normalized)} sources, {sum(m['rows_in'] for m in normalized):,} rows in, "
         f"{sum(m['pairs_out'] for m in normalized):,} pairs, "
         f"{sum(m['quarantined'] for m in normalized):,} quarantined",
@@ -72,8 +124,12 @@ def summary(results: list[dg.ExecuteInProcessResult], seconds: float) -> str:
         f"({packed['prefix_sharing_saving']:.1%}), {'reused' if packed['reused'] else 'written'}",
         f"  trained      {trained['steps']} steps, loss {trained['loss']:.4f}, reward accuracy "
         f"{trained['rewards/accuracies']:.3f}, margin {trained['rewards/margins']:.4f}, "
-        f"{trained['pairs/s']:.1f} pairs/s ({'reused' if trained['reused'] else 'trained now'})",
+        f"{trained['pairs/s']:.1f} pairs/s ({'reused' if trained['reused'] else 'trained'})",
         f"  shards       {packed['path']}",
         f"  model        {trained['output']}",
     ]
     return "\n".join(lines)
+
+
+def _materialized(result: dg.ExecuteInProcessResult) -> list[dg.AssetKey]:
+    return [event.asset_key for event in result.get_asset_materialization_events()]

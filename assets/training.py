@@ -4,20 +4,33 @@ The Dagster process never imports torch: `reference_logps` runs `prefpack logps`
 `trained_model` runs `prefpack train` (under `torchrun` when more than one process is
 configured), which stream logs and final metrics back through Pipes. The same commands run
 by hand or on a cluster.
+
+Both results are stored under a content key (`assets.keys`) that is also their data
+version, and both depend on `base_model`, an observable source whose data version is the
+model's content fingerprint: new weights at the same path make them stale and give them a
+new key. Both commands get the `compute` resource's precision and device.
 """
 
-import hashlib
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import dagster as dg
 
 from assets.configs import ReferenceConfig, TrainingConfig
-from assets.resources import ModelResource, StoreResource
+from assets.keys import TRAINER_CODE_VERSION, compute_identity, content_key, model_fingerprint
+from assets.resources import ComputeResource, ModelResource, StoreResource
+from pipeline.io import atomic_file
 from training.report import materialization_metadata, summarize
 
-CODE_VERSION = "1"
+# Beside a finished run: what the trainer reported besides its metrics (backend, layout,
+# shard key, model), so that reusing the run shows what computing it showed.
+REPORTED = "reported.json"
+
+# Observable sources are beta in dagster 1.13; accepted here, as data versions are
+# (definitions.py), so importing this module does not warn.
+warnings.filterwarnings("ignore", category=dg.BetaWarning, message="Function `observable_source")
 
 
 def model_args(model: ModelResource) -> list[str]:
@@ -25,14 +38,6 @@ def model_args(model: ModelResource) -> list[str]:
     if model.path:
         return ["--model", model.path]
     return ["--config", model.config, "--init-seed", str(model.seed)]
-
-
-def model_label(model: ModelResource) -> str:
-    """A file-name-safe name of the configured model."""
-    if model.path:
-        digest = hashlib.sha256(str(Path(model.path).resolve()).encode()).hexdigest()[:8]
-        return f"{Path(model.path).name}-{digest}"
-    return f"{model.config}-seed{model.seed}"
 
 
 def prefpack_command(nproc: int = 1) -> list[str]:
@@ -65,21 +70,36 @@ def config_flags(values: dict) -> list[str]:
     return flags
 
 
+@dg.observable_source_asset(
+    group_name="training",
+    description="The policy's starting point, also the DPO reference: a Hugging Face folder "
+    "(fingerprinted by its weight files' bytes) or a named config and init seed. Observing it "
+    "marks the training assets stale when the weights changed, even at the same path.",
+)
+def base_model(model: ModelResource) -> dg.DataVersion:
+    return dg.DataVersion(model_fingerprint(model))
+
+
 @dg.asset(
     group_name="training",
-    code_version=CODE_VERSION,
+    code_version=TRAINER_CODE_VERSION,
+    deps=[base_model],
     description="Per-pair log-probs of chosen and rejected under the reference model (the "
-    "initial policy), computed once per model and shard key and reused by every run.",
+    "initial policy), computed once per shard key, model content, precision and device class "
+    "and reused by every run.",
 )
 def reference_logps(
     context: dg.AssetExecutionContext,
     config: ReferenceConfig,
     packed_shards: str,
     model: ModelResource,
+    compute: ComputeResource,
     store: StoreResource,
     pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.Output[str]:
-    out = store.path("reference", Path(packed_shards).name, model_label(model) + ".arrow")
+    shard_key = Path(packed_shards).name
+    key = content_key(shard_key, model, compute, reference=config.model_dump())
+    out = store.path("reference", shard_key, f"{key}-{compute.precision}.arrow")
     command = [
         *prefpack_command(),
         "logps",
@@ -88,18 +108,26 @@ def reference_logps(
         *model_args(model),
         "--out",
         str(out),
-        *config_flags({"batch_rows": config.batch_rows, "backend": config.backend}),
+        *config_flags(config.model_dump()),
+        *compute.flags(),
         "--no-progress",
     ]
     result = pipes_subprocess_client.run(context=context, command=command).get_materialize_result()
-    return dg.Output(str(out), metadata=result.metadata)
+    return dg.Output(
+        str(out),
+        data_version=dg.DataVersion(key),
+        metadata={**result.metadata, "key": key, **compute_identity(compute)},
+    )
 
 
 @dg.asset(
     group_name="training",
-    code_version=CODE_VERSION,
+    code_version=TRAINER_CODE_VERSION,
+    deps=[base_model],
     description="A DPO run on the packed shards (the compact trainer, through Dagster Pipes); "
-    "the final model is a Hugging Face folder with the shards' tokenizer.",
+    "the final model is a Hugging Face folder with the shards' tokenizer. Keyed by shards, "
+    "model content, reference, precision, device class and settings: a finished run with the "
+    "key is reused.",
 )
 def trained_model(
     context: dg.AssetExecutionContext,
@@ -107,40 +135,64 @@ def trained_model(
     packed_shards: str,
     reference_logps: str,
     model: ModelResource,
+    compute: ComputeResource,
     store: StoreResource,
     pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
-    # Every setting is in the run key: the process count changes the global batch.
-    run_key = hashlib.sha256(
-        json.dumps(
-            [Path(packed_shards).name, model_label(model), config.model_dump()], sort_keys=True
-        ).encode()
-    ).hexdigest()[:16]
     values = config.model_dump()
     nproc = values.pop("nproc_per_node")
     precompute = values.pop("precompute_reference")
-    out = store.path("models", run_key)
-    if (out / "final").exists():
+    reference = Path(reference_logps).name if precompute else None
+    # Every setting is in the key: the process count changes the global batch.
+    key = content_key(
+        Path(packed_shards).name, model, compute, reference=reference, training=config.model_dump()
+    )
+    out = store.path("models", key)
+    reused = (out / "final").is_dir() and (out / REPORTED).is_file()
+    if reused:
         # The same shards, model and settings trained before: the run is deterministic,
         # so its result is reused rather than recomputed.
         context.log.info(f"reusing the finished run {out}")
-        metadata = _typed(materialization_metadata(summarize(out)))
-        return dg.MaterializeResult(metadata={**metadata, "reused": True})
-    command = [
-        *prefpack_command(nproc),
-        "train",
-        "--shards",
-        packed_shards,
-        *model_args(model),
-        "--out",
-        str(out),
-        *(["--reference", reference_logps] if precompute else []),
-        *config_flags(values),
-        "--no-progress",
-    ]
-    context.log.info(" ".join(command))
-    result = pipes_subprocess_client.run(context=context, command=command).get_materialize_result()
-    return dg.MaterializeResult(metadata={**result.metadata, "reused": False})
+    else:
+        command = [
+            *prefpack_command(nproc),
+            "train",
+            "--shards",
+            packed_shards,
+            *model_args(model),
+            "--out",
+            str(out),
+            *(["--reference", reference_logps] if precompute else []),
+            *config_flags(values),
+            *compute.flags(),
+            "--no-progress",
+        ]
+        context.log.info(" ".join(command))
+        result = pipes_subprocess_client.run(context=context, command=command)
+        _save_reported(out, result.get_materialize_result())
+    metadata = _typed(materialization_metadata(summarize(out), _read_reported(out)))
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(key),
+        metadata={
+            **metadata,
+            "run_key": key,
+            "model_content": model_fingerprint(model),
+            **compute_identity(compute),
+            "reused": reused,
+        },
+    )
+
+
+def _save_reported(out: Path, result: dg.MaterializeResult) -> None:
+    """Keep the text entries of the trainer's report (those its metrics file cannot give)."""
+    extra = {k: v.value for k, v in result.metadata.items() if isinstance(v, dg.TextMetadataValue)}
+    with atomic_file(out / REPORTED) as tmp:
+        tmp.write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
+
+
+def _read_reported(out: Path) -> dict[str, str]:
+    """What `_save_reported` kept beside the run (the same on every reuse)."""
+    return json.loads((out / REPORTED).read_text())
 
 
 _METADATA_TYPES = {

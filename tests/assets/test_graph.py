@@ -1,10 +1,19 @@
-"""The whole graph materialized in process on fixtures: accounting across stages, reuse of
-the shards, a new key on a changed pack config, and a blocking check that stops the run."""
+"""The whole graph materialized in process on fixtures: accounting across stages, a second
+`materialize_all` that launches nothing, reuse of the shards (each file hashed once) and of
+the trained model (with the same metadata), a new key on a changed pack config, new weights
+at the same path that make training stale and retrain, and a blocking check that stops the
+run.
+
+One graph build is shared by the module (`built`): the tests run in file order on one
+instance and store, and the one that corrupts a shard comes last.
+"""
 
 from __future__ import annotations
 
 import copy
+import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import dagster as dg
@@ -16,9 +25,12 @@ from dagster._core.definitions.data_version import (
 )
 from dagster._core.loader import LoadingContextForTest
 
-from assets import packing
+import pipeline.shards
+import pipeline.tokenized
+from assets import packing, staleness
 from assets.definitions import ASSETS, build_definitions
-from assets.run import materialize_all, materialized_metadata, summary
+from assets.resources import ModelResource
+from assets.run import UP_TO_DATE, current_metadata, materialize_all, materialized_metadata, summary
 from tests.assets.conftest import TEST_CONFIG
 
 pytestmark = pytest.mark.slow
@@ -58,9 +70,30 @@ def _stage(defs: dg.Definitions, instance, selection, config=TEST_CONFIG, **kwar
     )
 
 
-@pytest.fixture
+def _hash_counts(monkeypatch: pytest.MonkeyPatch) -> Counter:
+    """Count the calls of the store's hashing function by `<stage>/<file>` (a temp
+    directory sits beside the final one, so the stage directory names the file)."""
+    calls: Counter = Counter()
+    real = pipeline.shards.sha256_file
+
+    def counting(path: Path) -> str:
+        calls[f"{Path(path).parent.parent.name}/{Path(path).name}"] += 1
+        return real(path)
+
+    monkeypatch.setattr(pipeline.shards, "sha256_file", counting)
+    monkeypatch.setattr(pipeline.tokenized, "sha256_file", counting)
+    return calls
+
+
+def _materialized_keys(results: list[dg.ExecuteInProcessResult]) -> set[str]:
+    return {
+        e.asset_key.to_user_string() for r in results for e in r.get_asset_materialization_events()
+    }
+
+
+@pytest.fixture(scope="module")
 def built(instance, resources):
-    """The whole graph, materialized once."""
+    """The whole graph, materialized once for the module."""
     defs = build_definitions(resources)
     results = materialize_all(defs, instance, run_config=TEST_CONFIG)
     return defs, results
@@ -89,20 +122,40 @@ def test_whole_graph_accounts_for_every_row(built, instance) -> None:
     assert trained["steps"] == TEST_CONFIG["ops"]["trained_model"]["config"]["steps"]
     assert trained["loss"] == pytest.approx(trained["loss"])  # a number, not NaN
     assert Path(trained["output"], "config.json").is_file()
-    text = summary(results, seconds=1.0)  # what `prefpack run` prints
+    for key in ("backend", "layout", "shard_key", "model", "run_key", "precision", "device"):
+        assert trained[key], key  # what the trainer reported, and the key it ran under
+    text = summary(instance, results, seconds=1.0)  # what `prefpack run` prints
     assert f"{curated['rows_out']:,} pairs" in text and f"loss {trained['loss']:.4f}" in text
+    assert UP_TO_DATE not in text
     checks = [c for r in results for c in r.get_asset_check_evaluations()]
     assert checks and all(c.passed for c in checks), [c.check_name for c in checks if not c.passed]
 
 
-def test_second_materialization_reuses_shards(built, instance) -> None:
+def test_second_materialize_all_launches_nothing(built, instance) -> None:
+    """Nothing changed: no run, no new history on any asset, and the summary says so."""
+    defs, _ = built
+    runs = len(instance.get_run_records())
+    history = current_metadata(instance)
+    results = materialize_all(defs, instance, run_config=TEST_CONFIG)
+    assert results == []
+    assert len(instance.get_run_records()) == runs
+    assert current_metadata(instance) == history
+    assert UP_TO_DATE in summary(instance, results, seconds=0.1).splitlines()[0]
+
+
+def test_second_materialization_reuses_shards(built, instance, monkeypatch) -> None:
     defs, results = built
     shard_dir = materialized_metadata(results)["packed_shards"][0]["path"]
     before_files = _files(shard_dir)
     before_version = _data_version(instance, "packed_shards")
 
     first = materialized_metadata(results)
+    hashed = _hash_counts(monkeypatch)
     again = materialized_metadata([_stage(defs, instance, ["tokenized_pairs", "packed_shards"])])
+    # Each file once: the curated pairs for the tokenized key, the tokenized files when
+    # that directory is reused, the shards when they are; the checks read none again.
+    assert {"shards/shard-00000.arrow", "tokenized/tokenized.parquet"} <= set(hashed)
+    assert set(hashed.values()) == {1}, hashed
     packed = again["packed_shards"][0]
     assert packed["reused"] is True
     assert packed["path"] == shard_dir
@@ -113,22 +166,50 @@ def test_second_materialization_reuses_shards(built, instance) -> None:
     # Downstream: the same log-probs file and the finished run are reused, not recomputed.
     again = materialized_metadata([_stage(defs, instance, ["reference_logps", "trained_model"])])
     assert again["reference_logps"][0]["reused"] is True
-    assert again["trained_model"][0]["reused"] is True
-    assert again["trained_model"][0]["loss"] == first["trained_model"][0]["loss"]
+    trained, computed = again["trained_model"][0], first["trained_model"][0]
+    assert trained["reused"] is True
+    # A reused run shows what computing it showed, from the files beside it.
+    assert set(trained) == set(computed)
+    assert {k: v for k, v in trained.items() if k != "reused"} == {
+        k: v for k, v in computed.items() if k != "reused"
+    }
 
 
-def test_changed_max_len_makes_a_new_key_and_keeps_tokens(built, instance) -> None:
+def test_changed_max_len_makes_a_new_key_and_keeps_tokens(built, instance, monkeypatch) -> None:
+    """Repacking reads the tokenized pairs as they are (no retokenizing), hashing each
+    tokenized file once to check it and each new shard file once as it is written."""
     defs, results = built
     first = materialized_metadata(results)
     config = copy.deepcopy(TEST_CONFIG)
     config["ops"]["packed_shards"]["config"]["max_len"] = 384
-    again = _stage(defs, instance, ["tokenized_pairs", "packed_shards"], config)
-    md = materialized_metadata([again])
-    assert md["tokenized_pairs"][0]["reused"] is True  # retokenizing is not needed
+    hashed = _hash_counts(monkeypatch)
+    md = materialized_metadata([_stage(defs, instance, ["packed_shards"], config)])
+    assert {"shards/shard-00000.arrow", "tokenized/tokenized.parquet"} <= set(hashed)
+    assert set(hashed.values()) == {1}, hashed
     assert md["packed_shards"][0]["key"] != first["packed_shards"][0]["key"]
     assert md["packed_shards"][0]["reused"] is False
     assert _data_version(instance, "packed_shards") == md["packed_shards"][0]["key"]
     assert _status(instance, defs, "trained_model") == StaleStatus.STALE  # needs a new run
+
+
+def test_materialize_all_runs_what_changed_and_downstream(built, instance) -> None:
+    """After the hand-run stages above (other settings, untagged), one run brings back
+    the configured graph: packing and what depends on it, the first run's model reused;
+    the sources and curation are left alone."""
+    defs, results = built
+    first = materialized_metadata(results)
+    runs = len(instance.get_run_records())
+    again = materialize_all(defs, instance, run_config=TEST_CONFIG)
+    assert len(again) == 1 and len(instance.get_run_records()) == runs + 1
+    assert _materialized_keys(again) == {
+        "tokenized_pairs",
+        "packed_shards",
+        "reference_logps",
+        "trained_model",
+    }
+    trained = materialized_metadata(again)["trained_model"][0]
+    assert trained["reused"] is True and trained["run_key"] == first["trained_model"][0]["run_key"]
+    assert materialize_all(defs, instance, run_config=TEST_CONFIG) == []
 
 
 def test_training_with_two_processes_runs_torchrun_through_pipes(built, instance) -> None:
@@ -148,18 +229,58 @@ def test_training_with_two_processes_runs_torchrun_through_pipes(built, instance
     assert trained["loss"] == pytest.approx(single["loss"], rel=1e-5)
 
 
+def _nudge_weights(folder: Path) -> None:
+    """Change the lowest byte of the first float32 weight in model.safetensors, in place
+    (same path, same size: a different model the path alone cannot tell apart)."""
+    file = folder / "model.safetensors"
+    data = bytearray(file.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    begin = min(t["data_offsets"][0] for k, t in header.items() if k != "__metadata__")
+    data[8 + header_len + begin] ^= 0x01
+    file.write_bytes(bytes(data))
+
+
+def test_new_weights_at_the_same_path_make_training_stale_and_retrain(
+    built, instance, resources, tmp_path
+) -> None:
+    """A checkpoint folder as the model: edited weights at the same path are observed as a
+    new base_model version, the training assets show stale before anything runs, and the
+    next run computes new reference log-probs and trains under a new run key."""
+    _, results = built
+    folder = tmp_path / "policy"
+    folder.mkdir()
+    exported = Path(materialized_metadata(results)["trained_model"][0]["output"])
+    for file in exported.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    defs = build_definitions({**resources, "model": ModelResource(path=str(folder))})
+    first = materialized_metadata(materialize_all(defs, instance, run_config=TEST_CONFIG))
+    assert set(first) == {"reference_logps", "trained_model"}  # the data stages are fresh
+
+    _nudge_weights(folder)
+    assert staleness.observe_model(defs, instance) is True
+    assert _status(instance, defs, "reference_logps") == StaleStatus.STALE
+    assert _status(instance, defs, "trained_model") == StaleStatus.STALE
+    again = materialized_metadata(materialize_all(defs, instance, run_config=TEST_CONFIG))
+    assert set(again) == {"reference_logps", "trained_model"}
+    trained, before = again["trained_model"][0], first["trained_model"][0]
+    assert trained["reused"] is False and trained["run_key"] != before["run_key"]
+    assert trained["model_content"] != before["model_content"]
+    assert again["reference_logps"][0]["path"] != first["reference_logps"][0]["path"]
+    assert _status(instance, defs, "trained_model") == StaleStatus.FRESH
+
+
 def test_failing_blocking_check_stops_downstream(built, instance, monkeypatch) -> None:
-    """A shard corrupted after writing fails check_shards_verified; training never runs."""
+    """A shard cut short after the build fails check_shards_verified; training never
+    runs. (Last: it leaves a damaged shard directory in the module's store.)"""
     defs, _ = built
     real_build = packing.build_shards
 
     def build_then_corrupt(*args, **kwargs):
         result = real_build(*args, **kwargs)
         shard = sorted(result.directory.glob("*.arrow"))[0]
-        data = bytearray(shard.read_bytes())
-        data[len(data) // 2] ^= 0xFF
         os.chmod(shard, 0o644)
-        shard.write_bytes(bytes(data))
+        shard.write_bytes(shard.read_bytes()[:-1])
         return result
 
     monkeypatch.setattr(packing, "build_shards", build_then_corrupt)

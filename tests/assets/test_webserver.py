@@ -57,7 +57,7 @@ def test_ui_serves_graph_and_runs_packing(tmp_path) -> None:
             for n in nodes
         }
         assert edges["packed_shards"] == {"tokenized_pairs"}
-        assert edges["trained_model"] == {"packed_shards", "reference_logps"}
+        assert edges["trained_model"] == {"base_model", "packed_shards", "reference_logps"}
 
         params = {
             "selector": {

@@ -1,0 +1,134 @@
+"""Content keys of the training assets, and the flags `reference_logps` launches with.
+
+Fast: no graph, no subprocess. `reference_logps` runs against a Pipes client that records
+the command instead of running it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from assets import keys
+from assets.configs import ReferenceConfig
+from assets.keys import content_key, device_class, model_fingerprint, weights_fingerprint
+from assets.resources import ComputeResource, ModelResource, StoreResource
+from assets.training import reference_logps
+
+SHARD_KEY = "0123456789abcdef0123"
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    """A Hugging Face folder as the fingerprint sees it: config.json and weights."""
+    folder = tmp_path / "policy"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"hidden_size": 8}')
+    (folder / "model.safetensors").write_bytes(bytes(range(64)))
+    (folder / "tokenizer.json").write_text("{}")  # not weights: not fingerprinted
+    return folder
+
+
+def test_new_weights_at_the_same_path_change_the_fingerprint_and_keys(checkpoint) -> None:
+    model = ModelResource(path=str(checkpoint))
+    compute = ComputeResource()
+    before = model_fingerprint(model), content_key(SHARD_KEY, model, compute)
+    (checkpoint / "tokenizer.json").write_text('{"edited": true}')
+    assert (model_fingerprint(model), content_key(SHARD_KEY, model, compute)) == before
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(bytes(reversed(range(64))))  # same path, same size
+    after = model_fingerprint(model), content_key(SHARD_KEY, model, compute)
+    assert after[0] != before[0] and after[1] != before[1]
+
+
+def test_fingerprint_reads_an_untouched_folder_once(checkpoint, monkeypatch) -> None:
+    opened: list[str] = []
+    real_open = Path.open
+
+    def counting_open(self: Path, *args, **kwargs):
+        opened.append(self.name)
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", counting_open)
+    first = weights_fingerprint(checkpoint)
+    assert sorted(opened) == ["config.json", "model.safetensors"]
+    assert weights_fingerprint(checkpoint) == first
+    assert len(opened) == 2  # the second answer came from (size, mtime_ns), not the bytes
+
+
+def test_a_named_config_is_keyed_by_name_and_seed() -> None:
+    base = model_fingerprint(ModelResource(config="tiny", seed=0))
+    assert model_fingerprint(ModelResource(config="tiny", seed=0)) == base
+    assert model_fingerprint(ModelResource(config="tiny", seed=1)) != base
+    assert model_fingerprint(ModelResource(config="small", seed=0)) != base
+
+
+def test_keys_change_with_precision_device_class_and_trainer_version(monkeypatch) -> None:
+    model = ModelResource()
+    key = content_key(SHARD_KEY, model, ComputeResource(precision="fp32", device="cpu"))
+    assert content_key(SHARD_KEY, model, ComputeResource(precision="bf16", device="cpu")) != key
+    assert content_key(SHARD_KEY, model, ComputeResource(precision="fp32", device="cuda")) != key
+    # The device's index is not its class: cuda:0 and cuda:1 compute the same numbers.
+    assert content_key(SHARD_KEY, model, ComputeResource(device="cuda:1")) == content_key(
+        SHARD_KEY, model, ComputeResource(device="cuda:0")
+    )
+    monkeypatch.setattr(keys, "TRAINER_CODE_VERSION", keys.TRAINER_CODE_VERSION + "+1")
+    assert content_key(SHARD_KEY, model, ComputeResource(device="cpu")) != key
+
+
+def test_auto_device_class_follows_the_visible_gpus(tmp_path, monkeypatch) -> None:
+    gpus = tmp_path / "gpus"
+    gpus.mkdir()
+    monkeypatch.setattr(keys, "NVIDIA_GPUS", gpus)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert device_class("auto") == "cpu"  # a driver without GPUs
+    (gpus / "0000:01:00.0").mkdir()
+    assert device_class("auto") == "cuda"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert device_class("auto") == "cpu"  # hidden from this process
+    assert device_class("cpu") == "cpu" and device_class("cuda:3") == "cuda"
+
+
+class RecordingPipes(dg.PipesSubprocessClient):
+    """A Pipes client that records each command and reports an empty materialization."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.commands: list[list[str]] = []
+
+    def run(self, *, context, command, **kwargs):
+        self.commands.append(list(command))
+        return self
+
+    def get_materialize_result(self) -> dg.MaterializeResult:
+        return dg.MaterializeResult(metadata={})
+
+
+def _reference(tmp_path: Path, compute: ComputeResource) -> tuple[list[str], dg.Output]:
+    """Run the reference_logps asset with a recording client: (command, output)."""
+    pipes = RecordingPipes()
+    output = reference_logps(
+        context=dg.build_asset_context(),
+        config=ReferenceConfig(),
+        packed_shards=str(tmp_path / "shards" / SHARD_KEY),
+        model=ModelResource(),
+        compute=compute,
+        store=StoreResource(root=str(tmp_path / "store")),
+        pipes_subprocess_client=pipes,
+    )
+    return pipes.commands[0], output
+
+
+def test_reference_logps_runs_in_the_training_precision_under_its_own_path(tmp_path) -> None:
+    fp32_command, fp32 = _reference(tmp_path, ComputeResource(precision="fp32", device="cpu"))
+    bf16_command, bf16 = _reference(tmp_path, ComputeResource(precision="bf16", device="cuda"))
+    flags = bf16_command[bf16_command.index("logps") :]
+    assert flags[flags.index("--precision") + 1] == "bf16"
+    assert flags[flags.index("--device") + 1] == "cuda"
+    assert fp32_command[fp32_command.index("--precision") + 1] == "fp32"
+    assert fp32.value != bf16.value and Path(bf16.value).name.endswith("-bf16.arrow")
+    assert fp32.data_version != bf16.data_version
+    assert bf16.metadata["precision"].value == "bf16"
+    assert bf16.metadata["device"].value == "cuda"
