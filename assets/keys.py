@@ -17,11 +17,12 @@ import os
 from pathlib import Path
 
 from assets.resources import ComputeResource, ModelResource
+from training.train_config import REFERENCE_VERSION, TRAINER_VERSION
 
-# Bump when `prefpack train` / `prefpack logps` would compute other numbers from the same
-# inputs (a loss, a kernel, an initialisation): every trained model and reference file
-# then gets a new key, and the training assets' code version changes with it.
-TRAINER_CODE_VERSION = "1"
+# The trainer's and the reference code's versions (training/train_config.py): a bump gives
+# every trained model and reference file a new key and the training assets a new code
+# version.
+TRAINER_CODE_VERSION = f"train{TRAINER_VERSION}-ref{REFERENCE_VERSION}"
 
 WEIGHT_PATTERNS = ("config.json", "*.safetensors")  # what a checkpoint's numbers are read from
 NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # one entry per GPU the driver sees

@@ -40,10 +40,7 @@ from training.device import Precision, autocast, check_precision, resolve_backen
 from training.logps import pair_logps
 from training.losses import PairLogps
 from training.parallel import is_distributed, is_sharded
-
-# Bumped whenever the numbers of `compute_reference_logps` change (log-prob code, the
-# reduction, the stored dtype): files of another version are refused, never reused.
-REFERENCE_VERSION = "1"
+from training.train_config import REFERENCE_VERSION
 
 
 @dataclass(frozen=True)

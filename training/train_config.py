@@ -24,6 +24,12 @@ PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 LossName = Literal["sigmoid", "robust", "ipo", "hinge"]  # training/losses.py `LOSSES`
 LOSS_NAMES: tuple[LossName, ...] = get_args(LossName)
 ExportDtype = Literal["float32", "bfloat16"]
+# Bumped whenever the numbers of `compute_reference_logps` change (log-prob code, the
+# reduction, the stored dtype): stored reference files of another version are refused.
+REFERENCE_VERSION = "1"
+# Bumped when `prefpack train` would compute other numbers from the same inputs (a loss, a
+# kernel, an initialisation). Here, torch-free, so the Dagster keys can include both.
+TRAINER_VERSION = "1"
 DEFAULT_WARMUP_STEPS = 10  # clamped to `steps` when `warmup_steps` is not given
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
