@@ -668,4 +668,8 @@ def train(
         return export(run, tokenizer)
     finally:
         if run.own_process_group:
+            # DDP's reducer must go while the process group is still registered: freed
+            # after it, the reducer runs gloo's blocking destructor with the GIL held,
+            # which deadlocks against gloo's worker threads (seen in 1 of ~10 runs).
+            run.policy = run.ref_model = None
             dist.destroy_process_group()
