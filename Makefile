@@ -9,12 +9,12 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch first and pinned: the CPU build on this machine's disk (a plain `torch` pulls CUDA).
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# torch first, as locked: the CPU build on this machine's disk (a plain `torch` pulls CUDA).
+	$(BIN)/python -m pip install --quiet -c constraints.txt torch
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 run: venv
@@ -32,7 +32,7 @@ test: lint
 	$(BIN)/python -m pytest
 
 bench: venv
-	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'  # trl for benchmarks.vs_trl only
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,bench]'  # trl: vs_trl only
 	$(BIN)/python -m benchmarks.normalize_curate
 	$(BIN)/python -m benchmarks.pack
 	$(BIN)/python -m benchmarks.train

@@ -7,6 +7,7 @@ import pyarrow.compute as pc
 from assets import checks
 from assets.configs import CurationConfig
 from assets.metadata import count_table, histogram, records_table
+from assets.plots import funnel_plot
 from assets.resources import StoreResource
 from pipeline.curate import CurateConfig, curate, load_eval_prompts, read_pairs, write_curated
 from pipeline.flags import config_from_dagster
@@ -60,6 +61,7 @@ def curated_pairs(
             "funnel": count_table(
                 {**report["dropped"], "kept": report["rows_out"]}, total=report["rows_in"]
             ),
+            "funnel_plot": funnel_plot(report["dropped"], kept=report["rows_out"]),
             "by_source": records_table(
                 [{"source": s, **counts} for s, counts in report["sources"].items()]
             ),

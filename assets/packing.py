@@ -7,11 +7,15 @@ nothing; the key is each asset's data version, so downstream stays in sync.
 """
 
 import dagster as dg
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from assets import checks
 from assets.configs import PackingConfig, TokenizationConfig
 from assets.metadata import binned, count_table, records_table
+from assets.plots import fill_plot, length_plot
 from assets.resources import StoreResource, TokenizerResource
 from pipeline.flags import config_from_dagster
 from pipeline.io import pairs_path
@@ -87,6 +91,7 @@ def tokenized_pairs(
                 f"{part}_length_histogram": binned(histograms["edges"], histograms[part], "tokens")
                 for part in ("prompt", "chosen", "rejected", "pair")
             },
+            "length_plot": length_plot(histograms),
         },
     )
     yield checks.check_tokenize_accounting(report, pq.read_metadata(pairs).num_rows)
@@ -136,6 +141,7 @@ def packed_shards(
             "dropped_by_reason": count_table(stats["dropped"], total=stats["pairs_in"]),
             "tokens_by_layout": count_table(stats["tokens_by_layout"], key="layout"),
             "pair_length_histogram": binned(histogram["edges"], histogram["counts"], "pair tokens"),
+            "fill_plot": _fill_plot(result),
         },
     )
     # Each file is hashed once per materialization, by build_shards: the shards when it
@@ -146,3 +152,21 @@ def packed_shards(
         manifest, read_tokenized(tokenized_pairs, verify=False)["stats"]["pairs_out"]
     )
     yield checks.check_fill_ratio(manifest, config.min_fill_ratio)
+
+
+def _fill_plot(result: ShardResult) -> dg.MetadataValue:
+    """Row fill from the memory-mapped `input_ids` offsets only (`open_shards` would hash
+    the tokenizer files a second time). A shard that does not read is left to
+    check_shards_verified to report, rather than failing the asset here."""
+    try:
+        lengths = [
+            pc.list_value_length(
+                pa.ipc.open_stream(pa.memory_map(str(result.directory / shard["file"])))
+                .read_all()
+                .column("input_ids")
+            ).to_numpy()
+            for shard in result.manifest["shards"]
+        ]
+    except (OSError, pa.ArrowInvalid) as err:
+        return dg.MetadataValue.md(f"(row fill: not plotted, a shard does not read: {err})")
+    return fill_plot(np.concatenate([np.zeros(0, np.int64), *lengths]), result.manifest["max_len"])

@@ -20,6 +20,7 @@ import dagster as dg
 
 from assets.configs import ReferenceConfig, TrainingConfig
 from assets.keys import TRAINER_CODE_VERSION, compute_identity, content_key, model_fingerprint
+from assets.plots import loss_plot
 from assets.resources import ComputeResource, ModelResource, StoreResource
 from pipeline.io import atomic_file
 from training.report import materialization_metadata, summarize
@@ -167,10 +168,11 @@ def trained_model(
             *compute.flags(),
             "--no-progress",
         ]
-        context.log.info(" ".join(command))
+        context.log.debug(" ".join(command))
         result = pipes_subprocess_client.run(context=context, command=command)
         _save_reported(out, result.get_materialize_result())
-    metadata = _typed(materialization_metadata(summarize(out), _read_reported(out)))
+    summary = summarize(out)
+    metadata = _typed(materialization_metadata(summary, _read_reported(out)))
     return dg.MaterializeResult(
         data_version=dg.DataVersion(key),
         metadata={
@@ -179,6 +181,7 @@ def trained_model(
             "model_content": model_fingerprint(model),
             **compute_identity(compute),
             "reused": reused,
+            "loss_plot": loss_plot(summary.curve),
         },
     )
 

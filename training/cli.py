@@ -331,8 +331,9 @@ def _train(args: argparse.Namespace) -> int:
         )
         if rank == 0:
             summary = summarize(config.out_dir)
-            print(format_summary(summary))
-            if reporter is not None:
+            if reporter is None:  # under Pipes, Dagster shows the summary (one summary)
+                print(format_summary(summary))
+            else:
                 reporter.materialize(
                     summary,
                     extra={
@@ -402,6 +403,6 @@ def _logps(args: argparse.Namespace) -> int:
             pipes.report_asset_materialization(
                 metadata=reference_metadata(args.out, table, key, reused)
             )
-    if rank == 0:
+    if rank == 0 and pipes is None:  # under Pipes, the materialization names the file
         print(args.out)
     return 0

@@ -1,0 +1,146 @@
+"""PNG plots for the Dagster UI, as markdown metadata holding a data-URI image.
+
+The UI renders markdown metadata through react-markdown with rehype-sanitize, whose schema
+in Dagster's `ui-core/src/ui/MarkdownWithPlugins.tsx` adds `data` to the protocols allowed
+in `img src`, so `![title](data:image/png;base64,...)` shows as an image (entries over
+1,000 characters open from a "[Show Markdown]" button). No image file has to be served.
+
+Figures use the object API (`matplotlib.figure.Figure` on an Agg canvas), not pyplot, so
+no global state is touched from Dagster's threads. A fixed pixel size and a PNG without
+text or time chunks make the bytes a function of the input only: the same data gives the
+same metadata on every materialization.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import itertools
+from collections.abc import Mapping, Sequence
+
+import dagster as dg
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+
+DPI = 100
+SIZE = (640, 320)  # pixels, width x height
+TALL = (640, 480)  # the three stacked axes of the loss plot
+COLORS = {"prompt": "#4c72b0", "chosen": "#55a868", "rejected": "#c44e52"}
+
+
+def loss_plot(curve: Sequence[tuple[int, float, float, float]]) -> dg.MetadataValue:
+    """Loss, reward accuracy and reward margin at every logged step (`RunSummary.curve`),
+    one axis each, so the whole run shows rather than a thinned table."""
+    if not curve:
+        return _placeholder("training curve", "0 steps")
+    steps, loss, accuracy, margin = np.asarray(curve, dtype=float).T
+    fig = _figure(TALL)
+    axes = fig.subplots(3, 1, sharex=True)
+    for ax, values, label in zip(
+        axes, (loss, accuracy, margin), ("loss", "reward accuracy", "reward margin"), strict=True
+    ):
+        ax.plot(
+            steps, values, color="#4c72b0", linewidth=1.2, marker="." if len(steps) < 50 else ""
+        )
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].set_ylim(-0.05, 1.05)
+    axes[-1].set_xlabel("step")
+    fig.suptitle(f"DPO training, {len(steps)} steps")
+    return _image(fig, "training curve")
+
+
+def length_plot(histograms: Mapping[str, Sequence[float]]) -> dg.MetadataValue:
+    """Token-length distributions of prompt, chosen and rejected side by side, from the
+    tokenize report's `length_histograms` (power-of-two `edges`, counts per part)."""
+    edges = list(histograms["edges"])
+    parts = ("prompt", "chosen", "rejected")
+    if not any(sum(histograms[p]) for p in parts):
+        return _placeholder("token lengths", "0 pairs")
+    fig = _figure(SIZE)
+    ax = fig.subplots()
+    x = np.arange(len(edges) - 1)
+    width = 0.8 / len(parts)
+    for i, part in enumerate(parts):
+        ax.bar(x + (i - 1) * width, histograms[part], width, label=part, color=COLORS[part])
+    ax.set_xticks(x, [f"{lo:g}–{hi:g}" for lo, hi in itertools.pairwise(edges)])
+    ax.tick_params(axis="x", labelsize=8)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("pairs")
+    ax.legend()
+    ax.set_title("token lengths")
+    return _image(fig, "token lengths")
+
+
+def fill_plot(row_tokens: np.ndarray, max_len: int) -> dg.MetadataValue:
+    """How full the packed rows are (tokens per row / max_len): the mean alone hides a tail
+    of nearly empty rows, which cost a whole row of compute each."""
+    row_tokens = np.asarray(row_tokens)
+    if row_tokens.size == 0:
+        return _placeholder("row fill", "0 rows")
+    fill = row_tokens / max_len
+    fig = _figure(SIZE)
+    ax = fig.subplots()
+    ax.hist(fill, bins=np.linspace(0, 1, 21), color="#4c72b0", edgecolor="white")
+    ax.axvline(fill.mean(), color="#c44e52", linestyle="--", label=f"mean {fill.mean():.1%}")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(f"fill (tokens per row / max_len {max_len})")
+    ax.set_ylabel("rows")
+    ax.legend(loc="upper left")
+    ax.set_title(f"row fill, {row_tokens.size:,} rows")
+    return _image(fig, "row fill")
+
+
+def funnel_plot(dropped: Mapping[str, int], kept: int) -> dg.MetadataValue:
+    """The curation funnel as horizontal bars: pairs kept, then pairs dropped by each rule,
+    largest first, so the rule that costs most data stands out."""
+    rows_in = kept + sum(dropped.values())
+    if rows_in == 0:
+        return _placeholder("curation funnel", "0 rows")
+    drops = sorted(dropped.items(), key=lambda kv: (-kv[1], kv[0]))
+    labels = ["kept", *(name for name, _ in drops)]
+    counts = [kept, *(n for _, n in drops)]
+    fig = _figure(SIZE)
+    ax = fig.subplots()
+    y = np.arange(len(labels))
+    ax.barh(y, counts, color=["#55a868"] + ["#c44e52"] * len(drops))
+    for i, n in enumerate(counts):
+        ax.annotate(
+            f"{n:,} ({n / rows_in:.1%})",
+            (n, i),
+            xytext=(3, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=8,
+        )
+    ax.set_yticks(y, labels)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(counts) * 1.25 or 1)
+    ax.set_xlabel("pairs")
+    ax.set_title(f"curation funnel, {rows_in:,} pairs in")
+    return _image(fig, "curation funnel")
+
+
+def _figure(size: tuple[int, int]) -> Figure:
+    """A figure of exactly `size` pixels at `DPI` (constrained layout keeps labels inside)."""
+    return Figure(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI, layout="constrained")
+
+
+def _image(fig: Figure, title: str) -> dg.MetadataValue:
+    """The figure as a PNG in a markdown image. Rendered at its own pixel size, then cut to
+    64 colors (antialiased lines over thousands of steps otherwise take over 60 KB); Pillow
+    writes no `Software` or time chunk, so the bytes depend on the pixels only."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    pixels = Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba())
+    buffer = io.BytesIO()
+    pixels.convert("RGB").quantize(64).save(buffer, format="png", optimize=True)
+    encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return dg.MetadataValue.md(f"![{title}](data:image/png;base64,{encoded})")
+
+
+def _placeholder(title: str, why: str) -> dg.MetadataValue:
+    """What an empty input shows instead of an empty plot."""
+    return dg.MetadataValue.md(f"({title}: nothing to plot, {why})")

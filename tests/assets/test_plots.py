@@ -1,0 +1,69 @@
+"""The UI's plots: each is a markdown image whose data URI holds a PNG of a fixed size, the
+same bytes for the same input, and a text placeholder for an empty input."""
+
+import base64
+import re
+import struct
+
+import numpy as np
+import pytest
+
+from assets import plots
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CURVE = [(s, 0.69 - 0.01 * s, min(1.0, 0.5 + 0.05 * s), 0.02 * s) for s in range(1, 31)]
+HISTOGRAMS = {
+    "edges": [0, 16, 32, 64, 128],
+    "prompt": [3, 10, 5, 1],
+    "chosen": [1, 8, 9, 2],
+    "rejected": [2, 9, 7, 2],
+    "pair": [0, 1, 12, 7],
+}
+ROW_TOKENS = np.array([512, 500, 480, 300, 64, 511])
+DROPPED = {"dedup": 7, "ties": 3, "too_long": 0, "contamination": 1}
+
+CASES = {
+    "loss": (lambda: plots.loss_plot(CURVE), plots.TALL),
+    "length": (lambda: plots.length_plot(HISTOGRAMS), plots.SIZE),
+    "fill": (lambda: plots.fill_plot(ROW_TOKENS, 512), plots.SIZE),
+    "funnel": (lambda: plots.funnel_plot(DROPPED, kept=40), plots.SIZE),
+}
+
+
+def png_bytes(value) -> bytes:
+    """The PNG inside a `![title](data:image/png;base64,...)` markdown value."""
+    match = re.fullmatch(r"!\[[^\]]+\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", value.md_str)
+    assert match, value.md_str[:80]
+    return base64.b64decode(match.group(1), validate=True)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_plot_is_a_png_of_the_expected_size(name):
+    make, (width, height) = CASES[name]
+    png = png_bytes(make())
+    assert png[:8] == PNG_SIGNATURE
+    assert png[12:16] == b"IHDR"  # the first chunk, after its 4-byte length
+    assert struct.unpack(">II", png[16:24]) == (width, height)
+    assert b"Software" not in png and b"tIME" not in png
+    assert len(png) < 60_000
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_same_input_same_bytes(name):
+    make, _ = CASES[name]
+    assert make().md_str == make().md_str
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        plots.loss_plot([]),
+        plots.length_plot({**HISTOGRAMS, **{p: [0, 0, 0, 0] for p in HISTOGRAMS if p != "edges"}}),
+        plots.fill_plot(np.zeros(0, np.int64), 512),
+        plots.funnel_plot({"dedup": 0}, kept=0),
+    ],
+    ids=["loss", "length", "fill", "funnel"],
+)
+def test_empty_input_gives_a_placeholder(value):
+    assert value.md_str.startswith("(") and "nothing to plot" in value.md_str
+    assert "data:image" not in value.md_str
