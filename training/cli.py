@@ -59,6 +59,8 @@ TRAIN_FLAG_GROUPS: dict[str, tuple[str, ...]] = {
     ),
     "outputs": ("checkpoint_every", "export_dtype", "progress"),
 }
+# At or below this peak learning rate a run only fine-tunes: a random init learns nothing.
+FINE_TUNING_LR = 1e-5
 # The TrainConfig fields that `prefpack logps` takes as flags too.
 LOGPS_FIELDS = ("backend", "precision", "device", "parallel", "logits_chunk", "progress")
 
@@ -309,6 +311,12 @@ def _train(args: argparse.Namespace) -> int:
 
     config = train_config(args)
     rank = _rank()
+    if rank == 0 and args.config is not None and config.lr <= FINE_TUNING_LR:
+        print(
+            f"hint: --lr {config.lr:g} is a fine-tuning rate; a randomly initialised "
+            f"--config {args.config} model barely moves at it (try --lr 1e-3)",
+            file=sys.stderr,
+        )
     # Pipes first, so that Dagster also hears of a run that fails its checks.
     with pipes_reporter(config.steps) as reporter, _process_group(config.device):
         check_config(config, resolve_device(config.device))

@@ -417,6 +417,16 @@ def test_a_diverging_run_stops_without_final(tiny_shards: Path, tmp_path: Path, 
     assert last["loss"] is None or last["grad_norm"] is None
 
 
+def test_a_fine_tuning_lr_on_a_random_init_gets_a_hint(
+    tiny_shards: Path, tmp_path: Path, cli
+) -> None:
+    status, err = cli(_train_argv(tiny_shards, tmp_path / "quiet", "--steps", "1"))
+    assert status == 0 and "hint:" not in err  # --lr 1e-3 in _train_argv
+    status, err = cli(_train_argv(tiny_shards, tmp_path / "run", "--lr", "5e-7", "--steps", "1"))
+    assert status == 0, err
+    assert "hint: --lr 5e-07 is a fine-tuning rate" in err and "--config tiny" in err
+
+
 def test_batch_rows_beyond_the_data_are_clamped(tiny_shards: Path, tmp_path: Path, cli) -> None:
     status, err = cli(_train_argv(tiny_shards, tmp_path / "run", "--batch-rows", "100000"))
     assert status == 0, err
