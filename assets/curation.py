@@ -10,7 +10,7 @@ from assets.metadata import count_table, histogram, records_table
 from assets.plots import funnel_plot
 from assets.resources import StoreResource
 from pipeline.curate import CurateConfig, curate, load_eval_prompts, read_pairs, write_curated
-from pipeline.flags import config_from_dagster
+from pipeline.flags import config_from
 from pipeline.sample_data import eval_prompts_path
 
 CODE_VERSION = "1"
@@ -41,7 +41,7 @@ def curated_pairs(
     pairs = read_pairs(dirs)
     eval_file = config.eval_prompts or str(eval_prompts_path())
     eval_prompts = load_eval_prompts(eval_file) if config.use_eval_prompts else None
-    result = curate(pairs, config_from_dagster(config, CurateConfig), eval_prompts)
+    result = curate(pairs, config_from(CurateConfig, config), eval_prompts)
     out = write_curated(result, store.path("curated"))
     report = result.report
     kept = result.pairs

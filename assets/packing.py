@@ -17,7 +17,7 @@ from assets.configs import PackingConfig, TokenizationConfig
 from assets.metadata import binned, count_table, records_table
 from assets.plots import fill_plot, length_plot
 from assets.resources import StoreResource, TokenizerResource
-from pipeline.flags import config_from_dagster
+from pipeline.flags import config_from
 from pipeline.io import pairs_path
 from pipeline.pack import PackConfig, ShardResult, build_shards, truncation_warning
 from pipeline.tokenized import TokenizeConfig, TokenizedResult, build_tokenized, read_tokenized
@@ -63,9 +63,7 @@ def tokenized_pairs(
     store: StoreResource,
 ):
     pairs = pairs_path(curated_pairs)
-    result = build_tokenized(
-        pairs, tokenizer.path, config_from_dagster(config, TokenizeConfig), store.root
-    )
+    result = build_tokenized(pairs, tokenizer.path, config_from(TokenizeConfig, config), store.root)
     report, stats = result.report, result.report["stats"]
     histograms = stats["length_histograms"]
     yield _keyed_output(
@@ -115,7 +113,7 @@ def packed_shards(
     tokenized_pairs: str,
     store: StoreResource,
 ):
-    pack_config = config_from_dagster(config, PackConfig)
+    pack_config = config_from(PackConfig, config)
     result = build_shards(tokenized_pairs, pack_config, store.root)
     manifest = result.manifest
     stats = manifest["stats"]

@@ -100,9 +100,9 @@ def _normalize(args: argparse.Namespace) -> int:
 
 def _curate(args: argparse.Namespace) -> int:
     from pipeline.curate import CurateConfig, curate, load_eval_prompts, read_pairs, write_curated
-    from pipeline.flags import config_from_args
+    from pipeline.flags import config_from
 
-    config = config_from_args(CurateConfig, args)
+    config = config_from(CurateConfig, args)
     evals = None if args.eval_prompts is None else load_eval_prompts(args.eval_prompts)
     result = curate(read_pairs(args.pairs), config, evals)
     out = write_curated(result, args.out)
@@ -166,10 +166,10 @@ def _add_pack(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_tokenize(args: argparse.Namespace) -> TokenizedResult:
     """The tokenize stage from the shared flags; says on stderr what it did."""
-    from pipeline.flags import config_from_args
+    from pipeline.flags import config_from
     from pipeline.tokenized import TokenizeConfig, build_tokenized
 
-    config = config_from_args(TokenizeConfig, args)
+    config = config_from(TokenizeConfig, args)
     result = build_tokenized(args.pairs, args.tokenizer, config, args.out)
     stats = result.report["stats"]
     if result.reused:
@@ -195,10 +195,10 @@ def _tokenize(args: argparse.Namespace) -> int:
 
 
 def _pack(args: argparse.Namespace) -> int:
-    from pipeline.flags import config_from_args
+    from pipeline.flags import config_from
     from pipeline.pack import PackConfig, build_shards, truncation_warning
 
-    config = config_from_args(PackConfig, args)  # checked before anything is tokenized
+    config = config_from(PackConfig, args)  # checked before anything is tokenized
     tokenized = _run_tokenize(args)
     result = build_shards(tokenized.directory, config, args.out)
     stats = result.manifest["stats"]

@@ -4,8 +4,9 @@ Each field of `CurateConfig`, `TokenizeConfig`, `PackConfig` and `TrainConfig` i
 with `setting(default, help, ...)`: its help text, its range and, rarely, a flag name.
 From that one description come the command-line flags (`add_flags`: type, choices,
 default and range shown in `--help`), the Dagster run configs (`dagster_config`) and the
-range check every config runs when it is built (`check_settings`, from `__post_init__`),
-so a bad value stops before any data or model is read, with the flag named.
+range check every config runs when it is built (`check_settings`, from `__post_init__`).
+`config_from` builds the config from either front end's values, so a bad value stops
+before any data or model is read, with the flag named.
 """
 
 from __future__ import annotations
@@ -161,15 +162,16 @@ def _parser(base: type, optional: bool) -> typing.Callable[[str], Any]:
     return parse
 
 
-def config_from_args(cls: type, args: argparse.Namespace, **given: Any) -> Any:
-    """`cls` built from the parsed flags of `add_flags` (lists become tuples), with
-    `given` for the fields that have no flag; raises SettingError when out of range."""
-    values = dict(given)
+def config_from(cls: type, values: Any, **given: Any) -> Any:
+    """`cls` built from the attributes of `values` named like its fields (parsed flags of
+    `add_flags`, or a config made by `dagster_config`; lists become tuples), with `given`
+    for the fields it lacks; raises SettingError when out of range."""
+    fields = dict(given)
     for f in dataclasses.fields(cls):
-        if f.name not in given and hasattr(args, f.name):
-            value = getattr(args, f.name)
-            values[f.name] = tuple(value) if isinstance(value, list) else value
-    return cls(**values)
+        if f.name not in given and hasattr(values, f.name):
+            value = getattr(values, f.name)
+            fields[f.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**fields)
 
 
 # ---------------------------------------------------------------------------------------
@@ -211,14 +213,3 @@ def dagster_config(cls: type, name: str, exclude: tuple[str, ...] = (), **extra:
     }
     fields.update(extra)
     return create_model(name, __base__=dg.Config, __doc__=cls.__doc__, **fields)
-
-
-def config_from_dagster(config: Any, cls: type, **given: Any) -> Any:
-    """The dataclass `cls` of a config made by `dagster_config`; `given` supplies the
-    excluded fields."""
-    values = dict(given)
-    for f in dataclasses.fields(cls):
-        if f.name not in given:
-            value = getattr(config, f.name)
-            values[f.name] = tuple(value) if isinstance(value, list) else value
-    return cls(**values)

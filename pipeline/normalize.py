@@ -293,38 +293,33 @@ def _raw_rows(files: list[ingest.RawFile], rows: pl.DataFrame) -> tuple[list[str
 
 def _dropped_table(source: str, files: list[ingest.RawFile], dropped: pl.DataFrame) -> pa.Table:
     """Dropped rows in file and row order, each with its reason and raw row."""
-    rows = dropped.select(
-        *_file_and_row(),
-        "reason",
-    ).sort("__file", "__row_index")
-    labels, raws = _raw_rows(files, rows)
-    table = pa.table(
-        {
-            "source": pa.array([source] * rows.height, pa.string()),
-            "file": pa.array(labels, pa.string()),
-            "row_index": rows["__row_index"].to_arrow().cast(pa.int64()),
-            "reason": rows["reason"].to_arrow().cast(pa.string()),
-            "raw": pa.array(raws, pa.string()),
-        }
-    )
-    return table.cast(DROPPED_SCHEMA)
+    rows = dropped.select(*_file_and_row(), "reason")
+    return _row_table(source, files, rows, DROPPED_SCHEMA)
 
 
 def _quarantine_table(source: str, files: list[ingest.RawFile], problems: pl.DataFrame) -> pa.Table:
-    """Quarantine rows in file and row order, each with its raw row."""
-    problems = problems.sort("__file", "__row_index")
-    labels, raws = _raw_rows(files, problems)
-    table = pa.table(
-        {
-            "source": pa.array([source] * problems.height, pa.string()),
-            "file": pa.array(labels, pa.string()),
-            "row_index": problems["__row_index"].to_arrow().cast(pa.int64()),
-            "reason": problems["reason"].to_arrow().cast(pa.string()),
-            "message": problems["__message"].to_arrow().cast(pa.string()),
-            "raw": pa.array(raws, pa.string()),
-        }
-    )
+    """Quarantine rows in file and row order, each with its message and raw row."""
+    table = _row_table(source, files, problems, quarantine.SCHEMA)
     return quarantine.CONTRACT.validate(table, source=f"{source} quarantine")
+
+
+def _row_table(
+    source: str, files: list[ingest.RawFile], rows: pl.DataFrame, schema: pa.Schema
+) -> pa.Table:
+    """`rows` (`__file`, `__row_index`, `reason`, and `__message` when `schema` has a
+    message) sorted by file and row, with the file's label and the raw row, as `schema`."""
+    rows = rows.sort("__file", "__row_index")
+    labels, raws = _raw_rows(files, rows)
+    columns = {
+        "source": pa.array([source] * rows.height, pa.string()),
+        "file": pa.array(labels, pa.string()),
+        "row_index": rows["__row_index"].to_arrow().cast(pa.int64()),
+        "reason": rows["reason"].to_arrow().cast(pa.string()),
+    }
+    if "message" in schema.names:
+        columns["message"] = rows["__message"].to_arrow().cast(pa.string())
+    columns["raw"] = pa.array(raws, pa.string())
+    return pa.table(columns).cast(schema)
 
 
 def _counts(values: pa.Array | pa.ChunkedArray) -> dict[str, int]:

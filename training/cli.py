@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.flags import add_flags, config_from_args
+from pipeline.flags import add_flags, config_from
 from training.train_config import TrainConfig
 
 if TYPE_CHECKING:  # names for annotations only: the handlers import torch when they run
@@ -180,7 +180,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     Raises:
         SettingError: a flag out of range (every one named), before anything is read.
     """
-    return config_from_args(TrainConfig, args, out_dir=args.out)
+    return config_from(TrainConfig, args, out_dir=args.out)
 
 
 # -----------------------------------------------------------------------------
@@ -368,7 +368,7 @@ def _logps(args: argparse.Namespace) -> int:
 
     if args.out.suffix not in (".arrow", ".parquet"):
         raise ValueError(f"--out {args.out}: write .arrow or .parquet")
-    config_from_args(TrainConfig, args, out_dir=args.out)  # the ranges of its flags
+    config_from(TrainConfig, args, out_dir=args.out)  # the ranges of its flags
     check_precision(args.precision, resolve_device(args.device))
     rank = _rank()
     with pipes_context() as pipes, _process_group(args.device):

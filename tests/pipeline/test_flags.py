@@ -13,7 +13,7 @@ from pipeline.flags import (
     SettingError,
     add_flags,
     check_settings,
-    config_from_args,
+    config_from,
     dagster_config,
     setting,
 )
@@ -39,7 +39,7 @@ class Example:
 def _parse(*argv: str) -> Example:
     parser = argparse.ArgumentParser()
     add_flags(parser, Example)
-    return config_from_args(Example, parser.parse_args(argv))
+    return config_from(Example, parser.parse_args(argv))
 
 
 def test_flags_parse_every_kind_of_field() -> None:
