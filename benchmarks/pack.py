@@ -33,7 +33,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -276,6 +275,8 @@ def baseline_per_row(table: pa.Table, tokenizer: Tokenizer, hf: bool) -> dict:
             )
             out[f"{key}_input_ids"] = encode(whole)
         return out
+
+    import datasets  # here: benchmarks.gpu imports this module where datasets is absent
 
     dataset = datasets.Dataset(table.select(["pair_id", "prompt", "chosen", "rejected"]))
     datasets.disable_progress_bars()

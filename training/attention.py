@@ -40,6 +40,7 @@ sequence offsets made on the host, moved to the device once), and called by ever
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -279,6 +280,31 @@ def segment_attention(segments: Segments, device: torch.device) -> SegmentAttent
 VarlenKernel = Callable[..., Tensor]  # the signature of torch's varlen_attn
 
 
+def gqa_causal_varlen(kernel: VarlenKernel) -> VarlenKernel:
+    """`kernel` called as torch 2.13's `varlen_attn` (`window_size=(-1, 0)`,
+    `enable_gqa=True`), whatever its torch: the first releases (2.10) take `is_causal` and
+    no `enable_gqa`, so an existing CUDA environment's torch gets repeated kv heads and
+    `is_causal=True` (FlashAttention's causal is bottom-right aligned in both)."""
+    params = inspect.signature(kernel).parameters
+    if {"window_size", "enable_gqa"} <= params.keys():
+        return kernel
+
+    def adapted(q: Tensor, k: Tensor, v: Tensor, *lengths: object, **kw: object) -> Tensor:
+        assert kw == {"window_size": (-1, 0), "enable_gqa": True}, kw
+        if "enable_gqa" not in params and k.shape[1] != q.shape[1]:
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+        if "enable_gqa" in params:
+            causal["enable_gqa"] = True
+        return kernel(q, k, v, *lengths, **causal)
+
+    return adapted
+
+
+TORCH_VARLEN = gqa_causal_varlen(varlen_attn)
+
+
 @dataclass(frozen=True)
 class VarlenCall:
     """One varlen_attn call over gathered tokens.
@@ -310,7 +336,7 @@ class VarlenAttention:
 
     calls: tuple[VarlenCall, ...]
     out_index: Tensor
-    kernel: VarlenKernel = varlen_attn
+    kernel: VarlenKernel = TORCH_VARLEN
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         qf, kf, vf = q[0], k[0], v[0]  # (T, h, hd)

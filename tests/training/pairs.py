@@ -96,11 +96,13 @@ def separate_logps(model: torch.nn.Module, pairs: Sequence[Pair]) -> tuple[torch
     `prompt+chosen` and `prompt+rejected`, each run alone with plain causal attention."""
     from training.attention import CausalAttention
 
+    device = next(model.parameters()).device
     out: dict[str, list[torch.Tensor]] = {"chosen": [], "rejected": []}
     for prompt, chosen, rejected in pairs:
         for name, response in (("chosen", chosen), ("rejected", rejected)):
             ids = torch.from_numpy(np.concatenate([prompt, response]).astype(np.int64))[None]
-            pos = torch.arange(ids.shape[1])[None]
+            ids = ids.to(device)
+            pos = torch.arange(ids.shape[1], device=device)[None]
             logp = model(ids, pos, CausalAttention())[0].float().log_softmax(-1)
             p = len(prompt)
             labels = ids[0, p:]
@@ -113,12 +115,13 @@ def varied_rows(
     layout: Layout,
     vocab: int = 512,
     pairs_per_row: Sequence[int] = (1, 4, 2, 3) * 3,
+    block_size: int | None = None,
 ) -> list[PackedRow]:
     """Rows holding 1 to 4 pairs each (30 pairs by default), for training tests: rows differ
     in how many pairs they hold, which is what the loss normalisation must get right."""
     pairs = random_pairs(np.random.default_rng(seed), sum(pairs_per_row), vocab)
     rows, first = [], 0
     for size in pairs_per_row:
-        rows.extend(pack(pairs[first : first + size], layout, size, first_id=first))
+        rows.extend(pack(pairs[first : first + size], layout, size, block_size, first))
         first += size
     return rows

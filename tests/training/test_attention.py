@@ -30,6 +30,7 @@ from training.attention import (
     dense_mask,
     flat_segments,
     flex_block_mask,
+    gqa_causal_varlen,
     length_buckets,
 )
 
@@ -96,6 +97,25 @@ def _brute_force(rows: list[PackedRow], layout: str, per_row: list) -> list[Tens
         scores = scores.masked_fill(~torch.from_numpy(attention_mask(row, layout)), float("-inf"))
         outs.append((scores.softmax(-1) @ v).transpose(0, 1))
     return outs
+
+
+def _torch_2_10_varlen(
+    q: Tensor, k: Tensor, v: Tensor, *lengths: object, is_causal: bool = False
+) -> Tensor:
+    """The first release's `varlen_attn`: `is_causal`, and as many kv heads as queries."""
+    assert is_causal and k.shape[1] == q.shape[1] == HEADS
+    return emulated_varlen(q, k, v, *lengths, window_size=(-1, 0), enable_gqa=True)
+
+
+def test_varlen_is_adapted_to_a_torch_without_gqa_or_window_size() -> None:
+    rows = _rows([[(40, 30, 50), (9, 20, 7)], [(5, 60, 31)]], "shared")
+    length = max(r.num_tokens for r in rows)
+    qkv = _batched(_row_qkv(rows), True, length)
+    attention = build_attention("varlen", rows, "shared", length, BLOCK, CPU)
+    old = dataclasses.replace(attention, kernel=gqa_causal_varlen(_torch_2_10_varlen))
+    new = dataclasses.replace(attention, kernel=emulated_varlen)
+    assert gqa_causal_varlen(emulated_varlen) is emulated_varlen  # 2.13's: called as it is
+    torch.testing.assert_close(old(*qkv), new(*qkv))
 
 
 def _attention(backend: str, rows: list[PackedRow], layout: str, length: int):
