@@ -54,6 +54,10 @@ from training.train_config import Precision
 REPO = Path(__file__).resolve().parents[1]
 MAX_LEN = 8192
 PADDED_MICRO_PAIRS = 4
+# Packed rows per micro-batch at most: 4 x 8192 tokens of a 1B model take ~94 GiB without
+# activation checkpointing (HelpSteer-like, H200); unshared rows hold fewer pairs, so more
+# rows, and 5 ran out of memory. More rows accumulate.
+MAX_MICRO_ROWS = 4
 BLOCK_SIZE = 128
 DATASETS = {"UltraFeedback-like": "UltraFeedback", "HelpSteer-like": "Tulu-HelpSteer"}
 # (layout, backend, compile) timed per dataset, in this order; padded runs causal SDPA.
@@ -138,18 +142,19 @@ def timed_run(
 ) -> dict:
     """Train a fresh model on `rows`: 2 untimed steps, then steps until `seconds` passed.
 
-    Packed rows: one micro-batch of about `pairs_per_step` pairs. Padded rows (one pair,
-    two documents each): micro-batches of `PADDED_MICRO_PAIRS` pairs accumulated to the same
-    pairs per step, as padded trainers must to keep (documents x longest) activations in
-    memory.
+    Packed rows: about `pairs_per_step` pairs per step, in micro-batches of at most
+    `MAX_MICRO_ROWS` rows. Padded rows (one pair, two documents each): micro-batches of
+    `PADDED_MICRO_PAIRS` pairs accumulated to the same pairs per step, as padded trainers
+    must to keep (documents x longest) activations in memory.
     """
     per_row = sum(r.num_pairs for r in rows) / len(rows)
-    grad_accum = 1
     if layout == "padded":
         batch_rows = min(PADDED_MICRO_PAIRS, pairs_per_step)
         grad_accum = max(1, pairs_per_step // batch_rows)
     else:
-        batch_rows = max(1, round(pairs_per_step / per_row))
+        rows_wanted = max(1, round(pairs_per_step / per_row))
+        grad_accum = -(-rows_wanted // MAX_MICRO_ROWS)
+        batch_rows = -(-rows_wanted // grad_accum)
     rows_per_step = batch_rows * grad_accum
     steps = len(rows) // rows_per_step
     if steps < 3:

@@ -53,14 +53,35 @@ def resolve_backend(backend: Backend, device: torch.device, precision: Precision
 
     CPU: `segments` (the fastest exact backend measured there). CUDA: `varlen` in bf16
     (FlashAttention kernels, no compilation, no recompiles), `flex` in fp32 (FlashAttention
-    has no fp32 kernels). The CUDA choice is by design, not yet by measurement:
-    `benchmarks/gpu.py` measures all of them.
+    has no fp32 kernels). Measured on an H200 (`benchmarks/results/gpu.json`): in bf16
+    varlen and flex train equally fast, varlen without flex's compilation; segments is 3x
+    slower there.
     """
     if backend != "auto":
         return backend
     if device.type != "cuda":
         return "segments"
     return "varlen" if precision == "bf16" else "flex"
+
+
+def flex_problems(block_size: int, head_dim: int, device: torch.device) -> list[str]:
+    """What keeps FlexAttention's CUDA kernels from compiling for these shards and model
+    (seen on an H200 with torch 2.11: its tiles are up to 128 tokens and the mask's blocks
+    must hold whole tiles; head dimensions under 16 are not implemented)."""
+    if device.type != "cuda":
+        return []
+    problems = []
+    if block_size % 128:
+        problems.append(
+            f"backend flex on CUDA needs shards packed with a mask block size that is a "
+            f"multiple of 128 (FlexAttention's kernel tiles); these have {block_size} "
+            f"(pack with --block-size 128, or train with --backend varlen)"
+        )
+    if head_dim < 16:
+        problems.append(
+            f"backend flex needs a head dimension of 16 or more; the model has {head_dim}"
+        )
+    return problems
 
 
 def backend_problems(backend: str, device: torch.device, precision: str) -> list[str]:

@@ -67,6 +67,7 @@ from training.device import (
     autocast,
     backend_problems,
     check_precision,
+    flex_problems,
     resolve_backend,
     resolve_device,
     use_gpu_defaults,
@@ -142,12 +143,15 @@ def _check_settings(
     config: TrainConfig,
     rows: Sequence[PackedRow],
     layout: str,
+    block_size: int,
     max_len: int,
     model: CausalLM,
     device: torch.device,
     reference: ReferenceLogps | ReferenceCache | None,
 ) -> None:
     problems = _config_problems(config, device)
+    if resolve_backend(config.backend, device, config.precision) == "flex":
+        problems += flex_problems(block_size, model.config.dim_per_head, device)
     if reference is not None:
         problems += _reference_problems(reference.key, config)
     if layout not in LAYOUTS:
@@ -333,7 +337,7 @@ def setup(
     policy and reference, build the optimizer, and resume. Arguments as for `train`."""
     world, rank = world_and_rank()
     device = resolve_device(config.device)
-    _check_settings(config, rows, layout, max_len, model, device, reference)
+    _check_settings(config, rows, layout, block_size, max_len, model, device, reference)
     config = _fit_batch_rows(config, len(rows), world, rank)
     own_process_group = world > 1 and not dist.is_initialized()
     if own_process_group:

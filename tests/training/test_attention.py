@@ -43,7 +43,7 @@ rows_of_pairs = st.lists(st.lists(lengths, min_size=1, max_size=4), min_size=1, 
 CPU = torch.device("cpu")
 
 
-def _rows(spec: Spec, layout: str) -> list[PackedRow]:
+def _rows(spec: Spec, layout: str, block_size: int = BLOCK) -> list[PackedRow]:
     """Rows with the given (P, C, R) lengths; token ids are irrelevant here."""
     rows = []
     for pairs in spec:
@@ -51,16 +51,18 @@ def _rows(spec: Spec, layout: str) -> list[PackedRow]:
             (np.zeros(p, np.int32), np.zeros(c, np.int32), np.zeros(r, np.int32))
             for p, c, r in pairs
         ]
-        rows.extend(pack(fake, layout, pairs_per_row=len(pairs), block_size=BLOCK))
+        rows.extend(pack(fake, layout, pairs_per_row=len(pairs), block_size=block_size))
     return rows
 
 
-def _row_qkv(rows: list[PackedRow], seed: int = 1) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """Per row, leaf q (T, 4, 8), k and v (T, 2, 8) (GQA)."""
+def _row_qkv(
+    rows: list[PackedRow], seed: int = 1, head_dim: int = HEAD_DIM
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Per row, leaf q (T, 4, head_dim), k and v (T, 2, head_dim) (GQA)."""
     g = torch.Generator().manual_seed(seed)
     return [
         tuple(
-            torch.randn(r.num_tokens, h, HEAD_DIM, generator=g).requires_grad_()
+            torch.randn(r.num_tokens, h, head_dim, generator=g).requires_grad_()
             for h in (HEADS, KV_HEADS, KV_HEADS)
         )
         for r in rows
@@ -286,19 +288,22 @@ def test_unknown_backend_is_named() -> None:
 @pytest.mark.parametrize("layout", ["shared", "unshared"])
 @pytest.mark.parametrize("backend", ["flex", "varlen"])
 def test_cuda_kernels_forward_and_backward_equal_dense(backend: str, layout: str) -> None:
-    """bf16 q/k/v (FlashAttention has no fp32 kernel); dense runs on the same bf16 inputs."""
+    """bf16 q/k/v (FlashAttention has no fp32 kernel); dense runs on the same bf16 inputs.
+    FlexAttention's CUDA kernels want mask blocks of whole 128-token tiles and head
+    dimensions of 16 or more (`training.device.flex_problems`)."""
     spec = [[(40, 30, 50), (100, 20, 7)], [(9, 200, 31)], [(64, 64, 64), (1, 1, 1)]]
-    rows, cuda = _rows(spec, layout), torch.device("cuda")
-    length = -(-max(r.num_tokens for r in rows) // BLOCK) * BLOCK
+    block, cuda = 128, torch.device("cuda")
+    rows = _rows(spec, layout, block)
+    length = -(-max(r.num_tokens for r in rows) // block) * block
     per_row = [
         tuple(t.detach().to(cuda, torch.bfloat16).requires_grad_() for t in x)
-        for x in _row_qkv(rows)
+        for x in _row_qkv(rows, head_dim=16)
     ]
     leaves = [t for qkv in per_row for t in qkv]
     results = []
     for name in ("dense", backend):
         flat = name in FLAT_BACKENDS
-        attention = build_attention(name, rows, layout, length, BLOCK, cuda)
+        attention = build_attention(name, rows, layout, length, block, cuda)
         real = _per_row(attention(*_batched(per_row, flat, length)), rows, flat)
         grads = torch.autograd.grad(sum(r.float().square().sum() for r in real), leaves)
         results.append((real, grads))

@@ -35,7 +35,7 @@ pytestmark = [
 ]
 CUDA = torch.device("cuda") if torch.cuda.is_available() else None
 VOCAB = 512
-BLOCK = 16
+BLOCK = 128  # FlexAttention's CUDA tiles (training.device.flex_problems)
 
 
 @pytest.fixture

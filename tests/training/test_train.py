@@ -22,6 +22,7 @@ from tests.training.dist_worker import (
 from tests.training.pairs import varied_rows
 from training.checkpoint import load_pretrained
 from training.configs import tiny
+from training.device import flex_problems
 from training.model import CausalLM
 from training.reference import ReferenceKey, ReferenceLogps, compute_reference_logps
 from training.train import RunIdentity, TrainConfig, global_step_rows, learning_rate, train
@@ -218,6 +219,26 @@ def test_unsupported_settings_fail_fast(tmp_path: Path, changes: dict, message: 
     with pytest.raises(ValueError, match=message):
         _run(tmp_path / "run", varied_rows(0, "shared"), **changes)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("block_size", "head_dim", "named"),
+    [
+        (16, 64, ["mask block size that is a multiple of 128; these have 16"]),
+        (128, 8, ["head dimension of 16 or more; the model has 8"]),
+        (64, 8, ["these have 64", "the model has 8"]),
+        (256, 16, []),
+    ],
+)
+def test_flex_on_cuda_names_what_its_kernels_cannot_compile(
+    block_size: int, head_dim: int, named: list[str]
+) -> None:
+    """Seen on an H200: inductor refuses blocks of part tiles and head dimensions under 16."""
+    problems = flex_problems(block_size, head_dim, torch.device("cuda"))
+    assert len(problems) == len(named)
+    for problem, words in zip(problems, named, strict=True):
+        assert words in problem.replace(" (FlexAttention's kernel tiles)", "")
+    assert flex_problems(16, 8, torch.device("cpu")) == []  # CPU: flex_attention unrestricted
 
 
 def test_bad_rows_are_named_before_step_1(tmp_path: Path) -> None:
