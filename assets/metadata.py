@@ -23,6 +23,24 @@ def count_table(
     return dg.MetadataValue.md("\n".join(lines))
 
 
+LAYOUT_NOTES = {
+    "shared": "prompt once, then chosen and rejected (what prefpack trains on)",
+    "unshared": "prompt + chosen, prompt + rejected: the prompt twice",
+    "padded": "both sequences padded to the longer one, one pair per row",
+    "padded_to_max_len": "both sequences padded to max_len",
+}
+
+
+def layout_table(tokens_by_layout: Mapping[str, int]) -> dg.MetadataValue:
+    """Tokens one epoch computes in each layout, and as a share of the `padded` layout
+    (one pair per row: what trainers without packing compute at best)."""
+    padded = tokens_by_layout["padded"] or 1
+    lines = ["| layout | tokens | of padded | what it holds |", "| --- | ---: | ---: | --- |"]
+    for name, tokens in tokens_by_layout.items():
+        lines.append(f"| {name} | {tokens:,} | {tokens / padded:.1%} | {LAYOUT_NOTES[name]} |")
+    return dg.MetadataValue.md("\n".join(lines))
+
+
 def records_table(rows: Sequence[Mapping[str, Any]]) -> dg.MetadataValue:
     """A markdown table of dict rows with the same keys."""
     if not rows:

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from assets import checks
 from assets.configs import PackingConfig, TokenizationConfig
-from assets.metadata import binned, count_table, records_table
+from assets.metadata import binned, count_table, layout_table, records_table
 from assets.plots import fill_plot, length_plot
 from assets.resources import StoreResource, TokenizerResource
 from pipeline.flags import config_from
@@ -137,7 +137,7 @@ def packed_shards(
             "truncated": stats["truncated"],
             "dropped": sum(stats["dropped"].values()),
             "dropped_by_reason": count_table(stats["dropped"], total=stats["pairs_in"]),
-            "tokens_by_layout": count_table(stats["tokens_by_layout"], key="layout"),
+            "tokens_by_layout": layout_table(stats["tokens_by_layout"]),
             "pair_length_histogram": binned(histogram["edges"], histogram["counts"], "pair tokens"),
             "fill_plot": _fill_plot(result),
         },

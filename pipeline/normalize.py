@@ -26,7 +26,6 @@ from typing import Any
 
 import polars as pl
 import pyarrow as pa
-from tqdm import tqdm
 
 from data_contracts import preference_pair, quarantine
 from data_contracts.contract import described
@@ -41,6 +40,7 @@ from pipeline.io import (
     write_json,
     write_parquet,
 )
+from pipeline.progress import progress
 from pipeline.sources import Source, SourceOptions, get_source
 from pipeline.sources.base import ATTRIBUTES_DTYPE, ORDER_SHIFT, PAIR_COLUMNS, first_reason
 
@@ -130,7 +130,7 @@ def normalize(source: str, input: str | Path, **source_options: Any) -> Normaliz
     files = ingest.read(input, hub)
     frames, problems = [], []
     for number, raw in enumerate(
-        tqdm(files, desc=f"normalize {source}", unit="file", disable=None)
+        progress(files, total=len(files), desc=f"normalize {source}", unit="file")
     ):
         frame, file_problems = _valid_rows(adapter, options, raw, number)
         frames.append(frame)
@@ -260,8 +260,8 @@ def _pairs_table(source: str, pairs: pl.DataFrame, scale: str) -> pa.Table:
     ids = [
         # The contract's hash is the id; one call per pair is its batch boundary.
         preference_pair.make_pair_id(source, prompt, chosen, rejected)
-        for prompt, chosen, rejected in tqdm(
-            rows, total=pairs.height, desc=f"{source} pair ids", unit="pair", disable=None
+        for prompt, chosen, rejected in progress(
+            rows, total=pairs.height, desc=f"{source} pair ids", unit="pair"
         )
     ]
     frame = pairs.select(

@@ -57,7 +57,6 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
 from data_contracts import manifest as manifest_contract
 from data_contracts import packed_row, tokenized_pair
@@ -66,8 +65,9 @@ from data_contracts.packed_row import Layout, pair_tokens
 from pipeline import ragged
 from pipeline.flags import check_settings, setting
 from pipeline.io import atomic_directory, rechunk
-from pipeline.lengths import LengthCounts
+from pipeline.lengths import LengthCounts, power_of_two_edges
 from pipeline.mask_blocks import block_summary
+from pipeline.progress import progress
 from pipeline.shards import (
     TOKENIZER,
     TOKENIZER_CONFIG,
@@ -576,7 +576,7 @@ class _Stats:
         dropped = Counter(tokenized["stats"]["dropped"])
         if self.too_long:
             dropped[DROP_TOO_LONG] += self.too_long
-        edges = np.linspace(0, self.max_len, 17).round().astype(np.int64)
+        edges = power_of_two_edges(self.lengths["pair"].longest)  # no empty tail bins
         return {
             "rows": self.rows,
             "pairs_in": tokenized["stats"]["pairs_in"],
@@ -618,9 +618,7 @@ def _write_shards(
     ids = template_ids(tokenized, report)
 
     def kept_pairs() -> Iterator[pa.Table]:
-        with tqdm(
-            total=report["stats"]["pairs_out"], unit="pair", desc="pack", disable=None
-        ) as bar:
+        with progress(total=report["stats"]["pairs_out"], unit="pair", desc="pack") as bar:
             for table in tokenized_batches(tokenized):
                 policy = apply_length_policy(table, config, ids)
                 stats.tokenized_pairs += table.num_rows

@@ -46,7 +46,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import tokenizers
-from tqdm import tqdm
 
 from data_contracts import manifest as sealed
 from data_contracts import preference_pair, tokenized_pair, tokenized_report
@@ -55,6 +54,7 @@ from pipeline import ragged
 from pipeline.flags import check_settings, setting
 from pipeline.io import atomic_directory, pairs_path, rechunk
 from pipeline.lengths import LengthCounts, power_of_two_edges
+from pipeline.progress import progress
 from pipeline.shards import (
     TOKENIZER,
     TOKENIZER_CONFIG,
@@ -278,7 +278,7 @@ def _tokenized_batches(
     """Render, tokenize, check boundaries and drop by rule, batch by batch, counting."""
     bos_eos = (tokenizer.bos_token, tokenizer.eos_token)
     boundary = stats.boundary
-    with tqdm(total=rows_in, unit="pair", desc="tokenize", disable=None) as bar:
+    with progress(total=rows_in, unit="pair", desc="tokenize") as bar:
         for table in _pair_batches(pairs):
             texts = _render(table, template, bos_eos)
             pair_ids = table.column("pair_id").to_pylist()

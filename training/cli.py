@@ -324,7 +324,7 @@ def _train(args: argparse.Namespace) -> int:
         reference = _reference(args, reader, model, config.precision)
         identity = RunIdentity(reader.key, args.init_seed if args.config else None)
         if rank == 0:
-            print(f"metrics: {config.out_dir / 'metrics.jsonl'}", file=sys.stderr)
+            print(f"prefpack train: metrics: {config.out_dir / 'metrics.jsonl'}", file=sys.stderr)
         train(
             config,
             reader,
@@ -406,7 +406,9 @@ def _logps(args: argparse.Namespace) -> int:
             )
             if rank == 0:
                 write_reference_logps(table, args.out, key)
-                print(f"computed {table.num_rows} pairs' log-probs", file=sys.stderr)
+                print(
+                    f"prefpack logps: computed {table.num_rows} pairs' log-probs", file=sys.stderr
+                )
         if pipes is not None:
             pipes.report_asset_materialization(
                 metadata=reference_metadata(args.out, table, key, reused)

@@ -29,11 +29,11 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
 from data_contracts import reference_logps as contract
 from data_contracts.packed_row import DEFAULT_BLOCK_SIZE, Layout, PackedRow
 from pipeline.io import atomic_file, is_hex_key
+from pipeline.progress import progress as show_progress
 from training.attention import Backend
 from training.batch import agree, check_rows, collate, rows_table
 from training.device import Precision, autocast, check_precision, resolve_backend, resolve_device
@@ -145,7 +145,14 @@ def compute_reference_logps(
     passes = -(-largest_share // batch_rows)
     ids: list[str] = []
     chosen, rejected = [], []
-    for i in tqdm(range(passes), desc="reference log-probs", disable=not progress or rank != 0):
+    bar = show_progress(
+        range(passes),
+        total=passes,
+        desc="reference log-probs",
+        unit="batch",
+        enabled=progress and rank == 0,
+    )
+    for i in bar:
         lo = share.start + i * batch_rows
         row_ids = range(lo, min(lo + batch_rows, share.stop))
         if not row_ids:

@@ -51,10 +51,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
 from data_contracts.packed_row import LAYOUTS, Layout, PackedRow
 from pipeline.io import atomic_directory
+from pipeline.progress import progress
 from training.attention import FLAT_BACKENDS
 from training.batch import Batch, check_rows, collate
 from training.checkpoint import (
@@ -645,12 +645,13 @@ def train(
     """
     run = setup(config, rows, layout, block_size, max_len, model, reference, identity)
     try:
-        bar = tqdm(
+        bar = progress(
             range(run.start, config.steps),
             initial=run.start,
             total=config.steps,
             desc="train",
-            disable=not config.progress or run.rank != 0,
+            unit="step",
+            enabled=config.progress and run.rank == 0,
         )
         for step in bar:
             metrics = train_step(run, step)

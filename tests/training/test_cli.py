@@ -139,7 +139,7 @@ def test_train_segments_and_dense_then_export(
     assert f"final    loss {final_line['loss']:.4f}" in shown.out
     assert f"metrics  {tmp_path / 'segments' / 'metrics.jsonl'}" in shown.out
     assert f"model    {tmp_path / 'segments' / 'final'}" in shown.out
-    assert f"metrics: {tmp_path / 'dense' / 'metrics.jsonl'}" in shown.err
+    assert f"prefpack train: metrics: {tmp_path / 'dense' / 'metrics.jsonl'}" in shown.err
 
     exported = {b: load_pretrained(tmp_path / b / "final") for b in ("segments", "dense")}
     initial = _tiny_model(tiny_shards)
@@ -158,7 +158,7 @@ def test_logps_computed_once_then_reused(
     assert prefpack.main(_logps_argv(tiny_shards, ref, "--no-progress")) == 0
     first = capsys.readouterr()
     assert first.out.strip() == str(ref)
-    assert f"computed {TINY_SHARD_PAIRS} pairs' log-probs" in first.err
+    assert f"prefpack logps: computed {TINY_SHARD_PAIRS} pairs' log-probs" in first.err
     stamp = ref.stat().st_mtime_ns
 
     assert prefpack.main(_logps_argv(tiny_shards, ref, "--no-progress")) == 0
