@@ -12,8 +12,14 @@ import dagster as dg
 import pytest
 
 from assets import keys
-from assets.configs import ReferenceConfig
-from assets.keys import content_key, device_class, model_fingerprint, weights_fingerprint
+from assets.configs import DifficultyScoresConfig, ReferenceConfig
+from assets.keys import (
+    content_key,
+    device_class,
+    difficulty_key,
+    model_fingerprint,
+    weights_fingerprint,
+)
 from assets.resources import ComputeResource, ModelResource, StoreResource
 from assets.training import reference_logps
 
@@ -132,3 +138,24 @@ def test_reference_logps_runs_in_the_training_precision_under_its_own_path(tmp_p
     assert fp32.data_version != bf16.data_version
     assert bf16.metadata["precision"].value == "bf16"
     assert bf16.metadata["device"].value == "cuda"
+
+
+def test_difficulty_keys_change_with_k_settings_reference_and_code(monkeypatch) -> None:
+    model, compute = ModelResource(), ComputeResource(device="cpu")
+    settings = DifficultyScoresConfig(folds=5).model_dump()
+    key = difficulty_key(SHARD_KEY, model, compute, "ref.arrow", settings)
+    assert difficulty_key(SHARD_KEY, model, compute, "ref.arrow", dict(settings)) == key
+    changed = [
+        difficulty_key(SHARD_KEY, model, compute, "ref.arrow", {**settings, "folds": 4}),
+        difficulty_key(SHARD_KEY, model, compute, "ref.arrow", {**settings, "steps": 7}),
+        difficulty_key(SHARD_KEY, model, compute, "ref.arrow", {**settings, "nproc_per_node": 2}),
+        difficulty_key(SHARD_KEY, model, compute, "other.arrow", settings),
+        difficulty_key("f" * 20, model, compute, "ref.arrow", settings),
+        difficulty_key(SHARD_KEY, ModelResource(seed=1), compute, "ref.arrow", settings),
+        difficulty_key(SHARD_KEY, model, ComputeResource(device="cuda"), "ref.arrow", settings),
+    ]
+    assert len({key, *changed}) == len(changed) + 1
+    # Neither a trained model's key, nor the same after the scoring code's version moves.
+    assert key != content_key(SHARD_KEY, model, compute, reference="ref.arrow", training=settings)
+    monkeypatch.setattr(keys, "DIFFICULTY_CODE_VERSION", keys.DIFFICULTY_CODE_VERSION + "+1")
+    assert difficulty_key(SHARD_KEY, model, compute, "ref.arrow", settings) != key
