@@ -198,7 +198,7 @@ def _add_difficulty(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_inputs(p)
     p.add_argument(
-        "--out", required=True, type=Path, metavar="DIR", help="scores directory (replaced)"
+        "--out", required=True, type=Path, metavar="DIR", help="scores directory; reused when it holds scores of the same inputs and settings, else replaced"
     )
     _add_reference(p, "reference (default: computed here once, in memory)")
     add_flags(p.add_argument_group("folds and scoring"), DifficultyConfig)
@@ -487,14 +487,14 @@ def _difficulty(args: argparse.Namespace) -> int:
                     reader,
                     model,
                     reference,
-                    identity=RunIdentity(reader.key, init_seed),
+                    run_identity=RunIdentity(reader.key, init_seed),
                     on_fold=lambda entry: log(_fold_line(entry, config.folds)),
                 )
                 if rank == 0:
                     shutil.rmtree(tmp / FOLDS_DIR)
                     write_scores(tmp, result.scores, result.folds, identity)
                     log(_scores_line(result))
-    if rank == 0:
+    if rank == 0 and pipes is None:  # under Pipes, the asset names the directory
         print(args.out)
     return 0
 

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from data_contracts import difficulty_scores as contract
+from data_contracts.packed_row import PackedRow
 from pipeline.folds import assign_folds, pack_pairs, unpack_pairs
 from pipeline.io import atomic_directory
 from pipeline.shards import ShardReader, table_rows
@@ -79,7 +80,7 @@ def score_difficulty(
     reader: ShardReader,
     model: CausalLM,
     reference: ReferenceLogps,
-    identity: RunIdentity | None = None,
+    run_identity: RunIdentity | None = None,
     on_fold: Callable[[dict[str, Any]], None] | None = None,
 ) -> Difficulty:
     """Train one model per fold on the other folds' pairs and score the fold with it.
@@ -88,9 +89,9 @@ def score_difficulty(
         train_config: the fold models' training; fold f runs in `out_dir/fold-f`.
         config: folds, fold seed, scoring batch.
         reader: the packed shards.
-        model: the initial policy (fp32, CPU); each fold starts from a copy of it.
+        model: the initial policy (fp32); each fold starts from a copy of it.
         reference: stored reference log-probs covering every pair of `reader`.
-        identity: recorded in each fold run's checkpoints (as `train` does).
+        run_identity: the shard key and init seed, as `train` records them.
         on_fold: called on rank 0 with each fold's entry once it is scored.
 
     Raises:
@@ -107,7 +108,7 @@ def score_difficulty(
     loss_fn = build_loss(train_config.loss, train_config.beta, train_config.label_smoothing)
     window = int(reader.manifest["config"]["pack_window"])
 
-    def rows(mask: np.ndarray) -> list:
+    def rows(mask: np.ndarray) -> list[PackedRow]:
         packed = pack_pairs(
             pairs.filter(pa.array(mask)), reader.layout, reader.max_len, reader.block_size, window
         )
@@ -120,8 +121,17 @@ def score_difficulty(
         out = train_config.out_dir / f"fold-{fold}"
         fold_model = copy.deepcopy(model)
         fold_config = dataclasses.replace(train_config, out_dir=out)
-        train(fold_config, train_rows, reader.layout, reader.block_size, reader.max_len,
-              fold_model, reference=reference, identity=identity)  # fmt: skip
+        train(
+            fold_config,
+            train_rows,
+            reader.layout,
+            reader.block_size,
+            reader.max_len,
+            fold_model,
+            reference=reference,
+            identity=run_identity,
+        )
+        # The reference pass, run under the fold model: its log-probs of the held-out pairs.
         policy = compute_reference_logps(
             fold_model,
             held_rows,

@@ -9,6 +9,9 @@ across runs, and reused by content.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,7 @@ from tests.training.conftest import TINY_SHARD_PAIRS
 from training.reference import read_reference_logps
 
 FOLDS = 3
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _argv(shards: Path, out: Path, *extra: str) -> list[str]:
@@ -170,3 +174,27 @@ def test_bad_settings_are_one_error_line(tiny_shards, tmp_path, cli) -> None:
     status, err = cli(_argv(tiny_shards, tmp_path / "b", "--folds", str(TINY_SHARD_PAIRS + 1)))
     assert_one_error_line(status, err, "difficulty", f"{TINY_SHARD_PAIRS} pairs", "--folds")
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_score_as_one(scored, tiny_shards, tmp_path) -> None:
+    """`torchrun -m prefpack difficulty` with 2 gloo processes x 1 row per micro-batch: the
+    same global batch as one process x 2 rows, so the same scores (to float rounding), and
+    rank 0 alone writes them."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    argv = _argv(tiny_shards, tmp_path / "ddp")
+    argv[argv.index("--batch-rows") + 1] = "1"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    subprocess.run(
+        [*torchrun, "-m", "prefpack", *argv],
+        check=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+        capture_output=True,
+    )
+    ddp, single = read_scores(tmp_path / "ddp"), read_scores(scored["out"])
+    assert ddp["pair_id"].equals(single["pair_id"]) and ddp["fold"].equals(single["fold"])
+    np.testing.assert_allclose(ddp["loss"].to_numpy(), single["loss"].to_numpy(), atol=1e-5)
+    assert read_report(tmp_path / "ddp")["settings"]["processes"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]  # no stray temp directory
