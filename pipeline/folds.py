@@ -80,7 +80,7 @@ def unpack_pairs(rows: pa.Table, layout: Layout) -> pa.Table:
         ragged.list_array(pa.array(ragged.gather(tokens, s, n)), ragged.offsets_of(n))
         for s, n in ((start, p), (start + p, c), (rejected_start, r))
     ]
-    ids = pa.chunked_array(rows.column("pair_ids")).combine_chunks().flatten()
+    ids = rows.column("pair_ids").combine_chunks().flatten()
     return pa.Table.from_arrays([ids, *columns], schema=tokenized_pair.SCHEMA)
 
 

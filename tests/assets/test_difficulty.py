@@ -17,7 +17,8 @@ import pytest
 
 from assets.definitions import ASSETS, build_definitions
 from assets.jobs import DIFFICULTY_ASSETS
-from assets.run import materialize_all, materialized_metadata
+from assets.partitions import source_partitions
+from assets.run import materialized_metadata
 from pipeline.scores import read_report, read_scores
 from pipeline.shards import open_shards
 from tests.assets.conftest import TEST_CONFIG
@@ -54,8 +55,13 @@ def _materialize(defs: dg.Definitions, instance, selection, config=DIFFICULTY_TE
 
 @pytest.fixture(scope="module")
 def graph(instance, resources) -> dg.Definitions:
+    """The graph up to the reference log-probs (the difficulty assets' inputs)."""
     defs = build_definitions(resources)
-    assert all(r.success for r in materialize_all(defs, instance, run_config=TEST_CONFIG))
+    sources = defs.resolve_job_def("source_job")
+    for partition in source_partitions.get_partition_keys():
+        assert sources.execute_in_process(partition_key=partition, instance=instance).success
+    stages = ["curated_pairs", "tokenized_pairs", "packed_shards", "reference_logps"]
+    assert _materialize(defs, instance, stages, TEST_CONFIG).success
     return defs
 
 
