@@ -198,7 +198,11 @@ def _add_difficulty(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_inputs(p)
     p.add_argument(
-        "--out", required=True, type=Path, metavar="DIR", help="scores directory; reused when it holds scores of the same inputs and settings, else replaced"
+        "--out",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="scores directory; reused when it holds scores of the same inputs and settings, else replaced",
     )
     _add_reference(p, "reference (default: computed here once, in memory)")
     add_flags(p.add_argument_group("folds and scoring"), DifficultyConfig)
