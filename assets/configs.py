@@ -13,8 +13,10 @@ from pydantic import Field
 from pipeline.curate import CurateConfig
 from pipeline.flags import dagster_config
 from pipeline.pack import PackConfig
+from pipeline.selection import SelectConfig
 from pipeline.sources import SOURCES
 from pipeline.tokenized import TokenizeConfig
+from training.difficulty_config import DifficultyConfig
 from training.train_config import TrainConfig
 
 CurationConfig = dagster_config(
@@ -92,3 +94,24 @@ class ReferenceConfig(dg.Config):
     backend: str = Field(
         default="auto", description="attention backend of the forward pass (auto: by device)"
     )
+
+
+class DifficultyScoresConfig(
+    dagster_config(DifficultyConfig, "FoldsConfig"),
+    dagster_config(
+        TrainConfig,
+        "FoldTrainingConfig",
+        # precision and device: the `compute` resource's; the fold models are not kept
+        exclude=("out_dir", "progress", "precision", "device", "checkpoint_every", "export_dtype"),
+    ),
+):
+    """The k-fold split, the scoring pass, and how each fold model trains (`prefpack
+    difficulty`'s flags)."""
+
+    nproc_per_node: int = Field(
+        default=1,
+        description="processes; more than 1 launches through torchrun (DDP or FSDP, by parallel)",
+    )
+
+
+SelectionConfig = dagster_config(SelectConfig, "SelectionConfig")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets import curation, jobs, packing, sources, training
+from assets import curation, difficulty, jobs, packing, sources, training
 from assets.io_manager import PathIOManager
 from assets.resources import (
     ComputeResource,
@@ -48,14 +48,14 @@ def build_resources(
     }
 
 
-ASSETS = dg.load_assets_from_modules([sources, curation, packing, training])
+ASSETS = dg.load_assets_from_modules([sources, curation, packing, training, difficulty])
 
 
 def build_definitions(resources: dict[str, object]) -> dg.Definitions:
     """The assets, jobs and checks of prefpack bound to `resources`."""
     return dg.Definitions(
         assets=ASSETS,
-        jobs=[jobs.source_job, jobs.sample_job],
+        jobs=[jobs.source_job, jobs.sample_job, jobs.difficulty_job],
         resources=resources,
     )
 

@@ -1,5 +1,6 @@
-"""Jobs: `source_job` (one run per source partition) and `sample_job` (everything after),
-with the sample-sized run config that `prefpack run` and the UI's launchpad both use.
+"""Jobs: `source_job` (one run per source partition), `sample_job` (everything after), and
+`difficulty_job` (difficulty scores, the selection and a model trained on it), with the
+sample-sized run configs that `prefpack run` and the UI's launchpad both use.
 
 Two jobs because an asset job holds assets of one partitioning: the sources are
 partitioned by source family, the stages after them are not.
@@ -25,6 +26,20 @@ SAMPLE_CONFIG = {
     }
 }
 
+DIFFICULTY_ASSETS = ["difficulty_scores", "selected_shards", "selected_model"]
+
+# Five fold models of the tiny model, each about two epochs of its 4/5 of the sample's pairs;
+# the model on the selected shards is trained as `trained_model` is.
+DIFFICULTY_CONFIG = {
+    "ops": {
+        "difficulty_scores": {
+            "config": {"folds": 5, "steps": 20, "lr": 1e-3, "warmup_steps": 5, "batch_rows": 4}
+        },
+        "selected_shards": {"config": {"drop_hardest": 0.1}},
+        "selected_model": SAMPLE_CONFIG["ops"]["trained_model"],
+    }
+}
+
 source_job = dg.define_asset_job(
     "source_job",
     selection=SOURCE_ASSETS,
@@ -36,4 +51,12 @@ sample_job = dg.define_asset_job(
     selection=STAGE_ASSETS,
     config=SAMPLE_CONFIG,
     description="Curate, tokenize, pack, reference log-probs and train, sized for the samples.",
+)
+
+difficulty_job = dg.define_asset_job(
+    "difficulty_job",
+    selection=DIFFICULTY_ASSETS,
+    config=DIFFICULTY_CONFIG,
+    description="Score every packed pair by k fold models (Selective DPO), drop the hardest "
+    "share, pack the rest and train on it; sized for the samples (run sample_job first).",
 )

@@ -17,12 +17,16 @@ import os
 from pathlib import Path
 
 from assets.resources import ComputeResource, ModelResource
+from training.difficulty_config import DIFFICULTY_VERSION
 from training.train_config import REFERENCE_VERSION, TRAINER_VERSION
 
 # The trainer's and the reference code's versions (training/train_config.py): a bump gives
 # every trained model and reference file a new key and the training assets a new code
 # version.
 TRAINER_CODE_VERSION = f"train{TRAINER_VERSION}-ref{REFERENCE_VERSION}"
+# Difficulty scores come from fold models the trainer trains: its version and the scoring
+# code's (training/difficulty_config.py).
+DIFFICULTY_CODE_VERSION = f"{TRAINER_CODE_VERSION}-difficulty{DIFFICULTY_VERSION}"
 
 WEIGHT_PATTERNS = ("config.json", "*.safetensors")  # what a checkpoint's numbers are read from
 NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # one entry per GPU the driver sees
@@ -106,3 +110,24 @@ def content_key(
         "settings": settings,
     }
     return _digest(payload)[:16]
+
+
+def difficulty_key(
+    shard_key: str,
+    model: ModelResource,
+    compute: ComputeResource,
+    reference: str,
+    settings: dict[str, object],
+) -> str:
+    """The key (16 hex digits) of difficulty scores: a training key (shards, model content,
+    trainer version, precision, device class) plus the scoring code's version, the reference
+    file the fold models train and are scored against, and every setting (k, fold seed,
+    the fold models' training, the process count)."""
+    return content_key(
+        shard_key,
+        model,
+        compute,
+        code=DIFFICULTY_CODE_VERSION,
+        reference=reference,
+        difficulty=settings,
+    )

@@ -123,6 +123,42 @@ def funnel_plot(dropped: Mapping[str, int], kept: int) -> dg.MetadataValue:
     return _image(fig, "curation funnel")
 
 
+def difficulty_plot(
+    loss: np.ndarray, fold: np.ndarray, margin: np.ndarray, threshold: float | None = None
+) -> dg.MetadataValue:
+    """Held-out loss of every pair, stacked by the fold that scored it, with the drop
+    threshold when a selection made one: the hard tail Selective DPO drops is its right end."""
+    loss, fold = np.asarray(loss, dtype=float), np.asarray(fold)
+    if loss.size == 0:
+        return _placeholder("held-out loss", "0 pairs")
+    folds = np.unique(fold)
+    fig = _figure(SIZE)
+    ax = fig.subplots()
+    edges = np.histogram_bin_edges(loss, bins=30)
+    ax.hist(
+        [loss[fold == f] for f in folds],
+        bins=edges,
+        stacked=True,
+        label=[f"fold {f}" for f in folds],
+    )
+    if threshold is not None:
+        dropped = int((loss >= threshold).sum())
+        ax.axvline(
+            threshold,
+            color="#c44e52",
+            linestyle="--",
+            label=f"dropped: {dropped:,} at >= {threshold:.3g}",
+        )
+    ax.set_xlabel("held-out loss (higher: harder)")
+    ax.set_ylabel("pairs")
+    ax.legend(fontsize=8, ncols=2)
+    wrong = float((np.asarray(margin) < 0).mean())
+    ax.set_title(
+        f"held-out loss, {loss.size:,} pairs, {folds.size} folds; {wrong:.1%} with margin < 0"
+    )
+    return _image(fig, "held-out loss")
+
+
 def _figure(size: tuple[int, int]) -> Figure:
     """A figure of exactly `size` pixels at `DPI` (constrained layout keeps labels inside)."""
     return Figure(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI, layout="constrained")

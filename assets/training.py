@@ -140,13 +140,44 @@ def trained_model(
     store: StoreResource,
     pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
+    precompute = config.precompute_reference
+    return run_training(
+        context,
+        config,
+        packed_shards,
+        ["--reference", reference_logps] if precompute else [],
+        Path(reference_logps).name if precompute else None,
+        model,
+        compute,
+        store,
+        pipes_subprocess_client,
+    )
+
+
+def run_training(
+    context: dg.AssetExecutionContext,
+    config: TrainingConfig,
+    shards: str,
+    reference_flags: list[str],
+    reference: str | None,
+    model: ModelResource,
+    compute: ComputeResource,
+    store: StoreResource,
+    pipes_subprocess_client: dg.PipesSubprocessClient,
+) -> dg.MaterializeResult:
+    """`prefpack train` on `shards` through Pipes, or the finished run with the same key.
+
+    Args:
+        reference_flags: how the command gets its reference log-probs (none: a frozen copy
+            of the initial model).
+        reference: what those flags name, for the run's key (None: the live reference).
+    """
     values = config.model_dump()
     nproc = values.pop("nproc_per_node")
-    precompute = values.pop("precompute_reference")
-    reference = Path(reference_logps).name if precompute else None
+    values.pop("precompute_reference")
     # Every setting is in the key: the process count changes the global batch.
     key = content_key(
-        Path(packed_shards).name, model, compute, reference=reference, training=config.model_dump()
+        Path(shards).name, model, compute, reference=reference, training=config.model_dump()
     )
     out = store.path("models", key)
     reused = (out / "final").is_dir() and (out / REPORTED).is_file()
@@ -159,11 +190,11 @@ def trained_model(
             *prefpack_command(nproc),
             "train",
             "--shards",
-            packed_shards,
+            shards,
             *model_args(model),
             "--out",
             str(out),
-            *(["--reference", reference_logps] if precompute else []),
+            *reference_flags,
             *config_flags(values),
             *compute.flags(),
             "--no-progress",

@@ -1,5 +1,5 @@
 """Subcommands of `prefpack` that belong to `pipeline/`: normalize, curate, tokenize, pack,
-inspect."""
+inspect, select."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register `normalize`, `curate`, `tokenize`, `pack` and `inspect`."""
+    """Register `normalize`, `curate`, `tokenize`, `pack`, `inspect` and `select`."""
     from pipeline.curate import CurateConfig
     from pipeline.flags import add_flags
     from pipeline.sources import SOURCES
@@ -72,6 +72,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     _add_tokenize(subparsers)
     _add_pack(subparsers)
     _add_inspect(subparsers)
+    _add_select(subparsers)
 
 
 def _normalize(args: argparse.Namespace) -> int:
@@ -290,4 +291,46 @@ def _inspect(args: argparse.Namespace) -> int:
         for name, start, length in segments:
             ids = row.input_ids[start : start + length].tolist()
             print(f"[{name}]{tokenizer.decode(ids, skip_special_tokens=False)}[/{name}]")
+    return 0
+
+
+# ---------------------------------------------------------------------------- select
+
+
+def _add_select(subparsers: argparse._SubParsersAction) -> None:
+    from pipeline.flags import add_flags
+    from pipeline.selection import SelectConfig
+
+    p = subparsers.add_parser(
+        "select",
+        help="drop the hardest scored pairs and pack the rest (prints the shard directory)",
+        description="Rank the pairs of --shards by the held-out loss in --scores (written by "
+        "`prefpack difficulty` for those shards), drop the hardest --drop-hardest share, and "
+        "pack the kept pairs with the shards' own settings into STORE/shards/<key>. "
+        "STORE/selected/<key>/ holds dropped.parquet (every dropped pair and its reason) and "
+        "report.json (pairs in = kept + dropped).",
+    )
+    p.add_argument("--shards", required=True, type=Path, help="the scored shard directory")
+    p.add_argument("--scores", required=True, type=Path, help="its `prefpack difficulty` --out")
+    p.add_argument("--out", default="store", help="store root (default: %(default)s)")
+    add_flags(p.add_argument_group("rule (SelectConfig)"), SelectConfig)
+    p.set_defaults(handler=_select)
+
+
+def _select(args: argparse.Namespace) -> int:
+    from pipeline.flags import config_from
+    from pipeline.selection import SelectConfig, build_selected_shards
+
+    result = build_selected_shards(
+        args.shards, args.scores, config_from(SelectConfig, args), args.out
+    )
+    report = result.report
+    threshold = report["loss_threshold"]
+    at = f" (held-out loss >= {threshold:.4f})" if threshold is not None else ""
+    print(
+        f"select: {report['pairs_in']} pairs scored, dropped {report['dropped']}{at}, kept "
+        f"{report['pairs_out']} -> {result.directory}",
+        file=sys.stderr,
+    )
+    print(result.shards.directory)
     return 0

@@ -180,6 +180,16 @@ class _Chunk:
         )
 
 
+def table_rows(table: pa.Table) -> list[PackedRow]:
+    """Every row of a `packed_row` table held in memory (e.g. pairs packed again for a
+    fold, `pipeline.folds`) as `PackedRow` views of its buffers."""
+    return [
+        chunk.row(j)
+        for chunk in (_Chunk(b) for b in table.to_batches() if b.num_rows)
+        for j in range(len(chunk.pair_ids))
+    ]
+
+
 class ShardReader(Sequence[PackedRow]):
     """Random access to the rows of a shard directory, as numpy views of the mmapped files.
 

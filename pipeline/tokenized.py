@@ -43,7 +43,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import tokenizers
 
@@ -309,12 +311,7 @@ def _write_tokenized(
     rows_in = pq.ParquetFile(pairs).metadata.num_rows
     ending = EndingReport.for_markers(tokenizer.tokenizer, markers)
     stats = _Stats(BoundaryReport(template.name, tokenizer.name), ending)
-    batches = _tokenized_batches(pairs, tokenizer, template, config, stats, rows_in)
-    with pq.ParquetWriter(
-        directory / TOKENIZED, tokenized_pair.SCHEMA, compression="zstd"
-    ) as writer:
-        for group in rechunk(batches, ROW_GROUP):
-            writer.write_table(group, row_group_size=ROW_GROUP)
+    _write_pairs(directory, _tokenized_batches(pairs, tokenizer, template, config, stats, rows_in))
     (directory / TOKENIZER).write_bytes(tokenizer.json_bytes)
     config_text = json.dumps(_tokenizer_config(tokenizer, template, markers), indent=2) + "\n"
     (directory / TOKENIZER_CONFIG).write_text(config_text, encoding="utf-8")
@@ -342,6 +339,20 @@ def _write_tokenized(
         "files": file_entries(directory, DATA_FILES),
         "stats": stats.to_dict(),
     }
+    return _seal_report(directory, report)
+
+
+def _write_pairs(directory: Path, batches: Iterator[pa.Table]) -> None:
+    """`tokenized.parquet`, in row groups of exactly `ROW_GROUP` pairs."""
+    with pq.ParquetWriter(
+        directory / TOKENIZED, tokenized_pair.SCHEMA, compression="zstd"
+    ) as writer:
+        for group in rechunk(batches, ROW_GROUP):
+            writer.write_table(group, row_group_size=ROW_GROUP)
+
+
+def _seal_report(directory: Path, report: dict) -> dict:
+    """Seal, validate and write `report.json` (last, once the files it lists are written)."""
     report["checksum"] = sealed.checksum(report)
     tokenized_report.validate(report, str(directory / REPORT))
     (directory / REPORT).write_text(sealed.text(report), encoding="utf-8")
@@ -464,3 +475,79 @@ def build_tokenized(
     with atomic_directory(directory, keep_identical=True) as tmp:
         report = _write_tokenized(pairs, input_sha256, loaded, template, markers, config, key, tmp)
     return TokenizedResult(directory, key, reused=False, report=report)
+
+
+def select_tokenized(
+    directory: str | Path, pair_ids: pa.Array, selection: str, store: str | Path
+) -> TokenizedResult:
+    """Some pairs of a tokenized directory as a tokenized directory of their own.
+
+    The kept rows are copied as they are (same token ids, in the parent's order) with the
+    parent's tokenizer files, template and settings, so packing them
+    (`pipeline.pack.build_shards`, same `PackConfig`) packs exactly these pairs as the
+    parent's were packed. Stats are over the kept pairs, but `boundary_agreement`, which
+    is the parent's: it measures the tokenizer and template on the parent's first pairs.
+    The report's `input` names the parent directory and the selection.
+
+    Args:
+        directory: a directory written by `build_tokenized` (verified here).
+        pair_ids: the ids of the pairs to keep; each must be in the directory.
+        selection: a hex digest of what chose the pairs (part of the key, so another
+            choice makes another directory).
+        store: the store root; the output goes to `<store>/tokenized/<key>`, a key of the
+            parent's key, `selection` and this code's version. One that proves itself is
+            reused.
+
+    Raises:
+        ShardError: the parent directory is incomplete or corrupt (names the file).
+        ValueError: a pair id that the directory does not hold (names how many and one).
+    """
+    directory, store = Path(directory), Path(store)
+    parent = read_tokenized(directory, verify=True)
+    payload = {"parent": parent["key"], "selection": selection, "code": TOKENIZE_VERSION}
+    key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+    out = store / "tokenized" / key
+    if out.exists():
+        try:
+            return TokenizedResult(out, key, reused=True, report=read_tokenized(out))
+        except ShardError as err:
+            log.warning("rebuilding %s: %s", out, err)
+    table = pq.read_table(directory / TOKENIZED)
+    kept = table.filter(pc.is_in(table.column("pair_id"), value_set=pair_ids))
+    if kept.num_rows != len(pc.unique(pair_ids)):
+        missing = pc.filter(pair_ids, pc.invert(pc.is_in(pair_ids, value_set=table["pair_id"])))
+        raise ValueError(
+            f"{directory}: {len(missing)} of the selected pairs are not tokenized there "
+            f"(for example {missing[0].as_py()!r}); were they selected from these pairs?"
+        )
+    stats = _Stats(_parent_boundary(parent), _ending_report(directory, parent))
+    stats.pairs_in = kept.num_rows
+    stats.add(kept)
+    with atomic_directory(out, keep_identical=True) as tmp:
+        _write_pairs(tmp, iter([kept]))
+        for name in (TOKENIZER, TOKENIZER_CONFIG):
+            (tmp / name).write_bytes((directory / name).read_bytes())
+        name = f"{directory.name} selection {selection}"
+        report = {
+            **{k: v for k, v in parent.items() if k not in ("files", "stats", "checksum")},
+            "key": key,
+            "input": {"name": name, "sha256": selection, "rows": kept.num_rows},
+            "files": file_entries(tmp, DATA_FILES),
+            "stats": stats.to_dict(),
+        }
+        report = _seal_report(tmp, report)
+    return TokenizedResult(out, key, reused=False, report=report)
+
+
+def _parent_boundary(report: dict) -> BoundaryReport:
+    """The boundary agreement a directory's report gives (measured on its first pairs)."""
+    b = report["stats"]["boundary_agreement"]
+    return BoundaryReport(b["template"], b["tokenizer"], b["checked"], b["agreed"], b["examples"])
+
+
+def _ending_report(directory: Path, report: dict) -> EndingReport:
+    """An empty `EndingReport` for the template ending the directory's report names."""
+    ending = report["stats"]["responses_ending_with_eos"]
+    tokenizer = tokenizers.Tokenizer.from_file(str(directory / TOKENIZER))
+    suffix_ids = np.array(token_ids(tokenizer, ending["suffix"]), dtype=np.int32)
+    return EndingReport(ending["token"], ending["token_ids"], ending["suffix"], suffix_ids)

@@ -36,3 +36,5 @@ def test_step_by_step_block_runs(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
     assert (tmp_path / "store" / "curated" / "dropped.parquet").is_file()
     assert (tmp_path / "runs" / "readme" / "final" / "config.json").is_file()
+    assert (tmp_path / "store" / "difficulty" / "readme" / "scores.parquet").is_file()
+    assert (tmp_path / "runs" / "readme-selected" / "final" / "config.json").is_file()

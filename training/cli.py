@@ -1,8 +1,9 @@
-"""Subcommands of `prefpack` that belong to `training/`: `train` and `logps`.
+"""Subcommands of `prefpack` that belong to `training/`: `train`, `logps` and `difficulty`.
 
     prefpack logps --shards DIR --model DIR --out ref.arrow       # reference log-probs, once
     prefpack train --shards DIR --model DIR --out runs/dpo --reference ref.arrow
     torchrun --nproc_per_node 2 -m prefpack train --shards DIR --config small --out runs/x
+    prefpack difficulty --shards DIR --model DIR --reference ref.arrow --out scores/ --folds 5
 
 The run-setting flags of `train` are made from `TrainConfig`'s fields (help text, defaults,
 choices), in the groups below. torch is imported inside the handlers, so `prefpack --help`
@@ -17,16 +18,19 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.flags import add_flags, config_from
+from training.difficulty_config import DifficultyConfig
 from training.train_config import TrainConfig
 
 if TYPE_CHECKING:  # names for annotations only: the handlers import torch when they run
     from pipeline.shards import ShardReader
+    from training.difficulty import Difficulty
     from training.model import CausalLM
     from training.reference import ReferenceCache, ReferenceKey, ReferenceLogps
 
@@ -63,12 +67,15 @@ TRAIN_FLAG_GROUPS: dict[str, tuple[str, ...]] = {
 FINE_TUNING_LR = 1e-5
 # The TrainConfig fields that `prefpack logps` takes as flags too.
 LOGPS_FIELDS = ("backend", "precision", "device", "parallel", "logits_chunk", "progress")
+# The fold models of `prefpack difficulty` are not kept: no checkpoints, no export dtype.
+DIFFICULTY_TRAIN_FIELDS = ("checkpoint_every", "export_dtype")
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register `train` and `logps`."""
+    """Register `train`, `logps` and `difficulty`."""
     _add_train(subparsers)
     _add_logps(subparsers)
+    _add_difficulty(subparsers)
 
 
 # -----------------------------------------------------------------------------
@@ -131,9 +138,15 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
         help="run folder (metrics, checkpoints, final/)",
     )
     # reference log-probs: from a file, cached beside the run, or a reference model in memory
-    reference = p.add_argument_group(
-        "reference (default: a frozen copy of the initial model, run every step)"
-    ).add_mutually_exclusive_group()
+    _add_reference(p, "reference (default: a frozen copy of the initial model, run every step)")
+    for title, names in TRAIN_FLAG_GROUPS.items():
+        add_flags(p.add_argument_group(title), TrainConfig, names)
+    p.set_defaults(handler=_train)
+
+
+def _add_reference(parser: argparse.ArgumentParser, title: str) -> None:
+    """--reference FILE or --reference-cache DIR (or neither: `title` says what then)."""
+    reference = parser.add_argument_group(title).add_mutually_exclusive_group()
     reference.add_argument(
         "--reference",
         type=Path,
@@ -148,9 +161,6 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
         help="compute the log-probs once into DIR, keyed by model fingerprint, shard key, "
         "precision and reference code version, and reuse them on later runs",
     )
-    for title, names in TRAIN_FLAG_GROUPS.items():
-        add_flags(p.add_argument_group(title), TrainConfig, names)
-    p.set_defaults(handler=_train)
 
 
 def _add_logps(subparsers: argparse._SubParsersAction) -> None:
@@ -172,6 +182,34 @@ def _add_logps(subparsers: argparse._SubParsersAction) -> None:
     )
     add_flags(run, TrainConfig, LOGPS_FIELDS)
     p.set_defaults(handler=_logps)
+
+
+def _add_difficulty(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "difficulty",
+        help="score every pair by the held-out loss of k fold models (Selective DPO)",
+        description="Split the pairs of --shards into --folds folds by a seeded hash of the "
+        "pair id; for each fold, train a copy of the model on the other folds' pairs (the "
+        "`train` settings below) and score the fold's pairs with it: the held-out loss and "
+        "implicit reward margin against the reference log-probs. Writes OUT/scores.parquet "
+        "(one row per pair) and OUT/report.json (what the scores depend on, one entry per "
+        "fold); an OUT with the same inputs and settings is reused. The fold models are not "
+        "kept. Runs under torchrun and Dagster Pipes as `train` does. Prints OUT.",
+    )
+    _add_inputs(p)
+    p.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="scores directory; reused when it holds scores of the same inputs and settings, else replaced",
+    )
+    _add_reference(p, "reference (default: computed here once, in memory)")
+    add_flags(p.add_argument_group("folds and scoring"), DifficultyConfig)
+    for title, names in TRAIN_FLAG_GROUPS.items():
+        names = tuple(n for n in names if n not in DIFFICULTY_TRAIN_FIELDS)
+        add_flags(p.add_argument_group(f"fold models: {title}"), TrainConfig, names)
+    p.set_defaults(handler=_difficulty)
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -416,3 +454,126 @@ def _logps(args: argparse.Namespace) -> int:
     if rank == 0 and pipes is None:  # under Pipes, the materialization names the file
         print(args.out)
     return 0
+
+
+def _difficulty(args: argparse.Namespace) -> int:
+    from pipeline.scores import write_scores
+    from training.device import resolve_device
+    from training.difficulty import FOLDS_DIR, identity_of, score_difficulty, staged_directory
+    from training.report import pipes_context
+    from training.train import RunIdentity, check_config
+
+    config = config_from(DifficultyConfig, args)
+    fold_config = config_from(TrainConfig, args, out_dir=args.out / FOLDS_DIR)
+    rank = _rank()
+    with pipes_context() as pipes, _process_group(fold_config.device):
+        check_config(fold_config, resolve_device(fold_config.device))
+        reader, model = _open_inputs(args)
+        init_seed = args.init_seed if args.config else None
+        reference_key = _reference_key(reader, model, fold_config.precision)
+        identity = identity_of(reader, init_seed, reference_key, fold_config, config)
+
+        def log(line: str) -> None:  # under Pipes, Dagster shows it (once)
+            if pipes is not None:
+                pipes.log.info(line)
+            else:
+                print(line, file=sys.stderr)
+
+        if _same_scores(args.out, identity, log if rank == 0 else None):
+            if rank == 0:
+                log(f"reused {args.out}: the same shards, model, reference and settings")
+        else:
+            reference = _scoring_reference(
+                args, reader, model, fold_config, config.score_batch_rows
+            )
+            with staged_directory(args.out) as tmp:
+                result = score_difficulty(
+                    dataclasses.replace(fold_config, out_dir=tmp / FOLDS_DIR),
+                    config,
+                    reader,
+                    model,
+                    reference,
+                    run_identity=RunIdentity(reader.key, init_seed),
+                    on_fold=lambda entry: log(_fold_line(entry, config.folds)),
+                )
+                if rank == 0:
+                    shutil.rmtree(tmp / FOLDS_DIR)
+                    write_scores(tmp, result.scores, result.folds, identity)
+                    log(_scores_line(result))
+    if rank == 0 and pipes is None:  # under Pipes, the asset names the directory
+        print(args.out)
+    return 0
+
+
+def _scoring_reference(
+    args: argparse.Namespace,
+    reader: ShardReader,
+    model: CausalLM,
+    config: TrainConfig,
+    batch_rows: int,
+) -> ReferenceLogps:
+    """The reference log-probs every fold trains and is scored against: --reference,
+    --reference-cache (computed there first if absent), or computed here in memory."""
+    from training.device import resolve_device
+    from training.reference import (
+        ReferenceLogps,
+        cached_reference_logps,
+        compute_reference_logps,
+    )
+
+    reference = _reference(args, reader, model, config.precision)
+    if isinstance(reference, ReferenceLogps):
+        return reference
+    model.logits_chunk = config.logits_chunk
+    kwargs = {
+        "block_size": reader.block_size,
+        "backend": config.backend,
+        "batch_rows": batch_rows,
+        "device": resolve_device(config.device),
+        "progress": config.progress,
+        "max_len": reader.max_len,
+    }
+    if reference is not None:  # a cache directory
+        return cached_reference_logps(model, reader, reader.layout, reference, **kwargs)
+    table = compute_reference_logps(
+        model, reader, reader.layout, precision=config.precision, **kwargs
+    )
+    return ReferenceLogps(table, _reference_key(reader, model, config.precision))
+
+
+def _same_scores(out: Path, identity: dict, log: Callable[[str], None] | None) -> bool:
+    """Whether `out` holds scores (intact) of exactly these inputs, settings and code."""
+    from pipeline.scores import read_report
+    from pipeline.shards import ShardError
+
+    if not out.exists():
+        return False
+    try:
+        report = read_report(out)
+    except ShardError as err:
+        if log is not None:
+            log(f"replacing {out}: {err}")
+        return False
+    changed = [part for part in identity if report[part] != identity[part]]
+    if changed and log is not None:
+        log(f"replacing {out}: its {' and '.join(changed)} differ")
+    return not changed
+
+
+def _fold_line(entry: dict, folds: int) -> str:
+    return (
+        f"fold {entry['fold'] + 1}/{folds}: trained on {entry['train_pairs']} pairs "
+        f"({entry['steps']} steps, final loss {entry['train_loss']:.4f}), scored "
+        f"{entry['held_out_pairs']} held-out pairs: loss {entry['held_out_loss']:.4f}, "
+        f"accuracy {entry['held_out_accuracy']:.3f}"
+    )
+
+
+def _scores_line(result: Difficulty) -> str:
+    import numpy as np
+
+    loss = result.scores.column("loss").to_numpy()
+    return (
+        f"scored {result.scores.num_rows} pairs in {len(result.folds)} folds: held-out loss "
+        f"mean {loss.mean():.4f}, median {float(np.median(loss)):.4f}, max {loss.max():.4f}"
+    )

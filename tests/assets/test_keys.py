@@ -1,4 +1,4 @@
-"""Content keys of the training assets, and the flags `reference_logps` launches with.
+"""Content keys of the training and difficulty assets, and the flags their commands take.
 
 Fast: no graph, no subprocess. `reference_logps` runs against a Pipes client that records
 the command instead of running it.
@@ -11,11 +11,21 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+import prefpack
 from assets import keys
-from assets.configs import ReferenceConfig
-from assets.keys import content_key, device_class, model_fingerprint, weights_fingerprint
+from assets.configs import DifficultyScoresConfig, ReferenceConfig
+from assets.keys import (
+    content_key,
+    device_class,
+    difficulty_key,
+    model_fingerprint,
+    weights_fingerprint,
+)
 from assets.resources import ComputeResource, ModelResource, StoreResource
-from assets.training import reference_logps
+from assets.training import config_flags, reference_logps
+from pipeline.flags import config_from
+from training.difficulty_config import DifficultyConfig
+from training.train_config import TrainConfig
 
 SHARD_KEY = "0123456789abcdef0123"
 
@@ -132,3 +142,37 @@ def test_reference_logps_runs_in_the_training_precision_under_its_own_path(tmp_p
     assert fp32.data_version != bf16.data_version
     assert bf16.metadata["precision"].value == "bf16"
     assert bf16.metadata["device"].value == "cuda"
+
+
+def test_difficulty_keys_change_with_k_settings_reference_and_code(monkeypatch) -> None:
+    model, compute = ModelResource(), ComputeResource(device="cpu")
+    settings = DifficultyScoresConfig(folds=5).model_dump()
+    key = difficulty_key(SHARD_KEY, model, compute, "ref.arrow", settings)
+    assert difficulty_key(SHARD_KEY, model, compute, "ref.arrow", dict(settings)) == key
+    changed = [
+        difficulty_key(SHARD_KEY, model, compute, "ref.arrow", {**settings, "folds": 4}),
+        difficulty_key(SHARD_KEY, model, compute, "ref.arrow", {**settings, "steps": 7}),
+        difficulty_key(SHARD_KEY, model, compute, "ref.arrow", {**settings, "nproc_per_node": 2}),
+        difficulty_key(SHARD_KEY, model, compute, "other.arrow", settings),
+        difficulty_key("f" * 20, model, compute, "ref.arrow", settings),
+        difficulty_key(SHARD_KEY, ModelResource(seed=1), compute, "ref.arrow", settings),
+        difficulty_key(SHARD_KEY, model, ComputeResource(device="cuda"), "ref.arrow", settings),
+    ]
+    assert len({key, *changed}) == len(changed) + 1
+    # Neither a trained model's key, nor the same after the scoring code's version moves.
+    assert key != content_key(SHARD_KEY, model, compute, reference="ref.arrow", training=settings)
+    monkeypatch.setattr(keys, "DIFFICULTY_CODE_VERSION", keys.DIFFICULTY_CODE_VERSION + "+1")
+    assert difficulty_key(SHARD_KEY, model, compute, "ref.arrow", settings) != key
+
+
+def test_difficulty_config_is_what_prefpack_difficulty_takes() -> None:
+    """Every field of the asset's config but the process count is a flag of the command it
+    launches, and lands in the same setting there."""
+    config = DifficultyScoresConfig(folds=4, fold_seed=2, steps=7, lr=1e-3, adam_betas=[0.8, 0.9])
+    values = config.model_dump()
+    values.pop("nproc_per_node")
+    argv = ["difficulty", "--shards", "s", "--config", "tiny", "--out", "o", *config_flags(values)]
+    args = prefpack.build_parser().parse_args(argv)
+    assert config_from(DifficultyConfig, args) == DifficultyConfig(folds=4, fold_seed=2)
+    train = config_from(TrainConfig, args, out_dir=Path("o"))
+    assert (train.steps, train.lr, train.adam_betas) == (7, 1e-3, (0.8, 0.9))

@@ -1,0 +1,200 @@
+"""`prefpack difficulty`: k fold models, each scoring the pairs it never trained on.
+
+On the tiny shards (48 pairs packed by the real packer) with the tiny model, 2 steps per
+fold: the scores are right by construction (every pair by the one fold model that held it
+out), consistent (loss and rewards from the stored reference log-probs), byte-identical
+across runs, and reused by content.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+import torch
+
+import prefpack
+import training.difficulty
+from pipeline.scores import read_report, read_scores
+from pipeline.shards import open_shards
+from tests.conftest import assert_one_error_line
+from tests.training.conftest import TINY_SHARD_PAIRS
+from training.reference import read_reference_logps
+
+FOLDS = 3
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _argv(shards: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "difficulty",
+        "--shards", str(shards),
+        "--config", "tiny",
+        "--out", str(out),
+        "--folds", str(FOLDS),
+        "--steps", "2",
+        "--batch-rows", "2",
+        "--lr", "1e-3",
+        "--warmup-steps", "1",
+        "--no-progress",
+        *extra,
+    ]  # fmt: skip
+
+
+def _row_ids(rows) -> set[str]:
+    return {pid for row in rows for pid in row.pair_ids}
+
+
+@pytest.fixture(scope="module")
+def scored(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One run of `prefpack difficulty` with the pairs each fold model trained on and the
+    pairs each one scored, recorded as `train` and the scoring pass receive them."""
+    trained: list[set[str]] = []
+    held_out: list[set[str]] = []
+    real_train = training.difficulty.train
+    real_logps = training.difficulty.compute_reference_logps
+
+    def recording_train(config, rows, *args, **kwargs):
+        trained.append(_row_ids(rows))
+        return real_train(config, rows, *args, **kwargs)
+
+    def recording_logps(model, rows, *args, **kwargs):
+        held_out.append(_row_ids(rows))
+        return real_logps(model, rows, *args, **kwargs)
+
+    out = tmp_path_factory.mktemp("difficulty") / "scores"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training.difficulty, "train", recording_train)
+        patch.setattr(training.difficulty, "compute_reference_logps", recording_logps)
+        assert prefpack.main(_argv(tiny_shards, out)) == 0
+    return {"out": out, "trained": trained, "held_out": held_out}
+
+
+def test_every_pair_is_scored_by_the_fold_model_that_never_saw_it(scored, tiny_shards) -> None:
+    all_ids = _row_ids(open_shards(tiny_shards))
+    scores = read_scores(scored["out"])
+    trained, held_out = scored["trained"], scored["held_out"]
+    assert len(trained) == len(held_out) == FOLDS
+    for fold in range(FOLDS):
+        assert not trained[fold] & held_out[fold]  # the fold model never saw what it scores
+        assert trained[fold] | held_out[fold] == all_ids
+        scored_here = pc.filter(scores["pair_id"], pc.equal(scores["fold"], fold))
+        assert set(scored_here.to_pylist()) == held_out[fold]
+    assert sorted(scores["pair_id"].to_pylist()) == scores["pair_id"].to_pylist()
+    assert scores.num_rows == TINY_SHARD_PAIRS == len(all_ids)
+
+    report = read_report(scored["out"])
+    assert [f["held_out_pairs"] for f in report["folds"]] == [len(h) for h in held_out]
+    assert [f["train_pairs"] for f in report["folds"]] == [len(t) for t in trained]
+    assert [f["steps"] for f in report["folds"]] == [2] * FOLDS
+    assert report["inputs"]["shard_key"] == open_shards(tiny_shards).key
+
+
+def test_scores_are_the_loss_of_the_fold_logps_against_the_reference(scored, tiny_shards) -> None:
+    """Rewards are beta * (fold model - reference) log-probs of each response; the loss is
+    sigmoid DPO's -log sigmoid(margin), margin = chosen - rejected reward. The reference
+    is the shards' own, as `prefpack logps` computes it."""
+    scores = read_scores(scored["out"])
+    ref_file = scored["out"].parent / "ref.arrow"
+    argv = ["logps", "--shards", str(tiny_shards), "--config", "tiny", "--out", str(ref_file)]
+    assert prefpack.main([*argv, "--no-progress"]) == 0
+    ref = read_reference_logps(ref_file).lookup(scores["pair_id"].to_pylist())
+    beta = read_report(scored["out"])["settings"]["train"]["beta"]
+    chosen = scores["chosen_logps"].to_numpy()
+    np.testing.assert_allclose(
+        scores["chosen_reward"].to_numpy(), beta * (chosen - ref.chosen.numpy()), atol=1e-5
+    )
+    rejected = scores["rejected_logps"].to_numpy()
+    np.testing.assert_allclose(
+        scores["rejected_reward"].to_numpy(), beta * (rejected - ref.rejected.numpy()), atol=1e-5
+    )
+    margin = scores["margin"].to_numpy()
+    np.testing.assert_allclose(
+        margin, scores["chosen_reward"].to_numpy() - scores["rejected_reward"].to_numpy(), atol=1e-6
+    )
+    expected = -torch.nn.functional.logsigmoid(torch.tensor(margin)).numpy()
+    np.testing.assert_allclose(scores["loss"].to_numpy(), expected, rtol=1e-5)
+    # Trained two steps, the fold models moved: not every pair sits at log 2.
+    assert np.abs(scores["loss"].to_numpy() - np.log(2)).max() > 1e-4
+
+
+def test_a_second_run_writes_the_same_bytes(scored, tiny_shards, tmp_path) -> None:
+    again = tmp_path / "again"
+    assert prefpack.main(_argv(tiny_shards, again)) == 0
+    for name in ("scores.parquet", "report.json"):
+        assert (again / name).read_bytes() == (scored["out"] / name).read_bytes(), name
+    assert sorted(p.name for p in again.iterdir()) == ["report.json", "scores.parquet"]
+
+
+def test_same_settings_reuse_and_changed_settings_recompute(
+    scored, tiny_shards, tmp_path, capsys
+) -> None:
+    out = tmp_path / "scores"
+    assert prefpack.main(_argv(tiny_shards, out)) == 0
+    capsys.readouterr()
+    stamp = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    assert prefpack.main(_argv(tiny_shards, out)) == 0
+    assert "reused" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamp
+
+    assert prefpack.main(_argv(tiny_shards, out, "--folds", "4")) == 0
+    err = capsys.readouterr().err
+    assert "replacing" in err and "settings" in err
+    report = read_report(out)
+    assert len(report["folds"]) == 4 and report["settings"]["folds"] == 4
+    assert set(read_scores(out)["fold"].to_pylist()) == {0, 1, 2, 3}
+
+    assert prefpack.main(_argv(tiny_shards, out, "--folds", "4", "--fold-seed", "1")) == 0
+    assert "replacing" in capsys.readouterr().err
+    assert read_report(out)["settings"]["fold_seed"] == 1
+
+
+def test_an_edited_scores_file_is_not_reused(scored, tiny_shards, tmp_path, capsys) -> None:
+    out = tmp_path / "scores"
+    assert prefpack.main(_argv(tiny_shards, out)) == 0
+    report = json.loads((out / "report.json").read_text())
+    (out / "scores.parquet").write_bytes(b"PAR1" + b"\0" * (report["files"][0]["bytes"] - 4))
+    capsys.readouterr()
+    assert prefpack.main(_argv(tiny_shards, out)) == 0
+    err = capsys.readouterr().err
+    assert "replacing" in err and "scores.parquet: sha256" in err
+    assert (out / "scores.parquet").read_bytes() == (scored["out"] / "scores.parquet").read_bytes()
+
+
+def test_bad_settings_are_one_error_line(tiny_shards, tmp_path, cli) -> None:
+    status, err = cli(_argv(tiny_shards, tmp_path / "a", "--folds", "1"))
+    assert_one_error_line(status, err, "difficulty", "--folds", ">= 2")
+    status, err = cli(_argv(tiny_shards, tmp_path / "b", "--folds", str(TINY_SHARD_PAIRS + 1)))
+    assert_one_error_line(status, err, "difficulty", f"{TINY_SHARD_PAIRS} pairs", "--folds")
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_score_as_one(scored, tiny_shards, tmp_path) -> None:
+    """`torchrun -m prefpack difficulty` with 2 gloo processes x 1 row per micro-batch: the
+    same global batch as one process x 2 rows, so the same scores (to float rounding), and
+    rank 0 alone writes them."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    argv = _argv(tiny_shards, tmp_path / "ddp")
+    argv[argv.index("--batch-rows") + 1] = "1"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    subprocess.run(
+        [*torchrun, "-m", "prefpack", *argv],
+        check=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+        capture_output=True,
+    )
+    ddp, single = read_scores(tmp_path / "ddp"), read_scores(scored["out"])
+    assert ddp["pair_id"].equals(single["pair_id"]) and ddp["fold"].equals(single["fold"])
+    np.testing.assert_allclose(ddp["loss"].to_numpy(), single["loss"].to_numpy(), atol=1e-5)
+    assert read_report(tmp_path / "ddp")["settings"]["processes"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]  # no stray temp directory

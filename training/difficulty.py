@@ -1,0 +1,261 @@
+"""How hard each pair is, measured by models that never saw it (Selective DPO).
+
+"Principled Data Selection for Alignment: The Hidden Risks of Difficult Examples" finds
+that the pairs with the highest validation loss under models trained on *other* data hurt
+alignment, and that dropping them helps. This module measures that loss with the trainer
+prefpack already has:
+
+    pairs = unpack_pairs(shards)               # exactly the packed pairs
+    fold  = assign_folds(pair ids, k, seed)    # by a seeded hash of the id
+    for each fold f:
+        train a copy of the initial model on the pairs of the other folds (training.train)
+        score fold f's pairs with it: log-probs of chosen and rejected, then the run's
+        loss and implicit reward margin against the reference log-probs
+
+Each fold's pairs are packed again (`pipeline.folds.pack_pairs`, the pack stage's packer,
+same layout and max_len), so a fold model's rows hold none of the pairs it scores. The
+reference log-probs are the shards' own (`ReferenceLogps`, keyed by the shard key): every
+fold trains and is scored against the same reference as a run on all the shards.
+
+Under torchrun every rank runs the folds together (DDP or FSDP, as `train` does); rank 0
+writes (`pipeline.scores.write_scores`): `scores.parquet` (`data_contracts.difficulty_scores`,
+sorted by pair id) and `report.json` (inputs, settings, code versions, one entry per fold),
+the same bytes for the same inputs. The fold models are not kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+
+from data_contracts import difficulty_scores as contract
+from data_contracts.packed_row import PackedRow
+from pipeline.folds import assign_folds, pack_pairs, unpack_pairs
+from pipeline.io import atomic_directory
+from pipeline.shards import ShardReader, table_rows
+from training.device import resolve_backend, resolve_device
+from training.difficulty_config import DIFFICULTY_VERSION, DifficultyConfig
+from training.losses import PairLogps, build_loss
+from training.model import CausalLM
+from training.parallel import is_distributed, world_and_rank
+from training.reference import (
+    REFERENCE_VERSION,
+    ReferenceKey,
+    ReferenceLogps,
+    compute_reference_logps,
+)
+from training.report import summarize
+from training.train import RunIdentity, train
+from training.train_config import TRAINER_VERSION, TrainConfig
+
+FOLDS_DIR = "folds"  # the fold runs, under the output's temporary directory, then removed
+
+
+@dataclasses.dataclass(frozen=True)
+class Difficulty:
+    """Scores of every pair and what each fold did.
+
+    Attributes:
+        scores: a `difficulty_scores` table, sorted by pair id.
+        folds: one `difficulty_scores.FOLD_FIELDS` entry per fold (on rank 0; empty on
+            the other ranks, which write nothing).
+    """
+
+    scores: pa.Table
+    folds: list[dict[str, Any]]
+
+
+def score_difficulty(
+    train_config: TrainConfig,
+    config: DifficultyConfig,
+    reader: ShardReader,
+    model: CausalLM,
+    reference: ReferenceLogps,
+    run_identity: RunIdentity | None = None,
+    on_fold: Callable[[dict[str, Any]], None] | None = None,
+) -> Difficulty:
+    """Train one model per fold on the other folds' pairs and score the fold with it.
+
+    Args:
+        train_config: the fold models' training; fold f runs in `out_dir/fold-f`.
+        config: folds, fold seed, scoring batch.
+        reader: the packed shards.
+        model: the initial policy (fp32); each fold starts from a copy of it.
+        reference: stored reference log-probs covering every pair of `reader`.
+        run_identity: the shard key and init seed, as `train` records them.
+        on_fold: called on rank 0 with each fold's entry once it is scored.
+
+    Raises:
+        ValueError: fewer pairs than folds; a setting or row `train` refuses.
+    """
+    pairs = unpack_pairs(reader.table, reader.layout)
+    if pairs.num_rows < config.folds:
+        raise ValueError(
+            f"{pairs.num_rows} pairs cannot be split into --folds {config.folds}; use fewer folds"
+        )
+    folds = assign_folds(pairs.column("pair_id").to_pylist(), config.folds, config.fold_seed)
+    device = resolve_device(train_config.device)
+    backend = resolve_backend(train_config.backend, device, train_config.precision)
+    loss_fn = build_loss(train_config.loss, train_config.beta, train_config.label_smoothing)
+    window = int(reader.manifest["config"]["pack_window"])
+
+    def rows(mask: np.ndarray) -> list[PackedRow]:
+        packed = pack_pairs(
+            pairs.filter(pa.array(mask)), reader.layout, reader.max_len, reader.block_size, window
+        )
+        return table_rows(packed)
+
+    tables, entries = [], []
+    for fold in range(config.folds):
+        held = folds == fold
+        train_rows, held_rows = rows(~held), rows(held)
+        out = train_config.out_dir / f"fold-{fold}"
+        fold_model = copy.deepcopy(model)
+        fold_config = dataclasses.replace(train_config, out_dir=out)
+        train(
+            fold_config,
+            train_rows,
+            reader.layout,
+            reader.block_size,
+            reader.max_len,
+            fold_model,
+            reference=reference,
+            identity=run_identity,
+        )
+        # The reference pass, run under the fold model: its log-probs of the held-out pairs.
+        policy = compute_reference_logps(
+            fold_model,
+            held_rows,
+            reader.layout,
+            block_size=reader.block_size,
+            backend=backend,
+            batch_rows=config.score_batch_rows,
+            device=device,
+            precision=train_config.precision,
+            progress=train_config.progress,
+            max_len=reader.max_len,
+        )
+        del fold_model
+        table = _fold_scores(policy, reference, loss_fn, fold)
+        tables.append(table)
+        if world_and_rank()[1] == 0:  # rank 0 alone writes the fold run's metrics
+            entries.append(_fold_entry(fold, out, table, int((~held).sum()), len(train_rows)))
+            if on_fold is not None:
+                on_fold(entries[-1])
+    scores = pa.concat_tables(tables).sort_by("pair_id")
+    return Difficulty(contract.CONTRACT.validate(scores, source="difficulty scores"), entries)
+
+
+def _fold_scores(
+    policy: pa.Table, reference: ReferenceLogps, loss_fn: torch.nn.Module, fold: int
+) -> pa.Table:
+    """The held-out pairs' loss, margin and rewards under the fold model's log-probs."""
+    chosen = torch.tensor(policy.column("chosen_logps").to_numpy())
+    rejected = torch.tensor(policy.column("rejected_logps").to_numpy())
+    ref = reference.lookup(policy.column("pair_id").to_pylist())
+    with torch.no_grad():
+        losses, chosen_rewards, rejected_rewards = loss_fn(PairLogps(chosen, rejected), ref)
+    f32 = pa.float32()
+    return pa.table(
+        {
+            "pair_id": policy.column("pair_id"),
+            "fold": pa.array(np.full(policy.num_rows, fold, np.int32)),
+            "loss": pa.array(losses.float().numpy(), f32),
+            "margin": pa.array((chosen_rewards - rejected_rewards).float().numpy(), f32),
+            "chosen_reward": pa.array(chosen_rewards.float().numpy(), f32),
+            "rejected_reward": pa.array(rejected_rewards.float().numpy(), f32),
+            "chosen_logps": policy.column("chosen_logps"),
+            "rejected_logps": policy.column("rejected_logps"),
+        }
+    )
+
+
+def _fold_entry(fold: int, out: Path, scores: pa.Table, train_pairs: int, train_rows: int) -> dict:
+    """What a fold did: its data, its training's last step and curve, its held-out scores
+    (numbers only, no timings, so the report is the same bytes for the same inputs)."""
+    summary = summarize(out)
+    loss = scores.column("loss").to_numpy()
+    margin = scores.column("margin").to_numpy()
+    return {
+        "fold": fold,
+        "train_pairs": train_pairs,
+        "train_rows": train_rows,
+        "held_out_pairs": scores.num_rows,
+        "steps": summary.steps,
+        "train_loss": float(summary.final["loss"]),
+        "train_accuracy": float(summary.final["rewards/accuracies"]),
+        "held_out_loss": float(loss.mean()),
+        "held_out_accuracy": float((margin > 0).mean()),
+        "curve": [list(point) for point in summary.curve],
+    }
+
+
+# -----------------------------------------------------------------------------
+# Files
+
+
+def identity_of(
+    reader: ShardReader,
+    init_seed: int | None,
+    reference: ReferenceKey,
+    train_config: TrainConfig,
+    config: DifficultyConfig,
+) -> dict[str, Any]:
+    """What the scores depend on, as the report records it: inputs (the shards, the
+    initial model, which is also the reference, by content, its init seed, and the
+    reference log-probs' key), settings (the device class and the process count too: both
+    change the numbers) and code versions."""
+    training = dataclasses.asdict(train_config)
+    for name in ("out_dir", "progress", "device", "checkpoint_every", "export_dtype"):
+        training.pop(name)
+    training["adam_betas"] = list(training["adam_betas"])
+    return {
+        "inputs": {
+            "shard_key": reader.key,
+            "model_fingerprint": reference.model_fingerprint,
+            "init_seed": init_seed,
+            "reference": dataclasses.asdict(reference),
+        },
+        "settings": {
+            **dataclasses.asdict(config),
+            "train": training,
+            "device": resolve_device(train_config.device).type,
+            "processes": world_and_rank()[0],
+        },
+        "code": {
+            "difficulty": DIFFICULTY_VERSION,
+            "trainer": TRAINER_VERSION,
+            "reference": REFERENCE_VERSION,
+        },
+    }
+
+
+@contextlib.contextmanager
+def staged_directory(out: Path) -> Iterator[Path]:
+    """`pipeline.io.atomic_directory` for a command that every rank runs: rank 0 stages
+    the directory, every rank gets its temporary path (the fold runs need one path on all
+    ranks), and rank 0 installs it once every rank is done."""
+    if not is_distributed():
+        with atomic_directory(out, keep_identical=True) as tmp:
+            yield tmp
+        return
+    box: list[str | None] = [None]
+    if dist.get_rank() == 0:
+        with atomic_directory(out, keep_identical=True) as tmp:
+            box[0] = str(tmp)
+            dist.broadcast_object_list(box, src=0)
+            yield tmp
+            dist.barrier()
+        return
+    dist.broadcast_object_list(box, src=0)
+    yield Path(str(box[0]))
+    dist.barrier()
