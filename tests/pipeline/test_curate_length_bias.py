@@ -4,11 +4,14 @@ chosen-longer share rule with its accounting."""
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from pipeline.curate import curate
-from tests.pipeline.test_curate import NO_RULES, _pairs
+from pipeline.curate import CurateConfig, curate
+from tests.pipeline.test_curate import NO_RULES, _pairs, _user
 
 
 def _lengths(source: str, *lengths: tuple[int, int]) -> list[dict]:
@@ -108,3 +111,55 @@ def test_chosen_longer_share_is_seeded() -> None:
     }
     assert picks[0] == tuple(_balanced(0.25, 0)[1].dropped["position"].to_pylist())
     assert len(set(picks.values())) > 1  # another seed draws other pairs
+
+
+WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
+
+
+@st.composite
+def pair_rows(draw: st.DrawFn) -> list[dict]:
+    """Pairs of two sources with prompts from six words (so near-duplicates occur),
+    responses of 0-30 characters and margins that may be missing or zero."""
+    rows = []
+    for _ in range(draw(st.integers(1, 30))):
+        prompt = " ".join(draw(st.lists(st.sampled_from(WORDS), min_size=1, max_size=8)))
+        rows.append(
+            {
+                "source": draw(st.sampled_from(["a", "b"])),
+                "prompt": _user(prompt),
+                "chosen": "c" * draw(st.integers(0, 30)),
+                "rejected": "r" * draw(st.integers(0, 30)),
+                "margin": draw(st.one_of(st.none(), st.sampled_from([0.0, 1.0, 2.5]))),
+            }
+        )
+    return rows
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=pair_rows(),
+    threshold=st.sampled_from([0.5, 0.8, 1.0]),
+    share=st.sampled_from([0.0, 0.3, 0.5, 1.0]),
+    ratio=st.one_of(st.none(), st.sampled_from([1.0, 2.0])),
+    cap=st.integers(1, 3),
+)
+def test_every_pair_is_accounted_for_with_the_new_rules_on(
+    rows: list[dict], threshold: float, share: float, ratio: float | None, cap: int
+) -> None:
+    table = _pairs(*rows, metadata={"a": "x", "b": "y"})
+    config = CurateConfig(
+        near_dup_threshold=threshold,
+        near_dup_max_pairs=cap,
+        max_length_ratio=ratio,
+        max_chosen_longer_share=share,
+    )
+    result = curate(table, config)
+    report = result.report
+    assert report["rows_in"] == report["rows_out"] + sum(report["dropped"].values())
+    assert result.dropped.num_rows == sum(report["dropped"].values())
+    assert Counter(result.dropped["reason"].to_pylist()) == +Counter(report["dropped"])
+    positions = result.dropped["position"].to_pylist()
+    assert positions == sorted(set(positions)) and all(0 <= p < len(rows) for p in positions)
+    for stats in report["length_bias"]["out"].values():
+        assert stats["chosen_longer_share"] <= share
+    assert curate(table, config).report == report
