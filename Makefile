@@ -34,6 +34,7 @@ test: lint
 bench: venv
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,bench]'  # trl: vs_trl only
 	$(BIN)/python -m benchmarks.normalize_curate
+	$(BIN)/python -m benchmarks.near_dedup
 	$(BIN)/python -m benchmarks.pack
 	$(BIN)/python -m benchmarks.train
 	$(BIN)/python -m benchmarks.vs_trl

@@ -6,14 +6,14 @@ import pyarrow.compute as pc
 
 from assets import checks
 from assets.configs import CurationConfig
-from assets.metadata import count_table, histogram, records_table
-from assets.plots import funnel_plot
+from assets.metadata import histogram, records_table
+from assets.plots import funnel_plot, length_bias_plot
 from assets.resources import StoreResource
 from pipeline.curate import CurateConfig, curate, load_eval_prompts, read_pairs, write_curated
 from pipeline.flags import config_from
 from pipeline.sample_data import eval_prompts_path
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: near-duplicates, length bias, the curation_report contract
 
 
 @dg.asset(
@@ -21,8 +21,9 @@ CODE_VERSION = "1"
     code_version=CODE_VERSION,
     check_specs=checks.specs("curated_pairs", checks.SCHEMA, checks.ACCOUNTING),
     description="Pairs of the selected sources after dedup, ties, empty and length rules, "
-    "margin/score bands, language/domain selection, contamination and per-prompt caps; "
-    "every drop counted by reason.",
+    "length-ratio cap, margin/score bands, language/domain selection, contamination, "
+    "near-duplicate prompts, per-prompt caps and the chosen-longer share; every drop counted "
+    "by reason, length bias reported per source.",
 )
 def curated_pairs(
     context: dg.AssetExecutionContext,
@@ -58,21 +59,82 @@ def curated_pairs(
             "rows_out": report["rows_out"],
             "dropped": sum(report["dropped"].values()),
             "dropped_path": dg.MetadataValue.path(str(out / report["dropped_file"])),
-            "funnel": count_table(
-                {**report["dropped"], "kept": report["rows_out"]}, total=report["rows_in"]
-            ),
+            "funnel": _funnel(report),
             "funnel_plot": funnel_plot(report["dropped"], kept=report["rows_out"]),
             "by_source": records_table(
                 [{"source": s, **counts} for s, counts in report["sources"].items()]
             ),
             "attribute_agreement": records_table(agreement),
             "eval_prompts": eval_file if eval_prompts is not None else "(off)",
+            "length_bias": records_table(_length_bias_rows(report["length_bias"])),
+            "length_bias_plot": length_bias_plot(report["length_bias"]),
+            "chosen_longer_share": _chosen_longer_share(report["length_bias"]["out"]),
+            "near_duplicates": _near_duplicates(report["near_duplicates"]),
             "chosen_chars": histogram(_lengths(kept, "chosen"), unit="chosen chars"),
             "rejected_chars": histogram(_lengths(kept, "rejected"), unit="rejected chars"),
         },
     )
     yield checks.check_schema(out, with_quarantine=False)
     yield checks.check_curate_accounting(out, pairs_in=pairs.num_rows)
+
+
+def _funnel(report: dict) -> dg.MetadataValue:
+    """The rules in the order they ran, each with the pairs it dropped and those left."""
+    left = report["rows_in"]
+    rows = [{"rule": "(pairs in)", "dropped": 0, "left": left, "share left": 1.0}]
+    for rule, dropped in report["dropped"].items():
+        left -= dropped
+        rows.append(
+            {
+                "rule": rule,
+                "dropped": dropped,
+                "left": left,
+                "share left": left / (report["rows_in"] or 1),
+            }
+        )
+    return records_table(rows)
+
+
+def _length_bias_rows(bias: dict) -> list[dict]:
+    rows = []
+    for source in sorted(bias["in"]):
+        for stage in ("in", "out"):
+            stats = bias[stage].get(source)
+            if stats is None:
+                continue
+            q = stats["ratio_quantiles"]
+            rows.append(
+                {
+                    "source": source,
+                    "pairs": stage,
+                    "count": stats["pairs"],
+                    "chosen longer": stats["chosen_longer_share"],
+                    "ratio p05": q["p05"],
+                    "p25": q["p25"],
+                    "p50": q["p50"],
+                    "p75": q["p75"],
+                    "p95": q["p95"],
+                }
+            )
+    return rows
+
+
+def _chosen_longer_share(out: dict) -> dg.MetadataValue:
+    """Over every kept pair: a number, so the UI plots it across materializations."""
+    pairs = sum(stats["pairs"] for stats in out.values())
+    longer = sum(stats["chosen_longer"] for stats in out.values())
+    return dg.MetadataValue.float(round(longer / pairs, 4) if pairs else float("nan"))
+
+
+def _near_duplicates(summary: dict | None) -> dg.MetadataValue:
+    """The near-duplicate groups found, and a few of them to judge the threshold by."""
+    if summary is None:
+        return dg.MetadataValue.md("(off: set near_dup_threshold)")
+    counts = {k: v for k, v in summary.items() if k != "examples"}
+    lines = [records_table([counts]).md_str, "", "Largest groups (normalized prompts):"]
+    for i, group in enumerate(summary["examples"], 1):
+        lines += [f"{i}. " + " / ".join(f"`` {text} ``" for text in group)]
+    return dg.MetadataValue.md("\n".join(lines))
 
 
 def _lengths(table, column: str) -> np.ndarray:

@@ -17,6 +17,7 @@ import base64
 import io
 import itertools
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import dagster as dg
 import numpy as np
@@ -157,6 +158,67 @@ def difficulty_plot(
         f"held-out loss, {loss.size:,} pairs, {folds.size} folds; {wrong:.1%} with margin < 0"
     )
     return _image(fig, "held-out loss")
+
+
+def length_bias_plot(length_bias: Mapping[str, Any]) -> dg.MetadataValue:
+    """Length bias per source, from the curation report's `length_bias`: the share of
+    pairs whose chosen is longer (left; 50% is no bias) and the chosen / rejected length
+    ratio as boxes of its p25-p75, whiskers p05-p95 and the median (right, log scale), for
+    the pairs in and the pairs kept, so the effect of the rules shows."""
+    stages = {"in": length_bias["in"], "out": length_bias["out"]}
+    sources = sorted(stages["in"])
+    if not sources:
+        return _placeholder("length bias", "0 pairs")
+    fig = _figure(TALL)
+    share_ax, ratio_ax = fig.subplots(1, 2)
+    y = np.arange(len(sources))
+    boxes, positions = [], []
+    for offset, (stage, color) in zip(
+        (-0.2, 0.2), (("in", "#8c8c8c"), ("out", "#4c72b0")), strict=True
+    ):
+        shares = [(stages[stage].get(s) or {}).get("chosen_longer_share") for s in sources]
+        share_ax.barh(y + offset, [v or 0 for v in shares], 0.4, color=color, label=stage)
+        for i, source in enumerate(sources):
+            q = (stages[stage].get(source) or {}).get("ratio_quantiles") or {}
+            if q.get("p50") is None:
+                continue
+            boxes.append(
+                {
+                    "med": q["p50"],
+                    "q1": q["p25"],
+                    "q3": q["p75"],
+                    "whislo": q["p05"],
+                    "whishi": q["p95"],
+                    "label": "",
+                }
+            )
+            positions.append((i + offset, color))
+    share_ax.axvline(0.5, color="#c44e52", linestyle="--", linewidth=1)
+    share_ax.set_xlim(0, 1)
+    share_ax.set_yticks(y, sources)
+    share_ax.invert_yaxis()
+    share_ax.set_xlabel("share of pairs with chosen longer")
+    share_ax.legend(loc="lower right", fontsize=8)
+    if boxes:
+        drawn = ratio_ax.bxp(
+            boxes,
+            positions=[p for p, _ in positions],
+            widths=0.35,
+            orientation="horizontal",
+            showfliers=False,
+            patch_artist=True,
+            manage_ticks=False,
+        )
+        for patch, (_, color) in zip(drawn["boxes"], positions, strict=True):
+            patch.set_facecolor(color)
+        ratio_ax.set_xscale("log", base=2)
+        ratio_ax.xaxis.set_major_formatter("{x:g}")
+    ratio_ax.axvline(1, color="#c44e52", linestyle="--", linewidth=1)
+    ratio_ax.set_ylim(share_ax.get_ylim())
+    ratio_ax.set_yticks(y, [""] * len(sources))
+    ratio_ax.set_xlabel("chosen / rejected characters")
+    fig.suptitle(f"length bias ({length_bias.get('unit', 'characters')}), pairs in and kept")
+    return _image(fig, "length bias")
 
 
 def _figure(size: tuple[int, int]) -> Figure:

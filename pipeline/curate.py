@@ -12,9 +12,17 @@ apply to it. Margin and score thresholds are on the source's own scale (the pair
 moderate margins and high absolute chosen scores work best: set `min_margin`, `max_margin`
 and `min_chosen_score` per source to follow it.
 
-The report also gives, for sources with per-attribute scores (HelpSteer's five,
-UltraFeedback's four aspects), how often each attribute agrees with the chosen/rejected
-order, conflicts with it, or ties, over the curated pairs.
+Three rules look at the pairs that reach them rather than one pair at a time:
+`near_duplicate` groups prompts whose character n-grams are nearly the same (MinHash + LSH,
+`pipeline.near_dup`) and keeps the best pairs of each group; `over_prompt_cap` ranks the
+pairs of one prompt; `over_chosen_longer_share` drops a seeded random part of each source's
+chosen-longer pairs. They run late, so what they keep has passed every other rule.
+
+The report (`data_contracts.curation_report`) also gives, for sources with per-attribute
+scores (HelpSteer's five, UltraFeedback's four aspects), how often each attribute agrees
+with the chosen/rejected order, conflicts with it, or ties, over the curated pairs; the
+length bias of each source (in characters) before and after the rules; and a summary of
+the near-duplicate groups with a few examples.
 """
 
 from __future__ import annotations
@@ -31,7 +39,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_contracts import preference_pair
+from data_contracts import curation_report, preference_pair
+from pipeline import near_dup
 from pipeline.flags import check_settings, setting
 from pipeline.io import (
     DROPPED_FILE,
@@ -57,6 +66,26 @@ class CurateConfig:
     dedup: bool = setting(
         True, "keep the first of pairs equal in normalized prompt, chosen and rejected"
     )
+    near_dup_threshold: float | None = setting(
+        None,
+        "group prompts whose character n-grams have at least this estimated Jaccard "
+        "similarity (MinHash + LSH; 0.8 is common) and keep --near-dup-max-pairs pairs of "
+        "each group. Off by default: unlike exact duplicates, near-duplicates can differ in "
+        "the words that matter ('3x + 5 = 20' / '3x + 7 = 20'), so check the report's "
+        "example groups before trusting a threshold",
+        gt=0,
+        le=1,
+    )
+    near_dup_ngram: int = setting(
+        5, "character n-gram (shingle) size of --near-dup-threshold", ge=1
+    )
+    near_dup_max_pairs: int = setting(
+        1,
+        "pairs kept per group of near-duplicate prompts (across sources), largest margin "
+        "first, then input order; a prompt without near-duplicates keeps its pairs "
+        "(--max-pairs-per-prompt caps those)",
+        ge=1,
+    )
     languages: tuple[str, ...] | None = setting(
         None, "keep only these languages (pairs without one are kept)"
     )
@@ -74,6 +103,12 @@ class CurateConfig:
     max_response_chars: int | None = setting(
         16_000, "drop pairs whose longer response has more characters", ge=1
     )
+    max_length_ratio: float | None = setting(
+        None,
+        "drop pairs whose chosen has more than this many times the characters of rejected "
+        "(a cap on length bias; 1 keeps only pairs where chosen is not longer)",
+        ge=1,
+    )
     min_margin: float | None = setting(None, "drop pairs with a smaller margin (source scale)")
     max_margin: float | None = setting(None, "drop pairs with a larger margin (source scale)")
     min_chosen_score: float | None = setting(
@@ -87,6 +122,18 @@ class CurateConfig:
     )
     max_pairs_per_prompt: int | None = setting(
         None, "keep at most this many pairs per prompt, largest margins first", ge=1
+    )
+    max_chosen_longer_share: float | None = setting(
+        None,
+        "per source, drop pairs whose chosen is longer (characters) at random, seeded, "
+        "until at most this share of pairs has chosen longer (0.5: length no longer "
+        "predicts the preference; a source whose chosen is always longer keeps none); "
+        "runs last, on the pairs every other rule kept",
+        ge=0,
+        le=1,
+    )
+    seed: int = setting(
+        0, "seed of the near-duplicate MinHash and the --max-chosen-longer-share draw", ge=0
     )
 
     def __post_init__(self) -> None:
@@ -132,12 +179,14 @@ def _helpers() -> list[pl.Expr]:
         _normalized(pl.col("rejected")).alias("__rejected_key"),
         contents.list.eval(pl.element().str.len_chars()).list.sum().alias("__prompt_chars"),
         roles.alias("__prompt_roles"),
+        pl.col("chosen").str.len_chars().alias("__chosen_chars"),
+        pl.col("rejected").str.len_chars().alias("__rejected_chars"),
     ]
 
 
-def _prompt_group() -> pl.Expr:
+def _prompt_id() -> pl.Expr:
     """One id per distinct prompt (roles and normalized text); hashed for fast windows."""
-    return pl.struct("__prompt_roles", "__prompt_text").hash(seed=0)
+    return pl.struct("__prompt_roles", "__prompt_text").hash(seed=0).alias("__prompt_id")
 
 
 # ---------------------------------------------------------------------------------------
@@ -159,23 +208,55 @@ def _at_most(expr: pl.Expr, bound: float | None) -> pl.Expr | None:
     return None if bound is None else expr <= bound
 
 
+def _best_first(group: str, cap: int) -> pl.Expr:
+    """True for the `cap` best pairs of each `group`: largest margin first (no margin
+    last), then input order (the pair exact dedup would keep)."""
+    rank = pl.int_range(pl.len()).over(
+        group, order_by=[pl.col("margin").fill_null(-np.inf).neg(), pl.col("__position")]
+    )
+    return rank < cap
+
+
 def _prompt_cap(c: CurateConfig) -> pl.Expr | None:
     if c.max_pairs_per_prompt is None:
         return None
-    # Largest margin first (no margin last), then input order.
-    rank = pl.int_range(pl.len()).over(
-        _prompt_group(),
-        order_by=[pl.col("margin").fill_null(-np.inf).neg(), pl.col("__position")],
+    return _best_first("__prompt_id", c.max_pairs_per_prompt)
+
+
+def _near_duplicate_cap(c: CurateConfig) -> pl.Expr | None:
+    if c.near_dup_threshold is None:
+        return None
+    # A prompt without a near-duplicate has no group and keeps its pairs.
+    return pl.col("__near_dup_group").is_null() | _best_first(
+        "__near_dup_group", c.near_dup_max_pairs
     )
-    return rank < c.max_pairs_per_prompt
+
+
+def _length_ratio(c: CurateConfig) -> pl.Expr | None:
+    if c.max_length_ratio is None:
+        return None
+    return pl.col("__chosen_chars") <= c.max_length_ratio * pl.col("__rejected_chars")
+
+
+def _chosen_longer_share(c: CurateConfig) -> pl.Expr | None:
+    """Of each source's L chosen-longer and O other pairs, keep the L' = floor(share * O /
+    (1 - share)) chosen-longer ones of smallest `__random` draw, so L' / (L' + O) <= share."""
+    share = c.max_chosen_longer_share
+    if share is None:
+        return None
+    longer = pl.col("__chosen_chars") > pl.col("__rejected_chars")
+    others = (~longer).sum().over("source")
+    allowed = pl.lit(np.inf) if share == 1 else (others * share / (1 - share) + 1e-9).floor()
+    rank = pl.int_range(pl.len()).over(["source", longer], order_by="__random")
+    return ~longer | (rank < allowed)
 
 
 def _shorter_response() -> pl.Expr:
-    return pl.min_horizontal(pl.col("chosen").str.len_chars(), pl.col("rejected").str.len_chars())
+    return pl.min_horizontal("__chosen_chars", "__rejected_chars")
 
 
 def _longer_response() -> pl.Expr:
-    return pl.max_horizontal(pl.col("chosen").str.len_chars(), pl.col("rejected").str.len_chars())
+    return pl.max_horizontal("__chosen_chars", "__rejected_chars")
 
 
 RULES: dict[str, Callable[[CurateConfig], pl.Expr | None]] = {
@@ -187,7 +268,7 @@ RULES: dict[str, Callable[[CurateConfig], pl.Expr | None]] = {
     ),
     "tie": lambda c: pl.col("margin") != 0 if c.drop_ties else None,
     "duplicate": lambda c: (
-        pl.struct(_prompt_group(), "__chosen_key", "__rejected_key").is_first_distinct()
+        pl.struct("__prompt_id", "__chosen_key", "__rejected_key").is_first_distinct()
         if c.dedup
         else None
     ),
@@ -198,11 +279,14 @@ RULES: dict[str, Callable[[CurateConfig], pl.Expr | None]] = {
     "prompt_too_long": lambda c: _at_most(pl.col("__prompt_chars"), c.max_prompt_chars),
     "response_too_short": lambda c: _at_least(_shorter_response(), c.min_response_chars),
     "response_too_long": lambda c: _at_most(_longer_response(), c.max_response_chars),
+    "length_ratio_above_max": _length_ratio,
     "margin_below_min": lambda c: _at_least(pl.col("margin"), c.min_margin),
     "margin_above_max": lambda c: _at_most(pl.col("margin"), c.max_margin),
     "score_below_min": lambda c: _at_least(pl.col("score_chosen"), c.min_chosen_score),
     "contaminated": lambda c: ~pl.col("__contaminated"),
+    "near_duplicate": _near_duplicate_cap,
     "over_prompt_cap": _prompt_cap,
+    "over_chosen_longer_share": _chosen_longer_share,
 }
 
 
@@ -280,6 +364,104 @@ def load_eval_prompts(path: str | Path) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------
+# Near-duplicate prompts: found among the pairs that reach the rule, not all pairs read
+
+
+EXAMPLE_GROUPS, EXAMPLE_PROMPTS, EXAMPLE_CHARS = 5, 3, 160  # the report's example groups
+
+
+def mark_near_duplicates(
+    frame: pl.DataFrame, config: CurateConfig
+) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """`frame` with `__near_dup_group` (the first position of the group's prompts; null for a
+    prompt with no near-duplicate) and the report's summary of the groups.
+
+    Distinct prompts (roles and normalized text) are compared once each, so the pairs of one
+    prompt always share its group.
+    """
+    prompts = frame.select("__prompt_id", "__prompt_text", "__position").unique(
+        "__prompt_id", keep="first", maintain_order=True
+    )
+    found = near_dup.near_duplicates(
+        prompts["__prompt_text"], config.near_dup_threshold, config.near_dup_ngram, config.seed
+    )
+    first = prompts["__position"].to_numpy()[np.maximum(found.group, 0)]
+    prompts = prompts.with_columns(
+        pl.Series("__near_dup_group", np.where(found.group >= 0, first, -1)).replace(-1, None)
+    )
+    frame = frame.join(
+        prompts.select("__prompt_id", "__near_dup_group"),
+        on="__prompt_id",
+        how="left",
+        maintain_order="left",
+    )
+    sizes = (
+        prompts.drop_nulls("__near_dup_group")
+        .group_by("__near_dup_group")
+        .agg(pl.len().alias("size"), pl.col("__prompt_text").head(EXAMPLE_PROMPTS))
+        .sort("size", "__near_dup_group", descending=[True, False])
+    )
+    examples = sizes.head(EXAMPLE_GROUPS)["__prompt_text"].list.eval(
+        pl.element().str.slice(0, EXAMPLE_CHARS)
+    )
+    summary = {
+        "threshold": config.near_dup_threshold,
+        "ngram": config.near_dup_ngram,
+        "permutations": near_dup.PERMUTATIONS,
+        "bands": found.bands,
+        "rows": found.rows,
+        "seed": config.seed,
+        "prompts": prompts.height,
+        "candidate_pairs": found.candidate_pairs,
+        "similar_pairs": found.similar_pairs,
+        "groups": sizes.height,
+        "prompts_in_groups": int(sizes["size"].sum()),
+        "largest_group": int(sizes["size"].max() or 0),
+        "examples": examples.to_list(),
+    }
+    return frame, summary
+
+
+# ---------------------------------------------------------------------------------------
+# Length bias
+
+
+def length_bias(frame: pl.DataFrame) -> dict[str, dict[str, Any]]:
+    """Per source: pairs whose chosen is longer than rejected, shorter, or as long, in
+    characters (tokens are not known at curation), and quantiles of chosen / rejected
+    characters (pairs with an empty rejected left out). DPO learns length from a set where
+    chosen is mostly the longer one."""
+    chosen, rejected = pl.col("__chosen_chars"), pl.col("__rejected_chars")
+    ratio = pl.when(rejected > 0).then(chosen / rejected)
+    stats = (
+        frame.group_by("source")
+        .agg(
+            pl.len().alias("pairs"),
+            (chosen > rejected).sum().alias("chosen_longer"),
+            (chosen < rejected).sum().alias("rejected_longer"),
+            (chosen == rejected).sum().alias("equal"),
+            *(
+                ratio.quantile(q, interpolation="linear").round(4).alias(name)
+                for name, q in curation_report.RATIO_QUANTILES.items()
+            ),
+        )
+        .with_columns((pl.col("chosen_longer") / pl.col("pairs")).round(4).alias("share"))
+        .sort("source")
+    )
+    out = {}
+    for row in stats.iter_rows(named=True):
+        out[row["source"]] = {
+            "pairs": row["pairs"],
+            "chosen_longer": row["chosen_longer"],
+            "rejected_longer": row["rejected_longer"],
+            "equal": row["equal"],
+            "chosen_longer_share": row["share"],
+            "ratio_quantiles": {name: row[name] for name in curation_report.RATIO_QUANTILES},
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------
 # Attribute agreement
 
 
@@ -342,18 +524,27 @@ def curate(
     columns = ["source", "prompt", "chosen", "rejected", "margin", "score_chosen"]
     frame = _frame(pairs, [*columns, "domain", "language"])
     frame = frame.with_columns(*_helpers(), pl.int_range(pl.len()).alias("__position"))
+    frame = frame.with_columns(_prompt_id())
     rules = dict(RULES)
     if eval_prompts is None:
         del rules["contaminated"]
     else:
         hit = contaminated(frame["__prompt_text"], eval_prompts, config.contamination_ngram)
         frame = frame.with_columns(pl.Series("__contaminated", hit))
+    frame = frame.with_columns(
+        # One uniform draw per input pair, by position: the order of a seeded resampling.
+        pl.Series("__random", np.random.default_rng(config.seed).random(frame.height))
+    )
+    bias_in = length_bias(frame)
     dropped: dict[str, int] = {}
+    near_duplicates = None
     reason = np.full(pairs.num_rows, None, object)
     for name, rule in rules.items():
         keep = rule(config)
         if keep is None:
             continue
+        if name == "near_duplicate":
+            frame, near_duplicates = mark_near_duplicates(frame, config)
         frame = frame.with_columns(keep.fill_null(True).alias("__keep"))
         reason[frame.filter(~pl.col("__keep"))["__position"].to_numpy()] = name
         frame = frame.filter(pl.col("__keep"))
@@ -361,6 +552,8 @@ def curate(
     is_kept = reason == None  # noqa: E711 (elementwise on an object array)
     kept = pairs.filter(pa.array(is_kept))
     report = {
+        "contract": "curation_report",
+        "version": curation_report.VERSION,
         "rows_in": pairs.num_rows,
         "dropped": dropped,
         "rows_out": kept.num_rows,
@@ -372,7 +565,10 @@ def curate(
         "attribute_agreement": attribute_agreement(
             _frame(kept, ["source", "chosen_attributes", "rejected_attributes"])
         ),
+        "length_bias": {"unit": "characters", "in": bias_in, "out": length_bias(frame)},
+        "near_duplicates": near_duplicates,
     }
+    curation_report.validate(report, source="curation report")
     return Curated(kept, _dropped_rows(pairs, reason, ~is_kept), report)
 
 

@@ -21,12 +21,22 @@ HISTOGRAMS = {
 }
 ROW_TOKENS = np.array([512, 500, 480, 300, 64, 511])
 DROPPED = {"dedup": 7, "ties": 3, "too_long": 0, "contamination": 1}
+QUANTILES = {"p05": 0.4, "p25": 0.9, "p50": 1.6, "p75": 2.8, "p95": 6.0}
+LENGTH_BIAS = {
+    "unit": "characters",
+    "in": {
+        "a": {"chosen_longer_share": 0.8, "ratio_quantiles": QUANTILES},
+        "b": {"chosen_longer_share": 0.4, "ratio_quantiles": dict.fromkeys(QUANTILES)},
+    },
+    "out": {"a": {"chosen_longer_share": 0.5, "ratio_quantiles": QUANTILES}},
+}
 
 CASES = {
     "loss": (lambda: plots.loss_plot(CURVE), plots.TALL),
     "length": (lambda: plots.length_plot(HISTOGRAMS), plots.SIZE),
     "fill": (lambda: plots.fill_plot(ROW_TOKENS, 512), plots.SIZE),
     "funnel": (lambda: plots.funnel_plot(DROPPED, kept=40), plots.SIZE),
+    "length_bias": (lambda: plots.length_bias_plot(LENGTH_BIAS), plots.TALL),
 }
 
 
@@ -61,8 +71,9 @@ def test_same_input_same_bytes(name):
         plots.length_plot({**HISTOGRAMS, **{p: [0, 0, 0, 0] for p in HISTOGRAMS if p != "edges"}}),
         plots.fill_plot(np.zeros(0, np.int64), 512),
         plots.funnel_plot({"dedup": 0}, kept=0),
+        plots.length_bias_plot({"unit": "characters", "in": {}, "out": {}}),
     ],
-    ids=["loss", "length", "fill", "funnel"],
+    ids=["loss", "length", "fill", "funnel", "length_bias"],
 )
 def test_empty_input_gives_a_placeholder(value):
     assert value.md_str.startswith("(") and "nothing to plot" in value.md_str

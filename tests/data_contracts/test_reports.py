@@ -1,5 +1,5 @@
-"""The JSON contracts of stage outputs: the tokenized report and the shard manifest refuse
-documents whose row accounting does not add up; the manifest's key and checksum are
+"""The JSON contracts of stage outputs: the curation report, the tokenized report and the
+shard manifest refuse documents whose row accounting does not add up; the manifest's key and checksum are
 functions of its content."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import copy
 
 import pytest
 
-from data_contracts import manifest, tokenized_report
+from data_contracts import curation_report, manifest, tokenized_report
 from data_contracts.contract import ContractError
 
 REPORT = {
@@ -160,3 +160,50 @@ def test_the_text_is_what_json_reads_back() -> None:
 
     text = manifest.text(MANIFEST)
     assert text.endswith("}\n") and manifest.text(json.loads(text)) == text
+
+
+BIAS = {
+    "pairs": 4,
+    "chosen_longer": 2,
+    "rejected_longer": 1,
+    "equal": 1,
+    "chosen_longer_share": 0.5,
+    "ratio_quantiles": {"p50": 1.5},
+}
+CURATION = {
+    "contract": "curation_report",
+    "version": curation_report.VERSION,
+    "rows_in": 10,
+    "dropped": {"tie": 3, "near_duplicate": 1, "over_chosen_longer_share": 2},
+    "rows_out": 4,
+    "dropped_file": "dropped.parquet",
+    "config": {},
+    "eval_prompts": None,
+    "score_scale": {},
+    "sources": {"a": {"rows_in": 6, "rows_out": 4}, "b": {"rows_in": 4, "rows_out": 0}},
+    "attribute_agreement": {},
+    "length_bias": {"unit": "characters", "in": {"a": BIAS}, "out": {"a": dict(BIAS)}},
+    "near_duplicates": None,
+}
+
+
+def test_a_consistent_curation_report_validates() -> None:
+    assert curation_report.validate(copy.deepcopy(CURATION)) == CURATION
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "rule"),
+    [
+        (("rows_out",), 5, "rows_add_up"),
+        (("dropped",), {"tie": 3, "too_long": 3}, r"unknown_drop_reason: \['too_long'\]"),
+        (("dropped",), {"near_duplicate": 1, "tie": 3, "over_chosen_longer_share": 2}, "order"),
+        (("sources", "b", "rows_in"), 3, "sources_add_up broken: sources' rows_in"),
+        (("length_bias", "out", "a", "equal"), 2, r"length_bias_adds_up broken at .*out\.a"),
+        (("length_bias", "in"), None, "length_bias.in is NoneType"),
+        (("near_duplicates",), {"threshold": 0.8}, r"near_duplicates\. lacks ngram"),
+        (("eval_prompts",), "3", "eval_prompts is str"),
+    ],
+)
+def test_curation_report_rules_name_what_is_broken(path: tuple, value: object, rule: str) -> None:
+    with pytest.raises(ContractError, match=rule):
+        curation_report.validate(_changed(CURATION, path, value), "c.json")

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_contracts import preference_pair
+from data_contracts import curation_report, preference_pair
 from pipeline.curate import (
     RULES,
     CurateConfig,
@@ -78,9 +78,11 @@ def _user(text: str) -> list[dict]:
         ("prompt_too_long", {"prompt": _user("x" * 50)}, {"max_prompt_chars": 49}),
         ("response_too_short", {"rejected": "No"}, {"min_response_chars": 3}),
         ("response_too_long", {"chosen": "y" * 21}, {"max_response_chars": 20}),
+        ("length_ratio_above_max", {"chosen": "y" * 11}, {"max_length_ratio": 2.0}),
         ("margin_below_min", {"margin": 0.5}, {"min_margin": 1.0}),
         ("margin_above_max", {"margin": 9.0}, {"max_margin": 5.0}),
         ("score_below_min", {"score_chosen": 3.0}, {"min_chosen_score": 5.0}),
+        ("near_duplicate", {"prompt": _user("Question 0!")}, {"near_dup_threshold": 0.5}),
     ],
 )
 def test_each_rule_drops_what_it_names(rule: str, change: dict, config: dict) -> None:
@@ -230,7 +232,58 @@ def test_read_pairs_merges_sources(tmp_path) -> None:
 def test_every_config_field_is_documented_and_every_rule_named() -> None:
     for f in dataclasses.fields(CurateConfig):
         assert f.metadata["help"], f.name
-    assert len(RULES) == len(set(RULES)) == 16
+    assert tuple(RULES) == curation_report.REASONS  # the contract's vocabulary, in order
+
+
+LONG = "Explain how photosynthesis works in plants, step by step, for a ten year old child."
+
+
+def test_funnel_shows_every_rule_in_order_with_counts() -> None:
+    """Every rule on, one pair made for each: each is counted once, under its own name,
+    and the report lists them in the order they ran; two pairs are left."""
+    table = _pairs(
+        {"prompt": _user(LONG), "margin": 4.0},  # kept
+        {"rejected": " "},
+        {"rejected": "PARIS."},
+        {"margin": 0.0},
+        {"prompt": _user(LONG)},  # the same pair as the first
+        {"language": "german"},
+        {"language": "french"},
+        {"domain": "math"},
+        {"domain": "code"},
+        {"prompt": _user("x" * 101)},
+        {"rejected": "No"},
+        {"chosen": "y" * 21},
+        {"chosen": "y" * 11},
+        {"margin": 0.5},
+        {"margin": 9.0},
+        {"score_chosen": 3.0},
+        {"prompt": _user("Capital of Spain?")},
+        {"prompt": _user(LONG.replace(".", "!")), "margin": 3.0},  # near the first
+        {"prompt": _user("Name three colors."), "chosen": "Red.", "rejected": "Purple."},
+        {"prompt": _user("Name three colors."), "chosen": "Blue.", "margin": 2.0},
+        {"prompt": _user("Summarize Hamlet.")},  # chosen longer, like the first
+    )
+    config = CurateConfig(
+        languages=("english", "french"),
+        exclude_languages=("french",),
+        domains=("general", "code"),
+        exclude_domains=("code",),
+        max_prompt_chars=100,
+        min_response_chars=3,
+        max_response_chars=20,
+        max_length_ratio=2.0,
+        min_margin=1.0,
+        max_margin=5.0,
+        min_chosen_score=5.0,
+        near_dup_threshold=0.9,
+        max_pairs_per_prompt=1,
+        max_chosen_longer_share=0.5,  # 1 chosen shorter kept: 1 of 2 chosen longer goes
+    )
+    report = curate(table, config, eval_prompts=["Capital of Spain?"]).report
+    assert report["dropped"] == dict.fromkeys(curation_report.REASONS, 1)
+    assert list(report["dropped"]) == list(RULES)
+    assert report["rows_out"] == 2
 
 
 def test_eval_prompts_from_text_and_jsonl(tmp_path) -> None:

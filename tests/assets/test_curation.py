@@ -1,0 +1,61 @@
+"""`curated_pairs` called as a function on two bundled samples, with near-duplicates and
+the chosen-longer share on: the UI's funnel lists every rule in the order it ran, and the
+length-bias and near-duplicate reports are in the metadata."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from assets.configs import CurationConfig
+from assets.curation import curated_pairs
+from assets.resources import StoreResource
+from data_contracts import curation_report
+from pipeline.normalize import normalize, write_normalized
+from pipeline.sample_data import sample_path
+from tests.assets.test_plots import PNG_SIGNATURE, png_bytes
+
+SOURCES = ("helpsteer3", "ultrafeedback")
+
+
+@pytest.fixture(scope="module")
+def metadata(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("curation")
+    dirs = {}
+    for source in SOURCES:
+        dirs[source] = str(write_normalized(normalize(source, sample_path(source)), root / source))
+    config = CurationConfig(
+        sources=list(SOURCES), near_dup_threshold=0.8, max_chosen_longer_share=0.6
+    )
+    events = list(
+        curated_pairs(
+            context=dg.build_asset_context(),
+            config=config,
+            normalized_pairs=dirs,
+            store=StoreResource(root=str(root / "store")),
+        )
+    )
+    output = next(e for e in events if isinstance(e, dg.Output))
+    assert Path(output.value, "report.json").is_file()
+    return output.metadata
+
+
+def test_funnel_lists_the_rules_that_ran_in_order(metadata: dict) -> None:
+    lines = metadata["funnel"].md_str.splitlines()[2:]
+    rules = [line.split("|")[1].strip() for line in lines]
+    assert rules[0] == "(pairs in)"
+    assert rules[1:] == [r for r in curation_report.REASONS if r in rules]
+    assert {"near_duplicate", "over_chosen_longer_share"} <= set(rules)
+    left = [int(line.split("|")[3].strip().replace(",", "")) for line in lines]
+    assert left[0] == metadata["rows_in"].value and left[-1] == metadata["rows_out"].value
+
+
+def test_length_bias_and_near_duplicates_are_shown(metadata: dict) -> None:
+    assert png_bytes(metadata["length_bias_plot"])[:8] == PNG_SIGNATURE
+    table = metadata["length_bias"].md_str
+    assert all(f"| {source} | in |" in table for source in SOURCES)
+    assert 0 <= metadata["chosen_longer_share"].value <= 0.6
+    near = metadata["near_duplicates"].md_str
+    assert "| threshold |" in near and "Largest groups" in near and "\n1. " in near
