@@ -230,13 +230,15 @@ def test_read_pairs_merges_sources(tmp_path) -> None:
 def test_every_config_field_is_documented_and_every_rule_named() -> None:
     for f in dataclasses.fields(CurateConfig):
         assert f.metadata["help"], f.name
-    assert len(RULES) == len(set(RULES)) == 16
+    assert len(RULES) == len(set(RULES)) == 17
 
 
 def test_eval_prompts_from_text_and_jsonl(tmp_path) -> None:
     (tmp_path / "e.txt").write_text("one\n\ntwo\n")
     (tmp_path / "e.jsonl").write_text('{"prompt": "one"}\n{"prompt": "two"}\n')
     assert load_eval_prompts(tmp_path / "e.txt") == load_eval_prompts(tmp_path / "e.jsonl")
-    (tmp_path / "bad.jsonl").write_text('{"question": "one"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl: eval prompts need a 'prompt' column"):
+    (tmp_path / "q.jsonl").write_text('{"question": "one", "category": "x"}\n{"question": "two"}\n')
+    assert load_eval_prompts(tmp_path / "q.jsonl") == ["one", "two"]  # TruthfulQA's column
+    (tmp_path / "bad.jsonl").write_text('{"text": "one"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl: prompts need a 'prompt' or 'question'"):
         load_eval_prompts(tmp_path / "bad.jsonl")
