@@ -82,12 +82,12 @@ class Preset:
                     f"preset {self.name} has no thresholds for source {source}; "
                     f"it has them for {', '.join(self.thresholds)}"
                 )
-            expected = self.scale(source)
-            if scales.get(source) != expected:
+            expected, found = self.scale(source), scales.get(source, "(none named)")
+            if found != expected:
                 raise ValueError(
                     f"preset {self.name}'s thresholds for {source} are on the scale "
-                    f"'{expected}', these pairs are on '{scales.get(source)}': normalize "
-                    f"{source} with --preset {self.name}"
+                    f"'{expected}', these pairs are on '{found}': normalize {source} with "
+                    f"--preset {self.name}"
                 )
             chosen[source] = dict(self.thresholds[source])
         if len({repr(sorted(t.items())) for t in chosen.values()}) > 1:
@@ -156,7 +156,11 @@ def summaries() -> str:
     for p in PRESETS.values():
         lines.append(
             textwrap.fill(
-                f"{p.name}: {p.summary}", 92, initial_indent="  ", subsequent_indent="      "
+                f"{p.name}: {p.summary}",
+                92,
+                initial_indent="  ",
+                subsequent_indent="      ",
+                break_on_hyphens=False,
             )
         )
     return "\n".join(lines)
