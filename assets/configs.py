@@ -13,6 +13,7 @@ from pydantic import Field
 from pipeline.curate import CurateConfig
 from pipeline.flags import dagster_config
 from pipeline.pack import PackConfig
+from pipeline.presets import PRESETS
 from pipeline.selection import SelectConfig
 from pipeline.sources import SOURCES
 from pipeline.tokenized import TokenizeConfig
@@ -39,6 +40,24 @@ CurationConfig = dagster_config(
     eval_prompts=(
         str | None,
         Field(default=None, description="eval prompts file; unset = the bundled sample's"),
+    ),
+    benchmark_prompts=(
+        str | None,
+        Field(
+            default=None,
+            description="a benchmark's questions (.txt, or .jsonl/.parquet with 'prompt' or "
+            "'question', e.g. TruthfulQA's): a pair with a user turn equal to one is dropped "
+            "as benchmark_prompt; unset = off",
+        ),
+    ),
+    preset=(
+        str | None,
+        Field(
+            default=None,
+            description=f"a public cleaning recipe, one of {', '.join(PRESETS)} (`prefpack "
+            "curate --list-presets`): its rule settings apply under the fields set here, "
+            "which win (even at their default)",
+        ),
     ),
 )
 

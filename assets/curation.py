@@ -10,7 +10,8 @@ from assets.metadata import histogram, records_table
 from assets.plots import funnel_plot, length_bias_plot
 from assets.resources import StoreResource
 from pipeline.curate import CurateConfig, curate, load_eval_prompts, read_pairs, write_curated
-from pipeline.flags import config_from
+from pipeline.flags import config_from, given_values
+from pipeline.presets import curate_config, get_preset, with_preset
 from pipeline.sample_data import eval_prompts_path
 
 CODE_VERSION = "2"  # 2: near-duplicates, length bias, the curation_report contract
@@ -21,9 +22,10 @@ CODE_VERSION = "2"  # 2: near-duplicates, length bias, the curation_report contr
     code_version=CODE_VERSION,
     check_specs=checks.specs("curated_pairs", checks.SCHEMA, checks.ACCOUNTING),
     description="Pairs of the selected sources after dedup, ties, empty and length rules, "
-    "length-ratio cap, margin/score bands, language/domain selection, contamination, "
-    "near-duplicate prompts, per-prompt caps and the chosen-longer share; every drop counted "
-    "by reason, length bias reported per source.",
+    "length-ratio cap, margin/score bands, language/domain selection, benchmark questions, "
+    "contamination, near-duplicate prompts, per-prompt caps and the chosen-longer share "
+    "(optionally as a preset's recipe); every drop counted by reason, length bias reported "
+    "per source.",
 )
 def curated_pairs(
     context: dg.AssetExecutionContext,
@@ -38,12 +40,23 @@ def curated_pairs(
             + ", ".join(missing)
             + ": materialize those partitions first, or leave them out of config.sources"
         )
+    preset = None if config.preset is None else get_preset(config.preset)
+    given = given_values(config, fields_set(context, config))
+    config_from(CurateConfig, given)  # the fields set, checked before any data is read
     dirs = [normalized_pairs[s] for s in config.sources]
-    pairs = read_pairs(dirs)
     eval_file = config.eval_prompts or str(eval_prompts_path())
     eval_prompts = load_eval_prompts(eval_file) if config.use_eval_prompts else None
-    result = curate(pairs, config_from(CurateConfig, config), eval_prompts)
-    out = write_curated(result, store.path("curated"))
+    benchmark = None
+    if config.benchmark_prompts is not None:
+        benchmark = load_eval_prompts(config.benchmark_prompts)
+    elif preset is not None and preset.benchmark_prompts:
+        context.log.warning(
+            f"no benchmark_prompts ({preset.benchmark_prompts}), so preset {preset.name} keeps "
+            "prompts that ask one under other sources"
+        )
+    pairs = read_pairs(dirs)
+    result = curate(pairs, curate_config(preset, given, pairs), eval_prompts, benchmark)
+    out = write_curated(with_preset(result, preset), store.path("curated"))
     report = result.report
     kept = result.pairs
     agreement = [
@@ -70,6 +83,8 @@ def curated_pairs(
             "length_bias_plot": length_bias_plot(report["length_bias"]),
             "chosen_longer_share": _chosen_longer_share(report["length_bias"]["out"]),
             "near_duplicates": _near_duplicates(report["near_duplicates"]),
+            "benchmark_prompts": config.benchmark_prompts or "(off)",
+            "preset": config.preset or "(none)",
             "chosen_chars": histogram(_lengths(kept, "chosen"), unit="chosen chars"),
             "rejected_chars": histogram(_lengths(kept, "rejected"), unit="rejected chars"),
         },
@@ -135,6 +150,17 @@ def _near_duplicates(summary: dict | None) -> dg.MetadataValue:
     for i, group in enumerate(summary["examples"], 1):
         lines += [f"{i}. " + " / ".join(f"`` {text} ``" for text in group)]
     return dg.MetadataValue.md("\n".join(lines))
+
+
+def fields_set(context: dg.AssetExecutionContext, config: dg.Config) -> set[str]:
+    """The config fields the user set, even at their default: the keys of this asset's config
+    in the run config (Dagster builds `config` with only the values that differ from the
+    default); invoked directly, without a run, the fields `config` was built with."""
+    try:
+        run_config = context.run.run_config
+    except dg.DagsterError:  # invoked directly: the context has no run
+        return set(config.model_fields_set)
+    return set(run_config.get("ops", {}).get(context.op_def.name, {}).get("config", {}))
 
 
 def _lengths(table, column: str) -> np.ndarray:

@@ -40,9 +40,17 @@ class SourcesResource(dg.ConfigurableResource):
         default_factory=dict,
         description="source -> adapter options, e.g. {'ultrafeedback': {'rejected': 'random'}}",
     )
+    presets: dict[str, str] = Field(
+        default_factory=dict,
+        description="source -> preset whose adapter options apply under `options`, e.g. "
+        "{'ultrafeedback': 'argilla-ultrafeedback-clean'} (`prefpack normalize --list-presets`)",
+    )
 
     def input_for(self, source: str) -> str:
         return self.inputs.get(source) or str(sample_path(source))
+
+    def preset_for(self, source: str) -> str | None:
+        return self.presets.get(source)
 
     def options_for(self, source: str) -> dict[str, Any]:
         return dict(self.options.get(source, {}))

@@ -79,7 +79,9 @@ def normalized_pairs(
     store: StoreResource,
 ):
     source = context.partition_key
-    result = normalize(source, raw_source, **sources.options_for(source))
+    result = normalize(
+        source, raw_source, sources.preset_for(source), **sources.options_for(source)
+    )
     out = write_normalized(result, store.path("normalized", source))
     report = result.report
     yield dg.Output(
@@ -95,6 +97,7 @@ def normalized_pairs(
             "quarantine_path": dg.MetadataValue.path(str(out / report["quarantine_file"])),
             "dropped_path": dg.MetadataValue.path(str(out / report["dropped_file"])),
             "score_scale": report["score_scale"],
+            "preset": report["preset"] or "(none)",
         },
     )
     yield checks.check_schema(out, with_quarantine=True)

@@ -41,6 +41,7 @@ REASONS = (
     "margin_below_min",
     "margin_above_max",
     "score_below_min",
+    "benchmark_prompt",
     "contaminated",
     "near_duplicate",
     "over_prompt_cap",

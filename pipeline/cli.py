@@ -13,16 +13,46 @@ if TYPE_CHECKING:
     from pipeline.tokenized import TokenizedResult
 
 
+class _ListPresets(argparse.Action):
+    """`--list-presets`: print every preset's settings and notes, then exit (as --version)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs) -> None:
+        super().__init__(
+            option_strings,
+            dest=argparse.SUPPRESS,
+            default=argparse.SUPPRESS,
+            nargs=0,
+            help="show every preset's settings and notes, then exit",
+        )
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from pipeline.presets import describe_all
+
+        print(describe_all())
+        parser.exit()
+
+
+def _add_preset(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--preset",
+        metavar="NAME",
+        help=f"a public cleaning recipe: its {what}, under what you set (see below)",
+    )
+    p.add_argument("--list-presets", action=_ListPresets)
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register `normalize`, `curate`, `tokenize`, `pack`, `inspect` and `select`."""
     from pipeline.curate import CurateConfig
     from pipeline.flags import add_flags
+    from pipeline.presets import summaries
     from pipeline.sources import SOURCES
     from pipeline.sources.base import option_types
 
     lines = ["source options (-o KEY=VALUE):"]
     for name, source in SOURCES.items():
         lines.append(f"  {name}: " + ", ".join(option_types(source.options)))
+    lines += ["", summaries()]
     normalize = subparsers.add_parser(
         "normalize",
         help="map one source to canonical pairs (pairs, quarantine, report)",
@@ -45,12 +75,16 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="a source option, e.g. rejected=random or weights=helpfulness:1,correctness:0.5",
     )
+    _add_preset(normalize, "source options (-o wins)")
     normalize.set_defaults(handler=_normalize)
 
     curate = subparsers.add_parser(
         "curate",
         help="filter canonical pairs by named rules; report the funnel",
-        description="Curate pairs and write the kept pairs.parquet and report.json to --out.",
+        description="Curate pairs and write the kept pairs.parquet and report.json to --out. "
+        "Every pair a rule drops goes to dropped.parquet with the rule as its reason.",
+        epilog=summaries(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     curate.add_argument(
         "--pairs",
@@ -66,7 +100,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="eval prompts (.txt one per line, or .jsonl/.parquet with 'prompt') to "
         "check contamination against",
     )
-    add_flags(curate.add_argument_group("rules (CurateConfig)"), CurateConfig)
+    curate.add_argument(
+        "--benchmark-prompts",
+        type=Path,
+        help="a benchmark's questions (.txt one per line, or .jsonl/.parquet with 'prompt' or "
+        "'question', e.g. TruthfulQA's); a pair with a user turn equal to one is dropped as "
+        "benchmark_prompt",
+    )
+    _add_preset(curate, "rule settings (each flag you give wins)")
+    add_flags(curate.add_argument_group("rules (CurateConfig)"), CurateConfig, only_given=True)
     curate.set_defaults(handler=_curate)
 
     _add_tokenize(subparsers)
@@ -89,11 +131,12 @@ def _normalize(args: argparse.Namespace) -> int:
                 f"bad option {item!r}; {args.source} takes {', '.join(types_)} as KEY=VALUE"
             )
         options[key] = parse_option(types_[key], value)
-    result = normalize(args.source, args.input, **options)
+    result = normalize(args.source, args.input, args.preset, **options)
     out = write_normalized(result, args.out)
     report = result.report
+    preset = f" (preset {args.preset})" if args.preset else ""
     print(
-        f"{args.source}: {report['rows_in']} rows in, {report['pairs_out']} pairs, "
+        f"{args.source}{preset}: {report['rows_in']} rows in, {report['pairs_out']} pairs, "
         f"quarantined {report['quarantined']}, dropped {report['dropped']} -> {out}"
     )
     return 0
@@ -102,14 +145,30 @@ def _normalize(args: argparse.Namespace) -> int:
 def _curate(args: argparse.Namespace) -> int:
     from pipeline.curate import CurateConfig, curate, load_eval_prompts, read_pairs, write_curated
     from pipeline.flags import config_from
+    from pipeline.presets import curate_config, get_preset, with_preset
 
-    config = config_from(CurateConfig, args)
+    preset = None if args.preset is None else get_preset(args.preset)
+    config_from(CurateConfig, args)  # the flags given, checked before any data is read
     evals = None if args.eval_prompts is None else load_eval_prompts(args.eval_prompts)
-    result = curate(read_pairs(args.pairs), config, evals)
-    out = write_curated(result, args.out)
+    benchmark = None
+    if args.benchmark_prompts is not None:
+        benchmark = load_eval_prompts(args.benchmark_prompts)
+    elif preset is not None and preset.benchmark_prompts:
+        print(
+            f"curate: note: no --benchmark-prompts ({preset.benchmark_prompts}), so preset "
+            f"{preset.name} keeps prompts that ask one under other sources",
+            file=sys.stderr,
+        )
+    pairs = read_pairs(args.pairs)
+    result = curate(pairs, curate_config(preset, args, pairs), evals, benchmark)
+    out = write_curated(with_preset(result, preset), args.out)
     report = result.report
     dropped = {k: v for k, v in report["dropped"].items() if v}
-    print(f"curate: {report['rows_in']} in, dropped {dropped}, {report['rows_out']} out -> {out}")
+    label = f" (preset {preset.name})" if preset else ""
+    print(
+        f"curate{label}: {report['rows_in']} in, dropped {dropped}, {report['rows_out']} out "
+        f"-> {out}"
+    )
     return 0
 
 

@@ -10,7 +10,7 @@ Where a rule's column is null for a pair (no margin, no language, ...) the rule 
 apply to it. Margin and score thresholds are on the source's own scale (the pairs' metadata
 `score_scale` names it), so they are off by default. The AIR study of preference data found
 moderate margins and high absolute chosen scores work best: set `min_margin`, `max_margin`
-and `min_chosen_score` per source to follow it.
+and `min_chosen_score` per source to follow it (`--preset air` does, `pipeline.presets`).
 
 Three rules look at the pairs that reach them rather than one pair at a time:
 `near_duplicate` groups prompts whose character n-grams are nearly the same (MinHash + LSH,
@@ -283,6 +283,7 @@ RULES: dict[str, Callable[[CurateConfig], pl.Expr | None]] = {
     "margin_below_min": lambda c: _at_least(pl.col("margin"), c.min_margin),
     "margin_above_max": lambda c: _at_most(pl.col("margin"), c.max_margin),
     "score_below_min": lambda c: _at_least(pl.col("score_chosen"), c.min_chosen_score),
+    "benchmark_prompt": lambda c: ~pl.col("__benchmark"),
     "contaminated": lambda c: ~pl.col("__contaminated"),
     "near_duplicate": _near_duplicate_cap,
     "over_prompt_cap": _prompt_cap,
@@ -343,13 +344,24 @@ def contaminated(prompt_text: pl.Series, eval_prompts: Sequence[str], n: int) ->
     return hit
 
 
+def asks_listed(listed: Sequence[str]) -> pl.Expr:
+    """True for a prompt with a user turn equal to a listed prompt (a benchmark's questions),
+    compared as the rules compare text (case and whitespace aside)."""
+    keys = pl.DataFrame({"t": pl.Series(listed, dtype=pl.String)}).select(_normalized(pl.col("t")))
+    turn = pl.element().struct.field("content")
+    user = pl.element().struct.field("role") == "user"
+    return (
+        pl.col("prompt").list.eval(user & _normalized(turn).is_in(keys["t"].implode())).list.any()
+    )
+
+
 def load_eval_prompts(path: str | Path) -> list[str]:
-    """Eval prompts from a `.txt` file (one per line) or a JSON lines / Parquet file with a
-    `prompt` string column.
+    """Eval or benchmark prompts from a `.txt` file (one per line) or a JSON lines / Parquet
+    file with a `prompt` (or, as TruthfulQA names it, `question`) string column.
 
     Raises:
         FileNotFoundError: naming the missing file.
-        ValueError: naming the file when it has no `prompt` column.
+        ValueError: naming the file when it has neither column.
     """
     path = Path(path)
     if not path.is_file():
@@ -358,9 +370,12 @@ def load_eval_prompts(path: str | Path) -> list[str]:
         lines = path.read_text(encoding="utf-8").splitlines()
         return [line for line in lines if line.strip()]
     frame = pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_ndjson(path)
-    if "prompt" not in frame.columns:
-        raise ValueError(f"{path}: eval prompts need a 'prompt' column; found {frame.columns}")
-    return frame["prompt"].cast(pl.String).drop_nulls().to_list()
+    column = next((c for c in ("prompt", "question") if c in frame.columns), None)
+    if column is None:
+        raise ValueError(
+            f"{path}: prompts need a 'prompt' or 'question' column; found {frame.columns}"
+        )
+    return frame[column].cast(pl.String).drop_nulls().to_list()
 
 
 # ---------------------------------------------------------------------------------------
@@ -504,7 +519,10 @@ def attribute_agreement(pairs: pl.DataFrame) -> dict[str, dict[str, dict[str, fl
 
 
 def curate(
-    pairs: pa.Table, config: CurateConfig, eval_prompts: Sequence[str] | None = None
+    pairs: pa.Table,
+    config: CurateConfig,
+    eval_prompts: Sequence[str] | None = None,
+    benchmark_prompts: Sequence[str] | None = None,
 ) -> Curated:
     """Apply the rules of `config` to `pairs`, counting every drop by rule.
 
@@ -513,6 +531,8 @@ def curate(
         config: which rules run and their thresholds.
         eval_prompts: prompts of evaluation sets; pairs whose prompt overlaps one are dropped
             as `contaminated` (off when None).
+        benchmark_prompts: a benchmark's questions (e.g. TruthfulQA's); pairs with a user
+            turn equal to one are dropped as `benchmark_prompt` (off when None).
 
     Returns:
         The kept pairs (input order, schema and metadata unchanged) and the report.
@@ -536,6 +556,10 @@ def curate(
         pl.Series("__random", np.random.default_rng(config.seed).random(frame.height))
     )
     bias_in = length_bias(frame)
+    if benchmark_prompts is None:
+        del rules["benchmark_prompt"]
+    else:
+        frame = frame.with_columns(asks_listed(benchmark_prompts).alias("__benchmark"))
     dropped: dict[str, int] = {}
     near_duplicates = None
     reason = np.full(pairs.num_rows, None, object)
@@ -560,6 +584,7 @@ def curate(
         "dropped_file": DROPPED_FILE,
         "config": dataclasses.asdict(config),
         "eval_prompts": None if eval_prompts is None else len(eval_prompts),
+        "benchmark_prompts": None if benchmark_prompts is None else len(benchmark_prompts),
         "score_scale": json.loads((pairs.schema.metadata or {}).get(b"score_scale", b"{}")),
         "sources": _per_source(pairs, kept),
         "attribute_agreement": attribute_agreement(

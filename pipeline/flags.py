@@ -6,7 +6,9 @@ From that one description come the command-line flags (`add_flags`: type, choice
 default and range shown in `--help`), the Dagster run configs (`dagster_config`) and the
 range check every config runs when it is built (`check_settings`, from `__post_init__`).
 `config_from` builds the config from either front end's values, so a bad value stops
-before any data or model is read, with the flag named.
+before any data or model is read, with the flag named; beneath them it can put a preset's
+settings (`pipeline.presets`), which only the values a user gave override (`only_given`
+flags, `given_values` of a Dagster config).
 """
 
 from __future__ import annotations
@@ -116,18 +118,26 @@ def _choices(hint: Any) -> tuple[Any, ...]:
 
 
 def add_flags(
-    group: argparse._ActionsContainer, cls: type, names: typing.Iterable[str] | None = None
+    group: argparse._ActionsContainer,
+    cls: type,
+    names: typing.Iterable[str] | None = None,
+    *,
+    only_given: bool = False,
 ) -> None:
     """One flag per field of `cls` (or of `names`, in that order): its help with the
     default and range shown, and its type, choices or `nargs`. Optional numbers take
-    `none`; the parsed value is stored under the field's name."""
+    `none`; the parsed value is stored under the field's name. With `only_given`, a flag
+    left out is absent from the parsed namespace, so a preset can fill it (`config_from`'s
+    `under`) and a flag given, even at its default, wins over the preset."""
     by_name = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for name in names if names is not None else by_name:
-        _add_flag(group, by_name[name], hints[name])
+        _add_flag(group, by_name[name], hints[name], only_given)
 
 
-def _add_flag(group: argparse._ActionsContainer, f: dataclasses.Field, hint: Any) -> None:
+def _add_flag(
+    group: argparse._ActionsContainer, f: dataclasses.Field, hint: Any, only_given: bool
+) -> None:
     base, optional = _without_none(hint)
     text = f.metadata["help"]
     bounds = f.metadata.get("bounds") or {}
@@ -135,7 +145,8 @@ def _add_flag(group: argparse._ActionsContainer, f: dataclasses.Field, hint: Any
     notes = [f"default: {shown}"]
     if bounds:
         notes.append(_range_text(bounds))
-    kwargs: dict[str, Any] = {"dest": f.name, "default": f.default}
+    default = argparse.SUPPRESS if only_given else f.default
+    kwargs: dict[str, Any] = {"dest": f.name, "default": default}
     if base is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
     elif typing.get_origin(base) is typing.Literal:
@@ -162,16 +173,19 @@ def _parser(base: type, optional: bool) -> typing.Callable[[str], Any]:
     return parse
 
 
-def config_from(cls: type, values: Any, **given: Any) -> Any:
+def config_from(
+    cls: type, values: Any, *, under: typing.Mapping[str, Any] | None = None, **given: Any
+) -> Any:
     """`cls` built from the attributes of `values` named like its fields (parsed flags of
     `add_flags`, or a config made by `dagster_config`; lists become tuples), with `given`
-    for the fields it lacks; raises SettingError when out of range."""
-    fields = dict(given)
+    over them and `under` (a preset's settings) for the fields neither sets; raises
+    SettingError when out of range."""
+    fields = dict(under or {})
     for f in dataclasses.fields(cls):
-        if f.name not in given and hasattr(values, f.name):
+        if hasattr(values, f.name):
             value = getattr(values, f.name)
             fields[f.name] = tuple(value) if isinstance(value, list) else value
-    return cls(**fields)
+    return cls(**(fields | given))
 
 
 # ---------------------------------------------------------------------------------------
@@ -186,6 +200,12 @@ def _config_type(annotation: Any) -> Any:
     elif base is Path:
         base = str
     return typing.Optional[base] if optional else base  # noqa: UP045
+
+
+def given_values(config: Any, names: typing.Iterable[str]) -> types.SimpleNamespace:
+    """The fields `names` of a config made by `dagster_config` (those its run config sets),
+    for `config_from` to put over a preset's settings."""
+    return types.SimpleNamespace(**{name: getattr(config, name) for name in names})
 
 
 def dagster_config(cls: type, name: str, exclude: tuple[str, ...] = (), **extra: Any) -> type:

@@ -40,6 +40,7 @@ from pipeline.io import (
     write_json,
     write_parquet,
 )
+from pipeline.presets import get_preset
 from pipeline.progress import progress
 from pipeline.sources import Source, SourceOptions, get_source
 from pipeline.sources.base import ATTRIBUTES_DTYPE, ORDER_SHIFT, PAIR_COLUMNS, first_reason
@@ -99,7 +100,9 @@ PROMPT_CHECKS = (
 )
 
 
-def normalize(source: str, input: str | Path, **source_options: Any) -> Normalized:
+def normalize(
+    source: str, input: str | Path, preset: str | None = None, **source_options: Any
+) -> Normalized:
     """Read `input` as `source` and map it to canonical pairs.
 
     Args:
@@ -107,6 +110,8 @@ def normalize(source: str, input: str | Path, **source_options: Any) -> Normaliz
             helpsteer2_preference, helpsteer3, ultrafeedback, ultrafeedback_binarized,
             generic).
         input: a local file or directory, or a hub id (loaded through `datasets`).
+        preset: a `pipeline.presets` name whose options for `source` apply under
+            `source_options`.
         **source_options: the source's options (`SOURCES[source].options`), e.g.
             `rejected="random"` for ultrafeedback or `chosen_column="better"` for generic.
 
@@ -114,14 +119,16 @@ def normalize(source: str, input: str | Path, **source_options: Any) -> Normaliz
         Pairs, quarantined rows and the report.
 
     Raises:
-        ValueError: an unknown source or option.
+        ValueError: an unknown source, option or preset, or a preset that does not cover
+            `source`.
         pipeline.ingest.IngestError: a missing, unreadable, empty or unloadable input, or a
             JSON file in which no row parses (naming the file).
         data_contracts.ContractError: a file without the source's required columns, or
             without a column an option names (naming the file, its columns, the option).
     """
     adapter = get_source(source)
-    options = adapter.make_options(source_options)
+    chosen = {} if preset is None else get_preset(preset).options_for(source)
+    options = adapter.make_options(chosen | source_options)
     hub = ingest.HubOptions(
         config=options.hub_config or adapter.hub.config,
         data_dir=options.hub_data_dir or adapter.hub.data_dir,
@@ -167,7 +174,9 @@ def normalize(source: str, input: str | Path, **source_options: Any) -> Normaliz
     table = _pairs_table(source, pairs, scale)
     quarantined = _quarantine_table(source, files, pl.concat(problems))
     dropped_table = _dropped_table(source, files, dropped)
-    report = _report(adapter, options, input, files, table, quarantined, dropped_table, scale)
+    report = _report(
+        adapter, preset, options, input, files, table, quarantined, dropped_table, scale
+    )
     return Normalized(table, quarantined, dropped_table, report)
 
 
@@ -330,6 +339,7 @@ def _counts(values: pa.Array | pa.ChunkedArray) -> dict[str, int]:
 
 def _report(
     adapter: Source,
+    preset: str | None,
     options: SourceOptions,
     input: str | Path,
     files: list[ingest.RawFile],
@@ -351,6 +361,7 @@ def _report(
     return {
         "source": adapter.name,
         "input": str(input),
+        "preset": preset,
         "options": dataclasses.asdict(options),
         "score_scale": scale,
         "files": [{"file": f.label, "rows": f.rows} for f in files],

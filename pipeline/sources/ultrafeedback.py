@@ -2,10 +2,13 @@
 
 Raw: each instruction has (four) completions, each rated 1-5 on four aspects (a Rating of
 "N/A" means not rated) and given an overall critique score 1-10. A completion's score is the
-mean of its rated aspects ("fine_grained", default, as the H4 recipe) or its overall_score.
+mean of its rated aspects ("fine_grained", default, as the H4 and argilla recipes) or its
+overall_score, which holds a known bug (critiques that gave 1 were stored as 10).
 Completions without a response or a score are left out; a row needs two that remain. The
-best becomes chosen; rejected is the worst of the others, or a seeded random other (the H4
-recipe). Equal scores make a tie pair (margin 0), which curation drops by default.
+best becomes chosen; rejected is the worst of the others, a seeded random other (the H4
+recipe), or a seeded random other with a strictly lower score (argilla's recipe; when all
+tie, the worst other). Equal scores make a tie pair (margin 0), which curation drops by
+default.
 
 Binarized: chosen and rejected are conversations whose last message is the assistant's; the
 messages before it are the prompt and must be the same on both sides.
@@ -42,9 +45,10 @@ class UltraFeedbackOptions(SourceOptions):
 
     # A completion's score: mean of the rated aspects (1-5) or the critique's overall_score.
     score: Literal["fine_grained", "overall"] = "fine_grained"
-    # Rejected: the lowest-scored other completion, or a seeded random other (H4 recipe).
-    rejected: Literal["worst", "random"] = "worst"
-    seed: int = 0  # for rejected="random"; the same row draws the same completion
+    # Rejected: the lowest-scored other completion, a seeded random other (H4 recipe), or a
+    # seeded random other scored strictly lower than chosen (argilla's recipe).
+    rejected: Literal["worst", "random", "random_lower"] = "worst"
+    seed: int = 0  # for the random choices; the same row draws the same completion
 
 
 def _rating(aspect: str) -> pl.Expr:
@@ -101,23 +105,11 @@ class UltraFeedback(Source):
                 pl.int_range(pl.len())
                 .over("__order", order_by=[-pl.col("__score"), pl.col("__position")])
                 .alias("__rank"),
-                pl.len().over("__order").alias("__usable"),
+                pl.col("__score").max().over("__order").alias("__best"),
             )
         )
         chosen = completions.filter(pl.col("__rank") == 0)
-        others = completions.filter(pl.col("__rank") > 0)
-        if options.rejected == "worst":
-            pick = pl.int_range(pl.len()).over(
-                "__order", order_by=[pl.col("__score"), pl.col("__position")]
-            )
-            rejected = others.filter(pick == 0)
-        else:
-            draws = pl.Series(
-                "__draw", uniform(others["__order"].to_numpy(), options.seed), pl.Float64
-            )
-            index = (pl.col("__draw") * (pl.col("__usable") - 1)).floor().cast(pl.Int64)
-            by_position = pl.int_range(pl.len()).over("__order", order_by="__position")
-            rejected = others.with_columns(draws).filter(by_position == index)
+        rejected = _rejected(completions.filter(pl.col("__rank") > 0), options)
         side = ["__order", "response", "critique", "__score", "__attributes"]
         joined = frame.select(*KEYS, "instruction", "source").join(
             chosen.select(side).join(rejected.select(side), on="__order", suffix="_r"),
@@ -149,6 +141,28 @@ class UltraFeedback(Source):
                 )
             ),
         )
+
+
+def _rejected(others: pl.DataFrame, options: UltraFeedbackOptions) -> pl.DataFrame:
+    """One of each instruction's other completions (all but the chosen), as
+    `options.rejected` says."""
+    worst = others.filter(
+        pl.int_range(pl.len()).over("__order", order_by=[pl.col("__score"), pl.col("__position")])
+        == 0
+    )
+    if options.rejected == "worst":
+        return worst
+    pool = others
+    if options.rejected == "random_lower":
+        pool = others.filter(pl.col("__score") < pl.col("__best"))
+    draw = pl.Series("__draw", uniform(pool["__order"].to_numpy(), options.seed), pl.Float64)
+    index = (pl.col("__draw") * pl.len().over("__order")).floor().cast(pl.Int64)
+    by_position = pl.int_range(pl.len()).over("__order", order_by="__position")
+    drawn = pool.with_columns(draw).filter(by_position == index).drop("__draw")
+    # random_lower: where every other ties with chosen, the worst: a tie (margin 0) that
+    # curation drops and counts.
+    all_tied = worst.join(drawn.select("__order"), on="__order", how="anti")
+    return pl.concat([drawn, all_tied])
 
 
 class UltraFeedbackBinarized(Source):

@@ -258,6 +258,7 @@ def test_funnel_shows_every_rule_in_order_with_counts() -> None:
         {"margin": 0.5},
         {"margin": 9.0},
         {"score_chosen": 3.0},
+        {"prompt": _user("Who wrote  HAMLET?")},
         {"prompt": _user("Capital of Spain?")},
         {"prompt": _user(LONG.replace(".", "!")), "margin": 3.0},  # near the first
         {"prompt": _user("Name three colors."), "chosen": "Red.", "rejected": "Purple."},
@@ -280,7 +281,9 @@ def test_funnel_shows_every_rule_in_order_with_counts() -> None:
         max_pairs_per_prompt=1,
         max_chosen_longer_share=0.5,  # 1 chosen shorter kept: 1 of 2 chosen longer goes
     )
-    report = curate(table, config, eval_prompts=["Capital of Spain?"]).report
+    report = curate(
+        table, config, eval_prompts=["Capital of Spain?"], benchmark_prompts=["who wrote hamlet?"]
+    ).report
     assert report["dropped"] == dict.fromkeys(curation_report.REASONS, 1)
     assert list(report["dropped"]) == list(RULES)
     assert report["rows_out"] == 2
@@ -290,6 +293,8 @@ def test_eval_prompts_from_text_and_jsonl(tmp_path) -> None:
     (tmp_path / "e.txt").write_text("one\n\ntwo\n")
     (tmp_path / "e.jsonl").write_text('{"prompt": "one"}\n{"prompt": "two"}\n')
     assert load_eval_prompts(tmp_path / "e.txt") == load_eval_prompts(tmp_path / "e.jsonl")
-    (tmp_path / "bad.jsonl").write_text('{"question": "one"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl: eval prompts need a 'prompt' column"):
+    (tmp_path / "q.jsonl").write_text('{"question": "one", "category": "x"}\n{"question": "two"}\n')
+    assert load_eval_prompts(tmp_path / "q.jsonl") == ["one", "two"]  # TruthfulQA's column
+    (tmp_path / "bad.jsonl").write_text('{"text": "one"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl: prompts need a 'prompt' or 'question'"):
         load_eval_prompts(tmp_path / "bad.jsonl")

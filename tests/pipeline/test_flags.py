@@ -95,3 +95,16 @@ def test_dagster_configs_check_the_same_ranges() -> None:
     training = dagster_config(TrainConfig, "T", exclude=("out_dir",))
     with pytest.raises(Exception, match="beta"):
         training(beta=0.0)
+
+
+def test_only_given_flags_go_over_a_preset_and_the_rest_under_it() -> None:
+    parser = argparse.ArgumentParser()
+    add_flags(parser, Example, only_given=True)
+    preset = {"rate": 0.9, "count": 7, "on": False}
+    args = parser.parse_args(["--count", "3", "--on"])  # both given at their default
+    assert not hasattr(args, "rate")
+    assert config_from(Example, args, under=preset) == Example(rate=0.9, count=3, on=True)
+    assert config_from(Example, args, under=preset, count=5).count == 5  # `given` wins all
+    assert config_from(Example, parser.parse_args([])) == Example()
+    with pytest.raises(SettingError, match="--rate must be > 0"):
+        config_from(Example, args, under={"rate": 0.0})
