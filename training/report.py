@@ -182,16 +182,25 @@ class PipesReporter:
         self.context = context
         self.steps = steps
         self.log_every = log_every or max(1, steps // 20)
+        self.seen = self.pairs = self.tokens = 0  # over the steps this process ran
+        self.seconds = 0.0
 
     def __call__(self, metrics: Mapping[str, float]) -> None:
-        """The `on_step` sink: a log line every `log_every` steps and at the last one."""
+        """The `on_step` sink: a log line every `log_every` steps and at the last one, with
+        throughput since the start and the time left at that pace."""
         step = int(metrics["step"])
+        self.seen += 1
+        self.pairs += int(metrics["pairs"])
+        self.tokens += int(metrics["tokens"])
+        self.seconds += float(metrics["seconds"])
         if step % self.log_every and step != self.steps:
             return
+        left = (self.steps - step) * self.seconds / self.seen
         self.context.log.info(
             f"step {step}/{self.steps} loss {metrics['loss']:.4f} "
-            f"acc {metrics['rewards/accuracies']:.3f} margin {metrics['rewards/margins']:.4f} "
-            f"{metrics['pairs/s']:.2f} pairs/s {metrics['tokens/s']:.0f} tokens/s"
+            f"acc {metrics['rewards/accuracies']:.3f} margin {metrics['rewards/margins']:.4f}, "
+            f"{self.pairs / self.seconds:.1f} pairs/s {self.tokens / self.seconds:,.0f} tokens/s"
+            + (f", ETA {left:.0f} s" if step < self.steps else "")
         )
 
     def materialize(self, summary: RunSummary, extra: Mapping[str, str] | None = None) -> None:
