@@ -67,7 +67,7 @@ def difficulty_scores(
     compute: ComputeResource,
     store: StoreResource,
     pipes_subprocess_client: dg.PipesSubprocessClient,
-) -> Iterator[dg.Output[str] | dg.AssetCheckResult]:
+) -> Iterator[dg.MaterializeResult[str] | dg.AssetCheckResult]:
     shard_key = Path(packed_shards).name
     values = config.model_dump()
     nproc = values.pop("nproc_per_node")
@@ -97,8 +97,8 @@ def difficulty_scores(
     loss = scores.column("loss").to_numpy()
     margin = scores.column("margin").to_numpy()
     folds = [{k: v for k, v in fold.items() if k != "curve"} for fold in report["folds"]]
-    yield dg.Output(
-        str(out),
+    yield dg.MaterializeResult(
+        value=str(out),
         data_version=dg.DataVersion(key),
         metadata={
             "path": dg.MetadataValue.path(str(out)),
@@ -168,15 +168,15 @@ def selected_shards(
     packed_shards: str,
     difficulty_scores: str,
     store: StoreResource,
-) -> Iterator[dg.Output[str] | dg.AssetCheckResult]:
+) -> Iterator[dg.MaterializeResult[str] | dg.AssetCheckResult]:
     result = build_selected_shards(
         packed_shards, difficulty_scores, config_from(SelectConfig, config), store.root
     )
     report, manifest = result.report, result.shards.manifest
     context.log.info(f"{'reused' if result.shards.reused else 'wrote'} {result.shards.directory}")
     scores = read_scores(difficulty_scores)
-    yield dg.Output(
-        str(result.shards.directory),
+    yield dg.MaterializeResult(
+        value=str(result.shards.directory),
         data_version=dg.DataVersion(result.shards.key),
         metadata={
             "path": dg.MetadataValue.path(str(result.shards.directory)),

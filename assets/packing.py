@@ -29,11 +29,11 @@ def _keyed_output(
     context: dg.AssetExecutionContext,
     result: TokenizedResult | ShardResult,
     metadata: dict[str, object],
-) -> dg.Output[str]:
+) -> dg.MaterializeResult[str]:
     """The stage's directory as output, its cache key as data version, reuse reported."""
     context.log.info(f"{'reused' if result.reused else 'wrote'} {result.directory}")
-    return dg.Output(
-        str(result.directory),
+    return dg.MaterializeResult(
+        value=str(result.directory),
         data_version=dg.DataVersion(result.key),
         metadata={
             "path": dg.MetadataValue.path(str(result.directory)),
