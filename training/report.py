@@ -186,21 +186,22 @@ class PipesReporter:
         self.seconds = 0.0
 
     def __call__(self, metrics: Mapping[str, float]) -> None:
-        """The `on_step` sink: a log line every `log_every` steps and at the last one, with
-        throughput since the start and the time left at that pace."""
+        """The `on_step` sink: a log line every `log_every` steps, with throughput since the
+        start and the time left at that pace. None at the last step: the materialization
+        that follows carries its numbers (and `prefpack run` prints them once)."""
         step = int(metrics["step"])
         self.seen += 1
         self.pairs += int(metrics["pairs"])
         self.tokens += int(metrics["tokens"])
         self.seconds += float(metrics["seconds"])
-        if step % self.log_every and step != self.steps:
+        if step % self.log_every or step == self.steps:
             return
         left = (self.steps - step) * self.seconds / self.seen
         self.context.log.info(
             f"step {step}/{self.steps} loss {metrics['loss']:.4f} "
             f"acc {metrics['rewards/accuracies']:.3f} margin {metrics['rewards/margins']:.4f}, "
-            f"{self.pairs / self.seconds:.1f} pairs/s {self.tokens / self.seconds:,.0f} tokens/s"
-            + (f", ETA {left:.0f} s" if step < self.steps else "")
+            f"{self.pairs / self.seconds:.1f} pairs/s {self.tokens / self.seconds:,.0f} tokens/s, "
+            f"ETA {left:.0f} s"
         )
 
     def materialize(self, summary: RunSummary, extra: Mapping[str, str] | None = None) -> None:

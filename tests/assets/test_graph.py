@@ -127,6 +127,10 @@ def test_whole_graph_accounts_for_every_row(built, instance) -> None:
     text = summary(instance, results, seconds=1.0)  # what `prefpack run` prints
     assert f"{curated['rows_out']:,} pairs" in text and f"loss {trained['loss']:.4f}" in text
     assert UP_TO_DATE not in text
+    head = (
+        f"{len(results)} runs: raw_source x7, normalized_pairs x7, curated_pairs, tokenized_pairs"
+    )
+    assert head in text.splitlines()[0]
     checks = [c for r in results for c in r.get_asset_check_evaluations()]
     assert checks and all(c.passed for c in checks), [c.check_name for c in checks if not c.passed]
 

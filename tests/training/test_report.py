@@ -79,18 +79,17 @@ class _Recorder:
         self.lines.append(message)
 
 
-def test_pipes_reporter_logs_about_twenty_lines_and_the_last_step(tmp_path: Path) -> None:
+def test_pipes_reporter_logs_about_twenty_lines_but_not_the_last_step(tmp_path: Path) -> None:
     lines = _write_metrics(tmp_path / "run", 45)
     context = _Recorder()
     reporter = PipesReporter(context, steps=45)
     for metrics in lines:
         reporter(metrics)
     logged = [int(line.split()[1].split("/")[0]) for line in context.lines]
-    assert logged == [*range(2, 45, 2), 45]
+    assert logged == [*range(2, 45, 2)]  # the materialization reports step 45
     # Step 10: 100 pairs and 10,000 tokens in 0.1 + ... + 1.0 = 5.5 s so far, 0.55 s a step,
     # so 35 steps left take 19.25 s.
     assert context.lines[4].endswith(", 18.2 pairs/s 1,818 tokens/s, ETA 19 s")
-    assert "ETA" not in context.lines[-1]
 
 
 def test_no_pipes_without_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
