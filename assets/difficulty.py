@@ -30,7 +30,7 @@ from assets.keys import (
     compute_identity,
     difficulty_key,
 )
-from assets.metadata import count_table, records_table
+from assets.metadata import count_table
 from assets.plots import difficulty_plot
 from assets.resources import ComputeResource, ModelResource, StoreResource
 from assets.training import (
@@ -96,7 +96,6 @@ def difficulty_scores(
     report, scores = read_report(out), read_scores(out)
     loss = scores.column("loss").to_numpy()
     margin = scores.column("margin").to_numpy()
-    folds = [{k: v for k, v in fold.items() if k != "curve"} for fold in report["folds"]]
     yield dg.MaterializeResult(
         value=str(out),
         data_version=dg.DataVersion(key),
@@ -106,7 +105,7 @@ def difficulty_scores(
             "reused": reused,
             "pairs": report["pairs"],
             "folds": len(report["folds"]),
-            "by_fold": records_table(folds),
+            "by_fold": _fold_table(report["folds"]),
             "held_out_loss_mean": float(loss.mean()),
             "held_out_loss_p50": float(np.median(loss)),
             "held_out_loss_p90": float(np.percentile(loss, 90)),
@@ -118,6 +117,27 @@ def difficulty_scores(
         },
     )
     yield _check_scores_cover(scores, report, packed_shards)
+
+
+def _fold_table(folds: list[dict]) -> dg.MetadataValue:
+    """Each fold model's pairs, loss and accuracy on what it trained on and on what it held
+    out, side by side in a cell (the UI cuts a wide table at its edge); steps and rows
+    below."""
+    lines = [
+        "| fold | pairs trained / held out | loss trained / held out | accuracy trained / held out |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    slash = "\u00a0/\u00a0"  # no break inside a cell
+    for f in folds:
+        lines.append(
+            f"| {f['fold']} | {f['train_pairs']:,}{slash}{f['held_out_pairs']:,} "
+            f"| {f['train_loss']:.3f}{slash}{f['held_out_loss']:.3f} "
+            f"| {f['train_accuracy']:.0%}{slash}{f['held_out_accuracy']:.0%} |"
+        )
+    steps = sorted({f["steps"] for f in folds})
+    rows = ", ".join(f"{f['train_rows']:,}" for f in folds)
+    lines += ["", f"{'/'.join(map(str, steps))} steps per fold model, on {rows} packed rows"]
+    return dg.MetadataValue.md("\n".join(lines))
 
 
 def _intact(out: Path) -> bool:
