@@ -25,18 +25,19 @@ const PAGES = ['normalized_pairs', 'curated_pairs', 'tokenized_pairs', 'packed_s
   'difficulty_scores', 'selected_shards'];
 const NARROW = { width: 1440, height: 900 };
 
-async function open(page, base, asset) {
+// The asset's page, once the metadata row `key` of its latest materialization is there.
+async function open(page, base, asset, key) {
   await page.goto(`${base}/assets/${asset}`, { waitUntil: 'networkidle' });
   const skip = page.getByRole('button', { name: 'Skip' }); // the first-visit newsletter modal
   if (await skip.count()) await skip.click();
-  await page.locator('tr', { has: page.getByText('path', { exact: true }) }).first()
-    .waitFor({ timeout: 30000 });
+  const row = page.locator('tr', { has: page.getByText(key, { exact: true }) }).first();
+  await row.waitFor({ timeout: 30000 });
+  return row;
 }
 
 // The plot's markdown is over the UI's 1,000 characters, so it opens from "[Show Markdown]".
 async function plot(page, base, asset, key, out) {
-  await open(page, base, asset);
-  const row = page.locator('tr', { has: page.getByText(key, { exact: true }) }).first();
+  const row = await open(page, base, asset, key);
   await row.getByText('[Show Markdown]').click();
   const dialog = page.getByRole('dialog');
   const image = dialog.locator('img').first();
@@ -94,7 +95,7 @@ async function cutTables(page) {
   }
   await page.setViewportSize(NARROW);
   for (const asset of PAGES) {
-    await open(page, base, asset);
+    await open(page, base, asset, 'path');
     const cut = await cutTables(page);
     console.log(`${asset} tables at ${NARROW.width} px: ${cut.length ? `CUT ${cut.join(', ')}` : 'all fit'}`);
     if (cut.length) failed += 1;
