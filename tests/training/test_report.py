@@ -92,6 +92,16 @@ def test_pipes_reporter_logs_about_twenty_lines_but_not_the_last_step(tmp_path: 
     assert context.lines[4].endswith(", 18.2 pairs/s 1,818 tokens/s, ETA 19 s")
 
 
+def test_pipes_reporter_logs_slow_steps_at_least_every_max_seconds(tmp_path: Path) -> None:
+    """Steps of s/10 seconds: steps 1..13 sum to 9.1 s, 14..19 to 9.9 s, 20..24 to 11 s."""
+    lines = _write_metrics(tmp_path / "run", 1000)
+    context = _Recorder()
+    reporter = PipesReporter(context, steps=1000, max_seconds=9.0)
+    for metrics in lines[:24]:
+        reporter(metrics)
+    assert [int(line.split()[1].split("/")[0]) for line in context.lines] == [13, 19, 24]
+
+
 def test_no_pipes_without_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(PIPES_CONTEXT_ENV, raising=False)
     with pipes_reporter(steps=3) as reporter:
