@@ -169,7 +169,9 @@ def _check_scores_cover(scores: pa.Table, report: dict, packed_shards: str) -> d
             "packed_pairs": len(packed),
             "scored_pairs": len(scored),
             "unique_scored": unique,
-            "held_out_by_fold": count_table({f"fold {k}": v for k, v in listed.items()}, "fold"),
+            "held_out_by_fold": count_table(
+                {f"fold {k}": v for k, v in listed.items()}, "fold", unit="pairs"
+            ),
         },
     )
 
@@ -205,7 +207,9 @@ def selected_shards(
             "pairs_in": report["pairs_in"],
             "pairs_out": report["pairs_out"],
             "dropped": sum(report["dropped"].values()),
-            "dropped_by_reason": count_table(report["dropped"], total=report["pairs_in"]),
+            "dropped_by_reason": count_table(
+                report["dropped"], total=report["pairs_in"], unit="pairs"
+            ),
             "dropped_path": dg.MetadataValue.path(str(result.directory / "dropped.parquet")),
             "drop_hardest": float(config.drop_hardest),
             "loss_threshold": report["loss_threshold"]

@@ -9,12 +9,15 @@ from typing import Any
 import dagster as dg
 import numpy as np
 
+from pipeline.lengths import power_of_two_edges
+
 
 def count_table(
-    counts: Mapping[str, int], key: str = "reason", total: int | None = None
+    counts: Mapping[str, int], key: str = "reason", total: int | None = None, unit: str = "rows"
 ) -> dg.MetadataValue:
-    """A markdown table of `key | rows | share`, largest first."""
-    lines = [f"| {key} | rows | share |", "| --- | ---: | ---: |"]
+    """A markdown table of `key | unit | share`, largest first; the share is of `total`
+    (default: the sum)."""
+    lines = [f"| {key} | {unit} | share |", "| --- | ---: | ---: |"]
     denominator = total or sum(counts.values()) or 1
     for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
         lines.append(f"| {name} | {n:,} | {n / denominator:.1%} |")
@@ -62,12 +65,15 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def histogram(values: np.ndarray, bins: int = 12, unit: str = "") -> dg.MetadataValue:
-    """A markdown histogram of raw values, with a one-line summary above it."""
+def histogram(values: np.ndarray, unit: str = "") -> dg.MetadataValue:
+    """A markdown histogram of raw values on power-of-two edges (0, 16, 32, 64, ... up to
+    the largest), as the token-length histograms are binned, with a one-line summary above
+    it."""
     values = np.asarray(values)
     if values.size == 0:
         return dg.MetadataValue.md("(no values)")
-    counts, edges = np.histogram(values, bins=bins)
+    edges = power_of_two_edges(int(values.max()))
+    counts, _ = np.histogram(values, bins=edges)
     summary = (
         f"n={values.size:,}, median {np.median(values):,.0f}, p95 "
         f"{np.percentile(values, 95):,.0f}, max {values.max():,.0f}"
