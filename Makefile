@@ -9,10 +9,11 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
+# torch first, at its locked version: from PyPI on Linux that is the CUDA build (it runs on
+# CPU too); PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu gives the CPU build.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch first, as locked: the CPU build on this machine's disk (a plain `torch` pulls CUDA).
 	$(BIN)/python -m pip install --quiet -c constraints.txt torch
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)

@@ -39,8 +39,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     ui = subparsers.add_parser(
         "ui",
         help="start the Dagster UI (webserver + daemon) on the project's instance",
-        description="Run `dagster dev` on assets.definitions with DAGSTER_HOME=./.dagster "
-        "(or $DAGSTER_HOME).",
+        description="Run `dg dev` (Dagster's project CLI) on assets.definitions with "
+        "DAGSTER_HOME=./.dagster (or $DAGSTER_HOME), from any directory.",
     )
     ui.add_argument("--port", type=int, default=3000, help="webserver port")
     ui.add_argument("--host", default="127.0.0.1", help="webserver host")
@@ -75,11 +75,14 @@ def _run(args: argparse.Namespace) -> int:
 
 def _ui(args: argparse.Namespace) -> int:
     home = _dagster_home()
-    # The same code location name as `dagster dev` run in the repo root ([tool.dagster]).
+    # The same code location name as `dg dev` run in the repo root ([tool.dg]). Given a
+    # workspace file, `dg dev` needs no project directory, so this works wherever prefpack
+    # is installed; `dagster dev` would warn that it is superseded by `dg dev`.
     workspace = home / "workspace.yaml"
     workspace.write_text(WORKSPACE)
-    command = [sys.executable, "-m", "dagster", "dev", "-w", str(workspace)]
+    command = [sys.executable, "-m", "dagster_dg_cli.cli", "dev", "-w", str(workspace)]
     command += ["--host", args.host, "--port", str(args.port)]
-    print(f"DAGSTER_HOME={home}; {' '.join(command[1:])}", flush=True)
+    shown = " ".join(["dg", *command[3:]])
+    print(f"prefpack ui: DAGSTER_HOME={home} {shown} (http://{args.host}:{args.port})", flush=True)
     os.execv(sys.executable, command)
     return 0

@@ -59,13 +59,8 @@ def curated_pairs(
     out = write_curated(with_preset(result, preset), store.path("curated"))
     report = result.report
     kept = result.pairs
-    agreement = [
-        {"source": source, "attribute": name, **stats}
-        for source, attributes in report["attribute_agreement"].items()
-        for name, stats in attributes.items()
-    ]
-    yield dg.Output(
-        str(out),
+    yield dg.MaterializeResult(
+        value=str(out),
         metadata={
             "path": dg.MetadataValue.path(str(out)),
             "rows_in": report["rows_in"],
@@ -77,7 +72,7 @@ def curated_pairs(
             "by_source": records_table(
                 [{"source": s, **counts} for s, counts in report["sources"].items()]
             ),
-            "attribute_agreement": records_table(agreement),
+            "attribute_agreement": _attribute_agreement(report["attribute_agreement"]),
             "eval_prompts": eval_file if eval_prompts is not None else "(off)",
             "length_bias": records_table(_length_bias_rows(report["length_bias"])),
             "length_bias_plot": length_bias_plot(report["length_bias"]),
@@ -108,6 +103,23 @@ def _funnel(report: dict) -> dg.MetadataValue:
             }
         )
     return records_table(rows)
+
+
+def _attribute_agreement(agreement: dict) -> dg.MetadataValue:
+    """How often each attribute rates chosen above rejected (agree), below (conflict) or
+    equal (tie), as shares of the pairs rated on it: a row naming each source, then one
+    per attribute, so the table stays narrow (the UI cuts a wide one at its edge)."""
+    lines = [
+        "| attribute | pairs | agree | conflict | tie |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for source, attributes in agreement.items():
+        lines.append(f"| **{source}** | | | | |")
+        for name, stats in attributes.items():
+            shares = [stats[k] / (stats["pairs"] or 1) for k in ("agree", "conflict", "tie")]
+            cells = " | ".join(f"{share:.0%}" for share in shares)
+            lines.append(f"| {name} | {stats['pairs']:,} | {cells} |")
+    return dg.MetadataValue.md("\n".join(lines) if agreement else "(no rated attributes)")
 
 
 def _length_bias_rows(bias: dict) -> list[dict]:

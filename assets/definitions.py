@@ -21,10 +21,9 @@ from assets.resources import (
     TokenizerResource,
 )
 
-# Data versions on outputs are what make reuse visible to Dagster; their beta status is
-# known and accepted here, so the warning is not repeated on every materialization. Pipes'
+# Assets return `MaterializeResult(value=..., data_version=...)`, whose data version is
+# stable (`Output(data_version=...)` is beta and warns on every materialization). Pipes'
 # own internals warn about their preview and deprecated calls on every run; not ours.
-warnings.filterwarnings("ignore", category=dg.BetaWarning)
 warnings.filterwarnings("ignore", category=dg.PreviewWarning, module="dagster._core.pipes")
 warnings.filterwarnings("ignore", category=DeprecationWarning, module="dagster._core.pipes")
 

@@ -30,7 +30,7 @@ from assets.keys import (
     compute_identity,
     difficulty_key,
 )
-from assets.metadata import count_table, records_table
+from assets.metadata import count_table
 from assets.plots import difficulty_plot
 from assets.resources import ComputeResource, ModelResource, StoreResource
 from assets.training import (
@@ -67,7 +67,7 @@ def difficulty_scores(
     compute: ComputeResource,
     store: StoreResource,
     pipes_subprocess_client: dg.PipesSubprocessClient,
-) -> Iterator[dg.Output[str] | dg.AssetCheckResult]:
+) -> Iterator[dg.MaterializeResult[str] | dg.AssetCheckResult]:
     shard_key = Path(packed_shards).name
     values = config.model_dump()
     nproc = values.pop("nproc_per_node")
@@ -96,9 +96,8 @@ def difficulty_scores(
     report, scores = read_report(out), read_scores(out)
     loss = scores.column("loss").to_numpy()
     margin = scores.column("margin").to_numpy()
-    folds = [{k: v for k, v in fold.items() if k != "curve"} for fold in report["folds"]]
-    yield dg.Output(
-        str(out),
+    yield dg.MaterializeResult(
+        value=str(out),
         data_version=dg.DataVersion(key),
         metadata={
             "path": dg.MetadataValue.path(str(out)),
@@ -106,7 +105,7 @@ def difficulty_scores(
             "reused": reused,
             "pairs": report["pairs"],
             "folds": len(report["folds"]),
-            "by_fold": records_table(folds),
+            "by_fold": _fold_table(report["folds"]),
             "held_out_loss_mean": float(loss.mean()),
             "held_out_loss_p50": float(np.median(loss)),
             "held_out_loss_p90": float(np.percentile(loss, 90)),
@@ -118,6 +117,27 @@ def difficulty_scores(
         },
     )
     yield _check_scores_cover(scores, report, packed_shards)
+
+
+def _fold_table(folds: list[dict]) -> dg.MetadataValue:
+    """Each fold model's pairs, loss and accuracy on what it trained on and on what it held
+    out, side by side in a cell (the UI cuts a wide table at its edge); steps and rows
+    below."""
+    lines = [
+        "| fold | pairs trained / held out | loss trained / held out | accuracy trained / held out |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    slash = "\u00a0/\u00a0"  # no break inside a cell
+    for f in folds:
+        lines.append(
+            f"| {f['fold']} | {f['train_pairs']:,}{slash}{f['held_out_pairs']:,} "
+            f"| {f['train_loss']:.3f}{slash}{f['held_out_loss']:.3f} "
+            f"| {f['train_accuracy']:.0%}{slash}{f['held_out_accuracy']:.0%} |"
+        )
+    steps = sorted({f["steps"] for f in folds})
+    rows = ", ".join(f"{f['train_rows']:,}" for f in folds)
+    lines += ["", f"{'/'.join(map(str, steps))} steps per fold model, on {rows} packed rows"]
+    return dg.MetadataValue.md("\n".join(lines))
 
 
 def _intact(out: Path) -> bool:
@@ -149,7 +169,9 @@ def _check_scores_cover(scores: pa.Table, report: dict, packed_shards: str) -> d
             "packed_pairs": len(packed),
             "scored_pairs": len(scored),
             "unique_scored": unique,
-            "held_out_by_fold": count_table({f"fold {k}": v for k, v in listed.items()}, "fold"),
+            "held_out_by_fold": count_table(
+                {f"fold {k}": v for k, v in listed.items()}, "fold", unit="pairs"
+            ),
         },
     )
 
@@ -168,15 +190,15 @@ def selected_shards(
     packed_shards: str,
     difficulty_scores: str,
     store: StoreResource,
-) -> Iterator[dg.Output[str] | dg.AssetCheckResult]:
+) -> Iterator[dg.MaterializeResult[str] | dg.AssetCheckResult]:
     result = build_selected_shards(
         packed_shards, difficulty_scores, config_from(SelectConfig, config), store.root
     )
     report, manifest = result.report, result.shards.manifest
     context.log.info(f"{'reused' if result.shards.reused else 'wrote'} {result.shards.directory}")
     scores = read_scores(difficulty_scores)
-    yield dg.Output(
-        str(result.shards.directory),
+    yield dg.MaterializeResult(
+        value=str(result.shards.directory),
         data_version=dg.DataVersion(result.shards.key),
         metadata={
             "path": dg.MetadataValue.path(str(result.shards.directory)),
@@ -185,7 +207,9 @@ def selected_shards(
             "pairs_in": report["pairs_in"],
             "pairs_out": report["pairs_out"],
             "dropped": sum(report["dropped"].values()),
-            "dropped_by_reason": count_table(report["dropped"], total=report["pairs_in"]),
+            "dropped_by_reason": count_table(
+                report["dropped"], total=report["pairs_in"], unit="pairs"
+            ),
             "dropped_path": dg.MetadataValue.path(str(result.directory / "dropped.parquet")),
             "drop_hardest": float(config.drop_hardest),
             "loss_threshold": report["loss_threshold"]

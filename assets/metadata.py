@@ -9,12 +9,15 @@ from typing import Any
 import dagster as dg
 import numpy as np
 
+from pipeline.lengths import power_of_two_edges
+
 
 def count_table(
-    counts: Mapping[str, int], key: str = "reason", total: int | None = None
+    counts: Mapping[str, int], key: str = "reason", total: int | None = None, unit: str = "rows"
 ) -> dg.MetadataValue:
-    """A markdown table of `key | rows | share`, largest first."""
-    lines = [f"| {key} | rows | share |", "| --- | ---: | ---: |"]
+    """A markdown table of `key | unit | share`, largest first; the share is of `total`
+    (default: the sum)."""
+    lines = [f"| {key} | {unit} | share |", "| --- | ---: | ---: |"]
     denominator = total or sum(counts.values()) or 1
     for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
         lines.append(f"| {name} | {n:,} | {n / denominator:.1%} |")
@@ -33,11 +36,14 @@ LAYOUT_NOTES = {
 
 def layout_table(tokens_by_layout: Mapping[str, int]) -> dg.MetadataValue:
     """Tokens one epoch computes in each layout, and as a share of the `padded` layout
-    (one pair per row: what trainers without packing compute at best)."""
+    (one pair per row: what trainers without packing compute at best). Three narrow
+    columns, what each layout holds below them: the UI cuts a wide table at its edge."""
     padded = tokens_by_layout["padded"] or 1
-    lines = ["| layout | tokens | of padded | what it holds |", "| --- | ---: | ---: | --- |"]
+    lines = ["| layout | tokens | of padded |", "| --- | ---: | ---: |"]
     for name, tokens in tokens_by_layout.items():
-        lines.append(f"| {name} | {tokens:,} | {tokens / padded:.1%} | {LAYOUT_NOTES[name]} |")
+        lines.append(f"| {name} | {tokens:,} | {tokens / padded:.1%} |")
+    lines.append("")
+    lines += [f"- {name}: {LAYOUT_NOTES[name]}" for name in tokens_by_layout]
     return dg.MetadataValue.md("\n".join(lines))
 
 
@@ -59,12 +65,15 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def histogram(values: np.ndarray, bins: int = 12, unit: str = "") -> dg.MetadataValue:
-    """A markdown histogram of raw values, with a one-line summary above it."""
+def histogram(values: np.ndarray, unit: str = "") -> dg.MetadataValue:
+    """A markdown histogram of raw values on power-of-two edges (0, 16, 32, 64, ... up to
+    the largest), as the token-length histograms are binned, with a one-line summary above
+    it."""
     values = np.asarray(values)
     if values.size == 0:
         return dg.MetadataValue.md("(no values)")
-    counts, edges = np.histogram(values, bins=bins)
+    edges = power_of_two_edges(int(values.max()))
+    counts, _ = np.histogram(values, bins=edges)
     summary = (
         f"n={values.size:,}, median {np.median(values):,.0f}, p95 "
         f"{np.percentile(values, 95):,.0f}, max {values.max():,.0f}"

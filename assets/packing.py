@@ -29,11 +29,11 @@ def _keyed_output(
     context: dg.AssetExecutionContext,
     result: TokenizedResult | ShardResult,
     metadata: dict[str, object],
-) -> dg.Output[str]:
+) -> dg.MaterializeResult[str]:
     """The stage's directory as output, its cache key as data version, reuse reported."""
     context.log.info(f"{'reused' if result.reused else 'wrote'} {result.directory}")
-    return dg.Output(
-        str(result.directory),
+    return dg.MaterializeResult(
+        value=str(result.directory),
         data_version=dg.DataVersion(result.key),
         metadata={
             "path": dg.MetadataValue.path(str(result.directory)),
@@ -73,7 +73,9 @@ def tokenized_pairs(
             "pairs_in": stats["pairs_in"],
             "pairs_out": stats["pairs_out"],
             "dropped": sum(stats["dropped"].values()),
-            "dropped_by_reason": count_table(stats["dropped"], total=stats["pairs_in"]),
+            "dropped_by_reason": count_table(
+                stats["dropped"], total=stats["pairs_in"], unit="pairs"
+            ),
             "boundary_agreement": float(stats["boundary_agreement"]["rate"]),
             "responses_ending_with_eos": float(stats["responses_ending_with_eos"]["rate"]),
             "end_of_turn": stats["responses_ending_with_eos"]["token"] or "(none)",
@@ -136,7 +138,9 @@ def packed_shards(
             "prefix_sharing_saving": float(stats["prefix_sharing_saving"]),
             "truncated": stats["truncated"],
             "dropped": sum(stats["dropped"].values()),
-            "dropped_by_reason": count_table(stats["dropped"], total=stats["pairs_in"]),
+            "dropped_by_reason": count_table(
+                stats["dropped"], total=stats["pairs_in"], unit="pairs"
+            ),
             "tokens_by_layout": layout_table(stats["tokens_by_layout"]),
             "pair_length_histogram": binned(histogram["edges"], histogram["counts"], "pair tokens"),
             "fill_plot": _fill_plot(result),

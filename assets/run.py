@@ -5,6 +5,7 @@ With nothing changed it launches no run and adds no history to any asset: it pri
 "everything up to date" with the numbers of the current materializations.
 """
 
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -100,8 +101,12 @@ def summary(
     """What ran (or "everything up to date"), then pairs per stage, fill ratio, tokens
     saved, final training loss and reward accuracy of the current materializations."""
     if results:
-        ran = sorted({key.to_user_string() for r in results for key in _materialized(r)})
-        head = f"prefpack run finished in {seconds:.1f} s: {len(results)} runs ({', '.join(ran)})"
+        ran = Counter(key.to_user_string() for r in results for key in _materialized(r))
+        names = [f"{n} x{ran[n]}" if ran[n] > 1 else n for n in (*SOURCE_ASSETS, *STAGE_ASSETS)]
+        head = (
+            f"prefpack run finished in {seconds:.1f} s, {len(results)} runs: "
+            f"{', '.join(name for name in names if name.split()[0] in ran)}"
+        )
     else:
         head = f"prefpack run: {UP_TO_DATE}, no run launched ({seconds:.1f} s)"
     md = current_metadata(instance)

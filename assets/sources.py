@@ -45,14 +45,16 @@ def fingerprint(location: str) -> tuple[str, int, int]:
     description="Where one source reads from (bundled sample, local file/dir or hub id), "
     "fingerprinted so unchanged inputs keep downstream in sync.",
 )
-def raw_source(context: dg.AssetExecutionContext, sources: SourcesResource) -> dg.Output[str]:
+def raw_source(
+    context: dg.AssetExecutionContext, sources: SourcesResource
+) -> dg.MaterializeResult[str]:
     source = context.partition_key
     location = sources.input_for(source)
     if not ingest.is_hub_id(location) and not Path(location).exists():
         raise FileNotFoundError(f"{source}: input {location!r} does not exist")
     digest, files, size = fingerprint(location)
-    return dg.Output(
-        location,
+    return dg.MaterializeResult(
+        value=location,
         data_version=dg.DataVersion(digest),
         metadata={
             "input": location,
@@ -84,8 +86,8 @@ def normalized_pairs(
     )
     out = write_normalized(result, store.path("normalized", source))
     report = result.report
-    yield dg.Output(
-        str(out),
+    yield dg.MaterializeResult(
+        value=str(out),
         metadata={
             "path": dg.MetadataValue.path(str(out)),
             "rows_in": report["rows_in"],

@@ -97,7 +97,7 @@ def reference_logps(
     compute: ComputeResource,
     store: StoreResource,
     pipes_subprocess_client: dg.PipesSubprocessClient,
-) -> dg.Output[str]:
+) -> dg.MaterializeResult[str]:
     shard_key = Path(packed_shards).name
     key = content_key(shard_key, model, compute, reference=config.model_dump())
     out = store.path("reference", shard_key, f"{key}-{compute.precision}.arrow")
@@ -114,8 +114,8 @@ def reference_logps(
         "--no-progress",
     ]
     result = pipes_subprocess_client.run(context=context, command=command).get_materialize_result()
-    return dg.Output(
-        str(out),
+    return dg.MaterializeResult(
+        value=str(out),
         data_version=dg.DataVersion(key),
         metadata={**result.metadata, "key": key, **compute_identity(compute)},
     )

@@ -85,7 +85,7 @@ from pipeline.tokenized import read_tokenized, tokenized_batches
 log = logging.getLogger(__name__)
 
 # Bump when this module's code would write different bytes for the same inputs.
-PACKER_VERSION = "3"
+PACKER_VERSION = "4"  # 4: the pair-length histogram on power-of-two edges
 BATCH_TOKENS = 1 << 20  # about this many tokens per written record batch
 MAX_CARRY = 512  # under-filled rows carried from one packing window to the next
 TRUNCATION_WARNING = 0.05  # share of packed pairs truncated above which pack warns

@@ -2,8 +2,9 @@
 
 A bar redraws one line with carriage returns, which a CI log, `nohup` or a Dagster run
 shows as one garbled line or not at all; off a terminal, `progress` writes a plain line
-every `every` percent instead (done, total, rate, ETA), at most one per `min_seconds`, so
-work that ends within `min_seconds` prints nothing.
+every `every` percent instead (done, total, rate, ETA), and at least one per `max_seconds`
+(slow steps: 5% of a long training run can take an hour), but at most one per
+`min_seconds`, so work that ends within `min_seconds` prints nothing.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ class LineProgress(Generic[T]):
         initial: int = 0,
         every: float = 5.0,
         min_seconds: float = 10.0,
+        max_seconds: float = 60.0,
         stream: IO[str] | None = None,
         clock: Any = time.monotonic,
     ) -> None:
         self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
         self.n = self.start = initial
-        self.every, self.min_seconds = every, min_seconds
+        self.every, self.min_seconds, self.max_seconds = every, min_seconds, max_seconds
         self.stream = stream or sys.stderr
         self.clock = clock
         self.started = self.last_line = clock()
@@ -60,19 +62,26 @@ class LineProgress(Generic[T]):
     def update(self, n: int = 1) -> None:
         self.n += n
         percent = 100.0 * self.n / self.total if self.total else 100.0
-        if percent < self.next_percent:
-            return
-        self.next_percent = (percent // self.every + 1) * self.every
         now = self.clock()
+        if percent >= self.next_percent:
+            self.next_percent = (percent // self.every + 1) * self.every
+        elif now - self.last_line < self.max_seconds:
+            return
         if now - self.last_line < self.min_seconds:
             return
         self.last_line = now
         elapsed = now - self.started
         rate = (self.n - self.start) / elapsed if elapsed > 0 else 0.0
         left = (self.total - self.n) / rate if rate > 0 else 0.0
+        # Slow work reads better as seconds per item.
+        speed = (
+            f"{rate:,.1f} {self.unit}s/s"
+            if rate >= 1 or rate == 0
+            else f"{1 / rate:,.1f} s/{self.unit}"
+        )
         line = (
             f"{self.desc}: {percent:.0f}% ({self.n:,}/{self.total:,} {self.unit}s), "
-            f"{rate:,.1f} {self.unit}s/s, ETA {left:.0f} s"
+            f"{speed}, ETA {left:.0f} s"
         )
         print(line + (f", {self.postfix}" if self.postfix else ""), file=self.stream, flush=True)
 

@@ -1,9 +1,11 @@
-"""The README's step-by-step block runs as written, on the bundled samples."""
+"""The README's step-by-step block runs as written, on the bundled samples; every other
+`prefpack` command it shows parses with the real parser; every file it links exists."""
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -11,12 +13,14 @@ from pathlib import Path
 
 import pytest
 
+import prefpack
+
 REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text(encoding="utf-8")
 
 
 def _step_by_step_block() -> str:
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    section = text.split("## The command line, step by step", 1)[1]
+    section = README.split("## The command line, step by step", 1)[1]
     match = re.search(r"```bash\n(.*?)```", section, re.S)
     assert match, "no bash block in the step-by-step section"
     return match.group(1)
@@ -38,3 +42,37 @@ def test_step_by_step_block_runs(tmp_path: Path) -> None:
     assert (tmp_path / "runs" / "readme" / "final" / "config.json").is_file()
     assert (tmp_path / "store" / "difficulty" / "readme" / "scores.parquet").is_file()
     assert (tmp_path / "runs" / "readme-selected" / "final" / "config.json").is_file()
+
+
+def _prefpack_commands() -> list[str]:
+    """The arguments of every `prefpack` command in the README's bash blocks: continuation
+    lines joined, comments cut, `$(prefpack ...)` and `torchrun ... -m prefpack` included."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            code = line.split(" #")[0]
+            match = re.search(r"(?:^|\s|\$\()prefpack (\w.*)", code)
+            if match and not code.lstrip().startswith("#"):
+                commands.append(match.group(1).strip().rstrip(")"))
+    return commands
+
+
+def test_every_prefpack_command_shown_parses() -> None:
+    """Flags, choices and required arguments as `prefpack` takes them (placeholders such as
+    `...` or `store/shards/<key>` stand for values)."""
+    parser = prefpack.build_parser()
+    commands = _prefpack_commands()
+    assert len(commands) > 20
+    refused = []
+    for command in commands:
+        try:
+            parser.parse_args(shlex.split(command))
+        except SystemExit:
+            refused.append(command)
+    assert refused == []
+
+
+def test_every_linked_file_exists() -> None:
+    links = re.findall(r"\]\(((?!https?:)[^)#\s]+)\)", README)
+    assert "docs/plots/trained_model-loss_plot.png" in links
+    assert [link for link in links if not (REPO / link).exists()] == []

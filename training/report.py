@@ -176,22 +176,40 @@ class PipesReporter:
         context: the open `dagster_pipes.PipesContext`.
         steps: the run's total steps (for the progress lines).
         log_every: a progress line every this many steps (default: about 20 lines a run).
+        max_seconds: and one at least every this many seconds of steps (slow steps).
     """
 
-    def __init__(self, context: Any, steps: int, log_every: int | None = None) -> None:
+    def __init__(
+        self, context: Any, steps: int, log_every: int | None = None, max_seconds: float = 60.0
+    ) -> None:
         self.context = context
         self.steps = steps
         self.log_every = log_every or max(1, steps // 20)
+        self.max_seconds = max_seconds
+        self.seen = self.pairs = self.tokens = 0  # over the steps this process ran
+        self.seconds = self.since_line = 0.0
 
     def __call__(self, metrics: Mapping[str, float]) -> None:
-        """The `on_step` sink: a log line every `log_every` steps and at the last one."""
+        """The `on_step` sink: a log line every `log_every` steps or `max_seconds`, with
+        throughput since the start and the time left at that pace. None at the last step:
+        the materialization that follows carries its numbers (and `prefpack run` prints
+        them once)."""
         step = int(metrics["step"])
-        if step % self.log_every and step != self.steps:
+        self.seen += 1
+        self.pairs += int(metrics["pairs"])
+        self.tokens += int(metrics["tokens"])
+        self.seconds += float(metrics["seconds"])
+        self.since_line += float(metrics["seconds"])
+        due = step % self.log_every == 0 or self.since_line >= self.max_seconds
+        if not due or step == self.steps:
             return
+        self.since_line = 0.0
+        left = (self.steps - step) * self.seconds / self.seen
         self.context.log.info(
             f"step {step}/{self.steps} loss {metrics['loss']:.4f} "
-            f"acc {metrics['rewards/accuracies']:.3f} margin {metrics['rewards/margins']:.4f} "
-            f"{metrics['pairs/s']:.2f} pairs/s {metrics['tokens/s']:.0f} tokens/s"
+            f"acc {metrics['rewards/accuracies']:.3f} margin {metrics['rewards/margins']:.4f}, "
+            f"{self.pairs / self.seconds:.1f} pairs/s {self.tokens / self.seconds:,.0f} tokens/s, "
+            f"ETA {left:.0f} s"
         )
 
     def materialize(self, summary: RunSummary, extra: Mapping[str, str] | None = None) -> None:

@@ -1,9 +1,11 @@
 """`curated_pairs` called as a function on two bundled samples, with near-duplicates and
-the chosen-longer share on: the UI's funnel lists every rule in the order it ran, and the
-length-bias and near-duplicate reports are in the metadata."""
+the chosen-longer share on: the UI's funnel lists every rule in the order it ran, the
+length-bias and near-duplicate reports are in the metadata, and attribute agreement is a
+narrow table of shares."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import dagster as dg
@@ -21,25 +23,31 @@ SOURCES = ("helpsteer3", "ultrafeedback")
 
 
 @pytest.fixture(scope="module")
-def metadata(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("curation")
-    dirs = {}
-    for source in SOURCES:
-        dirs[source] = str(write_normalized(normalize(source, sample_path(source)), root / source))
-    config = CurationConfig(
-        sources=list(SOURCES), near_dup_threshold=0.8, max_chosen_longer_share=0.6
-    )
+def normalized(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("normalized")
+    return {s: str(write_normalized(normalize(s, sample_path(s)), root / s)) for s in SOURCES}
+
+
+def _curate(normalized: dict[str, str], config: CurationConfig, store: Path) -> dict:
     events = list(
         curated_pairs(
             context=dg.build_asset_context(),
             config=config,
-            normalized_pairs=dirs,
-            store=StoreResource(root=str(root / "store")),
+            normalized_pairs=normalized,
+            store=StoreResource(root=str(store)),
         )
     )
-    output = next(e for e in events if isinstance(e, dg.Output))
+    output = next(e for e in events if isinstance(e, dg.MaterializeResult))
     assert Path(output.value, "report.json").is_file()
     return output.metadata
+
+
+@pytest.fixture(scope="module")
+def metadata(normalized: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    config = CurationConfig(
+        sources=list(SOURCES), near_dup_threshold=0.8, max_chosen_longer_share=0.6
+    )
+    return _curate(normalized, config, tmp_path_factory.mktemp("store"))
 
 
 def test_funnel_lists_the_rules_that_ran_in_order(metadata: dict) -> None:
@@ -49,7 +57,7 @@ def test_funnel_lists_the_rules_that_ran_in_order(metadata: dict) -> None:
     assert rules[1:] == [r for r in curation_report.REASONS if r in rules]
     assert {"near_duplicate", "over_chosen_longer_share"} <= set(rules)
     left = [int(line.split("|")[3].strip().replace(",", "")) for line in lines]
-    assert left[0] == metadata["rows_in"].value and left[-1] == metadata["rows_out"].value
+    assert left[0] == metadata["rows_in"] and left[-1] == metadata["rows_out"]
 
 
 def test_length_bias_and_near_duplicates_are_shown(metadata: dict) -> None:
@@ -59,3 +67,20 @@ def test_length_bias_and_near_duplicates_are_shown(metadata: dict) -> None:
     assert 0 <= metadata["chosen_longer_share"].value <= 0.6
     near = metadata["near_duplicates"].md_str
     assert "| threshold |" in near and "Largest groups" in near and "\n1. " in near
+
+
+def test_attribute_agreement_is_a_narrow_table_of_shares_per_source(
+    normalized: dict[str, str], tmp_path: Path
+) -> None:
+    metadata = _curate(normalized, CurationConfig(sources=list(SOURCES)), tmp_path)
+    report = json.loads(Path(metadata["path"].value, "report.json").read_text())
+    agreement = report["attribute_agreement"]["ultrafeedback"]
+    lines = metadata["attribute_agreement"].md_str.splitlines()
+    assert lines[0] == "| attribute | pairs | agree | conflict | tie |"
+    rows = {line.split("|")[1].strip(): line for line in lines[2:]}
+    assert "**ultrafeedback**" in rows and "**helpsteer3**" not in rows  # no rated attributes
+    for name, stats in agreement.items():
+        cells = [c.strip() for c in rows[name].split("|")[2:-1]]
+        n = stats["pairs"]
+        assert cells[0] == f"{n:,}"
+        assert cells[1:] == [f"{stats[k] / n:.0%}" for k in ("agree", "conflict", "tie")]

@@ -92,6 +92,17 @@ def test_scores_select_and_train(first, instance) -> None:
     assert scores["pairs"] == packed["pairs"] and scores["folds"] == 3
     assert scores["reused"] is False
     assert scores["difficulty_plot"].startswith("![held-out loss](data:image/png;base64,")
+    # One row per fold model, trained and held-out numbers side by side in 4 columns.
+    rows = [line.split("|")[1:-1] for line in scores["by_fold"].splitlines()[2:5]]
+    for cells, fold in zip(rows, read_report(scores["path"])["folds"], strict=True):
+        pairs, loss, accuracy = ([x.strip() for x in cell.split("/")] for cell in cells[1:])
+        assert int(cells[0]) == fold["fold"]
+        assert pairs == [str(fold["train_pairs"]), str(fold["held_out_pairs"])]
+        assert [float(x) for x in loss] == [
+            round(fold["train_loss"], 3),
+            round(fold["held_out_loss"], 3),
+        ]
+        assert accuracy == [f"{fold['train_accuracy']:.0%}", f"{fold['held_out_accuracy']:.0%}"]
 
     # Every packed pair scored once, by one of the 3 folds.
     table = read_scores(scores["path"])

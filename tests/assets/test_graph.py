@@ -27,11 +27,12 @@ from dagster._core.loader import LoadingContextForTest
 
 import pipeline.shards
 import pipeline.tokenized
-from assets import packing, staleness
+from assets import packing, plots, staleness
 from assets.definitions import ASSETS, build_definitions
 from assets.resources import ModelResource
 from assets.run import UP_TO_DATE, current_metadata, materialize_all, materialized_metadata, summary
 from tests.assets.conftest import TEST_CONFIG
+from tests.assets.test_plots import png_bytes, png_size
 
 pytestmark = pytest.mark.slow
 
@@ -127,8 +128,29 @@ def test_whole_graph_accounts_for_every_row(built, instance) -> None:
     text = summary(instance, results, seconds=1.0)  # what `prefpack run` prints
     assert f"{curated['rows_out']:,} pairs" in text and f"loss {trained['loss']:.4f}" in text
     assert UP_TO_DATE not in text
+    head = (
+        f"{len(results)} runs: raw_source x7, normalized_pairs x7, curated_pairs, tokenized_pairs"
+    )
+    assert head in text.splitlines()[0]
     checks = [c for r in results for c in r.get_asset_check_evaluations()]
     assert checks and all(c.passed for c in checks), [c.check_name for c in checks if not c.passed]
+
+
+def test_each_plot_of_the_run_is_a_png_of_its_drawn_size(built) -> None:
+    """What the UI shows: every stage's plot, from this small run (docs/screenshot.js checks
+    that the UI renders them)."""
+    md = materialized_metadata(built[1])
+    drawn = {
+        ("curated_pairs", "funnel_plot"): plots.SIZE,
+        ("curated_pairs", "length_bias_plot"): plots.TALL,
+        ("tokenized_pairs", "length_plot"): plots.SIZE,
+        ("packed_shards", "fill_plot"): plots.SIZE,
+        ("trained_model", "loss_plot"): plots.TALL,
+    }
+    shown = {(asset, k) for asset, values in md.items() for k in values[-1] if k.endswith("_plot")}
+    assert shown == set(drawn)
+    for (asset, key), size in drawn.items():
+        assert png_size(png_bytes(md[asset][-1][key])) == size, (asset, key)
 
 
 def test_second_materialize_all_launches_nothing(built, instance) -> None:

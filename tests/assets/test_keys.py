@@ -116,7 +116,7 @@ class RecordingPipes(dg.PipesSubprocessClient):
         return dg.MaterializeResult(metadata={})
 
 
-def _reference(tmp_path: Path, compute: ComputeResource) -> tuple[list[str], dg.Output]:
+def _reference(tmp_path: Path, compute: ComputeResource) -> tuple[list[str], dg.MaterializeResult]:
     """Run the reference_logps asset with a recording client: (command, output)."""
     pipes = RecordingPipes()
     output = reference_logps(
@@ -140,8 +140,8 @@ def test_reference_logps_runs_in_the_training_precision_under_its_own_path(tmp_p
     assert fp32_command[fp32_command.index("--precision") + 1] == "fp32"
     assert fp32.value != bf16.value and Path(bf16.value).name.endswith("-bf16.arrow")
     assert fp32.data_version != bf16.data_version
-    assert bf16.metadata["precision"].value == "bf16"
-    assert bf16.metadata["device"].value == "cuda"
+    assert bf16.metadata["precision"] == "bf16"
+    assert bf16.metadata["device"] == "cuda"
 
 
 def test_difficulty_keys_change_with_k_settings_reference_and_code(monkeypatch) -> None:

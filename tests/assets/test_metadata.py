@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from assets.metadata import layout_table
+import numpy as np
+
+from assets.metadata import count_table, histogram, layout_table
 
 
 def test_layout_table_gives_tokens_and_their_share_of_the_padded_layout() -> None:
@@ -14,4 +16,21 @@ def test_layout_table_gives_tokens_and_their_share_of_the_padded_layout() -> Non
     assert lines[2].startswith("| shared | 300 | 60.0% |")
     assert lines[3].startswith("| unshared | 400 | 80.0% |")
     assert lines[4].startswith("| padded | 500 | 100.0% |")
-    assert lines[5].startswith("| padded_to_max_len | 2,000 | 400.0% |")
+    assert lines[5] == "| padded_to_max_len | 2,000 | 400.0% |"
+    assert lines[7].startswith("- shared: prompt once")
+
+
+def test_count_table_names_its_unit_and_gives_shares_of_the_total() -> None:
+    lines = count_table({"empty": 1, "too_long": 3}, total=8, unit="pairs").value.splitlines()
+    assert lines[0] == "| reason | pairs | share |"
+    assert lines[2:] == ["| too_long | 3 | 37.5% |", "| empty | 1 | 12.5% |"]
+
+
+def test_histogram_bins_on_power_of_two_edges_up_to_the_largest() -> None:
+    """7 | 20, 20 | 33 | 100 | 214: one value per bin but 16-32, no empty tail."""
+    text = histogram(np.array([7, 20, 20, 33, 100, 214]), unit="chars").value
+    summary, _, header, _, *rows = text.splitlines()
+    assert summary == "n=6, median 26, p95 186, max 214"  # p95: 100 + 0.75 * 114
+    assert header == "| chars | count | |"
+    bins = [(row.split("|")[1].strip(), int(row.split("|")[2])) for row in rows]
+    assert bins == [("0–16", 1), ("16–32", 2), ("32–64", 1), ("64–128", 1), ("128–256", 1)]

@@ -30,6 +30,9 @@ LENGTH_BIAS = {
     },
     "out": {"a": {"chosen_longer_share": 0.5, "ratio_quantiles": QUANTILES}},
 }
+LOSS = np.array([0.1, 0.3, 0.7, 0.2, 1.5, 0.4])
+FOLD = np.array([0, 1, 2, 0, 1, 2])
+MARGIN = np.array([2.0, 0.8, -0.1, 1.5, -1.2, 0.5])
 
 CASES = {
     "loss": (lambda: plots.loss_plot(CURVE), plots.TALL),
@@ -37,23 +40,30 @@ CASES = {
     "fill": (lambda: plots.fill_plot(ROW_TOKENS, 512), plots.SIZE),
     "funnel": (lambda: plots.funnel_plot(DROPPED, kept=40), plots.SIZE),
     "length_bias": (lambda: plots.length_bias_plot(LENGTH_BIAS), plots.TALL),
+    "difficulty": (lambda: plots.difficulty_plot(LOSS, FOLD, MARGIN, 1.2), plots.SIZE),
 }
 
 
 def png_bytes(value) -> bytes:
-    """The PNG inside a `![title](data:image/png;base64,...)` markdown value."""
-    match = re.fullmatch(r"!\[[^\]]+\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", value.md_str)
-    assert match, value.md_str[:80]
+    """The PNG inside a `![title](data:image/png;base64,...)` markdown value (or its text)."""
+    text = value if isinstance(value, str) else value.md_str
+    match = re.fullmatch(r"!\[[^\]]+\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", text)
+    assert match, text[:80]
     return base64.b64decode(match.group(1), validate=True)
+
+
+def png_size(png: bytes) -> tuple[int, int]:
+    """Width and height of a valid PNG, from its IHDR chunk."""
+    assert png[:8] == PNG_SIGNATURE
+    assert png[12:16] == b"IHDR"  # the first chunk, after its 4-byte length
+    return struct.unpack(">II", png[16:24])
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_plot_is_a_png_of_the_expected_size(name):
     make, (width, height) = CASES[name]
     png = png_bytes(make())
-    assert png[:8] == PNG_SIGNATURE
-    assert png[12:16] == b"IHDR"  # the first chunk, after its 4-byte length
-    assert struct.unpack(">II", png[16:24]) == (width, height)
+    assert png_size(png) == (width, height)
     assert b"Software" not in png and b"tIME" not in png
     assert len(png) < 60_000
 
@@ -72,8 +82,9 @@ def test_same_input_same_bytes(name):
         plots.fill_plot(np.zeros(0, np.int64), 512),
         plots.funnel_plot({"dedup": 0}, kept=0),
         plots.length_bias_plot({"unit": "characters", "in": {}, "out": {}}),
+        plots.difficulty_plot(np.zeros(0), np.zeros(0, np.int64), np.zeros(0)),
     ],
-    ids=["loss", "length", "fill", "funnel", "length_bias"],
+    ids=["loss", "length", "fill", "funnel", "length_bias", "difficulty"],
 )
 def test_empty_input_gives_a_placeholder(value):
     assert value.md_str.startswith("(") and "nothing to plot" in value.md_str

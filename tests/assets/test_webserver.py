@@ -3,6 +3,7 @@ materialization of the packed shards launched through it; then it stops cleanly.
 
 from __future__ import annotations
 
+import re
 import time
 
 import dagster as dg
@@ -76,6 +77,10 @@ def test_ui_serves_graph_and_runs_packing(tmp_path) -> None:
             time.sleep(2)
             status = graphql(port, RUN, {"id": run_id})["runOrError"]["status"]
         assert status == "SUCCESS", (tmp_path / "ui.log").read_text()[-3000:]
+    # `prefpack ui` runs `dg dev`: no warning of ours or Dagster's (`dagster dev` printed
+    # "SupersessionWarning: ... Use 'dg dev' instead").
+    log = (tmp_path / "ui.log").read_text().splitlines()
+    assert [line for line in log if re.search(r"\w+Warning\b", line)] == []
     # The packed asset's materialization is recorded with its cache key as data version.
     record = instance.get_latest_data_version_record(dg.AssetKey("packed_shards"))
     assert record is not None

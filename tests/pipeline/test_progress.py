@@ -44,7 +44,19 @@ def test_resumed_work_counts_its_rate_from_where_it_started() -> None:
     bar.set_postfix(loss="0.5")
     clock.now = 20.0
     bar.update(10)  # 10 steps in 20 s, 40 left
-    assert stream.getvalue() == "train: 60% (60/100 steps), 0.5 steps/s, ETA 80 s, loss 0.5\n"
+    assert stream.getvalue() == "train: 60% (60/100 steps), 2.0 s/step, ETA 80 s, loss 0.5\n"
+
+
+def test_slow_work_writes_a_line_at_least_every_max_seconds() -> None:
+    """100 steps of 30 s: 5% is 150 s, so lines come at 60 s (2 steps), 120 s (4 steps),
+    then 5% (150 s), then 60 s later (7 steps), ..."""
+    lines = _run(100, 30.0)
+    assert lines[:4] == [
+        "pack: 2% (2/100 pairs), 30.0 s/pair, ETA 2940 s",
+        "pack: 4% (4/100 pairs), 30.0 s/pair, ETA 2880 s",
+        "pack: 5% (5/100 pairs), 30.0 s/pair, ETA 2850 s",
+        "pack: 7% (7/100 pairs), 30.0 s/pair, ETA 2790 s",
+    ]
 
 
 def test_progress_is_a_line_writer_off_a_terminal_and_silent_when_disabled(capsys) -> None:
