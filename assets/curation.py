@@ -73,13 +73,15 @@ def curated_pairs(
                 [{"source": s, **counts} for s, counts in report["sources"].items()]
             ),
             "attribute_agreement": _attribute_agreement(report["attribute_agreement"]),
-            "eval_prompts": eval_file if eval_prompts is not None else "(off)",
+            "eval_prompts": dg.MetadataValue.text(
+                eval_file if eval_prompts is not None else "(off)"
+            ),
             "length_bias": records_table(_length_bias_rows(report["length_bias"])),
             "length_bias_plot": length_bias_plot(report["length_bias"]),
             "chosen_longer_share": _chosen_longer_share(report["length_bias"]["out"]),
             "near_duplicates": _near_duplicates(report["near_duplicates"]),
-            "benchmark_prompts": config.benchmark_prompts or "(off)",
-            "preset": config.preset or "(none)",
+            "benchmark_prompts": dg.MetadataValue.text(config.benchmark_prompts or "(off)"),
+            "preset": dg.MetadataValue.text(config.preset or "(none)"),
             "chosen_chars": histogram(_lengths(kept, "chosen"), unit="chosen chars"),
             "rejected_chars": histogram(_lengths(kept, "rejected"), unit="rejected chars"),
         },

@@ -99,7 +99,7 @@ def normalized_pairs(
             "quarantine_path": dg.MetadataValue.path(str(out / report["quarantine_file"])),
             "dropped_path": dg.MetadataValue.path(str(out / report["dropped_file"])),
             "score_scale": report["score_scale"],
-            "preset": report["preset"] or "(none)",
+            "preset": dg.MetadataValue.text(report["preset"] or "(none)"),
         },
     )
     yield checks.check_schema(out, with_quarantine=True)

@@ -16,8 +16,9 @@ from pipeline.presets import curate_config, get_preset
 from tests.conftest import FIXTURES
 
 
-def _outputs(generator) -> dg.Output:
-    return next(event for event in generator if isinstance(event, dg.Output))
+def _outputs(generator) -> dg.MaterializeResult:
+    """The asset's result (its value and metadata), past its check results."""
+    return next(event for event in generator if isinstance(event, dg.MaterializeResult))
 
 
 def test_normalized_pairs_take_the_resource_preset_under_its_options(tmp_path: Path) -> None:
