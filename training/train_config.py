@@ -101,7 +101,9 @@ class TrainConfig:
     # outputs
     checkpoint_every: int = setting(0, "save a resumable checkpoint every N steps (0: never)", ge=0)
     export_dtype: ExportDtype = setting("float32", "dtype of final/ weights")
-    progress: bool = setting(True, "tqdm progress bar on rank 0")
+    progress: bool = setting(
+        True, "progress on rank 0: a bar on a terminal, else a line every 5% (pipeline/progress.py)"
+    )
 
     def __post_init__(self) -> None:
         if self.warmup_steps is None:  # frozen: set the clamped default once, here
