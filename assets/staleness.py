@@ -8,9 +8,11 @@ An asset needs a run when one of these differs from its last materialization:
   asset stores as its data version), so an edited input file counts as a change;
 - for the training assets, the model's content: `base_model` is observed first (recorded
   only when its fingerprint changed), so new weights at the same path make them stale;
-- its settings: its op config in the run config and the config of the resources it uses,
-  hashed into a tag of the run that materialized it (a run without the tag, e.g. one
-  launched from the UI, counts as other settings: rerunning it reuses its result by key).
+- its settings: its op config in the run config, the config of the resources it uses and
+  the content of the files they name (eval and benchmark prompts, tokenizer, chat
+  template: an edit in place counts like naming another file), hashed into a tag of the
+  run that materialized it (a run without the tag, e.g. one launched from the UI, counts
+  as other settings: rerunning it reuses its result by key).
 """
 
 from __future__ import annotations
@@ -32,11 +34,16 @@ from dagster._core.definitions.data_version import (
 from dagster._core.event_api import EventLogRecord
 from dagster._core.loader import LoadingContextForTest
 
+from assets.configs import CurationConfig, TokenizationConfig
 from assets.jobs import SOURCE_ASSETS, STAGE_ASSETS
 from assets.keys import model_fingerprint
 from assets.partitions import source_partitions
 from assets.sources import fingerprint
 from pipeline import ingest
+from pipeline.sample_data import eval_prompts_path
+from pipeline.shards import sha256_file
+from pipeline.templates import BUILTIN_TEMPLATES
+from pipeline.tokenize import tokenizer_files
 
 BASE_MODEL = dg.AssetKey("base_model")
 RAW_SOURCE = dg.AssetKey("raw_source")
@@ -71,12 +78,38 @@ def observe_model(defs: dg.Definitions, instance: dg.DagsterInstance) -> bool:
 
 def settings_version(defs: dg.Definitions, key: dg.AssetKey, run_config: Mapping[str, Any]) -> str:
     """A hash of what `key` is configured with besides its inputs: its op config in
-    `run_config` and the config of every resource it uses."""
+    `run_config`, the config of every resource it uses and the content of every file
+    those name (None for one that is not there: the asset then names it)."""
     required = defs.resolve_assets_def(key).required_resource_keys
     resources = {name: _resource_config(defs.resources[name]) for name in sorted(required)}
     op_config = run_config.get("ops", {}).get(key.path[-1], {})
-    payload = json.dumps([op_config, resources], sort_keys=True, default=str)
+    files = {
+        str(path): sha256_file(path) if path.is_file() else None
+        for path in named_files(defs, key, op_config.get("config", {}))
+    }
+    payload = json.dumps([op_config, resources, files], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def named_files(defs: dg.Definitions, key: dg.AssetKey, op_config: Mapping[str, Any]) -> list[Path]:
+    """The files `key` reads that its settings name rather than its inputs: curation's
+    eval and benchmark prompts, tokenization's tokenizer files and chat template. (Source
+    files and model weights have their own fingerprints: `_input_changed`, `base_model`.)"""
+    name = key.path[-1]
+    if name == "curated_pairs":
+        config = CurationConfig(**op_config)
+        files = [config.benchmark_prompts]
+        if config.use_eval_prompts:
+            files.append(config.eval_prompts or eval_prompts_path())
+        return [Path(f) for f in files if f is not None]
+    if name == "tokenized_pairs":
+        template = TokenizationConfig(**op_config).template
+        tokenizer = defs.resources["tokenizer"].path
+        files = [] if tokenizer is None else tokenizer_files(tokenizer)
+        if template is not None and template not in BUILTIN_TEMPLATES:
+            files.append(Path(template))
+        return files
+    return []
 
 
 def _resource_config(resource: object) -> object:

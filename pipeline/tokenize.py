@@ -112,6 +112,24 @@ def _from_json(json_bytes: bytes, source: Path) -> Tokenizer:
     return tokenizer
 
 
+# What `load_tokenizer` reads from a model folder (the weights are not among them).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "special_tokens_map.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+)
+
+
+def tokenizer_files(path: str | Path) -> list[Path]:
+    """The files `load_tokenizer(path)` reads that exist: the file itself, or those of
+    `TOKENIZER_FILES` in the folder."""
+    path = Path(path)
+    if not path.is_dir():
+        return [path] if path.is_file() else []
+    return [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
+
+
 def load_tokenizer(path: str | Path) -> LoadedTokenizer:
     """Load a `tokenizer.json` file or a Hugging Face model folder.
 

@@ -234,6 +234,30 @@ def test_materialize_all_runs_what_changed_and_downstream(built, instance) -> No
     assert materialize_all(defs, instance, run_config=TEST_CONFIG) == []
 
 
+def test_edited_eval_prompts_make_curation_and_downstream_stale(
+    built, instance, monkeypatch
+) -> None:
+    """The bundled eval prompts read as other bytes (as after an edit in place): curation
+    and every stage after it need a run, the sources do not; nothing runs here."""
+    defs, _ = built
+    assert staleness.stale_stages(defs, instance, TEST_CONFIG) == []
+    real = staleness.sha256_file
+    monkeypatch.setattr(
+        staleness,
+        "sha256_file",
+        lambda path: "edited" if Path(path).name == "eval_prompts.txt" else real(path),
+    )
+    assert staleness.stale_partitions(defs, instance, TEST_CONFIG) == []
+    stale = staleness.stale_stages(defs, instance, TEST_CONFIG)
+    assert [key.path[-1] for key in stale] == [
+        "curated_pairs",
+        "tokenized_pairs",
+        "packed_shards",
+        "reference_logps",
+        "trained_model",
+    ]
+
+
 def test_training_with_two_processes_runs_torchrun_through_pipes(built, instance) -> None:
     """nproc_per_node 2 with half the batch rows: the asset launches torchrun (gloo on CPU),
     rank 0 reports back, and the same global batch gives the single process's numbers."""
