@@ -113,7 +113,7 @@ def _from_json(json_bytes: bytes, source: Path) -> Tokenizer:
 
 
 # What `load_tokenizer` reads from a model folder (the weights are not among them).
-TOKENIZER_FILES = (
+FILES_READ = (
     "tokenizer.json",
     "special_tokens_map.json",
     "tokenizer_config.json",
@@ -123,11 +123,11 @@ TOKENIZER_FILES = (
 
 def tokenizer_files(path: str | Path) -> list[Path]:
     """The files `load_tokenizer(path)` reads that exist: the file itself, or those of
-    `TOKENIZER_FILES` in the folder."""
+    `FILES_READ` in the folder."""
     path = Path(path)
     if not path.is_dir():
         return [path] if path.is_file() else []
-    return [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
+    return [path / name for name in FILES_READ if (path / name).is_file()]
 
 
 def load_tokenizer(path: str | Path) -> LoadedTokenizer:
