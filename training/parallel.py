@@ -4,7 +4,8 @@ the train loop reads the same for both.
 
 - `prepare` puts a model on its device and wraps or shards it: `fully_shard` on every
   decoder block, then on the root (embeddings, final norm and the output projection, tied
-  or not, live there). On CUDA in bf16 FSDP computes with bf16 parameters and reduces
+  or not, live there), each moving only its own parameters to the device before keeping
+  this rank's shard. On CUDA in bf16 FSDP computes with bf16 parameters and reduces
   gradients in fp32 (`MixedPrecisionPolicy`); the fp32 master weights stay sharded.
 - Checkpoints are the same for both: a full Hugging Face folder written by rank 0
   (`full_state_dict` gathers the shards) and the optimizer state through
@@ -34,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
@@ -77,19 +79,24 @@ def prepare(
         What forward is called on: the model itself (one process, FSDP, or a frozen DDP
         reference) or its DDP wrapper.
     """
-    model.to(device)
     if not is_distributed():
-        return model
+        return model.to(device)
     if parallel == "fsdp":
+        # `fully_shard` moves one block's parameters at a time to the mesh's device and keeps
+        # this rank's shard, so the device never holds the whole model (a model larger than
+        # one GPU's memory still shards onto the GPUs). An explicit mesh: the default one is
+        # CUDA whenever CUDA exists, even for a CPU run.
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         policy = MixedPrecisionPolicy()
         if precision == "bf16" and device.type == "cuda":
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for block in model.model.layers:
-            fully_shard(block, mp_policy=policy)
+            fully_shard(block, mesh=mesh, mp_policy=policy)
         # The root keeps its parameters gathered between forward and backward by default; a
         # frozen reference has no backward, so it must reshard after its forward.
-        fully_shard(model, mp_policy=policy, reshard_after_forward=not trainable)
+        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=not trainable)
         return model
+    model.to(device)
     if not trainable:
         return model
     return DistributedDataParallel(

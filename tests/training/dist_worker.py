@@ -6,6 +6,9 @@
   steps with a checkpoint every `CHECKPOINT_EVERY` (resuming from OUT when it holds one).
 - `reference`: computes the reference log-probs of `REFERENCE_ROWS` with the model sharded
   or replicated by PARALLEL; rank 0 writes them to OUT (Arrow).
+  Each rank writes where its parameters live to OUT's folder (`layout-rank<R>.json`).
+- `shard_peak` (2 GPUs, NCCL; PARALLEL is ignored): shards a 16-block model onto each
+  rank's GPU and writes the peak CUDA memory beside the model's size to OUT.
 - `refuse`: starts two runs that must stop before step 1, one with a token outside the
   vocabulary in the last row, one with stored log-probs lacking the last row's pairs;
   each rank writes the two error messages to OUT/rank<R>.json.
@@ -23,9 +26,10 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from tests.training.pairs import varied_rows
-from training.configs import tiny
+from training.configs import small, tiny
 from training.device import resolve_device
 from training.model import CausalLM
 from training.parallel import prepare
@@ -93,6 +97,34 @@ def refusals(out: Path) -> list[str]:
     return messages
 
 
+def layout(model: torch.nn.Module) -> dict:
+    """Where this rank's parameters live: the mesh's device type (None when not sharded),
+    the elements this rank holds and the model's total."""
+    params = list(model.parameters())
+    meshes = {p.device_mesh.device_type for p in params if isinstance(p, DTensor)}
+    return {
+        "mesh": sorted(meshes),
+        "local": sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params),
+        "total": sum(p.numel() for p in params),
+    }
+
+
+def shard_peak(out: Path) -> None:
+    """On 2 GPUs: shard a 16-block model (12M parameters, 3% of them in the small
+    embedding), built on the CPU, onto this rank's GPU; write this rank's peak CUDA memory
+    and the whole model's bytes."""
+    dist.init_process_group("nccl")
+    device = torch.device("cuda", dist.get_rank())
+    torch.cuda.set_device(device)
+    torch.manual_seed(0)
+    model = CausalLM(dataclasses.replace(small(), num_layers=16, vocab_size=1024))
+    full = sum(p.numel() * p.element_size() for p in model.parameters())
+    prepare(model, "fsdp", device, "fp32")
+    peak = torch.cuda.max_memory_allocated(device)
+    (out / f"peak-rank{dist.get_rank()}.json").write_text(json.dumps({"peak": peak, "full": full}))
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     mode, out, parallel = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     if mode == "train":
@@ -102,6 +134,7 @@ if __name__ == "__main__":
         dist.init_process_group("gloo")
         model = seeded_model()
         prepare(model, parallel, resolve_device("cpu"), "fp32", trainable=False)
+        (out.parent / f"layout-rank{dist.get_rank()}.json").write_text(json.dumps(layout(model)))
         rows = varied_rows(0, "shared")[:REFERENCE_ROWS]
         table = compute_reference_logps(
             model, rows, "shared", batch_rows=REFERENCE_BATCH_ROWS, progress=False
@@ -109,6 +142,8 @@ if __name__ == "__main__":
         if dist.get_rank() == 0:
             write_reference_logps(table, out, ReferenceKey("fingerprint", "shards", "fp32"))
         dist.destroy_process_group()
+    elif mode == "shard_peak":
+        shard_peak(out)
     elif mode == "refuse":
         dist.init_process_group("gloo")
         messages = refusals(out)

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.training.dist_worker import torchrun_workers
 from tests.training.pairs import pack, random_pairs, separate_logps, varied_rows
 from training.batch import collate
 from training.configs import tiny
@@ -133,3 +134,15 @@ def test_compiled_blocks_train_as_eager_on_cuda(tmp_path: Path) -> None:
     )
     for key in eager:
         np.testing.assert_allclose(compiled[key], eager[key], rtol=1e-2, err_msg=key)
+
+
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="sharding across GPUs needs two CUDA devices"
+)
+def test_fsdp_never_puts_the_whole_model_on_one_gpu(tmp_path: Path) -> None:
+    """The model is built on the CPU and sharded by two NCCL ranks: each GPU's peak
+    memory stays near half the model (one block at a time travels whole), not all of it."""
+    torchrun_workers("shard_peak", str(tmp_path), "fsdp")
+    for rank in (0, 1):
+        numbers = json.loads((tmp_path / f"peak-rank{rank}.json").read_text())
+        assert numbers["peak"] < 0.75 * numbers["full"], (rank, numbers)

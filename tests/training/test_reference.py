@@ -239,3 +239,12 @@ def test_two_processes_compute_the_reference_of_one(tmp_path: Path, parallel: st
     assert two.column("pair_id").to_pylist() == one.column("pair_id").to_pylist()
     for column in ("chosen_logps", "rejected_logps"):
         np.testing.assert_allclose(two[column].to_numpy(), one[column].to_numpy(), rtol=1e-6)
+    layouts = [json.loads((tmp_path / f"layout-rank{r}.json").read_text()) for r in (0, 1)]
+    total = sum(p.numel() for p in seeded_model().parameters())
+    assert all(layout["total"] == total for layout in layouts)
+    if parallel == "fsdp":  # each rank holds its half (dim 0 split, the last chunk shorter)
+        assert all(layout["mesh"] == ["cpu"] for layout in layouts)
+        assert sum(layout["local"] for layout in layouts) == total
+        assert all(layout["local"] < 0.6 * total for layout in layouts)
+    else:  # replicated
+        assert all(layout["mesh"] == [] and layout["local"] == total for layout in layouts)
