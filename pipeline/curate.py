@@ -15,7 +15,8 @@ and `min_chosen_score` per source to follow it (`--preset air` does, `pipeline.p
 Three rules look at the pairs that reach them rather than one pair at a time:
 `near_duplicate` groups prompts whose character n-grams are nearly the same (MinHash + LSH,
 `pipeline.near_dup`) and keeps the best pairs of each group; `over_prompt_cap` ranks the
-pairs of one prompt; `over_chosen_longer_share` drops a seeded random part of each source's
+pairs of one prompt (both by margin, as its standing within the pair's source, so that
+sources on other scales compare fairly); `over_chosen_longer_share` drops a seeded random part of each source's
 chosen-longer pairs. They run late, so what they keep has passed every other rule.
 
 The report (`data_contracts.curation_report`) also gives, for sources with per-attribute
@@ -121,7 +122,9 @@ class CurateConfig:
         ge=1,
     )
     max_pairs_per_prompt: int | None = setting(
-        None, "keep at most this many pairs per prompt, largest margins first", ge=1
+        None,
+        "keep at most this many pairs per prompt, largest margins (within their source) first",
+        ge=1,
     )
     max_chosen_longer_share: float | None = setting(
         None,
@@ -210,9 +213,16 @@ def _at_most(expr: pl.Expr, bound: float | None) -> pl.Expr | None:
 
 def _best_first(group: str, cap: int) -> pl.Expr:
     """True for the `cap` best pairs of each `group`: largest margin first (no margin
-    last), then input order (the pair exact dedup would keep)."""
+    last), then input order (the pair exact dedup would keep).
+
+    A group can hold pairs of several sources, each with margins on its own scale
+    (HelpSteer3's 0-3 beside UltraFeedback's 1-10), so margins are compared as their
+    share of the source's pairs (that reached the rule) with a margin no larger: the
+    same order within one source, scale-free across sources."""
+    margin = pl.col("margin")
+    standing = margin.rank("max").over("source") / margin.count().over("source")
     rank = pl.int_range(pl.len()).over(
-        group, order_by=[pl.col("margin").fill_null(-np.inf).neg(), pl.col("__position")]
+        group, order_by=[standing.fill_null(-np.inf).neg(), pl.col("__position")]
     )
     return rank < cap
 

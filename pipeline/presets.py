@@ -274,12 +274,15 @@ AIR = Preset(
         ">= 3, margin 1-2. Sources without per-response scores (helpsteer2_preference, "
         "helpsteer3: margin = |strength| 0-3) get the margin band 1-2 only: slightly better "
         "or better, not ties and not 'much better'.",
+        "UltraFeedback's rejected is a seeded random completion rated strictly lower than "
+        "the chosen one (not any random one: a drawn tie would only be dropped), so the "
+        "margin band chooses among real preferences.",
         "The thresholds differ per source: curate one source per run (or sources with the "
         "same thresholds); curate refuses pairs on another scale than the preset's options "
         "give. Generic files have no known scale and are not covered.",
     ),
     options={
-        "ultrafeedback": {"score": "fine_grained", "rejected": "random", "seed": 0},
+        "ultrafeedback": {"score": "fine_grained", "rejected": "random_lower", "seed": 0},
         "ultrafeedback_binarized": {},
         "helpsteer": _HELPFULNESS,
         "helpsteer2": _HELPFULNESS,

@@ -7,6 +7,7 @@ import dataclasses
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pytest
 
 from pipeline import near_dup
@@ -97,6 +98,36 @@ def test_groups_found_on_crafted_prompts() -> None:
     assert found.similar_pairs >= 3
 
 
+TRANSLATE = (
+    "Translate the following sentence into {}, keeping the tone formal: "
+    '"Thank you for your patience while we review your application."'
+)
+REWORDED = [
+    TRANSLATE.format("French"),
+    TRANSLATE.format("German"),  # a template with another value
+    PHOTOSYNTHESIS,
+    "For a ten year old child, explain step by step how photosynthesis works in plants.",
+    PHOTOSYNTHESIS + " Use simple words and one example.",  # a clause added
+    "Write a haiku about autumn leaves falling in a quiet forest.",
+    "Write a limerick about a cat who learns to play the piano.",  # same form, other task
+]
+
+
+def test_templates_reorderings_and_added_clauses_by_threshold() -> None:
+    """A filled template is near at 0.75; reordered and added clauses (exact Jaccard about
+    0.7, within the estimate's noise of 0.75) surely join their group at 0.5; two short
+    'Write a ...' prompts never do."""
+    texts = _normalized(REWORDED)
+    assert _jaccard(texts[0], texts[1]) >= 0.85
+    assert all(0.65 <= _jaccard(texts[2], texts[i]) < 0.75 for i in (3, 4))
+    assert _jaccard(texts[5], texts[6]) < 0.2
+    strict = near_dup.near_duplicates(texts, threshold=0.75, n=5, seed=0)
+    assert strict.group[0] == strict.group[1] == 0
+    assert strict.group[5] == strict.group[6] == -1
+    loose = near_dup.near_duplicates(texts, threshold=0.5, n=5, seed=0)
+    assert loose.group.tolist() == [0, 0, 2, 2, 2, -1, -1]
+
+
 def test_near_duplicates_chain() -> None:
     """A~B and B~C group A with C even when A and C alone are below the threshold."""
     a = "alpha beta gamma delta epsilon zeta eta theta iota kappa"
@@ -155,6 +186,23 @@ def test_rule_caps_pairs_per_group_and_leaves_lone_prompts_alone() -> None:
     kept = curate(table, dataclasses.replace(ON, near_dup_max_pairs=2)).pairs
     assert kept["chosen"].to_pylist() == ["b", "c", "d", "e"]
     assert curate(table, dataclasses.replace(ON, near_dup_max_pairs=3)).pairs.num_rows == 5
+
+
+def test_rule_compares_margins_across_sources_by_their_standing_in_each() -> None:
+    """A group spanning two scales: HelpSteer3-like margins 1-3 and UltraFeedback-like
+    1-10. The photosynthesis pair of margin 3 is its source's largest, the paraphrase's 5
+    the other source's smallest: the first is kept, though 5 > 3."""
+    rows = [(0, "hs3", 3.0), (5, "hs3", 1.0), (6, "hs3", 2.0)]
+    rows += [(1, "uf", 5.0), (7, "uf", 9.0), (3, "uf", 8.0)]
+    table = _pairs(
+        *({"prompt": _user(PROMPTS[i]), "source": s, "margin": m} for i, s, m in rows),
+        metadata={"hs3": "margin 0-3", "uf": "scores 1-10"},
+    )
+    result = curate(table, ON)
+    assert result.report["dropped"] == {"near_duplicate": 1}
+    assert result.dropped["position"].to_pylist() == [3]  # the "uf" paraphrase
+    one_scale = curate(table.set_column(1, "source", pa.array(["uf"] * 6)), ON)
+    assert one_scale.dropped["position"].to_pylist() == [0]  # raw margins: 5 beats 3
 
 
 def test_rule_compares_only_pairs_that_reached_it() -> None:

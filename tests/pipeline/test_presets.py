@@ -15,6 +15,7 @@ over the preset's, and the errors of a wrong preset.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import types
 from pathlib import Path
@@ -23,10 +24,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import pipeline.presets
 import prefpack
 from pipeline.curate import CurateConfig, curate, load_eval_prompts
 from pipeline.normalize import normalize
 from pipeline.presets import PRESETS, curate_config, get_preset
+from pipeline.sources import get_source
+from pipeline.sources.helpsteer import HelpSteerOptions
 from tests.conftest import FIXTURES, assert_one_error_line
 from tests.pipeline.factories import pair_table
 
@@ -139,6 +143,34 @@ def test_helpsteer3_no_ties_drops_and_counts_the_tie() -> None:
     assert curated.report["dropped"]["tie"] == 1
     assert curated.dropped["chosen"].to_pylist() == ["No, 1 is not prime."]
     assert curated.report["rows_out"] == len(pairs) - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _TiesKept(CurateConfig):
+    drop_ties: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class _RankedByCorrectness(HelpSteerOptions):
+    weights: dict[str, float] = dataclasses.field(default_factory=lambda: {"correctness": 1.0})
+
+
+def test_helpsteer_recipes_hold_when_the_defaults_change(monkeypatch) -> None:
+    """helpsteer2-paper and helpsteer3-no-ties spell out what today's defaults also do
+    (helpfulness alone ranks; ties are dropped), so a default that changes does not change
+    the recipe: with ties kept and correctness ranking by default, the presets still pick
+    by helpfulness and drop the tie, while no preset follows the new defaults."""
+    monkeypatch.setattr(pipeline.presets, "CurateConfig", _TiesKept)
+    monkeypatch.setattr(get_source("helpsteer2"), "options", _RankedByCorrectness)
+    ties = FIXTURES / "helpsteer2_ties.jsonl"
+    assert normalize("helpsteer2", ties).pairs["chosen"][0].as_py() == "Bakery."
+    paper = normalize("helpsteer2", ties, "helpsteer2-paper").pairs
+    curated = _curate(paper, "helpsteer2-paper")
+    assert curated.report["dropped"]["tie"] == 1
+    assert curated.pairs["chosen"].to_pylist() == ["The Rolling Pin.", "Eight."]
+    helpsteer3 = normalize("helpsteer3", FIXTURES / "helpsteer3.jsonl", "helpsteer3-no-ties")
+    assert "tie" not in _curate(helpsteer3.pairs, None).report["dropped"]  # off by default now
+    assert _curate(helpsteer3.pairs, "helpsteer3-no-ties").report["dropped"]["tie"] == 1
 
 
 # ---------------------------------------------------------------------- AIR
