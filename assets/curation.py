@@ -70,7 +70,10 @@ def curated_pairs(
             "funnel": _funnel(report),
             "funnel_plot": funnel_plot(report["dropped"], kept=report["rows_out"]),
             "by_source": records_table(
-                [{"source": s, **counts} for s, counts in report["sources"].items()]
+                [
+                    {"source": s, "pairs in": counts["rows_in"], "pairs out": counts["rows_out"]}
+                    for s, counts in report["sources"].items()
+                ]
             ),
             "attribute_agreement": _attribute_agreement(report["attribute_agreement"]),
             "eval_prompts": dg.MetadataValue.text(
@@ -93,7 +96,7 @@ def curated_pairs(
 def _funnel(report: dict) -> dg.MetadataValue:
     """The rules in the order they ran, each with the pairs it dropped and those left."""
     left = report["rows_in"]
-    rows = [{"rule": "(pairs in)", "dropped": 0, "left": left, "share left": 1.0}]
+    rows = [{"rule": "(pairs in)", "dropped": 0, "left": left, "share left": "100.0%"}]
     for rule, dropped in report["dropped"].items():
         left -= dropped
         rows.append(
@@ -101,7 +104,7 @@ def _funnel(report: dict) -> dg.MetadataValue:
                 "rule": rule,
                 "dropped": dropped,
                 "left": left,
-                "share left": left / (report["rows_in"] or 1),
+                "share left": f"{left / (report['rows_in'] or 1):.1%}",
             }
         )
     return records_table(rows)
@@ -135,9 +138,9 @@ def _length_bias_rows(bias: dict) -> list[dict]:
             rows.append(
                 {
                     "source": source,
-                    "pairs": stage,
-                    "count": stats["pairs"],
-                    "chosen longer": stats["chosen_longer_share"],
+                    "stage": stage,
+                    "pairs": stats["pairs"],
+                    "chosen longer": f"{stats['chosen_longer_share']:.1%}",
                     "ratio p05": q["p05"],
                     "p25": q["p25"],
                     "p50": q["p50"],

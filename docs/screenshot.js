@@ -3,7 +3,7 @@
 // and no metadata table is cut at the right edge of a 1440-pixel-wide window.
 //   npm install playwright-core        (outside the project; NODE_PATH to its node_modules)
 //   prefpack run                       (and the difficulty job, for its two plots:
-//   DAGSTER_HOME=.dagster dagster job execute -m assets.definitions -j difficulty_job)
+//   DAGSTER_HOME="$PWD/.dagster" dg launch --job difficulty_job)
 //   (set -m; prefpack ui --port 3456 &)
 //   NODE_PATH=... node docs/screenshot.js http://127.0.0.1:3456 docs
 // Writes OUT/asset_graph.png and OUT/plots/<asset>-<key>.png; exits 1 naming each plot that
@@ -17,6 +17,7 @@ const PLOTS = [
   ['tokenized_pairs', 'length_plot', [640, 320]],
   ['packed_shards', 'fill_plot', [640, 320]],
   ['trained_model', 'loss_plot', [640, 480]],
+  ['selected_model', 'loss_plot', [640, 480]],
   ['difficulty_scores', 'difficulty_plot', [640, 320]],
   ['selected_shards', 'difficulty_plot', [640, 320]],
 ];

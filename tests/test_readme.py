@@ -76,3 +76,11 @@ def test_every_linked_file_exists() -> None:
     links = re.findall(r"\]\(((?!https?:)[^)#\s]+)\)", README)
     assert "docs/plots/trained_model-loss_plot.png" in links
     assert [link for link in links if not (REPO / link).exists()] == []
+
+
+def test_every_dagster_home_shown_is_absolute() -> None:
+    """Dagster refuses a relative $DAGSTER_HOME (`must be an absolute path`), so a command
+    shown with one would fail as written."""
+    shown = re.findall(r"DAGSTER_HOME=(\S+)", README)
+    assert shown
+    assert [v for v in shown if not v.lstrip('"').startswith(("/", "$PWD", "$(pwd)"))] == []

@@ -22,7 +22,7 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.flags import add_flags, config_from
 from training.difficulty_config import DifficultyConfig
@@ -349,14 +349,9 @@ def _train(args: argparse.Namespace) -> int:
 
     config = train_config(args)
     rank = _rank()
-    if rank == 0 and args.config is not None and config.lr <= FINE_TUNING_LR:
-        print(
-            f"hint: --lr {config.lr:g} is a fine-tuning rate; a randomly initialised "
-            f"--config {args.config} model barely moves at it (try --lr 1e-3)",
-            file=sys.stderr,
-        )
     # Pipes first, so that Dagster also hears of a run that fails its checks.
     with pipes_reporter(config.steps) as reporter, _process_group(config.device):
+        _hint_fine_tuning_lr(args, config.lr, reporter and reporter.context)
         check_config(config, resolve_device(config.device))
         reader, model = _open_inputs(args)
         reference = _reference(args, reader, model, config.precision)
@@ -456,6 +451,21 @@ def _logps(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hint_fine_tuning_lr(args: argparse.Namespace, lr: float, pipes: Any | None) -> None:
+    """On rank 0, a hint when a randomly initialised `--config` model is to train at a
+    fine-tuning rate (it would barely move): to Dagster's log under Pipes, else stderr."""
+    if _rank() != 0 or args.config is None or lr > FINE_TUNING_LR:
+        return
+    line = (
+        f"hint: --lr {lr:g} is a fine-tuning rate; a randomly initialised "
+        f"--config {args.config} model barely moves at it (try --lr 1e-3)"
+    )
+    if pipes is not None:
+        pipes.log.warning(line)
+    else:
+        print(f"prefpack {args.command}: {line}", file=sys.stderr)
+
+
 def _difficulty(args: argparse.Namespace) -> int:
     from pipeline.scores import write_scores
     from training.device import resolve_device
@@ -467,6 +477,7 @@ def _difficulty(args: argparse.Namespace) -> int:
     fold_config = config_from(TrainConfig, args, out_dir=args.out / FOLDS_DIR)
     rank = _rank()
     with pipes_context() as pipes, _process_group(fold_config.device):
+        _hint_fine_tuning_lr(args, fold_config.lr, pipes)
         check_config(fold_config, resolve_device(fold_config.device))
         reader, model = _open_inputs(args)
         init_seed = args.init_seed if args.config else None

@@ -28,7 +28,6 @@ if TYPE_CHECKING:  # torch-free at run time
     from training.reference import ReferenceKey
 
 PIPES_CONTEXT_ENV = "DAGSTER_PIPES_CONTEXT"  # set by every Dagster Pipes client
-CURVE_ROWS = 50  # at most this many rows in the loss-curve table
 
 
 @dataclass(frozen=True)
@@ -103,21 +102,6 @@ def format_summary(summary: RunSummary) -> str:
     )
 
 
-def loss_curve_markdown(summary: RunSummary, rows: int = CURVE_ROWS) -> str:
-    """The loss curve as a markdown table, thinned to about `rows` evenly spaced steps
-    (always with the first and the last)."""
-    curve = summary.curve
-    keep = np.unique(np.linspace(0, len(curve) - 1, min(rows, len(curve))).round().astype(int))
-    lines = [
-        "| step | loss | rewards/accuracies | rewards/margins |",
-        "| ---: | ---: | ---: | ---: |",
-    ]
-    for i in keep:
-        step, loss, accuracy, margin = curve[i]
-        lines.append(f"| {step} | {loss:.4f} | {accuracy:.3f} | {margin:.4f} |")
-    return "\n".join(lines)
-
-
 # -----------------------------------------------------------------------------
 # Dagster Pipes
 
@@ -138,7 +122,7 @@ def materialization_metadata(
     Keys: `loss`, `rewards/accuracies`, `rewards/margins`, `rewards/chosen`,
     `rewards/rejected`, `logps/chosen`, `logps/rejected` (the final step's), `pairs/s`,
     `tokens/s`, `steps`, `pairs`, `tokens`, `seconds`, `output` and `metrics_file` (paths),
-    `loss_curve` (markdown), plus `extra` as text.
+    plus `extra` as text. (The asset draws the loss curve from `metrics.jsonl`, every step.)
     """
     f = summary.final
     metadata = {
@@ -162,7 +146,6 @@ def materialization_metadata(
         "seconds": _float(summary.seconds),
         "output": {"raw_value": str(summary.output), "type": "path"},
         "metrics_file": {"raw_value": str(summary.metrics_file), "type": "path"},
-        "loss_curve": {"raw_value": loss_curve_markdown(summary), "type": "md"},
     }
     for name, value in (extra or {}).items():
         metadata[name] = {"raw_value": str(value), "type": "text"}

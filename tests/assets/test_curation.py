@@ -58,11 +58,14 @@ def test_funnel_lists_the_rules_that_ran_in_order(metadata: dict) -> None:
     assert {"near_duplicate", "over_chosen_longer_share"} <= set(rules)
     left = [int(line.split("|")[3].strip().replace(",", "")) for line in lines]
     assert left[0] == metadata["rows_in"] and left[-1] == metadata["rows_out"]
+    share = lines[-1].split("|")[4].strip()
+    assert share == f"{metadata['rows_out'] / metadata['rows_in']:.1%}"
 
 
 def test_length_bias_and_near_duplicates_are_shown(metadata: dict) -> None:
     assert png_bytes(metadata["length_bias_plot"])[:8] == PNG_SIGNATURE
     table = metadata["length_bias"].md_str
+    assert table.splitlines()[0].startswith("| source | stage | pairs | chosen longer |")
     assert all(f"| {source} | in |" in table for source in SOURCES)
     assert 0 <= metadata["chosen_longer_share"].value <= 0.6
     near = metadata["near_duplicates"].md_str

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -468,7 +469,8 @@ def _pipes_run(shards: Path, out: Path, *extra: str) -> tuple[object, object]:
 
 @pytest.mark.slow
 def test_dagster_pipes_gets_progress_and_final_metrics(tiny_shards: Path, tmp_path: Path) -> None:
-    result, instance = _pipes_run(tiny_shards, tmp_path / "run", "--steps", "4")
+    # A fine-tuning rate on a random init: the hint reaches Dagster's log as a warning.
+    result, instance = _pipes_run(tiny_shards, tmp_path / "run", "--steps", "4", "--lr", "5e-7")
     assert result.success
     metadata = result.asset_materializations_for_node("trained_model")[0].metadata
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -484,11 +486,14 @@ def test_dagster_pipes_gets_progress_and_final_metrics(tiny_shards: Path, tmp_pa
     assert metadata["output"].value == str(tmp_path / "run" / "final")
     assert metadata["metrics_file"].value == str(tmp_path / "run" / "metrics.jsonl")
     assert metadata["backend"].value == "segments" and metadata["layout"].value == "shared"
-    curve = metadata["loss_curve"].value
-    for m in lines:
-        assert f"| {m['step']} | {m['loss']:.4f} |" in curve
     logs = [e.user_message for e in instance.all_logs(result.run_id) if e.dagster_event is None]
     assert any(x.startswith("step 3/4 loss") for x in logs)
+    hints = [
+        e.level
+        for e in instance.all_logs(result.run_id)
+        if e.dagster_event is None and e.user_message.startswith("hint: --lr 5e-07")
+    ]
+    assert hints == [logging.WARNING]
 
     # A run refused by its checks reaches Dagster as the pipes process's exception.
     failed, instance = _pipes_run(tiny_shards, tmp_path / "flex", "--backend", "flex")

@@ -168,6 +168,12 @@ def test_an_edited_scores_file_is_not_reused(scored, tiny_shards, tmp_path, caps
     assert (out / "scores.parquet").read_bytes() == (scored["out"] / "scores.parquet").read_bytes()
 
 
+def test_a_fine_tuning_lr_on_random_fold_models_gets_a_hint(tiny_shards, tmp_path, cli) -> None:
+    status, err = cli(_argv(tiny_shards, tmp_path / "s", "--lr", "5e-7", "--folds", "2"))
+    assert status == 0, err
+    assert "prefpack difficulty: hint: --lr 5e-07 is a fine-tuning rate" in err
+
+
 def test_bad_settings_are_one_error_line(tiny_shards, tmp_path, cli) -> None:
     status, err = cli(_argv(tiny_shards, tmp_path / "a", "--folds", "1"))
     assert_one_error_line(status, err, "difficulty", "--folds", ">= 2")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import pytest
 from training.report import (
     PIPES_CONTEXT_ENV,
     PipesReporter,
-    loss_curve_markdown,
     materialization_metadata,
     pipes_reporter,
     summarize,
@@ -57,15 +55,6 @@ def test_summary_totals_and_throughput(tmp_path: Path) -> None:
     assert metadata["pairs/s"] == {"raw_value": pytest.approx(40.0), "type": "float"}
     assert metadata["steps"] == {"raw_value": 4, "type": "int"}
     assert metadata["backend"] == {"raw_value": "segments", "type": "text"}
-
-
-def test_loss_curve_is_thinned_to_evenly_spaced_steps(tmp_path: Path) -> None:
-    _write_metrics(tmp_path / "run", 1000)
-    table = loss_curve_markdown(summarize(tmp_path / "run"), rows=11)
-    steps = [int(line.split("|")[1]) for line in table.splitlines()[2:]]
-    assert len(steps) == 11 and (steps[0], steps[-1]) == (1, 1000)
-    assert {b - a for a, b in itertools.pairwise(steps)} <= {99, 100}
-    assert "| 1000 | 0.0010 | 0.500 | 10.0000 |" in table
 
 
 class _Recorder:
