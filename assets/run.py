@@ -99,7 +99,8 @@ def summary(
     instance: dg.DagsterInstance, results: list[dg.ExecuteInProcessResult], seconds: float
 ) -> str:
     """What ran (or "everything up to date"), then pairs per stage, fill ratio, tokens
-    saved, final training loss and reward accuracy of the current materializations."""
+    saved, final training loss and reward accuracy of the current materializations (and,
+    when this call ran something, whether shards and model were made or reused)."""
     if results:
         ran = Counter(key.to_user_string() for r in results for key in _materialized(r))
         names = [f"{n} x{ran[n]}" if ran[n] > 1 else n for n in (*SOURCE_ASSETS, *STAGE_ASSETS)]
@@ -126,10 +127,12 @@ def summary(
         f"  packed       {packed['pairs']:,} pairs in {packed['rows']:,} rows of <= "
         f"{packed['max_len']} tokens, fill ratio {packed['fill_ratio']:.3f}, "
         f"{packed['tokens_saved_by_prefix_sharing']:,} tokens saved by prefix sharing "
-        f"({packed['prefix_sharing_saving']:.1%}), {'reused' if packed['reused'] else 'written'}",
+        f"({packed['prefix_sharing_saving']:.1%})"
+        + (f", {'reused' if packed['reused'] else 'written'}" if results else ""),
         f"  trained      {trained['steps']} steps, loss {trained['loss']:.4f}, reward accuracy "
         f"{trained['rewards/accuracies']:.3f}, margin {trained['rewards/margins']:.4f}, "
-        f"{trained['pairs/s']:.1f} pairs/s ({'reused' if trained['reused'] else 'trained'})",
+        f"{trained['pairs/s']:.1f} pairs/s"
+        + (f" ({'reused' if trained['reused'] else 'trained'})" if results else ""),
         f"  shards       {packed['path']}",
         f"  model        {trained['output']}",
     ]

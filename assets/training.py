@@ -29,10 +29,6 @@ from training.report import materialization_metadata, summarize
 # shard key, model), so that reusing the run shows what computing it showed.
 REPORTED = "reported.json"
 
-# Observable sources are beta in dagster 1.13; accepted here, as data versions are
-# (definitions.py), so importing this module does not warn.
-warnings.filterwarnings("ignore", category=dg.BetaWarning, message="Function `observable_source")
-
 
 def model_args(model: ModelResource) -> list[str]:
     """The model flags of `prefpack train/logps`: a checkpoint folder or a named config."""
@@ -71,14 +67,20 @@ def config_flags(values: dict) -> list[str]:
     return flags
 
 
-@dg.observable_source_asset(
-    group_name="training",
-    description="The policy's starting point, also the DPO reference: a Hugging Face folder "
-    "(fingerprinted by its weight files' bytes) or a named config and init seed. Observing it "
-    "marks the training assets stale when the weights changed, even at the same path.",
-)
-def base_model(model: ModelResource) -> dg.DataVersion:
-    return dg.DataVersion(model_fingerprint(model))
+# Observable source assets are beta in dagster 1.13 (and the only way to observe a model's
+# content): their warning is silenced for this one definition, nowhere else.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)
+
+    @dg.observable_source_asset(
+        group_name="training",
+        description="The policy's starting point, also the DPO reference: a Hugging Face "
+        "folder (fingerprinted by its weight files' bytes) or a named config and init seed. "
+        "Observing it marks the training assets stale when the weights changed, even at the "
+        "same path.",
+    )
+    def base_model(model: ModelResource) -> dg.DataVersion:
+        return dg.DataVersion(model_fingerprint(model))
 
 
 @dg.asset(

@@ -335,7 +335,8 @@ def _reference(
     cache = ReferenceCache(args.reference_cache, key)
     if _rank() == 0:
         print(
-            f"reference log-probs: {'reusing' if cache.path.exists() else 'computing'} "
+            f"prefpack {args.command}: reference log-probs: "
+            f"{'reusing' if cache.path.exists() else 'computing'} "
             f"{cache.path}",
             file=sys.stderr,
         )

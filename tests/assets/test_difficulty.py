@@ -15,6 +15,7 @@ import dagster as dg
 import pyarrow.compute as pc
 import pytest
 
+from assets import plots
 from assets.definitions import ASSETS, build_definitions
 from assets.jobs import DIFFICULTY_ASSETS
 from assets.partitions import source_partitions
@@ -22,6 +23,7 @@ from assets.run import materialized_metadata
 from pipeline.scores import read_report, read_scores
 from pipeline.shards import open_shards
 from tests.assets.conftest import TEST_CONFIG
+from tests.assets.test_plots import png_bytes, png_size
 
 pytestmark = pytest.mark.slow
 
@@ -91,7 +93,9 @@ def test_scores_select_and_train(first, instance) -> None:
     packed = _packed(instance)
     assert scores["pairs"] == packed["pairs"] and scores["folds"] == 3
     assert scores["reused"] is False
-    assert scores["difficulty_plot"].startswith("![held-out loss](data:image/png;base64,")
+    for asset in (scores, selected):  # the distribution, then with the drop threshold
+        assert png_size(png_bytes(asset["difficulty_plot"])) == plots.SIZE
+    assert png_size(png_bytes(model["loss_plot"])) == plots.TALL
     # One row per fold model, trained and held-out numbers side by side in 4 columns.
     rows = [line.split("|")[1:-1] for line in scores["by_fold"].splitlines()[2:5]]
     for cells, fold in zip(rows, read_report(scores["path"])["folds"], strict=True):
@@ -139,6 +143,18 @@ def test_a_second_materialization_reuses_everything_without_launching(
         record.asset_materialization.tags["dagster/data_version"]
         == md["difficulty_scores"][0]["key"]
     )
+
+
+def test_recomputed_scores_are_byte_identical(graph, first, instance, tmp_path) -> None:
+    """The scores moved away, the same key computes them again: the same bytes."""
+    scores = Path(materialized_metadata([first])["difficulty_scores"][0]["path"])
+    kept = tmp_path / "first"
+    scores.rename(kept)
+    again = _materialize(graph, instance, ["difficulty_scores"])
+    md = materialized_metadata([again])["difficulty_scores"][0]
+    assert md["reused"] is False and Path(md["path"]) == scores
+    for name in ("scores.parquet", "report.json"):
+        assert (scores / name).read_bytes() == (kept / name).read_bytes(), name
 
 
 def test_another_k_is_another_key_and_new_scores(graph, first, instance) -> None:

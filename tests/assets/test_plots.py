@@ -2,11 +2,13 @@
 same bytes for the same input, and a text placeholder for an empty input."""
 
 import base64
+import io
 import re
 import struct
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from assets import plots
 
@@ -53,9 +55,15 @@ def png_bytes(value) -> bytes:
 
 
 def png_size(png: bytes) -> tuple[int, int]:
-    """Width and height of a valid PNG, from its IHDR chunk."""
+    """Width and height of a valid PNG: its IHDR chunk, and the whole image decoded (every
+    chunk's CRC and the pixel data), so a cut or corrupt image fails here."""
     assert png[:8] == PNG_SIGNATURE
     assert png[12:16] == b"IHDR"  # the first chunk, after its 4-byte length
+    with Image.open(io.BytesIO(png)) as image:
+        image.load()
+        assert image.format == "PNG"
+        colors = image.convert("RGB").getcolors(maxcolors=1 << 20)
+        assert colors is None or len(colors) > 1  # something drawn, not a blank canvas
     return struct.unpack(">II", png[16:24])
 
 
@@ -66,6 +74,13 @@ def test_plot_is_a_png_of_the_expected_size(name):
     assert png_size(png) == (width, height)
     assert b"Software" not in png and b"tIME" not in png
     assert len(png) < 60_000
+
+
+def test_a_cut_png_is_not_valid() -> None:
+    """The check above decodes the image: a PNG cut short fails it."""
+    png = png_bytes(CASES["loss"][0]())
+    with pytest.raises((OSError, SyntaxError)):
+        png_size(png[: len(png) // 2])
 
 
 @pytest.mark.parametrize("name", CASES)
