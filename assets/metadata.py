@@ -82,9 +82,14 @@ def histogram(values: np.ndarray, unit: str = "") -> dg.MetadataValue:
 
 
 def binned(edges: Sequence[float], counts: Sequence[int], unit: str = "") -> dg.MetadataValue:
-    """A markdown histogram of counts already binned: one bar per bin."""
+    """A markdown histogram of counts already binned: one bar per bin, up to the last
+    non-empty one (parts binned on shared edges end below the longest part's last bin)."""
+    if len(counts) != len(edges) - 1:
+        raise ValueError(f"{len(counts)} counts for {len(edges) - 1} bins")
+    last = max((i for i, n in enumerate(counts) if n), default=-1)
+    counts = counts[: last + 1]
     peak = max(max(counts, default=0), 1)
     lines = [f"| {unit or 'value'} | count | |", "| ---: | ---: | --- |"]
-    for n, lo, hi in zip(counts, edges[:-1], edges[1:], strict=True):
+    for n, lo, hi in zip(counts, edges[:-1], edges[1:], strict=False):
         lines.append(f"| {lo:,.0f}–{hi:,.0f} | {n:,} | {'█' * round(20 * n / peak)} |")
     return dg.MetadataValue.md("\n".join(lines))

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from assets.metadata import count_table, histogram, layout_table
+from assets.metadata import binned, count_table, histogram, layout_table
 
 
 def test_layout_table_gives_tokens_and_their_share_of_the_padded_layout() -> None:
@@ -34,3 +35,13 @@ def test_histogram_bins_on_power_of_two_edges_up_to_the_largest() -> None:
     assert header == "| chars | count | |"
     bins = [(row.split("|")[1].strip(), int(row.split("|")[2])) for row in rows]
     assert bins == [("0–16", 1), ("16–32", 2), ("32–64", 1), ("64–128", 1), ("128–256", 1)]
+
+
+def test_binned_counts_stop_at_the_last_non_empty_bin() -> None:
+    """Prompt lengths on the edges of the longest pair: no empty bins after the longest
+    prompt; an empty bin between filled ones stays."""
+    rows = binned([0, 16, 32, 64, 128, 256], [3, 0, 2, 0, 0], "tokens").value.splitlines()[2:]
+    assert [row.split("|")[1].strip() for row in rows] == ["0–16", "16–32", "32–64"]
+    assert binned([0, 16], [0], "tokens").value.splitlines()[2:] == []
+    with pytest.raises(ValueError, match="3 counts for 2 bins"):
+        binned([0, 16, 32], [1, 2, 3])
