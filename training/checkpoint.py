@@ -16,6 +16,7 @@ import itertools
 import json
 import shutil
 import weakref
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -249,34 +250,50 @@ def read_weights(folder: str | Path, model: CausalLM) -> dict[str, torch.Tensor]
         FileNotFoundError: no safetensors weights in the folder.
         ValueError: missing, unexpected or wrongly shaped tensors, each named.
     """
+    return dict(stream_weights(folder, model))
+
+
+def stream_weights(folder: str | Path, model: CausalLM) -> Iterator[tuple[str, torch.Tensor]]:
+    """The folder's tensors for `model` one at a time, by sorted key, in the model's dtype:
+    every key and shape is checked from the files' headers before the first is read, and a
+    caller that keeps only part of each (a shard) never holds the whole model.
+
+    Raises:
+        FileNotFoundError: no safetensors weights in the folder.
+        ValueError: missing, unexpected or wrongly shaped tensors, each named.
+    """
     folder = Path(folder)
-    expected = model.state_dict()
-    state: dict[str, torch.Tensor] = {}
+    expected = model.state_dict()  # shapes only: works for a model on the meta device
+    where: dict[str, Path] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     unexpected: list[str] = []
     for path in _weight_files(folder):
         with safe_open(path, framework="pt", device="cpu") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 if key in expected:
-                    state[key] = f.get_tensor(key).to(expected[key].dtype)
+                    where[key] = path
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
                 elif key.endswith(_IGNORED_KEY_SUFFIXES) or (
                     key == "lm_head.weight" and model.config.tie_embeddings
                 ):
                     continue
                 else:
                     unexpected.append(key)
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(set(expected) - set(where))
     if missing or unexpected:
         raise ValueError(
             f"{folder}: checkpoint does not match its {model.config.family} config: "
             f"missing {missing[:8]}, unexpected {sorted(unexpected)[:8]}"
         )
     for key, want in expected.items():
-        if state[key].shape != want.shape:
+        if shapes[key] != tuple(want.shape):
             raise ValueError(
-                f"{folder}: {key} has shape {tuple(state[key].shape)}, "
+                f"{folder}: {key} has shape {shapes[key]}, "
                 f"the config implies {tuple(want.shape)}"
             )
-    return state
+    for key in sorted(expected):
+        with safe_open(where[key], framework="pt", device="cpu") as f:
+            yield key, f.get_tensor(key).to(expected[key].dtype)
 
 
 def load_pretrained(
@@ -419,17 +436,29 @@ def model_fingerprint(model: CausalLM) -> str:
     model more than once (reference key, resume record), so the digest is kept on the
     model while it still holds: see `_weights_stamp`.
     """
-    stamp = _weights_stamp(model)
     cached = getattr(model, "_fingerprint", None)
-    if cached is not None and _same_stamp(cached[0], stamp):
+    if cached is not None and _same_stamp(cached[0], _weights_stamp(model)):
         return cached[1]
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True).encode())
-    for key, tensor in sorted(model.state_dict().items()):
+    return remember_fingerprint(
+        model, fingerprint_of(model.config, sorted(model.state_dict().items()))
+    )
+
+
+def fingerprint_of(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """The fingerprint of a model of `config` whose whole tensors, by sorted key, are
+    `tensors` (consumed one at a time: a sharded load hashes them as it reads them)."""
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
+    for key, tensor in tensors:
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy())
-    model._fingerprint = (stamp, h.hexdigest())
-    return model._fingerprint[1]
+    return h.hexdigest()
+
+
+def remember_fingerprint(model: CausalLM, digest: str) -> str:
+    """Keep `digest` as `model`'s fingerprint while its tensors stay as they are now."""
+    model._fingerprint = (_weights_stamp(model), digest)
+    return digest
 
 
 _Stamp = list[tuple[str, weakref.ref, int]]

@@ -251,8 +251,25 @@ def _process_group(device_name: str) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def _open_inputs(args: argparse.Namespace) -> tuple[ShardReader, CausalLM]:
-    """(shard reader, fp32 model) of --shards and --model/--config.
+def _loads_sharded(args: argparse.Namespace, config: TrainConfig) -> bool:
+    """Whether `train` loads --model already sharded (`training.parallel.load_sharded`):
+    under FSDP with several processes and a stored or cached reference, so that no process
+    holds the whole model. (A live reference is a copy of the whole initial model, so that
+    run loads it whole, as one process does.)"""
+    from training.parallel import world_and_rank
+
+    reference = args.reference is not None or args.reference_cache is not None
+    return (
+        args.model is not None
+        and config.parallel == "fsdp"
+        and reference
+        and (world_and_rank()[0] > 1)
+    )
+
+
+def _open_inputs(args: argparse.Namespace, sharded: bool = False) -> tuple[ShardReader, CausalLM]:
+    """(shard reader, fp32 model) of --shards and --model/--config; with `sharded`, the
+    model of --model comes sharded over the process group, on this rank's device.
 
     Raises:
         ValueError: unknown config name, or a model whose vocabulary is smaller than the
@@ -269,7 +286,13 @@ def _open_inputs(args: argparse.Namespace) -> tuple[ShardReader, CausalLM]:
     if args.model is not None:
         if not (args.model / "config.json").is_file():
             raise FileNotFoundError(f"{args.model}: no config.json; not a Hugging Face folder")
-        model = load_pretrained(args.model)
+        if sharded:
+            from training.device import resolve_device
+            from training.parallel import load_sharded
+
+            model = load_sharded(args.model, resolve_device(args.device), args.precision)
+        else:
+            model = load_pretrained(args.model)
     else:
         config = dataclasses.replace(named_config(args.config), vocab_size=vocab)
         torch.manual_seed(args.init_seed)
@@ -354,7 +377,7 @@ def _train(args: argparse.Namespace) -> int:
     with pipes_reporter(config.steps) as reporter, _process_group(config.device):
         _hint_fine_tuning_lr(args, config.lr, reporter and reporter.context)
         check_config(config, resolve_device(config.device))
-        reader, model = _open_inputs(args)
+        reader, model = _open_inputs(args, sharded=_loads_sharded(args, config))
         reference = _reference(args, reader, model, config.precision)
         identity = RunIdentity(reader.key, args.init_seed if args.config else None)
         if rank == 0:

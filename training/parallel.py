@@ -40,6 +40,12 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from training.checkpoint import (
+    fingerprint_of,
+    read_config,
+    remember_fingerprint,
+    stream_weights,
+)
 from training.model import CausalLM
 from training.train_config import Parallel, Precision
 
@@ -81,6 +87,8 @@ def prepare(
     """
     if not is_distributed():
         return model.to(device)
+    if is_sharded(model):  # sharded as it was loaded (`load_sharded`)
+        return model
     if parallel == "fsdp":
         # `fully_shard` moves one block's parameters at a time to the mesh's device and keeps
         # this rank's shard, so the device never holds the whole model (a model larger than
@@ -102,6 +110,49 @@ def prepare(
     return DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None
     )
+
+
+def load_sharded(
+    folder: Path, device: torch.device, precision: Precision, trainable: bool = True
+) -> CausalLM:
+    """A Hugging Face folder's model under FSDP, never whole in any process's memory: built
+    on the meta device, sharded, then filled one tensor at a time from the safetensors
+    files, each rank keeping its chunk. The fingerprint is hashed on the way and equals the
+    one the whole model gets in one process (reference files stay shared).
+
+    Raises:
+        As `training.checkpoint.stream_weights` and `read_config`.
+    """
+    config, hf = read_config(folder)
+    with torch.device("meta"):
+        model = CausalLM(config)
+    model.hf_config = hf
+    prepare(model, "fsdp", device, precision, trainable)
+    model.to_empty(device=device)
+    shards = model.state_dict()
+
+    def filling() -> Iterator[tuple[str, Tensor]]:
+        for key, whole in stream_weights(folder, model):
+            _copy_chunk(shards[key], whole)
+            yield key, whole
+
+    with torch.no_grad():
+        digest = fingerprint_of(config, filling())
+    remember_fingerprint(model, digest)
+    return model
+
+
+def _copy_chunk(shard: DTensor, whole: Tensor) -> None:
+    """Copy this rank's dim-0 chunk of `whole` into `shard` (FSDP2 chunks as `torch.chunk`
+    does, ranks past the last chunk holding none)."""
+    mesh = shard.device_mesh
+    chunks = torch.chunk(whole, mesh.size(), dim=0)
+    rank = mesh.get_local_rank()
+    mine = chunks[rank] if rank < len(chunks) else whole[:0]
+    local = shard.to_local()
+    if local.shape != mine.shape:
+        raise AssertionError(f"shard {tuple(local.shape)} for a chunk {tuple(mine.shape)}")
+    local.copy_(mine)
 
 
 @contextlib.contextmanager

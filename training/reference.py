@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from data_contracts import reference_logps as contract
 from data_contracts.packed_row import DEFAULT_BLOCK_SIZE, Layout, PackedRow
@@ -90,7 +91,6 @@ def _share(num_rows: int, world: int, rank: int) -> range:
     return range(num_rows * rank // world, num_rows * (rank + 1) // world)
 
 
-@torch.inference_mode()
 def compute_reference_logps(
     model: nn.Module,
     rows: Sequence[PackedRow],
@@ -135,6 +135,10 @@ def compute_reference_logps(
     if not is_sharded(model):
         model.to(dev)
     model.eval()
+    # No autograd state; inference mode only for a model that is not sharded: FSDP2 keeps
+    # the gathered-parameter buffers of these passes for the policy's training passes,
+    # which cannot write into inference tensors.
+    no_autograd = torch.no_grad() if is_sharded(model) else torch.inference_mode()
     config = model.config
     check_rows(rows, max_len, config.vocab_size, config.sliding_window)  # before any pass
     world, rank = (dist.get_world_size(), dist.get_rank()) if is_distributed() else (1, 0)
@@ -159,7 +163,7 @@ def compute_reference_logps(
             row_ids = range(max(share.start, share.stop - 1), share.stop) or range(1)
         chunk = [rows[j] for j in row_ids]
         batch = collate(chunk, layout, backend, block_size, dev, pad_to=max_len)
-        with autocast(dev, precision):
+        with no_autograd, autocast(dev, precision):
             logps = pair_logps(model, batch)
         if lo < share.stop:
             ids.extend(batch.pair_ids)
@@ -170,6 +174,10 @@ def compute_reference_logps(
         torch.cat(chosen).numpy() if chosen else np.zeros(0, np.float32),
         torch.cat(rejected).numpy() if rejected else np.zeros(0, np.float32),
     )
+    if is_sharded(model):  # the root keeps its parameters gathered after a forward
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
     parts = [part]
     if world > 1:
         parts = [None] * world

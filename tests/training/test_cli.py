@@ -529,3 +529,46 @@ def test_torchrun_two_processes_share_the_reference_cache(
     assert prefpack.main(_train_argv(tiny_shards, tmp_path / "single")) == 0
     assert len(list((tmp_path / "cache").iterdir())) == 1
     np.testing.assert_allclose(_losses(tmp_path / "ddp"), _losses(tmp_path / "single"), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_loads_a_checkpoint_sharded_and_trains_as_one_process(
+    tiny_shards: Path, tmp_path: Path
+) -> None:
+    """`torchrun -m prefpack train --model F --parallel fsdp --reference-cache C` with 2 gloo
+    processes: each builds the model on the meta device and reads only its half of every
+    tensor; the fingerprint hashed on the way is the one process's (the same cache file
+    serves both runs), and losses and exported weights equal one process x 2 rows. (The
+    reference pass on the FSDP policy also leaves its root resharded: before, its gathered
+    parameters outlived the pass and the training steps went wrong.)"""
+    vocab = int(open_shards(tiny_shards).manifest["tokenizer"]["vocab_size"])
+    torch.manual_seed(0)
+    folder = save_pretrained(
+        CausalLM(dataclasses.replace(tiny(), vocab_size=vocab)), tmp_path / "start"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+    def argv(out: str, rows: str) -> list[str]:
+        args = _train_argv(tiny_shards, tmp_path / out, "--reference-cache", str(tmp_path / "c"))
+        args[args.index("--config") : args.index("--config") + 2] = ["--model", str(folder)]
+        args[args.index("--batch-rows") + 1] = rows
+        return args
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = subprocess.run(
+        [*torchrun, "-m", "prefpack", *argv("fsdp", "1"), "--parallel", "fsdp"],
+        cwd=REPO,
+        env=env,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "reference log-probs: computing" in done.stderr
+    assert prefpack.main(argv("single", "2")) == 0
+    assert len(list((tmp_path / "c").iterdir())) == 1  # reused: the same model fingerprint
+    np.testing.assert_allclose(_losses(tmp_path / "fsdp"), _losses(tmp_path / "single"), rtol=1e-5)
+    two = load_pretrained(tmp_path / "fsdp" / "final").state_dict()
+    one = load_pretrained(tmp_path / "single" / "final").state_dict()
+    for key, tensor in one.items():
+        torch.testing.assert_close(two[key], tensor, rtol=1e-5, atol=1e-6)
