@@ -288,8 +288,7 @@ def stream_weights(folder: str | Path, model: CausalLM) -> Iterator[tuple[str, t
     for key, want in expected.items():
         if shapes[key] != tuple(want.shape):
             raise ValueError(
-                f"{folder}: {key} has shape {shapes[key]}, "
-                f"the config implies {tuple(want.shape)}"
+                f"{folder}: {key} has shape {shapes[key]}, the config implies {tuple(want.shape)}"
             )
     for key in sorted(expected):
         with safe_open(where[key], framework="pt", device="cpu") as f:

@@ -253,18 +253,11 @@ def _process_group(device_name: str) -> Iterator[None]:
 
 def _loads_sharded(args: argparse.Namespace, config: TrainConfig) -> bool:
     """Whether `train` loads --model already sharded (`training.parallel.load_sharded`):
-    under FSDP with several processes and a stored or cached reference, so that no process
-    holds the whole model. (A live reference is a copy of the whole initial model, so that
-    run loads it whole, as one process does.)"""
+    under FSDP with several processes, so that no process holds the whole model (a live
+    reference is then loaded sharded too)."""
     from training.parallel import world_and_rank
 
-    reference = args.reference is not None or args.reference_cache is not None
-    return (
-        args.model is not None
-        and config.parallel == "fsdp"
-        and reference
-        and (world_and_rank()[0] > 1)
-    )
+    return args.model is not None and config.parallel == "fsdp" and world_and_rank()[0] > 1
 
 
 def _open_inputs(args: argparse.Namespace, sharded: bool = False) -> tuple[ShardReader, CausalLM]:
@@ -377,8 +370,14 @@ def _train(args: argparse.Namespace) -> int:
     with pipes_reporter(config.steps) as reporter, _process_group(config.device):
         _hint_fine_tuning_lr(args, config.lr, reporter and reporter.context)
         check_config(config, resolve_device(config.device))
-        reader, model = _open_inputs(args, sharded=_loads_sharded(args, config))
+        sharded = _loads_sharded(args, config)
+        reader, model = _open_inputs(args, sharded=sharded)
         reference = _reference(args, reader, model, config.precision)
+        if reference is None and sharded:  # the live reference, loaded as the policy was
+            from training.parallel import load_sharded
+
+            device = resolve_device(config.device)
+            reference = load_sharded(args.model, device, config.precision, trainable=False)
         identity = RunIdentity(reader.key, args.init_seed if args.config else None)
         if rank == 0:
             print(f"prefpack train: metrics: {config.out_dir / 'metrics.jsonl'}", file=sys.stderr)

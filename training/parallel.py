@@ -32,7 +32,6 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
-    set_model_state_dict,
     set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
@@ -129,17 +128,37 @@ def load_sharded(
     model.hf_config = hf
     prepare(model, "fsdp", device, precision, trainable)
     model.to_empty(device=device)
-    shards = model.state_dict()
+    remember_fingerprint(model, fill_weights(model, folder, fingerprint=True))
+    return model
+
+
+def fill_weights(model: CausalLM, folder: Path, fingerprint: bool = False) -> str | None:
+    """Copy a Hugging Face folder's weights into `model` in place, one tensor at a time:
+    each rank's chunk of a sharded parameter, the whole of any other.
+
+    Returns:
+        The fingerprint of the weights read (`fingerprint`), hashed as they stream by.
+
+    Raises:
+        As `training.checkpoint.stream_weights`.
+    """
+    targets = model.state_dict()
 
     def filling() -> Iterator[tuple[str, Tensor]]:
         for key, whole in stream_weights(folder, model):
-            _copy_chunk(shards[key], whole)
+            target = targets[key]
+            if isinstance(target, DTensor):
+                _copy_chunk(target, whole)
+            else:
+                target.copy_(whole)
             yield key, whole
 
     with torch.no_grad():
-        digest = fingerprint_of(config, filling())
-    remember_fingerprint(model, digest)
-    return model
+        if fingerprint:
+            return fingerprint_of(model.config, filling())
+        for _ in filling():
+            pass
+    return None
 
 
 def _copy_chunk(shard: DTensor, whole: Tensor) -> None:
@@ -188,11 +207,6 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(model, options=options)
     return model.state_dict()
-
-
-def load_full_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
-    """Load unsharded weights (every rank passes them) into a plain or sharded model."""
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
 
 
 @contextlib.contextmanager

@@ -59,7 +59,6 @@ from training.attention import FLAT_BACKENDS
 from training.batch import Batch, check_rows, collate
 from training.checkpoint import (
     model_fingerprint,
-    read_weights,
     save_pretrained,
     write_pretrained,
 )
@@ -77,9 +76,10 @@ from training.losses import ChosenNLL, PairLogps, build_loss
 from training.model import CausalLM
 from training.parallel import (
     clip_grad_norm,
+    fill_weights,
     full_state_dict,
     gradient_sync,
-    load_full_state_dict,
+    is_sharded,
     load_optimizer,
     prepare,
     save_optimizer,
@@ -329,12 +329,20 @@ def setup(
     block_size: int,
     max_len: int,
     model: CausalLM,
-    reference: ReferenceLogps | ReferenceCache | None = None,
+    reference: ReferenceLogps | ReferenceCache | CausalLM | None = None,
     identity: RunIdentity | None = None,
 ) -> Run:
     """Check the settings, join the process group, refuse a checkpoint this run cannot
     continue, check every row (and every pair against stored log-probs) once, prepare
     policy and reference, build the optimizer, and resume. Arguments as for `train`."""
+    ref_model = reference if isinstance(reference, nn.Module) else None
+    if ref_model is not None:  # a live reference, given (a sharded policy is not copied)
+        reference = None
+    elif reference is None and is_sharded(model):
+        raise ValueError(
+            "a policy loaded sharded cannot be copied into the live reference: give the "
+            "reference model loaded the same way, or stored log-probs"
+        )
     world, rank = world_and_rank()
     device = resolve_device(config.device)
     _check_settings(config, rows, layout, block_size, max_len, model, device, reference)
@@ -356,9 +364,9 @@ def setup(
     config.out_dir.mkdir(parents=True, exist_ok=True)
 
     # The live reference is the initial policy: copy it before resuming changes the weights.
-    ref_model = None
     if reference is None:
-        ref_model = copy.deepcopy(model).requires_grad_(False).eval()
+        ref_model = ref_model or copy.deepcopy(model)
+        ref_model = ref_model.requires_grad_(False).eval()
         ref_model = prepare(ref_model, config.parallel, device, config.precision, False)
     model.activation_checkpointing = config.activation_checkpointing
     model.logits_chunk = config.logits_chunk
@@ -491,7 +499,7 @@ def _resume(run: Run, ckpt: Path) -> int:
     """Load `ckpt` (checked by `_checkpoint_to_resume`) and return the steps it holds."""
     out_dir = run.config.out_dir
     saved = json.loads((ckpt / STATE_NAME).read_text())
-    load_full_state_dict(run.model, read_weights(ckpt, run.model))
+    fill_weights(run.model, ckpt)
     load_optimizer(run.model, run.optimizer, ckpt / OPTIMIZER_DIR)
     step = int(saved["step"])
     metrics = out_dir / METRICS_NAME
@@ -612,7 +620,7 @@ def train(
     block_size: int,
     max_len: int,
     model: CausalLM,
-    reference: ReferenceLogps | ReferenceCache | None = None,
+    reference: ReferenceLogps | ReferenceCache | CausalLM | None = None,
     tokenizer: str | Path | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
     identity: RunIdentity | None = None,
@@ -625,9 +633,12 @@ def train(
         layout: the rows' layout: `shared`, `unshared` or `padded`.
         block_size: the shards' mask block size (used by the flex backend).
         max_len: the shards' row length limit (checked per row; flex pads to it).
-        model: the initial policy, fp32 on CPU; also the reference unless `reference`.
-        reference: stored reference log-probs covering every pair of `rows`, or a cache
-            to compute them into first (with the initial weights, on all ranks).
+        model: the initial policy, fp32 on CPU (or loaded sharded by
+            `training.parallel.load_sharded`); also the reference unless `reference`.
+        reference: stored reference log-probs covering every pair of `rows`, a cache to
+            compute them into first (with the initial weights, on all ranks), or the
+            frozen reference model itself (required for a policy loaded sharded, which
+            cannot be copied; load it the same way with `trainable=False`).
         tokenizer: tokenizer.json or tokenizer folder copied into every exported folder.
         on_step: called on rank 0 with each step's metrics (the metrics.jsonl line), after
             the line is written; a progress sink (e.g. `training.report.PipesReporter`).
