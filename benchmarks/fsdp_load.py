@@ -5,7 +5,7 @@
 Saves a seeded Llama-shaped model (fp32 safetensors) to a temporary folder, then, for each
 arm, starts `--ranks` gloo processes under torchrun that load it and shard it with FSDP2:
 - `whole`: `training.checkpoint.load_pretrained` on every rank, then `prepare` (what every
-  FSDP run did before, and `prefpack logps` and `difficulty` still do);
+  FSDP run did before, and `prefpack difficulty` still does);
 - `sharded`: `training.parallel.load_sharded` (meta device, one tensor at a time).
 Each rank reports its peak resident memory above what the process held before loading
 (`ru_maxrss`), and the fingerprint of what it loaded. Writes

@@ -251,18 +251,21 @@ def _process_group(device_name: str) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def _loads_sharded(args: argparse.Namespace, config: TrainConfig) -> bool:
-    """Whether `train` loads --model already sharded (`training.parallel.load_sharded`):
-    under FSDP with several processes, so that no process holds the whole model (a live
-    reference is then loaded sharded too)."""
+def _loads_sharded(args: argparse.Namespace) -> bool:
+    """Whether --model is loaded already sharded (`training.parallel.load_sharded`): under
+    FSDP with several processes, so that no process holds the whole model (in `train`, a
+    live reference is then loaded sharded too)."""
     from training.parallel import world_and_rank
 
-    return args.model is not None and config.parallel == "fsdp" and world_and_rank()[0] > 1
+    return args.model is not None and args.parallel == "fsdp" and world_and_rank()[0] > 1
 
 
-def _open_inputs(args: argparse.Namespace, sharded: bool = False) -> tuple[ShardReader, CausalLM]:
+def _open_inputs(
+    args: argparse.Namespace, sharded: bool = False, trainable: bool = True
+) -> tuple[ShardReader, CausalLM]:
     """(shard reader, fp32 model) of --shards and --model/--config; with `sharded`, the
-    model of --model comes sharded over the process group, on this rank's device.
+    model of --model comes sharded over the process group, on this rank's device (for
+    training unless `trainable` is False).
 
     Raises:
         ValueError: unknown config name, or a model whose vocabulary is smaller than the
@@ -283,7 +286,8 @@ def _open_inputs(args: argparse.Namespace, sharded: bool = False) -> tuple[Shard
             from training.device import resolve_device
             from training.parallel import load_sharded
 
-            model = load_sharded(args.model, resolve_device(args.device), args.precision)
+            device = resolve_device(args.device)
+            model = load_sharded(args.model, device, args.precision, trainable)
         else:
             model = load_pretrained(args.model)
     else:
@@ -370,7 +374,7 @@ def _train(args: argparse.Namespace) -> int:
     with pipes_reporter(config.steps) as reporter, _process_group(config.device):
         _hint_fine_tuning_lr(args, config.lr, reporter and reporter.context)
         check_config(config, resolve_device(config.device))
-        sharded = _loads_sharded(args, config)
+        sharded = _loads_sharded(args)
         reader, model = _open_inputs(args, sharded=sharded)
         reference = _reference(args, reader, model, config.precision)
         if reference is None and sharded:  # the live reference, loaded as the policy was
@@ -428,7 +432,7 @@ def _logps(args: argparse.Namespace) -> int:
     check_precision(args.precision, resolve_device(args.device))
     rank = _rank()
     with pipes_context() as pipes, _process_group(args.device):
-        reader, model = _open_inputs(args)
+        reader, model = _open_inputs(args, sharded=_loads_sharded(args), trainable=False)
         key = _reference_key(reader, model, args.precision)
         table = None
         if args.out.exists():

@@ -576,3 +576,40 @@ def test_fsdp_loads_a_checkpoint_sharded_and_trains_as_one_process(
     one = load_pretrained(tmp_path / "single" / "final").state_dict()
     for key, tensor in one.items():
         torch.testing.assert_close(two[key], tensor, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_fsdp_logps_loads_sharded_and_equals_one_process(
+    tiny_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`torchrun -m prefpack logps --model F --parallel fsdp`: each rank reads its half of
+    every tensor, and the file is one process's (same key: reused; same numbers)."""
+    vocab = int(open_shards(tiny_shards).manifest["tokenizer"]["vocab_size"])
+    torch.manual_seed(1)
+    folder = save_pretrained(
+        CausalLM(dataclasses.replace(tiny(), vocab_size=vocab)), tmp_path / "model"
+    )
+
+    def argv(out: str) -> list[str]:
+        args = _logps_argv(tiny_shards, tmp_path / out)
+        args[args.index("--config") : args.index("--config") + 2] = ["--model", str(folder)]
+        return args
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = subprocess.run(
+        [*torchrun, "-m", "prefpack", *argv("two.arrow"), "--parallel", "fsdp"],
+        cwd=REPO,
+        env=env,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert prefpack.main(argv("two.arrow")) == 0
+    assert "reused" in capsys.readouterr().err  # the one process's key
+    assert prefpack.main(argv("one.arrow")) == 0
+    two, one = (read_reference_logps(tmp_path / f).table for f in ("two.arrow", "one.arrow"))
+    assert two["pair_id"].to_pylist() == one["pair_id"].to_pylist()
+    for column in ("chosen_logps", "rejected_logps"):
+        np.testing.assert_allclose(two[column].to_numpy(), one[column].to_numpy(), rtol=1e-6)
