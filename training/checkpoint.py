@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import shutil
 import weakref
 from collections.abc import Iterable, Iterator
@@ -353,7 +354,7 @@ def save_pretrained(
     tokenizer: str | Path | None = None,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 2**30,
-    state_dict: dict[str, torch.Tensor] | None = None,
+    tensors: Iterable[tuple[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write `model` as a Hugging Face folder, atomically (`pipeline.io.atomic_directory`):
     a kill at any moment leaves the complete folder or none.
@@ -361,7 +362,7 @@ def save_pretrained(
     Args:
         model: the model; keys of its state dict are the HF keys.
         folder: destination; must not exist yet.
-        tokenizer, dtype, max_shard_bytes, state_dict: as in `write_pretrained`.
+        tokenizer, dtype, max_shard_bytes, tensors: as in `write_pretrained`.
 
     Returns:
         The folder.
@@ -373,7 +374,7 @@ def save_pretrained(
     if folder.exists():
         raise FileExistsError(f"{folder} exists; refusing to overwrite a checkpoint")
     with atomic_directory(folder) as tmp:
-        write_pretrained(model, tmp, tokenizer, dtype, max_shard_bytes, state_dict)
+        write_pretrained(model, tmp, tokenizer, dtype, max_shard_bytes, tensors)
     return folder
 
 
@@ -383,10 +384,13 @@ def write_pretrained(
     tokenizer: str | Path | None = None,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 2**30,
-    state_dict: dict[str, torch.Tensor] | None = None,
+    tensors: Iterable[tuple[str, torch.Tensor]] | None = None,
 ) -> None:
     """Write the files of a Hugging Face folder into the existing directory `folder`
     (the temp directory of an atomic write: `save_pretrained`, or a checkpoint's).
+
+    The shards are planned from the state dict's shapes, then filled from `tensors` one
+    at a time and each written when complete, so at most one shard of weights is held.
 
     Args:
         model: the model; keys of its state dict are the HF keys.
@@ -394,32 +398,42 @@ def write_pretrained(
         tokenizer: optional tokenizer.json file or tokenizer folder to copy along.
         dtype: dtype of the saved tensors (default: the parameters' dtype).
         max_shard_bytes: above this, weights are split into shards plus an index.
-        state_dict: the weights to write (default: `model.state_dict()`); a sharded model
-            passes its gathered full state dict (`training.parallel.full_state_dict`).
+        tensors: the whole weights, in state dict order (default: `model.state_dict()`'s);
+            a sharded model passes them gathered one at a time
+            (`training.parallel.full_tensors`).
     """
-    state_dict = model.state_dict() if state_dict is None else state_dict
-    dtype = dtype or next(iter(state_dict.values())).dtype
-    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state_dict.items()}
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+    shapes = {key: tuple(t.shape) for key, t in model.state_dict().items()}
+    dtype = dtype or next(iter(model.state_dict().values())).dtype
+    element = torch.empty((), dtype=dtype).element_size()
+    plan: list[list[str]] = [[]]
+    size = total = 0
+    for key, shape in shapes.items():
+        nbytes = math.prod(shape) * element
+        if plan[-1] and size + nbytes > max_shard_bytes:
+            plan.append([])
             size = 0
-        shards[-1][key] = tensor
+        plan[-1].append(key)
         size += nbytes
+        total += nbytes
     hf = {**hf_extra_keys(model.hf_config), **config_to_hf(model.config, dtype)}
     (folder / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
-    if len(shards) == 1:
-        save_file(shards[0], folder / WEIGHTS_NAME, metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, start=1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, folder / name, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, name))
-        total = sum(t.numel() * t.element_size() for t in state.values())
+    names = (
+        [WEIGHTS_NAME]
+        if len(plan) == 1
+        else [f"model-{i:05d}-of-{len(plan):05d}.safetensors" for i in range(1, len(plan) + 1)]
+    )
+    stream = iter(model.state_dict().items() if tensors is None else tensors)
+    for keys, name in zip(plan, names, strict=True):
+        shard = {}
+        for want in keys:
+            key, tensor = next(stream)
+            if key != want:
+                raise AssertionError(f"weights out of order: {key} where {want} belongs")
+            shard[key] = tensor.detach().to("cpu", dtype).contiguous()
+        save_file(shard, folder / name, metadata={"format": "pt"})
+        del shard
+    if len(plan) > 1:
+        weight_map = {key: name for keys, name in zip(plan, names, strict=True) for key in keys}
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:

@@ -8,7 +8,7 @@ the train loop reads the same for both.
   this rank's shard. On CUDA in bf16 FSDP computes with bf16 parameters and reduces
   gradients in fp32 (`MixedPrecisionPolicy`); the fp32 master weights stay sharded.
 - Checkpoints are the same for both: a full Hugging Face folder written by rank 0
-  (`full_state_dict` gathers the shards) and the optimizer state through
+  (`full_tensors` gathers the shards one tensor at a time) and the optimizer state through
   `torch.distributed.checkpoint`, each rank writing its own shard (DDP ranks write their
   replicated state once, de-duplicated by DCP). DCP's `.metadata` file is a pickle: we only
   read checkpoints this trainer wrote.
@@ -29,8 +29,6 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
@@ -200,13 +198,12 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
 # State dicts: full weights for Hugging Face folders, sharded optimizer state via DCP
 
 
-def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Every weight, unsharded, on the CPU of rank 0 (other ranks get {}). A collective
-    under FSDP: every rank must call it."""
-    if isinstance(model, FSDPModule):
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(model, options=options)
-    return model.state_dict()
+def full_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """Every weight, whole, one at a time in state dict order: a sharded one gathered when
+    its turn comes (a collective: every rank must consume the whole iterator, rank 0 to
+    write, the others to take part), so no process ever holds more than one of them."""
+    for key, tensor in model.state_dict().items():
+        yield key, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 @contextlib.contextmanager

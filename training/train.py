@@ -34,6 +34,7 @@ seed and the reference's key, and a rerun that differs in any of them is refused
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -77,7 +78,7 @@ from training.model import CausalLM
 from training.parallel import (
     clip_grad_norm,
     fill_weights,
-    full_state_dict,
+    full_tensors,
     gradient_sync,
     is_sharded,
     load_optimizer,
@@ -439,11 +440,13 @@ def save_checkpoint(run: Run, step: int) -> None:
     all written into rank 0's `atomic_directory`, so the folder appears complete or not at
     all. A collective: every rank calls it."""
     final = run.config.out_dir / "checkpoints" / f"step_{step:06d}"
-    weights = full_state_dict(run.model)
+    weights = full_tensors(run.model)
     with atomic_directory(final) if run.rank == 0 else contextlib.nullcontext() as own:
         tmp = _rank0_path(run, own)
         if run.rank == 0:
-            write_pretrained(run.model, tmp, state_dict=weights)
+            write_pretrained(run.model, tmp, tensors=weights)
+        else:
+            collections.deque(weights, maxlen=0)  # take part in each tensor's gather
         _barrier(run)
         save_optimizer(run.model, run.optimizer, tmp / OPTIMIZER_DIR)
         _barrier(run)
@@ -605,10 +608,12 @@ def metrics_line(metrics: dict[str, float]) -> str:
 def export(run: Run, tokenizer: str | Path | None) -> Path:
     """Write `out_dir/final` from the full weights (rank 0; a collective under FSDP)."""
     final = run.config.out_dir / "final"
-    weights = full_state_dict(run.model)
+    weights = full_tensors(run.model)
     if run.rank == 0:
         dtype = getattr(torch, run.config.export_dtype)
-        save_pretrained(run.model, final, tokenizer, dtype=dtype, state_dict=weights)
+        save_pretrained(run.model, final, tokenizer, dtype=dtype, tensors=weights)
+    else:
+        collections.deque(weights, maxlen=0)  # take part in each tensor's gather
     _barrier(run)
     return final
 

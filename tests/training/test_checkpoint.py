@@ -8,6 +8,7 @@ we read, and its logits must equal ours for the same tiny random weights.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ import pytest
 import torch
 import transformers
 
+import training.checkpoint as checkpoint
 from training.attention import CausalAttention
 from training.checkpoint import (
     INDEX_NAME,
@@ -254,3 +256,29 @@ def test_saved_folders_get_the_modes_the_umask_gives(tmp_path: Path) -> None:
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
     assert modes == dict.fromkeys(["config.json", WEIGHTS_NAME, "tokenizer.json"], 0o644)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+
+
+def test_weights_stream_into_shards_written_as_each_completes(tmp_path: Path, monkeypatch) -> None:
+    """Each shard file is written once its tensors have arrived and before the next one
+    is asked for: a gathered model is never held whole; the folder loads back equal."""
+    model = _random_model(tiny_llama3)
+    consumed, written = [], []
+
+    def weights():
+        for key, tensor in model.state_dict().items():
+            consumed.append(key)
+            yield key, tensor.clone()
+
+    real_save = checkpoint.save_file
+
+    def recording_save(shard, path, metadata=None):
+        written.append((len(consumed), len(shard)))
+        real_save(shard, path, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", recording_save)
+    folder = save_pretrained(model, tmp_path / "ckpt", max_shard_bytes=40_000, tensors=weights())
+    assert len(written) > 2
+    assert [c for c, _ in written] == list(itertools.accumulate(n for _, n in written))
+    loaded = load_pretrained(folder).state_dict()
+    for key, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded[key], tensor, rtol=0, atol=0)
