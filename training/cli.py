@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import os
 import shutil
@@ -493,6 +494,19 @@ def _hint_fine_tuning_lr(args: argparse.Namespace, lr: float, pipes: Any | None)
         print(f"prefpack {args.command}: {line}", file=sys.stderr)
 
 
+def _initial_models(
+    args: argparse.Namespace, model: CausalLM, sharded: bool, precision: str
+) -> Callable[[], CausalLM]:
+    """A fresh initial policy per fold: a copy of `model`, or one loaded sharded again
+    (a sharded model is not copied)."""
+    if not sharded:
+        return lambda: copy.deepcopy(model)
+    from training.device import resolve_device
+    from training.parallel import load_sharded
+
+    return lambda: load_sharded(args.model, resolve_device(args.device), precision)
+
+
 def _difficulty(args: argparse.Namespace) -> int:
     from pipeline.scores import write_scores
     from training.device import resolve_device
@@ -506,7 +520,8 @@ def _difficulty(args: argparse.Namespace) -> int:
     with pipes_context() as pipes, _process_group(fold_config.device):
         _hint_fine_tuning_lr(args, fold_config.lr, pipes)
         check_config(fold_config, resolve_device(fold_config.device))
-        reader, model = _open_inputs(args)
+        sharded = _loads_sharded(args)
+        reader, model = _open_inputs(args, sharded=sharded)
         init_seed = args.init_seed if args.config else None
         reference_key = _reference_key(reader, model, fold_config.precision)
         identity = identity_of(reader, init_seed, reference_key, fold_config, config)
@@ -529,7 +544,7 @@ def _difficulty(args: argparse.Namespace) -> int:
                     dataclasses.replace(fold_config, out_dir=tmp / FOLDS_DIR),
                     config,
                     reader,
-                    model,
+                    _initial_models(args, model, sharded, fold_config.precision),
                     reference,
                     run_identity=RunIdentity(reader.key, init_seed),
                     on_fold=lambda entry: log(_fold_line(entry, config.folds)),

@@ -8,7 +8,7 @@ prefpack already has:
     pairs = unpack_pairs(shards)               # exactly the packed pairs
     fold  = assign_folds(pair ids, k, seed)    # by a seeded hash of the id
     for each fold f:
-        train a copy of the initial model on the pairs of the other folds (training.train)
+        train a fresh initial model on the pairs of the other folds (training.train)
         score fold f's pairs with it: log-probs of chosen and rejected, then the run's
         loss and implicit reward margin against the reference log-probs
 
@@ -26,7 +26,6 @@ the same bytes for the same inputs. The fold models are not kept.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -78,7 +77,7 @@ def score_difficulty(
     train_config: TrainConfig,
     config: DifficultyConfig,
     reader: ShardReader,
-    model: CausalLM,
+    initial_model: Callable[[], CausalLM],
     reference: ReferenceLogps,
     run_identity: RunIdentity | None = None,
     on_fold: Callable[[dict[str, Any]], None] | None = None,
@@ -89,7 +88,8 @@ def score_difficulty(
         train_config: the fold models' training; fold f runs in `out_dir/fold-f`.
         config: folds, fold seed, scoring batch.
         reader: the packed shards.
-        model: the initial policy (fp32); each fold starts from a copy of it.
+        initial_model: a fresh initial policy (fp32) for each fold: a copy of one in
+            memory, or under FSDP one loaded sharded (a sharded model is not copied).
         reference: stored reference log-probs covering every pair of `reader`.
         run_identity: the shard key and init seed, as `train` records them.
         on_fold: called on rank 0 with each fold's entry once it is scored.
@@ -119,7 +119,7 @@ def score_difficulty(
         held = folds == fold
         train_rows, held_rows = rows(~held), rows(held)
         out = train_config.out_dir / f"fold-{fold}"
-        fold_model = copy.deepcopy(model)
+        fold_model = initial_model()
         fold_config = dataclasses.replace(train_config, out_dir=out)
         train(
             fold_config,

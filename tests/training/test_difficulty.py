@@ -8,6 +8,7 @@ across runs, and reused by content.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -25,6 +26,9 @@ from pipeline.scores import read_report, read_scores
 from pipeline.shards import open_shards
 from tests.conftest import assert_one_error_line
 from tests.training.conftest import TINY_SHARD_PAIRS
+from training.checkpoint import save_pretrained
+from training.configs import tiny
+from training.model import CausalLM
 from training.reference import read_reference_logps
 
 FOLDS = 3
@@ -204,3 +208,32 @@ def test_torchrun_two_processes_score_as_one(scored, tiny_shards, tmp_path) -> N
     np.testing.assert_allclose(ddp["loss"].to_numpy(), single["loss"].to_numpy(), atol=1e-5)
     assert read_report(tmp_path / "ddp")["settings"]["processes"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]  # no stray temp directory
+
+
+@pytest.mark.slow
+def test_fsdp_folds_load_the_model_sharded_and_score_as_one(scored, tiny_shards, tmp_path) -> None:
+    """`torchrun -m prefpack difficulty --model F --parallel fsdp`: every fold model is
+    loaded sharded from F (none is a copy of a whole model), and the scores equal one
+    process's with the same initial weights (`--config tiny`, init seed 0, saved as F)."""
+    vocab = int(open_shards(tiny_shards).manifest["tokenizer"]["vocab_size"])
+    torch.manual_seed(0)
+    folder = save_pretrained(
+        CausalLM(dataclasses.replace(tiny(), vocab_size=vocab)), tmp_path / "model"
+    )
+    argv = _argv(tiny_shards, tmp_path / "fsdp", "--parallel", "fsdp")
+    argv[argv.index("--config") : argv.index("--config") + 2] = ["--model", str(folder)]
+    argv[argv.index("--batch-rows") + 1] = "1"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = subprocess.run(
+        [*torchrun, "-m", "prefpack", *argv],
+        cwd=REPO,
+        env=env,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    fsdp, single = read_scores(tmp_path / "fsdp"), read_scores(scored["out"])
+    assert fsdp["pair_id"].equals(single["pair_id"]) and fsdp["fold"].equals(single["fold"])
+    np.testing.assert_allclose(fsdp["loss"].to_numpy(), single["loss"].to_numpy(), atol=1e-5)
