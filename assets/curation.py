@@ -14,7 +14,9 @@ from pipeline.flags import config_from, given_values
 from pipeline.presets import curate_config, get_preset, with_preset
 from pipeline.sample_data import eval_prompts_path
 
-CODE_VERSION = "2"  # 2: near-duplicates, length bias, the curation_report contract
+# 2: near-duplicates, length bias, the curation_report contract; 3: the best pairs of a
+# group by margin standing within each source
+CODE_VERSION = "3"
 
 
 @dg.asset(

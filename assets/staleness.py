@@ -10,7 +10,8 @@ An asset needs a run when one of these differs from its last materialization:
   only when its fingerprint changed), so new weights at the same path make them stale;
 - its settings: its op config in the run config, the config of the resources it uses and
   the content of the files they name (eval and benchmark prompts, tokenizer, chat
-  template: an edit in place counts like naming another file), hashed into a tag of the
+  template: an edit in place counts like naming another file) and what the presets they
+  name set (a recipe changed by a new prefpack version), hashed into a tag of the
   run that materialized it (a run without the tag, e.g. one launched from the UI, counts
   as other settings: rerunning it reuses its result by key).
 """
@@ -40,6 +41,7 @@ from assets.keys import model_fingerprint
 from assets.partitions import source_partitions
 from assets.sources import fingerprint
 from pipeline import ingest
+from pipeline.presets import PRESETS, Preset, get_preset
 from pipeline.sample_data import eval_prompts_path
 from pipeline.shards import sha256_file
 from pipeline.templates import BUILTIN_TEMPLATES
@@ -87,8 +89,26 @@ def settings_version(defs: dg.Definitions, key: dg.AssetKey, run_config: Mapping
         str(path): sha256_file(path) if path.is_file() else None
         for path in named_files(defs, key, op_config.get("config", {}))
     }
-    payload = json.dumps([op_config, resources, files], sort_keys=True, default=str)
+    recipes = {
+        name: {"options": preset.options, "curate": preset.curate, "thresholds": preset.thresholds}
+        for name, preset in named_presets(defs, key, op_config.get("config", {})).items()
+    }
+    payload = json.dumps([op_config, resources, files, recipes], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def named_presets(
+    defs: dg.Definitions, key: dg.AssetKey, op_config: Mapping[str, Any]
+) -> dict[str, Preset]:
+    """The presets `key`'s settings name, by name: what a preset sets is part of the
+    settings, so a recipe changed in a new version of prefpack reruns what used it."""
+    if key.path[-1] == "curated_pairs":
+        names = {CurationConfig(**op_config).preset}
+    elif key.path[-1] in SOURCE_ASSETS:
+        names = set(defs.resources["sources"].presets.values())
+    else:
+        names = set()
+    return {name: get_preset(name) for name in sorted(names - {None}) if name in PRESETS}
 
 
 def named_files(defs: dg.Definitions, key: dg.AssetKey, op_config: Mapping[str, Any]) -> list[Path]:

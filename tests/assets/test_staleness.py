@@ -4,6 +4,7 @@ chat template), and not for files the asset does not read."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -11,8 +12,9 @@ import dagster as dg
 import pytest
 
 from assets.definitions import build_definitions, build_resources
-from assets.resources import TokenizerResource
+from assets.resources import SourcesResource, TokenizerResource
 from assets.staleness import named_files, settings_version
+from pipeline.presets import PRESETS
 from tests.conftest import FIXTURES
 
 CURATED = dg.AssetKey("curated_pairs")
@@ -99,3 +101,20 @@ def test_builtin_template_and_trained_tokenizer_name_no_file(tmp_path, monkeypat
     defs = build_definitions(build_resources(tmp_path / "store"))
     assert named_files(defs, TOKENIZED, {"template": "chatml"}) == []
     assert named_files(defs, TOKENIZED, {}) == []
+
+
+def test_a_changed_recipe_changes_the_settings_of_what_names_it(defs, monkeypatch) -> None:
+    """A preset that sets something else under the same name (a new prefpack version):
+    curation naming it, and the sources whose resource names it, have other settings."""
+    run_config = _ops("curated_pairs", preset="helpsteer3-no-ties")
+    sources = build_definitions(
+        {**defs.resources, "sources": SourcesResource(presets={"helpsteer3": "helpsteer3-no-ties"})}
+    )
+    normalized = dg.AssetKey("normalized_pairs")
+    before = settings_version(defs, CURATED, run_config), settings_version(sources, normalized, {})
+    unrelated = settings_version(defs, CURATED, _ops("curated_pairs", preset="air"))
+    changed = dataclasses.replace(PRESETS["helpsteer3-no-ties"], curate={"drop_ties": False})
+    monkeypatch.setitem(PRESETS, "helpsteer3-no-ties", changed)
+    after = settings_version(defs, CURATED, run_config), settings_version(sources, normalized, {})
+    assert after[0] != before[0] and after[1] != before[1]
+    assert settings_version(defs, CURATED, _ops("curated_pairs", preset="air")) == unrelated
