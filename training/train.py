@@ -395,6 +395,7 @@ def setup(
         lr=config.lr,
         betas=config.adam_betas,
         weight_decay=config.weight_decay,
+        fused=device.type == "cuda",  # one kernel for every parameter's update (unrun here)
     )
     run = Run(
         config=config,
