@@ -510,12 +510,17 @@ def _initial_models(
 def _difficulty(args: argparse.Namespace) -> int:
     from pipeline.scores import write_scores
     from training.device import resolve_device
-    from training.difficulty import FOLDS_DIR, identity_of, score_difficulty, staged_directory
+    from training.difficulty import (
+        folds_directory,
+        identity_of,
+        score_difficulty,
+        staged_directory,
+    )
     from training.report import pipes_context
     from training.train import RunIdentity, check_config
 
     config = config_from(DifficultyConfig, args)
-    fold_config = config_from(TrainConfig, args, out_dir=args.out / FOLDS_DIR)
+    fold_config = config_from(TrainConfig, args, out_dir=args.out)  # folds: set below
     rank = _rank()
     with pipes_context() as pipes, _process_group(fold_config.device):
         _hint_fine_tuning_lr(args, fold_config.lr, pipes)
@@ -539,9 +544,10 @@ def _difficulty(args: argparse.Namespace) -> int:
             reference = _scoring_reference(
                 args, reader, model, fold_config, config.score_batch_rows
             )
+            folds = folds_directory(args.out, identity)
             with staged_directory(args.out) as tmp:
                 result = score_difficulty(
-                    dataclasses.replace(fold_config, out_dir=tmp / FOLDS_DIR),
+                    dataclasses.replace(fold_config, out_dir=folds),
                     config,
                     reader,
                     _initial_models(args, model, sharded, fold_config.precision),
@@ -550,9 +556,10 @@ def _difficulty(args: argparse.Namespace) -> int:
                     on_fold=lambda entry: log(_fold_line(entry, config.folds)),
                 )
                 if rank == 0:
-                    shutil.rmtree(tmp / FOLDS_DIR)
                     write_scores(tmp, result.scores, result.folds, identity)
                     log(_scores_line(result))
+            if rank == 0:  # the scores are in place: the fold runs are done with
+                shutil.rmtree(folds)
     if rank == 0 and pipes is None:  # under Pipes, the asset names the directory
         print(args.out)
     return 0

@@ -20,26 +20,32 @@ fold trains and is scored against the same reference as a run on all the shards.
 Under torchrun every rank runs the folds together (DDP or FSDP, as `train` does); rank 0
 writes (`pipeline.scores.write_scores`): `scores.parquet` (`data_contracts.difficulty_scores`,
 sorted by pair id) and `report.json` (inputs, settings, code versions, one entry per fold),
-the same bytes for the same inputs. The fold models are not kept.
+the same bytes for the same inputs. The fold runs live beside the output
+(`folds_directory`) until the scores are written: after a crash, a rerun with the same
+inputs and settings keeps the folds that finished and starts the interrupted one over.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.feather as feather
 import torch
 import torch.distributed as dist
 
 from data_contracts import difficulty_scores as contract
 from data_contracts.packed_row import PackedRow
 from pipeline.folds import assign_folds, pack_pairs, unpack_pairs
-from pipeline.io import atomic_directory
+from pipeline.io import atomic_directory, atomic_file
 from pipeline.shards import ShardReader, table_rows
 from training.device import resolve_backend, resolve_device
 from training.difficulty_config import DIFFICULTY_VERSION, DifficultyConfig
@@ -56,7 +62,7 @@ from training.report import summarize
 from training.train import RunIdentity, train
 from training.train_config import TRAINER_VERSION, TrainConfig
 
-FOLDS_DIR = "folds"  # the fold runs, under the output's temporary directory, then removed
+HELD_OUT_FILE = "held_out.arrow"  # a fold's scores, written once the fold is done
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +91,9 @@ def score_difficulty(
     """Train one model per fold on the other folds' pairs and score the fold with it.
 
     Args:
-        train_config: the fold models' training; fold f runs in `out_dir/fold-f`.
+        train_config: the fold models' training; fold f runs in `out_dir/fold-f`, and a
+            fold whose held-out scores are there already (written when it finished, before
+            a crash) is not run again; a fold without them starts over.
         config: folds, fold seed, scoring batch.
         reader: the packed shards.
         initial_model: a fresh initial policy (fp32) for each fold: a copy of one in
@@ -115,39 +123,50 @@ def score_difficulty(
         return table_rows(packed)
 
     tables, entries = [], []
+    rank = world_and_rank()[1]
     for fold in range(config.folds):
         held = folds == fold
         train_rows, held_rows = rows(~held), rows(held)
         out = train_config.out_dir / f"fold-{fold}"
-        fold_model = initial_model()
-        fold_config = dataclasses.replace(train_config, out_dir=out)
-        train(
-            fold_config,
-            train_rows,
-            reader.layout,
-            reader.block_size,
-            reader.max_len,
-            fold_model,
-            reference=reference,
-            identity=run_identity,
-        )
-        # The reference pass, run under the fold model: its log-probs of the held-out pairs.
-        policy = compute_reference_logps(
-            fold_model,
-            held_rows,
-            reader.layout,
-            block_size=reader.block_size,
-            backend=backend,
-            batch_rows=config.score_batch_rows,
-            device=device,
-            precision=train_config.precision,
-            progress=train_config.progress,
-            max_len=reader.max_len,
-        )
-        del fold_model
-        table = _fold_scores(policy, reference, loss_fn, fold)
+        if _rank0_says(lambda out=out: (out / HELD_OUT_FILE).is_file()):  # done before
+            table = feather.read_table(out / HELD_OUT_FILE)
+        else:
+            if rank == 0:  # a fold a crash interrupted starts over
+                shutil.rmtree(out, ignore_errors=True)
+            _barrier()
+            fold_model = initial_model()
+            fold_config = dataclasses.replace(train_config, out_dir=out)
+            train(
+                fold_config,
+                train_rows,
+                reader.layout,
+                reader.block_size,
+                reader.max_len,
+                fold_model,
+                reference=reference,
+                identity=run_identity,
+            )
+            # The reference pass, under the fold model: its log-probs of the held-out pairs.
+            policy = compute_reference_logps(
+                fold_model,
+                held_rows,
+                reader.layout,
+                block_size=reader.block_size,
+                backend=backend,
+                batch_rows=config.score_batch_rows,
+                device=device,
+                precision=train_config.precision,
+                progress=train_config.progress,
+                max_len=reader.max_len,
+            )
+            del fold_model
+            table = _fold_scores(policy, reference, loss_fn, fold)
+            if rank == 0:
+                with atomic_file(out / HELD_OUT_FILE) as tmp:
+                    feather.write_feather(table, tmp, compression="uncompressed")
+            _barrier()
         tables.append(table)
-        if world_and_rank()[1] == 0:  # rank 0 alone writes the fold run's metrics
+        if rank == 0:  # rank 0 alone writes the fold run's metrics
             entries.append(_fold_entry(fold, out, table, int((~held).sum()), len(train_rows)))
             if on_fold is not None:
                 on_fold(entries[-1])
@@ -237,6 +256,32 @@ def identity_of(
             "reference": REFERENCE_VERSION,
         },
     }
+
+
+def folds_directory(out: Path, identity: dict[str, Any]) -> Path:
+    """Where the fold runs of `out` with this identity live: beside it, named by a hash of
+    the identity, so that a rerun after a crash finds the folds it finished (and a run with
+    other inputs or settings never does). Rank 0 removes those of other identities."""
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    folds = out.parent / f".{out.name}.folds-{digest}"
+    if world_and_rank()[1] == 0:
+        for other in out.parent.glob(f".{out.name}.folds-*"):
+            if other != folds:
+                shutil.rmtree(other, ignore_errors=True)
+    return folds
+
+
+def _rank0_says(question: Callable[[], bool]) -> bool:
+    """Rank 0's answer, on every rank (one decision for a shared filesystem)."""
+    answer = [question() if world_and_rank()[1] == 0 else None]
+    if is_distributed():
+        dist.broadcast_object_list(answer, src=0)
+    return bool(answer[0])
+
+
+def _barrier() -> None:
+    if is_distributed():
+        dist.barrier()
 
 
 @contextlib.contextmanager

@@ -237,3 +237,31 @@ def test_fsdp_folds_load_the_model_sharded_and_score_as_one(scored, tiny_shards,
     fsdp, single = read_scores(tmp_path / "fsdp"), read_scores(scored["out"])
     assert fsdp["pair_id"].equals(single["pair_id"]) and fsdp["fold"].equals(single["fold"])
     np.testing.assert_allclose(fsdp["loss"].to_numpy(), single["loss"].to_numpy(), atol=1e-5)
+
+
+def test_a_rerun_after_a_crash_keeps_the_folds_that_finished(scored, tiny_shards, tmp_path) -> None:
+    """The run dies in fold 1's training: fold 0's run and held-out scores stay beside the
+    output; the rerun trains folds 1 and 2 only, writes the uninterrupted run's bytes and
+    removes the fold runs."""
+    out = tmp_path / "scores"
+    real_train = training.difficulty.train
+    calls: list[str] = []
+
+    def crashing_train(config, *args, **kwargs):
+        calls.append(config.out_dir.name)
+        if config.out_dir.name == "fold-1" and len(calls) == 2:
+            raise RuntimeError("killed")
+        return real_train(config, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training.difficulty, "train", crashing_train)
+        with pytest.raises(RuntimeError, match="killed"):
+            prefpack.main(_argv(tiny_shards, out))
+        (folds,) = tmp_path.glob(".scores.folds-*")
+        assert (folds / "fold-0" / "held_out.arrow").is_file()
+        assert not (out / "scores.parquet").exists()
+        assert prefpack.main(_argv(tiny_shards, out)) == 0
+    assert calls == ["fold-0", "fold-1", "fold-1", "fold-2"]
+    for name in ("scores.parquet", "report.json"):
+        assert (out / name).read_bytes() == (scored["out"] / name).read_bytes(), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores"]
