@@ -418,7 +418,10 @@ def setup(
         start=0,
         own_process_group=own_process_group,
     )
-    run.start = 0 if checkpoint is None else _resume(run, checkpoint)
+    if checkpoint is not None:
+        run.start = _resume(run, checkpoint)
+    elif rank == 0:  # from step 0: lines of a run that died before its first checkpoint go
+        (config.out_dir / METRICS_NAME).unlink(missing_ok=True)
     return run
 
 

@@ -124,6 +124,18 @@ def test_loss_is_normalised_by_pairs_in_the_global_step(tmp_path: Path) -> None:
             torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-5)
 
 
+def test_a_run_from_step_0_starts_its_metrics_over(tmp_path: Path) -> None:
+    """A run that died before its first checkpoint left metrics lines: the next run in that
+    directory starts from step 0, so it writes its own lines only."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 9.0}\n')
+    _run(out, varied_rows(0, "shared"), steps=2)
+    metrics = _metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert 9.0 not in [m["loss"] for m in metrics]
+
+
 def test_resume_continues_exactly(tmp_path: Path) -> None:
     """Run A: 4 steps uninterrupted. Run B: the same with checkpoints every 2 steps, then
     its last checkpoint and export are deleted (a crash after step 2) and it is resumed
