@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 
 from pipeline.io import atomic_directory
 from training.model import CausalLM, Family, ModelConfig, RopeScaling
@@ -462,6 +463,8 @@ def fingerprint_of(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tenso
     `tensors` (consumed one at a time: a sharded load hashes them as it reads them)."""
     h = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
     for key, tensor in tensors:
+        if isinstance(tensor, DTensor):  # sharded: gathered (a collective, on every rank)
+            tensor = tensor.full_tensor()
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy())

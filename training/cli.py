@@ -540,6 +540,8 @@ def _difficulty(args: argparse.Namespace) -> int:
         if _same_scores(args.out, identity, log if rank == 0 else None):
             if rank == 0:
                 log(f"reused {args.out}: the same shards, model, reference and settings")
+                # fold runs a crash left after the scores were in place
+                shutil.rmtree(folds_directory(args.out, identity), ignore_errors=True)
         else:
             reference = _scoring_reference(
                 args, reader, model, fold_config, config.score_batch_rows

@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -265,8 +266,9 @@ def folds_directory(out: Path, identity: dict[str, Any]) -> Path:
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     folds = out.parent / f".{out.name}.folds-{digest}"
     if world_and_rank()[1] == 0:
+        named = re.compile(rf"\.{re.escape(out.name)}\.folds-[0-9a-f]{{16}}")
         for other in out.parent.glob(f".{out.name}.folds-*"):
-            if other != folds:
+            if other != folds and named.fullmatch(other.name):
                 shutil.rmtree(other, ignore_errors=True)
     return folds
 

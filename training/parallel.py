@@ -141,6 +141,9 @@ def fill_weights(model: CausalLM, folder: Path, fingerprint: bool = False) -> st
         As `training.checkpoint.stream_weights`.
     """
     targets = model.state_dict()
+    # Writes into a shard's local tensor leave the DTensor's version as it was: a cached
+    # fingerprint cannot tell, so it goes (`load_sharded` keeps the one hashed here).
+    model.__dict__.pop("_fingerprint", None)
 
     def filling() -> Iterator[tuple[str, Tensor]]:
         for key, whole in stream_weights(folder, model):

@@ -338,6 +338,11 @@ def setup(
     policy and reference, build the optimizer, and resume. Arguments as for `train`."""
     ref_model = reference if isinstance(reference, nn.Module) else None
     if ref_model is not None:  # a live reference, given (a sharded policy is not copied)
+        if model_fingerprint(ref_model) != model_fingerprint(model):
+            raise ValueError(
+                "the reference model given is not the initial policy (other weights); the "
+                "live reference must be the policy's starting point"
+            )
         reference = None
     elif reference is None and is_sharded(model):
         raise ValueError(

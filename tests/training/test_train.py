@@ -136,6 +136,23 @@ def test_a_run_from_step_0_starts_its_metrics_over(tmp_path: Path) -> None:
     assert 9.0 not in [m["loss"] for m in metrics]
 
 
+def test_a_given_reference_model_must_be_the_initial_policy(tmp_path: Path) -> None:
+    """The frozen reference may be passed in (a sharded policy is not copied), but only
+    one with the policy's weights: another model is refused before step 1; the policy's
+    own starting weights train as the copied reference does."""
+    rows = varied_rows(0, "shared")
+
+    def run(out: str, reference: CausalLM | None) -> list[float]:
+        config = _config(tmp_path / out, steps=2)
+        train(config, rows, "shared", 16, 512, _model(), reference=reference)
+        return _losses(tmp_path / out)
+
+    with pytest.raises(ValueError, match="not the initial policy"):
+        run("other", _model(seed=1))
+    assert not (tmp_path / "other").exists()
+    assert run("given", _model()) == run("copied", None)
+
+
 def test_resume_continues_exactly(tmp_path: Path) -> None:
     """Run A: 4 steps uninterrupted. Run B: the same with checkpoints every 2 steps, then
     its last checkpoint and export are deleted (a crash after step 2) and it is resumed
