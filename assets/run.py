@@ -45,7 +45,7 @@ def materialize_all(
             partition_key=partition,
             instance=instance,
             run_config=QUIET,
-            tags=staleness.settings_tags(defs, source_keys, config),
+            tags=staleness.settings_tags(defs, source_keys, config, partition),
         )
         for partition in staleness.stale_partitions(defs, instance, config)
     ]

@@ -39,6 +39,7 @@ from assets.configs import CurationConfig, TokenizationConfig
 from assets.jobs import SOURCE_ASSETS, STAGE_ASSETS
 from assets.keys import model_fingerprint
 from assets.partitions import source_partitions
+from assets.resources import SourcesResource
 from assets.sources import fingerprint
 from pipeline import ingest
 from pipeline.presets import PRESETS, Preset, get_preset
@@ -78,34 +79,48 @@ def observe_model(defs: dg.Definitions, instance: dg.DagsterInstance) -> bool:
     return True
 
 
-def settings_version(defs: dg.Definitions, key: dg.AssetKey, run_config: Mapping[str, Any]) -> str:
-    """A hash of what `key` is configured with besides its inputs: its op config in
-    `run_config`, the config of every resource it uses and the content of every file
-    those name (None for one that is not there: the asset then names it)."""
+def settings_version(
+    defs: dg.Definitions,
+    key: dg.AssetKey,
+    run_config: Mapping[str, Any],
+    partition: str | None = None,
+) -> str:
+    """A hash of what `key` (one `partition` of it) is configured with besides its inputs:
+    its op config in `run_config`, the config of every resource it uses (of the sources
+    resource, only what it says of `partition`), and the content of every file and preset
+    those name (None for a file that is not there: the asset then names it)."""
     required = defs.resolve_assets_def(key).required_resource_keys
-    resources = {name: _resource_config(defs.resources[name]) for name in sorted(required)}
+    resources = {
+        name: _resource_config(defs.resources[name], partition) for name in sorted(required)
+    }
     op_config = run_config.get("ops", {}).get(key.path[-1], {})
     files = {
         str(path): sha256_file(path) if path.is_file() else None
         for path in named_files(defs, key, op_config.get("config", {}))
     }
+    presets = named_presets(defs, key, op_config.get("config", {}), partition)
     recipes = {
         name: {"options": preset.options, "curate": preset.curate, "thresholds": preset.thresholds}
-        for name, preset in named_presets(defs, key, op_config.get("config", {})).items()
+        for name, preset in presets.items()
     }
     payload = json.dumps([op_config, resources, files, recipes], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def named_presets(
-    defs: dg.Definitions, key: dg.AssetKey, op_config: Mapping[str, Any]
+    defs: dg.Definitions,
+    key: dg.AssetKey,
+    op_config: Mapping[str, Any],
+    partition: str | None = None,
 ) -> dict[str, Preset]:
-    """The presets `key`'s settings name, by name: what a preset sets is part of the
-    settings, so a recipe changed in a new version of prefpack reruns what used it."""
+    """The presets `key`'s settings name (for one source `partition`), by name: what a
+    preset sets is part of the settings, so a recipe changed in a new version of prefpack
+    reruns what used it."""
     if key.path[-1] == "curated_pairs":
         names = {CurationConfig(**op_config).preset}
     elif key.path[-1] in SOURCE_ASSETS:
-        names = set(defs.resources["sources"].presets.values())
+        presets = defs.resources["sources"].presets
+        names = set(presets.values()) if partition is None else {presets.get(partition)}
     else:
         names = set()
     return {name: get_preset(name) for name in sorted(names - {None}) if name in PRESETS}
@@ -132,19 +147,28 @@ def named_files(defs: dg.Definitions, key: dg.AssetKey, op_config: Mapping[str, 
     return []
 
 
-def _resource_config(resource: object) -> object:
-    """A resource's config; the class name of one without config (the Pipes client)."""
+def _resource_config(resource: object, partition: str | None = None) -> object:
+    """A resource's config (of the sources resource, what it says of `partition` alone
+    when one is given: another source's settings do not change this one); the class name
+    of a resource without config (the Pipes client)."""
+    if isinstance(resource, SourcesResource) and partition is not None:
+        fields = ("inputs", "options", "presets")
+        return {name: getattr(resource, name).get(partition) for name in fields}
     if isinstance(resource, dg.Config):
         return resource.model_dump()
     return type(resource).__name__
 
 
 def settings_tags(
-    defs: dg.Definitions, keys: list[dg.AssetKey], run_config: Mapping[str, Any]
+    defs: dg.Definitions,
+    keys: list[dg.AssetKey],
+    run_config: Mapping[str, Any],
+    partition: str | None = None,
 ) -> dict[str, str]:
-    """The run tags that record the settings of each asset the run materializes."""
+    """The run tags that record the settings of each asset the run materializes (of
+    `partition`, for a run of one source)."""
     return {
-        SETTINGS_TAG.format(asset=key.path[-1]): settings_version(defs, key, run_config)
+        SETTINGS_TAG.format(asset=key.path[-1]): settings_version(defs, key, run_config, partition)
         for key in keys
     }
 
@@ -171,7 +195,9 @@ def _same_settings(
     record = latest_materialization(instance, key, partition)
     run = instance.get_run_by_id(record.run_id) if record else None
     tag = SETTINGS_TAG.format(asset=key.path[-1])
-    return run is not None and run.tags.get(tag) == settings_version(defs, key, run_config)
+    return run is not None and run.tags.get(tag) == settings_version(
+        defs, key, run_config, partition
+    )
 
 
 def _input_changed(defs: dg.Definitions, instance: dg.DagsterInstance, partition: str) -> bool:

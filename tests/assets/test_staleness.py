@@ -118,3 +118,23 @@ def test_a_changed_recipe_changes_the_settings_of_what_names_it(defs, monkeypatc
     after = settings_version(defs, CURATED, run_config), settings_version(sources, normalized, {})
     assert after[0] != before[0] and after[1] != before[1]
     assert settings_version(defs, CURATED, _ops("curated_pairs", preset="air")) == unrelated
+
+
+def test_a_source_partition_s_settings_are_what_the_resource_says_of_it(defs) -> None:
+    """Another source's options, input or preset do not change this source's settings."""
+    normalized = dg.AssetKey("normalized_pairs")
+
+    def version(partition: str, **resource: dict) -> str:
+        sources = build_definitions({**defs.resources, "sources": SourcesResource(**resource)})
+        return settings_version(sources, normalized, {}, partition)
+
+    base = {"options": {"ultrafeedback": {"rejected": "random"}}}
+    other = {"options": {"ultrafeedback": {"rejected": "random"}, "helpsteer3": {"x": 1}}}
+    assert version("ultrafeedback", **base) == version("ultrafeedback", **other)
+    assert version("helpsteer3", **base) != version("helpsteer3", **other)
+    assert version("ultrafeedback", **base) != version(
+        "ultrafeedback", options={"ultrafeedback": {"rejected": "worst"}}
+    )
+    preset = {"presets": {"helpsteer3": "helpsteer3-no-ties"}}
+    assert version("ultrafeedback") == version("ultrafeedback", **preset)
+    assert version("helpsteer3") != version("helpsteer3", **preset)
