@@ -93,7 +93,9 @@ class TrainConfig:
         False, "torch.compile the decoder blocks (attention runs its own kernel)"
     )
     parallel: Parallel = setting(
-        "ddp", "under torchrun: ddp (replicated parameters) or fsdp (FSDP2, sharded per block)"
+        "ddp",
+        "under torchrun: ddp (replicated parameters) or fsdp (FSDP2, sharded per block; "
+        "--model is then read sharded, one tensor at a time, never whole)",
     )
     device: str = setting(
         "auto", "auto, cpu, cuda or cuda:N; auto: CUDA (LOCAL_RANK) when present, else CPU"
