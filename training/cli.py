@@ -255,10 +255,13 @@ def _process_group(device_name: str) -> Iterator[None]:
 def _loads_sharded(args: argparse.Namespace) -> bool:
     """Whether --model is loaded already sharded (`training.parallel.load_sharded`): under
     FSDP with several processes, so that no process holds the whole model (in `train`, a
-    live reference is then loaded sharded too)."""
+    live reference is then loaded sharded too). Not with --compile: blocks are compiled
+    before they are sharded (FSDP's hooks stay outside the compiled code), so that run
+    loads the model whole first."""
     from training.parallel import world_and_rank
 
-    return args.model is not None and args.parallel == "fsdp" and world_and_rank()[0] > 1
+    sharded = args.model is not None and args.parallel == "fsdp" and world_and_rank()[0] > 1
+    return sharded and not getattr(args, "compile", False)
 
 
 def _open_inputs(

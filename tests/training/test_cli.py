@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -613,3 +614,22 @@ def test_fsdp_logps_loads_sharded_and_equals_one_process(
     assert two["pair_id"].to_pylist() == one["pair_id"].to_pylist()
     for column in ("chosen_logps", "rejected_logps"):
         np.testing.assert_allclose(two[column].to_numpy(), one[column].to_numpy(), rtol=1e-6)
+
+
+def test_which_runs_load_the_model_sharded(monkeypatch) -> None:
+    """Several processes, FSDP and a checkpoint folder: sharded; one process, DDP, a named
+    config or --compile (blocks compile before they are sharded): whole."""
+    from training.cli import _loads_sharded
+
+    def args(**changes) -> argparse.Namespace:
+        return argparse.Namespace(
+            **{"model": Path("m"), "parallel": "fsdp", "compile": False, **changes}
+        )
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _loads_sharded(args())
+    assert not _loads_sharded(args(parallel="ddp"))
+    assert not _loads_sharded(args(model=None))
+    assert not _loads_sharded(args(compile=True))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not _loads_sharded(args())
