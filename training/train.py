@@ -57,7 +57,7 @@ from data_contracts.packed_row import LAYOUTS, Layout, PackedRow
 from pipeline.io import atomic_directory
 from pipeline.progress import progress
 from training.attention import FLAT_BACKENDS
-from training.batch import Batch, check_rows, collate
+from training.batch import Batch, agree, check_rows, collate
 from training.checkpoint import (
     model_fingerprint,
     save_pretrained,
@@ -362,7 +362,7 @@ def setup(
     rows_per_step = config.batch_rows * config.grad_accum * world
     inputs = _inputs(identity or RunIdentity(), model, reference)
     record = _run_record(config, layout, len(rows), block_size, rows_per_step, inputs)
-    checkpoint = _checkpoint_to_resume(config.out_dir, record)
+    checkpoint = _agreed_checkpoint(config.out_dir, record, rank)
     mc = model.config
     check_rows(rows, max_len, mc.vocab_size, mc.sliding_window)
     if isinstance(reference, ReferenceLogps):
@@ -500,6 +500,25 @@ def _checkpoint_to_resume(out_dir: Path, record: dict[str, Any]) -> Path | None:
             + "; use another --out to start a new run"
         )
     return ckpt
+
+
+def _agreed_checkpoint(out_dir: Path, record: dict[str, Any], rank: int) -> Path | None:
+    """`_checkpoint_to_resume` as rank 0 sees it, on every rank: the ranks of a job on a
+    shared filesystem resume from one checkpoint (or refuse alike), whatever each one's
+    directory listing shows at that moment."""
+    found: Path | None = None
+    problem = None
+    if rank == 0:
+        try:
+            found = _checkpoint_to_resume(out_dir, record)
+        except ValueError as err:
+            problem = str(err)
+    agree(problem)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return found
+    box = [None if found is None else str(found)]
+    dist.broadcast_object_list(box, src=0)
+    return None if box[0] is None else Path(box[0])
 
 
 def _as_json(value: object) -> str:
