@@ -121,7 +121,8 @@ class DifficultyScoresConfig(
         TrainConfig,
         "FoldTrainingConfig",
         # precision and device: the `compute` resource's; the fold models are not kept
-        exclude=("out_dir", "progress", "precision", "device", "checkpoint_every", "export_dtype"),
+        # (checkpoint_every is: a fold a crash interrupted resumes from its latest checkpoint)
+        exclude=("out_dir", "progress", "precision", "device", "export_dtype"),
     ),
 ):
     """The k-fold split, the scoring pass, and how each fold model trains (`prefpack

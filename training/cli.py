@@ -68,8 +68,9 @@ TRAIN_FLAG_GROUPS: dict[str, tuple[str, ...]] = {
 FINE_TUNING_LR = 1e-5
 # The TrainConfig fields that `prefpack logps` takes as flags too.
 LOGPS_FIELDS = ("backend", "precision", "device", "parallel", "logits_chunk", "progress")
-# The fold models of `prefpack difficulty` are not kept: no checkpoints, no export dtype.
-DIFFICULTY_TRAIN_FIELDS = ("checkpoint_every", "export_dtype")
+# The fold models of `prefpack difficulty` are not kept: no export dtype. (Checkpoints are:
+# a fold a crash interrupted resumes from its latest one.)
+DIFFICULTY_TRAIN_FIELDS = ("export_dtype",)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:

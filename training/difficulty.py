@@ -94,7 +94,8 @@ def score_difficulty(
     Args:
         train_config: the fold models' training; fold f runs in `out_dir/fold-f`, and a
             fold whose held-out scores are there already (written when it finished, before
-            a crash) is not run again; a fold without them starts over.
+            a crash) is not run again; one without them resumes from its latest
+            checkpoint, if it saved one, or starts over.
         config: folds, fold seed, scoring batch.
         reader: the packed shards.
         initial_model: a fresh initial policy (fp32) for each fold: a copy of one in
@@ -132,8 +133,11 @@ def score_difficulty(
         if _rank0_says(lambda out=out: (out / HELD_OUT_FILE).is_file()):  # done before
             table = feather.read_table(out / HELD_OUT_FILE)
         else:
-            if rank == 0:  # a fold a crash interrupted starts over
-                shutil.rmtree(out, ignore_errors=True)
+            # A fold a crash interrupted resumes from its latest checkpoint (when
+            # --checkpoint-every saved one; `train` checks it is this very run) or starts
+            # over; one that finished training but not scoring starts over.
+            if rank == 0 and (out / "final").exists():
+                shutil.rmtree(out)
             _barrier()
             fold_model = initial_model()
             fold_config = dataclasses.replace(train_config, out_dir=out)

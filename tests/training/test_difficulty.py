@@ -22,6 +22,7 @@ import torch
 
 import prefpack
 import training.difficulty
+import training.train
 from pipeline.scores import read_report, read_scores
 from pipeline.shards import open_shards
 from tests.conftest import assert_one_error_line
@@ -265,3 +266,31 @@ def test_a_rerun_after_a_crash_keeps_the_folds_that_finished(scored, tiny_shards
     for name in ("scores.parquet", "report.json"):
         assert (out / name).read_bytes() == (scored["out"] / name).read_bytes(), name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scores"]
+
+
+def test_a_fold_interrupted_mid_training_resumes_from_its_checkpoint(
+    scored, tiny_shards, tmp_path
+) -> None:
+    """With --checkpoint-every 1, a crash in fold 1's second step: the rerun resumes fold 1
+    at step 2 (one step, not two) and gives the uninterrupted run's scores."""
+    out = tmp_path / "scores"
+    real_step = training.train.train_step
+    steps: list[int] = []
+
+    def crashing_step(run, step):
+        steps.append(step)
+        if len(steps) == 4:  # fold 0: steps 0, 1; fold 1: step 0, then this one
+            raise RuntimeError("killed")
+        return real_step(run, step)
+
+    argv = _argv(tiny_shards, out, "--checkpoint-every", "1")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training.train, "train_step", crashing_step)
+        with pytest.raises(RuntimeError, match="killed"):
+            prefpack.main(argv)
+        steps.clear()
+        assert prefpack.main(argv) == 0
+    assert steps == [1, 0, 1]  # fold 1 from its checkpoint at step 1, then fold 2
+    single, resumed = read_scores(scored["out"]), read_scores(out)
+    assert resumed["pair_id"].equals(single["pair_id"])
+    np.testing.assert_allclose(resumed["loss"].to_numpy(), single["loss"].to_numpy(), rtol=1e-6)
