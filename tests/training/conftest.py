@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline.pack import PackConfig, build_shards
+from pipeline.shards import open_shards
 from pipeline.tokenized import TokenizeConfig, build_tokenized
 from tests.pipeline.factories import random_pairs, write_pairs
+from training.checkpoint import save_pretrained
+from training.configs import tiny
+from training.model import CausalLM
 
 TINY_SHARD_PAIRS = 48
 
@@ -31,3 +36,17 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenized = build_tokenized(pairs, None, TokenizeConfig(bpe_vocab_size=320), store)
     config = PackConfig(max_len=256, mask_block_size=32, min_response_len=8)
     return build_shards(tokenized.directory, config, store).directory
+
+
+def tiny_checkpoint(shards: Path, folder: Path, seed: int = 0) -> Path:
+    """The model `--config tiny --init-seed SEED` starts from on `shards`, saved as a
+    Hugging Face folder (what `--model` reads)."""
+    vocab = int(open_shards(shards).manifest["tokenizer"]["vocab_size"])
+    torch.manual_seed(seed)
+    return save_pretrained(CausalLM(dataclasses.replace(tiny(), vocab_size=vocab)), folder)
+
+
+def with_model(argv: list[str], folder: Path) -> list[str]:
+    """`argv` with `--config tiny` replaced by `--model FOLDER`."""
+    at = argv.index("--config")
+    return [*argv[:at], "--model", str(folder), *argv[at + 2 :]]

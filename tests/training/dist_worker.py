@@ -51,12 +51,26 @@ REFERENCE_BATCH_ROWS = 5
 REPO = Path(__file__).resolve().parents[2]
 
 
-def torchrun_workers(*args: str) -> None:
-    """Run this file in two gloo processes (one intra-op thread each) with `args`."""
+def _torchrun(*target: str) -> subprocess.CompletedProcess[str]:
+    """`torchrun TARGET` in two gloo processes (one intra-op thread each)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node", "2", __file__, *args]
-    subprocess.run(command, check=True, cwd=REPO, env=env, timeout=300)
+    command += ["--nproc_per_node", "2", *target]
+    return subprocess.run(command, cwd=REPO, env=env, timeout=300, capture_output=True, text=True)
+
+
+def torchrun_workers(*args: str) -> None:
+    """Run this file in two gloo processes with `args`."""
+    done = _torchrun(__file__, *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def torchrun_prefpack(*argv: str) -> str:
+    """`torchrun -m prefpack ARGV` in two gloo processes; its stderr (the test fails with
+    the end of it when the command fails)."""
+    done = _torchrun("-m", "prefpack", *argv)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
 
 
 def worker_config(out_dir: Path, batch_rows: int, **changes: object) -> TrainConfig:

@@ -22,7 +22,8 @@ import torch
 import prefpack
 from pipeline.shards import ShardError, open_shards
 from tests.conftest import assert_one_error_line
-from tests.training.conftest import TINY_SHARD_PAIRS
+from tests.training.conftest import TINY_SHARD_PAIRS, tiny_checkpoint, with_model
+from tests.training.dist_worker import torchrun_prefpack
 from training.checkpoint import load_pretrained, model_fingerprint, save_pretrained
 from training.cli import TRAIN_FLAG_GROUPS, train_config
 from training.configs import tiny
@@ -515,18 +516,9 @@ def test_torchrun_two_processes_share_the_reference_cache(
 ) -> None:
     """`torchrun -m prefpack train` with 2 gloo processes x 1 row: rank 0 computes the cached
     reference log-probs, both read them, and the losses equal one process x 2 rows."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     argv = _train_argv(tiny_shards, tmp_path / "ddp", "--reference-cache", str(tmp_path / "cache"))
     argv[argv.index("--batch-rows") + 1] = "1"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    subprocess.run(
-        [*torchrun, "-m", "prefpack", *argv],
-        check=True,
-        cwd=REPO,
-        env=env,
-        timeout=300,
-        capture_output=True,
-    )
+    torchrun_prefpack(*argv)
     assert prefpack.main(_train_argv(tiny_shards, tmp_path / "single")) == 0
     assert len(list((tmp_path / "cache").iterdir())) == 1
     np.testing.assert_allclose(_losses(tmp_path / "ddp"), _losses(tmp_path / "single"), rtol=1e-5)
@@ -544,33 +536,18 @@ def test_fsdp_loads_a_checkpoint_sharded_and_trains_as_one_process(
     cache file serves both runs. (The reference pass on the FSDP policy also leaves its
     root resharded: before, its gathered parameters outlived the pass and the training
     steps went wrong.)"""
-    vocab = int(open_shards(tiny_shards).manifest["tokenizer"]["vocab_size"])
-    torch.manual_seed(0)
-    folder = save_pretrained(
-        CausalLM(dataclasses.replace(tiny(), vocab_size=vocab)), tmp_path / "start"
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    folder = tiny_checkpoint(tiny_shards, tmp_path / "start")
     cache = ["--reference-cache", str(tmp_path / "c")] if reference == "cache" else []
 
     def argv(out: str, rows: str) -> list[str]:
-        args = _train_argv(tiny_shards, tmp_path / out, *cache)
-        args[args.index("--config") : args.index("--config") + 2] = ["--model", str(folder)]
+        args = with_model(_train_argv(tiny_shards, tmp_path / out, *cache), folder)
         args[args.index("--batch-rows") + 1] = rows
         return args
 
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    done = subprocess.run(
-        [*torchrun, "-m", "prefpack", *argv("fsdp", "1"), "--parallel", "fsdp"],
-        cwd=REPO,
-        env=env,
-        timeout=300,
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    stderr = torchrun_prefpack(*argv("fsdp", "1"), "--parallel", "fsdp")
     assert prefpack.main(argv("single", "2")) == 0
     if reference == "cache":  # reused by the single process: the same model fingerprint
-        assert "reference log-probs: computing" in done.stderr
+        assert "reference log-probs: computing" in stderr
         assert len(list((tmp_path / "c").iterdir())) == 1
     np.testing.assert_allclose(_losses(tmp_path / "fsdp"), _losses(tmp_path / "single"), rtol=1e-5)
     two = load_pretrained(tmp_path / "fsdp" / "final").state_dict()
@@ -585,28 +562,12 @@ def test_fsdp_logps_loads_sharded_and_equals_one_process(
 ) -> None:
     """`torchrun -m prefpack logps --model F --parallel fsdp`: each rank reads its half of
     every tensor, and the file is one process's (same key: reused; same numbers)."""
-    vocab = int(open_shards(tiny_shards).manifest["tokenizer"]["vocab_size"])
-    torch.manual_seed(1)
-    folder = save_pretrained(
-        CausalLM(dataclasses.replace(tiny(), vocab_size=vocab)), tmp_path / "model"
-    )
+    folder = tiny_checkpoint(tiny_shards, tmp_path / "model", seed=1)
 
     def argv(out: str) -> list[str]:
-        args = _logps_argv(tiny_shards, tmp_path / out)
-        args[args.index("--config") : args.index("--config") + 2] = ["--model", str(folder)]
-        return args
+        return with_model(_logps_argv(tiny_shards, tmp_path / out), folder)
 
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    done = subprocess.run(
-        [*torchrun, "-m", "prefpack", *argv("two.arrow"), "--parallel", "fsdp"],
-        cwd=REPO,
-        env=env,
-        timeout=300,
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun_prefpack(*argv("two.arrow"), "--parallel", "fsdp")
     assert prefpack.main(argv("two.arrow")) == 0
     assert "reused" in capsys.readouterr().err  # the one process's key
     assert prefpack.main(argv("one.arrow")) == 0

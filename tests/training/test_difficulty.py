@@ -8,11 +8,7 @@ across runs, and reused by content.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +22,11 @@ import training.train
 from pipeline.scores import read_report, read_scores
 from pipeline.shards import open_shards
 from tests.conftest import assert_one_error_line
-from tests.training.conftest import TINY_SHARD_PAIRS
-from training.checkpoint import save_pretrained
-from training.configs import tiny
-from training.model import CausalLM
+from tests.training.conftest import TINY_SHARD_PAIRS, tiny_checkpoint, with_model
+from tests.training.dist_worker import torchrun_prefpack
 from training.reference import read_reference_logps
 
 FOLDS = 3
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _argv(shards: Path, out: Path, *extra: str) -> list[str]:
@@ -192,18 +185,9 @@ def test_torchrun_two_processes_score_as_one(scored, tiny_shards, tmp_path) -> N
     """`torchrun -m prefpack difficulty` with 2 gloo processes x 1 row per micro-batch: the
     same global batch as one process x 2 rows, so the same scores (to float rounding), and
     rank 0 alone writes them."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     argv = _argv(tiny_shards, tmp_path / "ddp")
     argv[argv.index("--batch-rows") + 1] = "1"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    subprocess.run(
-        [*torchrun, "-m", "prefpack", *argv],
-        check=True,
-        cwd=REPO,
-        env=env,
-        timeout=300,
-        capture_output=True,
-    )
+    torchrun_prefpack(*argv)
     ddp, single = read_scores(tmp_path / "ddp"), read_scores(scored["out"])
     assert ddp["pair_id"].equals(single["pair_id"]) and ddp["fold"].equals(single["fold"])
     np.testing.assert_allclose(ddp["loss"].to_numpy(), single["loss"].to_numpy(), atol=1e-5)
@@ -216,25 +200,10 @@ def test_fsdp_folds_load_the_model_sharded_and_score_as_one(scored, tiny_shards,
     """`torchrun -m prefpack difficulty --model F --parallel fsdp`: every fold model is
     loaded sharded from F (none is a copy of a whole model), and the scores equal one
     process's with the same initial weights (`--config tiny`, init seed 0, saved as F)."""
-    vocab = int(open_shards(tiny_shards).manifest["tokenizer"]["vocab_size"])
-    torch.manual_seed(0)
-    folder = save_pretrained(
-        CausalLM(dataclasses.replace(tiny(), vocab_size=vocab)), tmp_path / "model"
-    )
-    argv = _argv(tiny_shards, tmp_path / "fsdp", "--parallel", "fsdp")
-    argv[argv.index("--config") : argv.index("--config") + 2] = ["--model", str(folder)]
+    folder = tiny_checkpoint(tiny_shards, tmp_path / "model")
+    argv = with_model(_argv(tiny_shards, tmp_path / "fsdp", "--parallel", "fsdp"), folder)
     argv[argv.index("--batch-rows") + 1] = "1"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    done = subprocess.run(
-        [*torchrun, "-m", "prefpack", *argv],
-        cwd=REPO,
-        env=env,
-        timeout=300,
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun_prefpack(*argv)
     fsdp, single = read_scores(tmp_path / "fsdp"), read_scores(scored["out"])
     assert fsdp["pair_id"].equals(single["pair_id"]) and fsdp["fold"].equals(single["fold"])
     np.testing.assert_allclose(fsdp["loss"].to_numpy(), single["loss"].to_numpy(), atol=1e-5)
