@@ -403,13 +403,13 @@ def write_pretrained(
             a sharded model passes them gathered one at a time
             (`training.parallel.full_tensors`).
     """
-    shapes = {key: tuple(t.shape) for key, t in model.state_dict().items()}
-    dtype = dtype or next(iter(model.state_dict().values())).dtype
+    state = model.state_dict()  # shapes and order (values too, unless `tensors` are given)
+    dtype = dtype or next(iter(state.values())).dtype
     element = torch.empty((), dtype=dtype).element_size()
     plan: list[list[str]] = [[]]
     size = total = 0
-    for key, shape in shapes.items():
-        nbytes = math.prod(shape) * element
+    for key, tensor in state.items():
+        nbytes = math.prod(tensor.shape) * element
         if plan[-1] and size + nbytes > max_shard_bytes:
             plan.append([])
             size = 0
@@ -423,7 +423,7 @@ def write_pretrained(
         if len(plan) == 1
         else [f"model-{i:05d}-of-{len(plan):05d}.safetensors" for i in range(1, len(plan) + 1)]
     )
-    stream = iter(model.state_dict().items() if tensors is None else tensors)
+    stream = iter(state.items() if tensors is None else tensors)
     for keys, name in zip(plan, names, strict=True):
         shard = {}
         for want in keys:

@@ -52,7 +52,7 @@ from training.device import resolve_backend, resolve_device
 from training.difficulty_config import DIFFICULTY_VERSION, DifficultyConfig
 from training.losses import PairLogps, build_loss
 from training.model import CausalLM
-from training.parallel import is_distributed, world_and_rank
+from training.parallel import from_rank0, is_distributed, world_and_rank
 from training.reference import (
     REFERENCE_VERSION,
     ReferenceKey,
@@ -130,7 +130,7 @@ def score_difficulty(
         held = folds == fold
         train_rows, held_rows = rows(~held), rows(held)
         out = train_config.out_dir / f"fold-{fold}"
-        if _rank0_says(lambda out=out: (out / HELD_OUT_FILE).is_file()):  # done before
+        if from_rank0((out / HELD_OUT_FILE).is_file):  # done before a crash
             table = feather.read_table(out / HELD_OUT_FILE)
         else:
             # A fold a crash interrupted resumes from its latest checkpoint (when
@@ -275,14 +275,6 @@ def folds_directory(out: Path, identity: dict[str, Any]) -> Path:
             if other != folds and named.fullmatch(other.name):
                 shutil.rmtree(other, ignore_errors=True)
     return folds
-
-
-def _rank0_says(question: Callable[[], bool]) -> bool:
-    """Rank 0's answer, on every rank (one decision for a shared filesystem)."""
-    answer = [question() if world_and_rank()[1] == 0 else None]
-    if is_distributed():
-        dist.broadcast_object_list(answer, src=0)
-    return bool(answer[0])
 
 
 def _barrier() -> None:

@@ -17,12 +17,13 @@ the train loop reads the same for both.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import get_args
+from typing import TypeVar, get_args
 
 import torch
 import torch.distributed as dist
@@ -47,6 +48,7 @@ from training.model import CausalLM
 from training.train_config import Parallel, Precision
 
 PARALLELS: tuple[Parallel, ...] = get_args(Parallel)
+T = TypeVar("T")
 
 
 def world_and_rank() -> tuple[int, int]:
@@ -56,6 +58,16 @@ def world_and_rank() -> tuple[int, int]:
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def from_rank0(compute: Callable[[], T]) -> T:
+    """Rank 0's `compute()`, on every rank (one decision: on a shared filesystem each
+    rank's own look could differ); the other ranks do not call it."""
+    if not is_distributed():
+        return compute()
+    box = [compute() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -157,8 +169,7 @@ def fill_weights(model: CausalLM, folder: Path, fingerprint: bool = False) -> st
     with torch.no_grad():
         if fingerprint:
             return fingerprint_of(model.config, filling())
-        for _ in filling():
-            pass
+        collections.deque(filling(), maxlen=0)
     return None
 
 
@@ -203,10 +214,22 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
 
 def full_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """Every weight, whole, one at a time in state dict order: a sharded one gathered when
-    its turn comes (a collective: every rank must consume the whole iterator, rank 0 to
-    write, the others to take part), so no process ever holds more than one of them."""
+    its turn comes, so no process ever holds more than one of them (a collective: every
+    rank must consume the whole iterator; see `write_full_weights`)."""
     for key, tensor in model.state_dict().items():
         yield key, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def write_full_weights(
+    model: nn.Module, rank: int, write: Callable[[Iterator[tuple[str, Tensor]]], object]
+) -> None:
+    """Rank 0 calls `write` with `full_tensors(model)`; the other ranks take part in each
+    tensor's gather. A collective: every rank calls it."""
+    weights = full_tensors(model)
+    if rank == 0:
+        write(weights)
+    else:
+        collections.deque(weights, maxlen=0)
 
 
 @contextlib.contextmanager

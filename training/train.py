@@ -34,7 +34,6 @@ seed and the reference's key, and a rerun that differs in any of them is refused
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import copy
 import dataclasses
@@ -78,13 +77,14 @@ from training.model import CausalLM
 from training.parallel import (
     clip_grad_norm,
     fill_weights,
-    full_tensors,
+    from_rank0,
     gradient_sync,
     is_sharded,
     load_optimizer,
     prepare,
     save_optimizer,
     world_and_rank,
+    write_full_weights,
 )
 from training.reference import (
     REFERENCE_VERSION,
@@ -362,7 +362,7 @@ def setup(
     rows_per_step = config.batch_rows * config.grad_accum * world
     inputs = _inputs(identity or RunIdentity(), model, reference)
     record = _run_record(config, layout, len(rows), block_size, rows_per_step, inputs)
-    checkpoint = _agreed_checkpoint(config.out_dir, record, rank)
+    checkpoint = _agreed_checkpoint(config.out_dir, record)
     mc = model.config
     check_rows(rows, max_len, mc.vocab_size, mc.sliding_window)
     if isinstance(reference, ReferenceLogps):
@@ -371,7 +371,8 @@ def setup(
 
     # The live reference is the initial policy: copy it before resuming changes the weights.
     if reference is None:
-        ref_model = ref_model or copy.deepcopy(model)
+        if ref_model is None:
+            ref_model = copy.deepcopy(model)
         ref_model = ref_model.requires_grad_(False).eval()
         ref_model = prepare(ref_model, config.parallel, device, config.precision, False)
     model.activation_checkpointing = config.activation_checkpointing
@@ -449,13 +450,11 @@ def save_checkpoint(run: Run, step: int) -> None:
     all written into rank 0's `atomic_directory`, so the folder appears complete or not at
     all. A collective: every rank calls it."""
     final = run.config.out_dir / "checkpoints" / f"step_{step:06d}"
-    weights = full_tensors(run.model)
     with atomic_directory(final) if run.rank == 0 else contextlib.nullcontext() as own:
         tmp = _rank0_path(run, own)
-        if run.rank == 0:
-            write_pretrained(run.model, tmp, tensors=weights)
-        else:
-            collections.deque(weights, maxlen=0)  # take part in each tensor's gather
+        write_full_weights(
+            run.model, run.rank, lambda weights: write_pretrained(run.model, tmp, tensors=weights)
+        )
         _barrier(run)
         save_optimizer(run.model, run.optimizer, tmp / OPTIMIZER_DIR)
         _barrier(run)
@@ -502,23 +501,20 @@ def _checkpoint_to_resume(out_dir: Path, record: dict[str, Any]) -> Path | None:
     return ckpt
 
 
-def _agreed_checkpoint(out_dir: Path, record: dict[str, Any], rank: int) -> Path | None:
+def _agreed_checkpoint(out_dir: Path, record: dict[str, Any]) -> Path | None:
     """`_checkpoint_to_resume` as rank 0 sees it, on every rank: the ranks of a job on a
     shared filesystem resume from one checkpoint (or refuse alike), whatever each one's
     directory listing shows at that moment."""
-    found: Path | None = None
-    problem = None
-    if rank == 0:
+
+    def look() -> tuple[Path | None, str | None]:
         try:
-            found = _checkpoint_to_resume(out_dir, record)
+            return _checkpoint_to_resume(out_dir, record), None
         except ValueError as err:
-            problem = str(err)
+            return None, str(err)
+
+    found, problem = from_rank0(look)
     agree(problem)
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return found
-    box = [None if found is None else str(found)]
-    dist.broadcast_object_list(box, src=0)
-    return None if box[0] is None else Path(box[0])
+    return found
 
 
 def _as_json(value: object) -> str:
@@ -636,12 +632,12 @@ def metrics_line(metrics: dict[str, float]) -> str:
 def export(run: Run, tokenizer: str | Path | None) -> Path:
     """Write `out_dir/final` from the full weights (rank 0; a collective under FSDP)."""
     final = run.config.out_dir / "final"
-    weights = full_tensors(run.model)
-    if run.rank == 0:
-        dtype = getattr(torch, run.config.export_dtype)
-        save_pretrained(run.model, final, tokenizer, dtype=dtype, tensors=weights)
-    else:
-        collections.deque(weights, maxlen=0)  # take part in each tensor's gather
+    dtype = getattr(torch, run.config.export_dtype)
+    write_full_weights(
+        run.model,
+        run.rank,
+        lambda weights: save_pretrained(run.model, final, tokenizer, dtype, tensors=weights),
+    )
     _barrier(run)
     return final
 
