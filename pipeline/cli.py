@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from pipeline.pack import PackConfig, ShardResult
     from pipeline.tokenized import TokenizedResult
 
 
@@ -82,7 +83,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "curate",
         help="filter canonical pairs by named rules; report the funnel",
         description="Curate pairs and write the kept pairs.parquet and report.json to --out. "
-        "Every pair a rule drops goes to dropped.parquet with the rule as its reason.",
+        "Every pair a rule drops goes to dropped.parquet with the rule as its reason. With "
+        "--eval-share, --eval-pairs or --eval-splits, whole prompts (and near-duplicate "
+        "groups) are held out in eval_pairs.parquet (always written; empty without a split): "
+        "pack them with `prefpack pack --pairs OUT --eval`.",
         epilog=summaries(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -165,9 +169,11 @@ def _curate(args: argparse.Namespace) -> int:
     report = result.report
     dropped = {k: v for k, v in report["dropped"].items() if v}
     label = f" (preset {preset.name})" if preset else ""
+    split = report["eval_split"]
+    held = f", {report['eval_pairs']} eval ({split['mode']} {split['setting']})" if split else ""
     print(
-        f"curate{label}: {report['rows_in']} in, dropped {dropped}, {report['rows_out']} out "
-        f"-> {out}"
+        f"curate{label}: {report['rows_in']} in, dropped {dropped}, {report['rows_out']} out"
+        f"{held} -> {out}"
     )
     return 0
 
@@ -220,6 +226,13 @@ def _add_pack(subparsers: argparse._SubParsersAction) -> None:
         "identical second call rewrites nothing.",
     )
     _add_tokenize_flags(p)
+    p.add_argument(
+        "--eval",
+        action="store_true",
+        help="pack the eval pairs of the curate output --pairs names (its eval_pairs.parquet) "
+        "with the training shards' tokenizer, template and settings (the training pairs are "
+        "tokenized and packed first, or reused) and print the eval shard directory instead",
+    )
     add_flags(p.add_argument_group("pack (PackConfig)"), PackConfig)
     p.set_defaults(handler=_pack)
 
@@ -255,29 +268,43 @@ def _tokenize(args: argparse.Namespace) -> int:
 
 
 def _pack(args: argparse.Namespace) -> int:
+    from pipeline.eval_shards import build_eval_shards, eval_pairs_path
     from pipeline.flags import config_from
-    from pipeline.pack import PackConfig, build_shards, truncation_warning
+    from pipeline.pack import PackConfig, build_shards
 
     config = config_from(PackConfig, args)  # checked before anything is tokenized
+    if args.eval:
+        eval_pairs_path(args.pairs)  # an eval split to pack, before anything is tokenized
     tokenized = _run_tokenize(args)
     result = build_shards(tokenized.directory, config, args.out)
+    _say_packed("pack", result, config)
+    if tokenized.reused and result.reused:
+        print("both stages reused; nothing rewritten", file=sys.stderr)
+    if args.eval:
+        evals = build_eval_shards(args.pairs, result.directory, args.out)
+        _say_packed("pack --eval", evals.shards, config)
+        result = evals.shards
+    print(result.directory)
+    return 0
+
+
+def _say_packed(stage: str, result: ShardResult, config: PackConfig) -> None:
+    """On stderr: what the pack stage made or reused, and its truncation warning."""
+    from pipeline.pack import truncation_warning
+
     stats = result.manifest["stats"]
     if result.reused:
-        print(f"pack: reused verified shards {result.key} (not rewritten)", file=sys.stderr)
+        print(f"{stage}: reused verified shards {result.key} (not rewritten)", file=sys.stderr)
     else:
         print(
-            f"pack: packed {stats['pairs']} pairs into {stats['rows']} rows "
+            f"{stage}: packed {stats['pairs']} pairs into {stats['rows']} rows "
             f"(fill {stats['fill_ratio']:.4f}, dropped {sum(stats['dropped'].values())}, "
             f"truncated {stats['truncated']})",
             file=sys.stderr,
         )
     warning = truncation_warning(stats, config)
     if warning:
-        print(f"pack: warning: {warning}", file=sys.stderr)
-    if tokenized.reused and result.reused:
-        print("both stages reused; nothing rewritten", file=sys.stderr)
-    print(result.directory)
-    return 0
+        print(f"{stage}: warning: {warning}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- inspect

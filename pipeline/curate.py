@@ -4,7 +4,7 @@ Each rule is a Polars expression that is True for the pairs it keeps; its name i
 reason in the report. Rules run in the order of `RULES`, each on what the ones before it
 kept, so a pair is counted once, under the first rule that drops it, and
 
-    rows_in = rows_out + sum(dropped by reason)
+    rows_in = rows_out + eval_pairs + sum(dropped by reason)
 
 Where a rule's column is null for a pair (no margin, no language, ...) the rule does not
 apply to it. Margin and score thresholds are on the source's own scale (the pairs' metadata
@@ -19,6 +19,16 @@ pairs of one prompt (both by margin, as its standing within the pair's source, s
 sources on other scales compare fairly); `over_chosen_longer_share` drops a seeded random part of each source's
 chosen-longer pairs. They run late, so what they keep has passed every other rule.
 
+The eval split runs last, on the pairs every rule kept, and holds out whole prompts: the
+unit is the pair's near-duplicate group when the rule found one, else its prompt (roles
+and normalized text), so no prompt and no near-duplicate group is on both sides.
+`eval_share` holds out the units whose seeded content hash (blake2b, as a fraction of
+2^64) is below the share, so adding data never moves a prompt across sides; `eval_pairs`
+takes whole units in hash order until it has that many pairs; `eval_splits` holds out the
+pairs of a source's own eval split (UltraFeedback binarized `test_prefs`) and drops the
+training pairs that share a unit with one as `shares_eval_prompt`. The held-out pairs go
+to `eval_pairs.parquet` beside `pairs.parquet` (written empty without a split).
+
 The report (`data_contracts.curation_report`) also gives, for sources with per-attribute
 scores (HelpSteer's five, UltraFeedback's four aspects), how often each attribute agrees
 with the chosen/rejected order, conflicts with it, or ties, over the curated pairs; the
@@ -29,6 +39,7 @@ the near-duplicate groups with a few examples.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,7 +53,7 @@ import pyarrow.parquet as pq
 
 from data_contracts import curation_report, preference_pair
 from pipeline import near_dup
-from pipeline.flags import check_settings, setting
+from pipeline.flags import SettingError, check_settings, flag_name, setting
 from pipeline.io import (
     DROPPED_FILE,
     PAIRS_FILE,
@@ -52,6 +63,8 @@ from pipeline.io import (
     write_json,
     write_parquet,
 )
+
+EVAL_PAIRS_FILE = "eval_pairs.parquet"  # beside pairs.parquet: the held-out pairs
 
 
 @dataclass(frozen=True)
@@ -135,12 +148,56 @@ class CurateConfig:
         ge=0,
         le=1,
     )
+    eval_share: float | None = setting(
+        None,
+        "hold out this share of the prompts for evaluation: a prompt (or near-duplicate "
+        "group) goes to eval_pairs.parquet when its seeded content hash falls below the "
+        "share, so adding data never moves a prompt across sides; runs last, on the pairs "
+        "every rule kept",
+        gt=0,
+        lt=1,
+    )
+    eval_pairs: int | None = setting(
+        None,
+        "hold out whole prompts (or near-duplicate groups) in seeded content-hash order "
+        "until at least this many pairs are held out for evaluation (a prompt's pairs are "
+        "never split, so a few more may be); runs last, on the pairs every rule kept",
+        ge=1,
+    )
+    eval_splits: tuple[str, ...] | None = setting(
+        None,
+        "the pairs of these source splits are the eval set (e.g. UltraFeedback binarized "
+        "test_prefs, HelpSteer2 validation); training pairs that share a prompt (or "
+        "near-duplicate group) with one are dropped as shares_eval_prompt",
+    )
     seed: int = setting(
-        0, "seed of the near-duplicate MinHash and the --max-chosen-longer-share draw", ge=0
+        0,
+        "seed of the near-duplicate MinHash, the --max-chosen-longer-share draw and the "
+        "hash of --eval-share / --eval-pairs",
+        ge=0,
     )
 
     def __post_init__(self) -> None:
         check_settings(self)
+        given = [flag_name(f) for f in self._eval_fields()]
+        if len(given) > 1:
+            raise SettingError(f"{' and '.join(given)} are exclusive: give one eval split")
+
+    def _eval_fields(self) -> list[dataclasses.Field]:
+        return [
+            f
+            for f in dataclasses.fields(self)
+            if f.name in EVAL_FIELDS and getattr(self, f.name) is not None
+        ]
+
+    @property
+    def eval_field(self) -> dataclasses.Field | None:
+        """The eval split's one setting that is set (`EVAL_FIELDS`); None without a split."""
+        return next(iter(self._eval_fields()), None)
+
+
+# The eval split's settings, each with the mode it selects (at most one is set).
+EVAL_FIELDS = {"eval_share": "share", "eval_pairs": "pairs", "eval_splits": "splits"}
 
 
 @dataclass(frozen=True)
@@ -148,14 +205,18 @@ class Curated:
     """The output of `curate`.
 
     Attributes:
-        pairs: the kept pairs, in input order, with the input's schema and metadata.
+        pairs: the kept training pairs, in input order, with the input's schema and metadata.
+        eval_pairs: the kept pairs held out for evaluation (none without an eval split), in
+            input order, with the same schema and metadata; no prompt or near-duplicate
+            group is in both tables.
         dropped: every other input pair, in input order, with its `position` in the input
             and `reason`, the rule that dropped it (findable, not only counted).
-        report: the funnel (rows_in, dropped by rule, rows_out), the config, per-source
-            counts and attribute agreement.
+        report: the funnel (rows_in, dropped by rule, rows_out, eval_pairs), the config,
+            the eval split, per-source counts and attribute agreement.
     """
 
     pairs: pa.Table
+    eval_pairs: pa.Table
     dropped: pa.Table
     report: dict[str, Any]
 
@@ -298,6 +359,8 @@ RULES: dict[str, Callable[[CurateConfig], pl.Expr | None]] = {
     "near_duplicate": _near_duplicate_cap,
     "over_prompt_cap": _prompt_cap,
     "over_chosen_longer_share": _chosen_longer_share,
+    # After `mark_eval` (the source's own eval split): a training pair of an eval prompt.
+    "shares_eval_prompt": lambda c: None if c.eval_splits is None else ~pl.col("__shares_eval"),
 }
 
 
@@ -448,6 +511,104 @@ def mark_near_duplicates(
 
 
 # ---------------------------------------------------------------------------------------
+# The eval split: whole prompts, or near-duplicate groups, on one side
+
+
+def _unit_hashes(frame: pl.DataFrame, seed: int) -> pl.DataFrame:
+    """`frame` with `__unit`, the pair's split unit, and `__unit_hash`, its seeded hash.
+
+    The unit is the pair's near-duplicate group when it has one, else its prompt; both are
+    named by a position of their first pair, so the two kinds never collide. A prompt's
+    hash is blake2b of its roles and normalized text, salted by `seed`: one call per
+    distinct prompt, stable across machines and library versions (a dataframe row hash is
+    not). A group takes the smallest hash of its prompts, so its side does not depend on
+    which prompt came first.
+    """
+    prompts = frame.unique("__prompt_id", keep="first", maintain_order=True)
+    salted = hashlib.blake2b(f"{seed}\0".encode(), digest_size=8)
+
+    def digest(roles: str, text: str) -> int:
+        h = salted.copy()
+        h.update(f"{roles}\0{text}".encode())
+        return int.from_bytes(h.digest(), "big")
+
+    hashes = map(digest, prompts["__prompt_roles"], prompts["__prompt_text"])
+    prompts = prompts.select("__prompt_id", pl.Series("__hash", list(hashes), pl.UInt64))
+    group = pl.col("__near_dup_group") if "__near_dup_group" in frame.columns else None
+    first = pl.col("__position").min().over("__prompt_id")
+    unit = first if group is None else pl.coalesce(group, first)
+    return (
+        frame.join(prompts, on="__prompt_id", how="left", maintain_order="left")
+        .with_columns(unit.alias("__unit"))
+        .with_columns(pl.col("__hash").min().over("__unit").alias("__unit_hash"))
+    )
+
+
+def _first_units(frame: pl.DataFrame, pairs: int) -> pl.Expr:
+    """True for the pairs of the units taken in hash order until at least `pairs` pairs."""
+    units = (
+        frame.group_by("__unit")
+        .agg(pl.len().alias("n"), pl.col("__unit_hash").first())
+        .sort("__unit_hash", "__unit")
+        .filter(pl.col("n").cum_sum() - pl.col("n") < pairs)
+    )
+    return pl.col("__unit").is_in(units["__unit"].implode())
+
+
+def mark_eval(frame: pl.DataFrame, config: CurateConfig) -> pl.DataFrame:
+    """`frame` with `__eval` (the pair is held out for evaluation) and, for a source's
+    eval split, `__shares_eval` (a training pair whose unit holds an eval pair).
+
+    Raises:
+        ValueError: `eval_splits` names no split of the pairs that reach the split.
+    """
+    frame = _unit_hashes(frame, config.seed)
+    if config.eval_share is not None:
+        # The hash as a fraction of 2^64 below the share: a prompt's side never changes
+        # when other pairs are added.
+        below = pl.lit(int(config.eval_share * 2**64), pl.UInt64)
+        return frame.with_columns((pl.col("__unit_hash") < below).alias("__eval"))
+    if config.eval_pairs is not None:
+        return frame.with_columns(_first_units(frame, config.eval_pairs).alias("__eval"))
+    assert config.eval_splits is not None
+    listed = pl.col("split").is_in(list(config.eval_splits))
+    if frame.height and not frame.select(listed.any()).item():
+        found = ", ".join(sorted(frame["split"].unique().to_list()))
+        raise ValueError(
+            f"--eval-splits {' '.join(config.eval_splits)}: none of the {frame.height} pairs "
+            f"the rules kept is in these splits (theirs: {found})"
+        )
+    return frame.with_columns(
+        listed.alias("__eval"), (~listed & listed.any().over("__unit")).alias("__shares_eval")
+    )
+
+
+def eval_summary(frame: pl.DataFrame, config: CurateConfig) -> dict[str, Any] | None:
+    """The report's `eval_split`: how it was chosen and the prompts and units held out.
+
+    Raises:
+        ValueError: the split holds every pair the rules kept, leaving none to train on.
+    """
+    field = config.eval_field
+    if field is None:
+        return None
+    held = frame.filter(pl.col("__eval"))
+    if held.height and held.height == frame.height:
+        raise ValueError(
+            f"the eval split ({flag_name(field)}) holds all {frame.height} pairs the rules "
+            "kept: none is left to train on"
+        )
+    setting = getattr(config, field.name)
+    return {
+        "mode": EVAL_FIELDS[field.name],
+        "setting": list(setting) if isinstance(setting, tuple) else setting,
+        "seed": config.seed,
+        "prompts": held["__prompt_id"].n_unique(),
+        "units": held["__unit"].n_unique(),
+    }
+
+
+# ---------------------------------------------------------------------------------------
 # Length bias
 
 
@@ -534,7 +695,8 @@ def curate(
     eval_prompts: Sequence[str] | None = None,
     benchmark_prompts: Sequence[str] | None = None,
 ) -> Curated:
-    """Apply the rules of `config` to `pairs`, counting every drop by rule.
+    """Apply the rules of `config` to `pairs`, counting every drop by rule, then hold out
+    its eval split (if any) from what they kept.
 
     Args:
         pairs: canonical pairs (`preference_pair.SCHEMA`), e.g. `Normalized.pairs`.
@@ -545,13 +707,15 @@ def curate(
             turn equal to one are dropped as `benchmark_prompt` (off when None).
 
     Returns:
-        The kept pairs (input order, schema and metadata unchanged) and the report.
+        The kept training pairs and eval pairs (input order, schema and metadata
+        unchanged), the dropped pairs and the report.
 
     Raises:
         data_contracts.ContractError: `pairs` does not satisfy the `preference_pair` contract.
+        ValueError: the eval split finds none of `eval_splits`, or leaves no pair to train on.
     """
     preference_pair.CONTRACT.validate(pairs, source="pairs to curate")
-    columns = ["source", "prompt", "chosen", "rejected", "margin", "score_chosen"]
+    columns = ["source", "split", "prompt", "chosen", "rejected", "margin", "score_chosen"]
     frame = _frame(pairs, [*columns, "domain", "language"])
     frame = frame.with_columns(*_helpers(), pl.int_range(pl.len()).alias("__position"))
     frame = frame.with_columns(_prompt_id())
@@ -579,24 +743,36 @@ def curate(
             continue
         if name == "near_duplicate":
             frame, near_duplicates = mark_near_duplicates(frame, config)
+        if name == "shares_eval_prompt":  # the source's own eval split
+            frame = mark_eval(frame, config)
         frame = frame.with_columns(keep.fill_null(True).alias("__keep"))
         reason[frame.filter(~pl.col("__keep"))["__position"].to_numpy()] = name
         frame = frame.filter(pl.col("__keep"))
         dropped[name] = int(np.count_nonzero(reason == name))
-    is_kept = reason == None  # noqa: E711 (elementwise on an object array)
-    kept = pairs.filter(pa.array(is_kept))
+    if config.eval_field is not None and "__eval" not in frame.columns:
+        frame = mark_eval(frame, config)  # the split by hash, on what every rule kept
+    eval_split = eval_summary(frame, config)
+    is_eval = np.zeros(pairs.num_rows, bool)
+    if eval_split is not None:
+        is_eval[frame.filter(pl.col("__eval"))["__position"].to_numpy()] = True
+        frame = frame.filter(~pl.col("__eval"))
+    is_kept = (reason == None) & ~is_eval  # noqa: E711 (elementwise on an object array)
+    kept, held = pairs.filter(pa.array(is_kept)), pairs.filter(pa.array(is_eval))
     report = {
         "contract": "curation_report",
         "version": curation_report.VERSION,
         "rows_in": pairs.num_rows,
         "dropped": dropped,
         "rows_out": kept.num_rows,
+        "eval_pairs": held.num_rows,
         "dropped_file": DROPPED_FILE,
+        "eval_file": EVAL_PAIRS_FILE,
         "config": dataclasses.asdict(config),
+        "eval_split": eval_split,
         "eval_prompts": None if eval_prompts is None else len(eval_prompts),
         "benchmark_prompts": None if benchmark_prompts is None else len(benchmark_prompts),
         "score_scale": json.loads((pairs.schema.metadata or {}).get(b"score_scale", b"{}")),
-        "sources": _per_source(pairs, kept),
+        "sources": _per_source(pairs, kept, held),
         "attribute_agreement": attribute_agreement(
             _frame(kept, ["source", "chosen_attributes", "rejected_attributes"])
         ),
@@ -604,7 +780,7 @@ def curate(
         "near_duplicates": near_duplicates,
     }
     curation_report.validate(report, source="curation report")
-    return Curated(kept, _dropped_rows(pairs, reason, ~is_kept), report)
+    return Curated(kept, held, _dropped_rows(pairs, reason, reason != None), report)  # noqa: E711
 
 
 def _dropped_rows(pairs: pa.Table, reason: np.ndarray, is_dropped: np.ndarray) -> pa.Table:
@@ -640,18 +816,23 @@ def _frame(table: pa.Table, columns: list[str]) -> pl.DataFrame:
     return frame
 
 
-def _per_source(before: pa.Table, after: pa.Table) -> dict[str, dict[str, int]]:
+def _per_source(before: pa.Table, after: pa.Table, held: pa.Table) -> dict[str, dict[str, int]]:
     def count(table: pa.Table) -> dict[str, int]:
         counts = pl.Series(table["source"]).value_counts()
         return dict(counts.iter_rows())
 
-    rows_in, rows_out = count(before), count(after)
-    return {s: {"rows_in": n, "rows_out": rows_out.get(s, 0)} for s, n in sorted(rows_in.items())}
+    rows_in, rows_out, evals = count(before), count(after), count(held)
+    return {
+        s: {"rows_in": n, "rows_out": rows_out.get(s, 0), "eval_pairs": evals.get(s, 0)}
+        for s, n in sorted(rows_in.items())
+    }
 
 
 def write_curated(result: Curated, out_dir: str | Path) -> Path:
-    """Write the curated `pairs.parquet`, `dropped.parquet` (each other pair and the rule
-    that dropped it) and `report.json` atomically.
+    """Write the curated `pairs.parquet` (the training pairs), `eval_pairs.parquet` (the
+    pairs held out for evaluation; always written, empty without an eval split),
+    `dropped.parquet` (each other pair and the rule that dropped it) and `report.json`
+    atomically.
 
     Returns:
         `out_dir`, complete; the same result always gives the same bytes.
@@ -659,6 +840,7 @@ def write_curated(result: Curated, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
         write_parquet(result.pairs, tmp / PAIRS_FILE)
+        write_parquet(result.eval_pairs, tmp / EVAL_PAIRS_FILE)
         write_parquet(result.dropped, tmp / DROPPED_FILE)
         write_json(result.report, tmp / REPORT_FILE)
     return out_dir

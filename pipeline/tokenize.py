@@ -175,6 +175,29 @@ def load_tokenizer(path: str | Path) -> LoadedTokenizer:
     )
 
 
+def stored_tokenizer(file: str | Path, entry: dict) -> LoadedTokenizer:
+    """A tokenizer.json stored beside a stage's output, as it was loaded when the output
+    was made: with the name, bos/eos and origin that output's report records in its
+    `tokenizer` entry (`pipeline.tokenized`), rather than the bos/eos a model-folder load
+    would read from the stored tokenizer_config.json (whose eos is the end of turn).
+
+    Raises:
+        TokenizerError: the file is missing or not a tokenizers tokenizer.json.
+    """
+    file = Path(file)
+    if not file.is_file():
+        raise TokenizerError(f"{file}: no tokenizer.json there")
+    json_bytes = file.read_bytes()
+    return LoadedTokenizer(
+        tokenizer=_from_json(json_bytes, file),
+        name=entry["name"],
+        json_bytes=json_bytes,
+        bos_token=entry["bos_token"],
+        eos_token=entry["eos_token"],
+        trained=entry["trained"],
+    )
+
+
 def train_tokenizer(
     texts: Iterable[str], vocab_size: int, template: ChatTemplate
 ) -> LoadedTokenizer:

@@ -27,6 +27,10 @@ layout repacks these pairs (`pipeline.pack.build_shards`) without tokenizing aga
 directory is written under a temp name and renamed, so it is complete or absent; an
 existing one with the key is reused when it proves itself, and rebuilt otherwise.
 
+`tokenize_like` tokenizes other pairs (a curate output's eval pairs) exactly as a
+tokenized directory's were: its tokenizer as recorded (a trained BPE is reused, never
+trained again on the new pairs), its template and its settings (`pipeline.eval_shards`).
+
 Proof, as for a shard directory (`pipeline.shards`): report.json's `key` is the
 directory's name; its `checksum` (`data_contracts.manifest.checksum`) covers every other
 field and the file is exactly the text written, so an edited value (a listed sha256
@@ -40,7 +44,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -67,9 +71,11 @@ from pipeline.shards import (
     sha256_file,
 )
 from pipeline.templates import (
+    BUILTIN_TEMPLATES,
     ChatTemplate,
     PairTexts,
     TurnMarkers,
+    builtin_template,
     render_pairs,
     resolve_template,
     turn_markers,
@@ -81,6 +87,7 @@ from pipeline.tokenize import (
     boundary_agreement,
     check_markers,
     load_tokenizer,
+    stored_tokenizer,
     token_ids,
     tokenize_pairs,
     train_tokenizer,
@@ -454,6 +461,66 @@ def build_tokenized(
     pairs, store = pairs_path(pairs), Path(store)
     loaded = load_tokenizer(tokenizer) if tokenizer is not None else None
     template = resolve_template(config.template, loaded.chat_template if loaded else None)
+    return _build(pairs, loaded, template, config, store)
+
+
+def tokenize_like(pairs: str | Path, tokenized: str | Path, store: str | Path) -> TokenizedResult:
+    """Tokenize pairs exactly as the pairs of a tokenized directory were: with its
+    tokenizer (the BPE trained on those pairs, when none was given: these pairs never
+    train their own), its chat template and its `TokenizeConfig`.
+
+    Loading the directory as a model folder would not do: its tokenizer_config.json names
+    the template's end of turn as eos (for generation), so the tokenizer's bos/eos, and
+    with them its fingerprint, the key and the report's `tokenizer` entry, would differ.
+    The tokenizer is rebuilt from tokenizer.json with the bos/eos, name and origin the
+    report records and must give the fingerprint it records; the template is the stored
+    one, its sha256 checked. The result is keyed like any tokenized directory (these
+    pairs, that tokenizer, template and config), so a second call reuses it.
+
+    Args:
+        pairs: a `preference_pair` parquet file (e.g. a curate output's eval_pairs.parquet).
+        tokenized: a directory written by `build_tokenized` (its report is checked; its
+            data files are not read).
+        store: the store root; the output goes to `<store>/tokenized/<key>`.
+
+    Raises:
+        FileNotFoundError: `pairs` does not exist.
+        ShardError: the directory's report, tokenizer or template is not what it records.
+    """
+    pairs, tokenized = pairs_path(pairs), Path(tokenized)
+    report = read_tokenized(tokenized, verify=False)
+    loaded = stored_tokenizer(tokenized / TOKENIZER, report["tokenizer"])
+    if loaded.fingerprint != report["tokenizer"]["fingerprint"]:
+        raise ShardError(f"{tokenized / TOKENIZER}: not the tokenizer report.json records")
+    template = _stored_template(tokenized, report["template"])
+    return _build(pairs, loaded, template, TokenizeConfig(**report["config"]), Path(store))
+
+
+def _stored_template(directory: Path, entry: dict) -> ChatTemplate:
+    """The chat template of a tokenized directory: the source its tokenizer_config.json
+    holds, with the built-in's marker facts when it was a built-in.
+
+    Raises:
+        ShardError: the source is not the one whose sha256 the report records.
+    """
+    config = json.loads((directory / TOKENIZER_CONFIG).read_text(encoding="utf-8"))
+    source, name = config["chat_template"], entry["name"]
+    base = builtin_template(name) if name in BUILTIN_TEMPLATES else ChatTemplate(name, source)
+    template = replace(base, source=source)
+    if template.sha256 != entry["sha256"]:
+        raise ShardError(f"{directory / TOKENIZER_CONFIG}: not the template report.json records")
+    return template
+
+
+def _build(
+    pairs: Path,
+    loaded: LoadedTokenizer | None,
+    template: ChatTemplate,
+    config: TokenizeConfig,
+    store: Path,
+) -> TokenizedResult:
+    """Tokenize `pairs` with `loaded` (None: train a BPE on them) and `template`, or reuse
+    the verified directory of their key."""
     # A trained tokenizer gets the template's markers as special tokens; a given one must
     # already have them.
     bos_eos = (

@@ -240,7 +240,9 @@ LONG = "Explain how photosynthesis works in plants, step by step, for a ten year
 
 def test_funnel_shows_every_rule_in_order_with_counts() -> None:
     """Every rule on, one pair made for each: each is counted once, under its own name,
-    and the report lists them in the order they ran; two pairs are left."""
+    and the report lists them in the order they ran; two pairs are left, and one held out.
+    (`shares_eval_prompt` runs but cannot drop beside a prompt cap of 1: a prompt keeps one
+    pair; test_curate_eval_split.py makes it drop.)"""
     table = _pairs(
         {"prompt": _user(LONG), "margin": 4.0},  # kept
         {"rejected": " "},
@@ -264,6 +266,8 @@ def test_funnel_shows_every_rule_in_order_with_counts() -> None:
         {"prompt": _user("Name three colors."), "chosen": "Red.", "rejected": "Purple."},
         {"prompt": _user("Name three colors."), "chosen": "Blue.", "margin": 2.0},
         {"prompt": _user("Summarize Hamlet.")},  # chosen longer, like the first
+        # held out: a source of its own, chosen as long as rejected (no length rule moves)
+        {"prompt": _user("Name a prime."), "chosen": "Nine.", "source": "u", "split": "test"},
     )
     config = CurateConfig(
         languages=("english", "french"),
@@ -280,13 +284,17 @@ def test_funnel_shows_every_rule_in_order_with_counts() -> None:
         near_dup_threshold=0.9,
         max_pairs_per_prompt=1,
         max_chosen_longer_share=0.5,  # 1 chosen shorter kept: 1 of 2 chosen longer goes
+        eval_splits=("test",),
     )
     report = curate(
         table, config, eval_prompts=["Capital of Spain?"], benchmark_prompts=["who wrote hamlet?"]
     ).report
-    assert report["dropped"] == dict.fromkeys(curation_report.REASONS, 1)
+    assert report["dropped"] == {
+        **dict.fromkeys(curation_report.REASONS, 1),
+        "shares_eval_prompt": 0,
+    }
     assert list(report["dropped"]) == list(RULES)
-    assert report["rows_out"] == 2
+    assert report["rows_out"] == 2 and report["eval_pairs"] == 1
 
 
 def test_eval_prompts_from_text_and_jsonl(tmp_path) -> None:
