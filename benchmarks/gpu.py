@@ -45,6 +45,7 @@ import torch
 
 from benchmarks.train import cut_lengths, pack_rows, tokenized_pairs
 from data_contracts.packed_row import Layout, PackedRow
+from training.batch import PackedRows
 from training.configs import llama3_2_1b, tiny
 from training.model import CausalLM, ModelConfig
 from training.reference import ReferenceKey, ReferenceLogps
@@ -182,10 +183,7 @@ def timed_run(
         torch.cuda.reset_peak_memory_stats()
     run = setup(
         train_config,
-        rows,
-        layout,
-        BLOCK_SIZE,
-        max_len,
+        PackedRows(rows, layout, BLOCK_SIZE, max_len),
         model,
         random_reference(rows, train_config.precision),
     )

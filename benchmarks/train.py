@@ -71,6 +71,7 @@ from data_contracts import tokenized_pair
 from data_contracts.packed_row import LAYOUTS, Layout, PackedRow
 from pipeline import ragged
 from pipeline.pack import RowPacker, truncated_lengths
+from training.batch import PackedRows
 from training.configs import small
 from training.model import CausalLM
 from training.train import TrainConfig, global_step_rows, train, train_step
@@ -253,7 +254,8 @@ def timed_train(
     def record(metrics: dict) -> None:
         marks.append((metrics, time.process_time()))
 
-    train(config, rows, layout, BLOCK_SIZE, max_len, copy.deepcopy(model), on_step=record)
+    data = PackedRows(rows, layout, BLOCK_SIZE, max_len)
+    train(config, data, copy.deepcopy(model), on_step=record)
     timed = [m for m, _ in marks[1:]]
     # CPU time of step k: between the sinks of steps k-1 and k (steps 2.. are timed).
     cpu_seconds = marks[-1][1] - marks[0][1]
@@ -564,7 +566,8 @@ def step_child(activation_checkpointing: int, logits_chunk: int) -> None:
         logits_chunk=logits_chunk,
     )
     torch.manual_seed(0)
-    run = setup(config, row, "shared", BLOCK_SIZE, STEP_MAX_LEN, CausalLM(smollm2_135m()))
+    data = PackedRows(row, "shared", BLOCK_SIZE, STEP_MAX_LEN)
+    run = setup(config, data, CausalLM(smollm2_135m()))
     metrics = train_step(run, 0)
     print(row[0].num_tokens, metrics["seconds"], _status("VmHWM"))
 

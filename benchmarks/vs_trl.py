@@ -370,6 +370,7 @@ def arrange_rows(steps: list[list], seed: int) -> list:
 def run_prefpack(spec: RunSpec) -> dict[str, Any]:
     """prefpack's trainer on the warm-up rows, then the measured rows."""
     from benchmarks.train import pack_rows
+    from training.batch import PackedRows
     from training.checkpoint import load_pretrained
     from training.reference import ReferenceKey, ReferenceLogps, compute_reference_logps
     from training.train import TrainConfig, train
@@ -425,9 +426,8 @@ def run_prefpack(spec: RunSpec) -> dict[str, Any]:
         metrics.append(step)
         threads.append(torch.get_num_threads())
 
-    train(
-        config, ordered, "shared", BLOCK_SIZE, MAX_LEN, model, reference=reference, on_step=record
-    )
+    data = PackedRows(ordered, "shared", BLOCK_SIZE, MAX_LEN)
+    train(config, data, model, reference=reference, on_step=record)
     for k, (chunk, step) in enumerate(zip(steps, metrics, strict=True)):
         want = (sum(r.num_pairs for r in chunk), sum(r.num_tokens for r in chunk))
         if (step["pairs"], step["tokens"]) != want:

@@ -21,7 +21,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from data_contracts.packed_row import (
@@ -40,6 +39,37 @@ from training.attention import (
     CausalAttention,
     build_attention,
 )
+from training.ranks import agree
+
+
+@dataclass(frozen=True)
+class PackedRows(Sequence[PackedRow]):
+    """Packed rows held in memory with the settings they were packed with: what a
+    `ShardReader` gives for shards on disk (a fold's pairs packed again, test rows).
+
+    Attributes:
+        rows: the rows.
+        layout: their layout: `shared`, `unshared` or `padded`.
+        block_size: their mask block size (used by the flex backend).
+        max_len: their row length limit (checked per row; flex pads to it).
+        key: the shard key they stand for (recorded in checkpoints), or None.
+    """
+
+    rows: Sequence[PackedRow]
+    layout: Layout
+    block_size: int
+    max_len: int
+    key: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> PackedRow:  # slices too, as the rows take them
+        return self.rows[i]
+
+
+# What training reads: shards on disk or rows in memory, each with its packing settings.
+PackedData = ShardReader | PackedRows
 
 
 @dataclass(frozen=True)
@@ -90,24 +120,6 @@ def rows_table(rows: Sequence[PackedRow]) -> pa.Table:
     )
 
 
-def _is_distributed() -> bool:
-    # Imported here: training.parallel imports the model, which imports this module.
-    from training.parallel import is_distributed
-
-    return is_distributed()
-
-
-def agree(problem: str | None) -> None:
-    """Raise rank 0's `problem` on every rank (one decision, so no rank fails alone while
-    the others wait in a collective); in one process, raise `problem` if any."""
-    if _is_distributed():
-        box = [problem]
-        dist.broadcast_object_list(box, src=0)
-        problem = box[0]
-    if problem is not None:
-        raise ValueError(problem)
-
-
 def check_rows(
     rows: Sequence[PackedRow],
     max_len: int | None,
@@ -116,17 +128,14 @@ def check_rows(
 ) -> None:
     """Fail before any work, naming the row, on rows the model cannot take: rank 0 checks
     every row at once, vectorised over the rows' Arrow table, and every rank raises its
-    verdict (`agree`).
+    verdict (`training.ranks.agree`).
 
     Raises:
         ValueError: a row is longer than `max_len` (when given) or than the model's
             sliding window (not implemented: we run full attention), or holds a token id
             outside [0, `vocab_size`).
     """
-    problem = None
-    if not _is_distributed() or dist.get_rank() == 0:
-        problem = _row_problem(rows_table(rows)["input_ids"], max_len, vocab_size, sliding_window)
-    agree(problem)
+    agree(lambda: _row_problem(rows_table(rows)["input_ids"], max_len, vocab_size, sliding_window))
 
 
 def _row_problem(

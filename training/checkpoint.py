@@ -1,11 +1,13 @@
 """Read and write Hugging Face checkpoint folders without importing transformers.
 
 A folder holds `config.json`, the weights as `model.safetensors` or as shards listed in
-`model.safetensors.index.json`, and the tokenizer files, which are copied along so an
-exported folder loads anywhere. Supported: LlamaForCausalLM (Llama 2/3.x, SmolLM 1/2),
-Qwen2ForCausalLM and MistralForCausalLM, with the settings `ModelConfig` can express; any
-other architecture or setting fails with an error naming it, never a silently different
-model. Weights are never read through pickle (`pytorch_model.bin` is refused).
+`model.safetensors.index.json`, and the tokenizer files, so an exported folder loads
+anywhere: copied as they are, or the base model's with what training changed
+(`training.export_files`: eos, chat template, `generation_config.json`), and a model card
+(README.md). Supported: LlamaForCausalLM (Llama 2/3.x, SmolLM 1/2), Qwen2ForCausalLM and
+MistralForCausalLM, with the settings `ModelConfig` can express; any other architecture
+or setting fails with an error naming it, never a silently different model. Weights are
+never read through pickle (`pytorch_model.bin` is refused).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
 from pipeline.io import atomic_directory
+from training.export_files import TOKENIZER_FILES, ExportTokenizer, export_files
 from training.model import CausalLM, Family, ModelConfig, RopeScaling
 
 ARCHITECTURES: dict[str, Family] = {
@@ -36,18 +39,7 @@ ARCHITECTURES: dict[str, Family] = {
 }
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
+README_NAME = "README.md"
 # Keys some checkpoints carry that hold nothing we need (RoPE tables are recomputed).
 _IGNORED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
 # config.json keys we interpret; everything else is kept as is and written back on export.
@@ -352,10 +344,11 @@ def copy_tokenizer_files(source: str | Path, folder: Path) -> list[str]:
 def save_pretrained(
     model: CausalLM,
     folder: str | Path,
-    tokenizer: str | Path | None = None,
+    tokenizer: str | Path | ExportTokenizer | None = None,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 2**30,
     tensors: Iterable[tuple[str, torch.Tensor]] | None = None,
+    readme: str | None = None,
 ) -> Path:
     """Write `model` as a Hugging Face folder, atomically (`pipeline.io.atomic_directory`):
     a kill at any moment leaves the complete folder or none.
@@ -363,7 +356,7 @@ def save_pretrained(
     Args:
         model: the model; keys of its state dict are the HF keys.
         folder: destination; must not exist yet.
-        tokenizer, dtype, max_shard_bytes, tensors: as in `write_pretrained`.
+        tokenizer, dtype, max_shard_bytes, tensors, readme: as in `write_pretrained`.
 
     Returns:
         The folder.
@@ -375,17 +368,18 @@ def save_pretrained(
     if folder.exists():
         raise FileExistsError(f"{folder} exists; refusing to overwrite a checkpoint")
     with atomic_directory(folder) as tmp:
-        write_pretrained(model, tmp, tokenizer, dtype, max_shard_bytes, tensors)
+        write_pretrained(model, tmp, tokenizer, dtype, max_shard_bytes, tensors, readme)
     return folder
 
 
 def write_pretrained(
     model: CausalLM,
     folder: Path,
-    tokenizer: str | Path | None = None,
+    tokenizer: str | Path | ExportTokenizer | None = None,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 2**30,
     tensors: Iterable[tuple[str, torch.Tensor]] | None = None,
+    readme: str | None = None,
 ) -> None:
     """Write the files of a Hugging Face folder into the existing directory `folder`
     (the temp directory of an atomic write: `save_pretrained`, or a checkpoint's).
@@ -396,12 +390,20 @@ def write_pretrained(
     Args:
         model: the model; keys of its state dict are the HF keys.
         folder: an existing, empty directory.
-        tokenizer: optional tokenizer.json file or tokenizer folder to copy along.
+        tokenizer: an `ExportTokenizer` (the shards and the base folder: the base's
+            tokenizer files with the end of turn as eos, plus generation_config.json; see
+            `training.export_files`), or a tokenizer.json file or tokenizer folder copied
+            as it is, or None.
         dtype: dtype of the saved tensors (default: the parameters' dtype).
         max_shard_bytes: above this, weights are split into shards plus an index.
         tensors: the whole weights, in state dict order (default: `model.state_dict()`'s);
             a sharded model passes them gathered one at a time
             (`training.parallel.full_tensors`).
+        readme: the model card (`training.model_card.render_card`), written as README.md.
+
+    Raises:
+        FileNotFoundError, TokenizerError: the tokenizer files to export are missing or
+            unreadable (before any weights are written).
     """
     state = model.state_dict()  # shapes and order (values too, unless `tensors` are given)
     dtype = dtype or next(iter(state.values())).dtype
@@ -417,6 +419,9 @@ def write_pretrained(
         size += nbytes
         total += nbytes
     hf = {**hf_extra_keys(model.hf_config), **config_to_hf(model.config, dtype)}
+    extra = export_files(tokenizer, hf) if isinstance(tokenizer, ExportTokenizer) else {}
+    if readme is not None:
+        extra[README_NAME] = readme.encode("utf-8")
     (folder / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
     names = (
         [WEIGHTS_NAME]
@@ -437,8 +442,10 @@ def write_pretrained(
         weight_map = {key: name for keys, name in zip(plan, names, strict=True) for key in keys}
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    if tokenizer is not None:
+    if tokenizer is not None and not isinstance(tokenizer, ExportTokenizer):
         copy_tokenizer_files(tokenizer, folder)
+    for name, data in extra.items():
+        (folder / name).write_bytes(data)
 
 
 def model_fingerprint(model: CausalLM) -> str:

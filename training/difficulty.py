@@ -44,15 +44,15 @@ import torch
 import torch.distributed as dist
 
 from data_contracts import difficulty_scores as contract
-from data_contracts.packed_row import PackedRow
 from pipeline.folds import assign_folds, pack_pairs, unpack_pairs
 from pipeline.io import atomic_directory, atomic_file
 from pipeline.shards import ShardReader, table_rows
+from training.batch import PackedRows
 from training.device import resolve_backend, resolve_device
 from training.difficulty_config import DIFFICULTY_VERSION, DifficultyConfig
 from training.losses import PairLogps, build_loss
 from training.model import CausalLM
-from training.parallel import from_rank0, is_distributed, world_and_rank
+from training.ranks import from_rank0, is_distributed, world_and_rank
 from training.reference import (
     REFERENCE_VERSION,
     ReferenceKey,
@@ -60,7 +60,7 @@ from training.reference import (
     compute_reference_logps,
 )
 from training.report import summarize
-from training.train import RunIdentity, train
+from training.train import train
 from training.train_config import TRAINER_VERSION, TrainConfig
 
 HELD_OUT_FILE = "held_out.arrow"  # a fold's scores, written once the fold is done
@@ -86,7 +86,7 @@ def score_difficulty(
     reader: ShardReader,
     initial_model: Callable[[], CausalLM],
     reference: ReferenceLogps,
-    run_identity: RunIdentity | None = None,
+    init_seed: int | None = None,
     on_fold: Callable[[dict[str, Any]], None] | None = None,
 ) -> Difficulty:
     """Train one model per fold on the other folds' pairs and score the fold with it.
@@ -101,7 +101,7 @@ def score_difficulty(
         initial_model: a fresh initial policy (fp32) for each fold: a copy of one in
             memory, or under FSDP one loaded sharded (a sharded model is not copied).
         reference: stored reference log-probs covering every pair of `reader`.
-        run_identity: the shard key and init seed, as `train` records them.
+        init_seed: the seed of a random initial model, as `train` records it.
         on_fold: called on rank 0 with each fold's entry once it is scored.
 
     Raises:
@@ -118,11 +118,15 @@ def score_difficulty(
     loss_fn = build_loss(train_config.loss, train_config.beta, train_config.label_smoothing)
     window = int(reader.manifest["config"]["pack_window"])
 
-    def rows(mask: np.ndarray) -> list[PackedRow]:
+    def rows(mask: np.ndarray) -> PackedRows:
+        """The pairs of `mask` packed again like the shards, under the shards' key (a
+        resume must come from the same shards)."""
         packed = pack_pairs(
             pairs.filter(pa.array(mask)), reader.layout, reader.max_len, reader.block_size, window
         )
-        return table_rows(packed)
+        return PackedRows(
+            table_rows(packed), reader.layout, reader.block_size, reader.max_len, reader.key
+        )
 
     tables, entries = [], []
     rank = world_and_rank()[1]
@@ -141,16 +145,7 @@ def score_difficulty(
             _barrier()
             fold_model = initial_model()
             fold_config = dataclasses.replace(train_config, out_dir=out)
-            train(
-                fold_config,
-                train_rows,
-                reader.layout,
-                reader.block_size,
-                reader.max_len,
-                fold_model,
-                reference=reference,
-                identity=run_identity,
-            )
+            train(fold_config, train_rows, fold_model, reference=reference, init_seed=init_seed)
             # The reference pass, under the fold model: its log-probs of the held-out pairs.
             policy = compute_reference_logps(
                 fold_model,
@@ -239,7 +234,15 @@ def identity_of(
     reference log-probs' key), settings (the device class and the process count too: both
     change the numbers) and code versions."""
     training = dataclasses.asdict(train_config)
-    for name in ("out_dir", "progress", "device", "checkpoint_every", "export_dtype"):
+    for name in (
+        "out_dir",
+        "progress",
+        "device",
+        "checkpoint_every",
+        "export_dtype",
+        "eval_every",
+        "report_to",
+    ):
         training.pop(name)
     training["adam_betas"] = list(training["adam_betas"])
     return {
@@ -291,14 +294,11 @@ def staged_directory(out: Path) -> Iterator[Path]:
         with atomic_directory(out, keep_identical=True) as tmp:
             yield tmp
         return
-    box: list[str | None] = [None]
     if dist.get_rank() == 0:
         with atomic_directory(out, keep_identical=True) as tmp:
-            box[0] = str(tmp)
-            dist.broadcast_object_list(box, src=0)
+            from_rank0(lambda: str(tmp))
             yield tmp
             dist.barrier()
         return
-    dist.broadcast_object_list(box, src=0)
-    yield Path(str(box[0]))
+    yield Path(from_rank0(lambda: ""))  # rank 0's path (the others do not call this)
     dist.barrier()

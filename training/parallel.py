@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -45,29 +44,11 @@ from training.checkpoint import (
     stream_weights,
 )
 from training.model import CausalLM
+from training.ranks import is_distributed
 from training.train_config import Parallel, Precision
 
 PARALLELS: tuple[Parallel, ...] = get_args(Parallel)
 T = TypeVar("T")
-
-
-def world_and_rank() -> tuple[int, int]:
-    """(processes, this process's rank) from torchrun's environment; (1, 0) without it."""
-    return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def from_rank0(compute: Callable[[], T]) -> T:
-    """Rank 0's `compute()`, on every rank (one decision: on a shared filesystem each
-    rank's own look could differ); the other ranks do not call it."""
-    if not is_distributed():
-        return compute()
-    box = [compute() if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def is_sharded(model: nn.Module) -> bool:

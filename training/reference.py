@@ -36,11 +36,12 @@ from data_contracts.packed_row import DEFAULT_BLOCK_SIZE, Layout, PackedRow
 from pipeline.io import atomic_file, is_hex_key
 from pipeline.progress import progress as show_progress
 from training.attention import Backend
-from training.batch import agree, check_rows, collate, rows_table
+from training.batch import check_rows, collate, rows_table
 from training.device import Precision, autocast, check_precision, resolve_backend, resolve_device
 from training.logps import pair_logps
 from training.losses import PairLogps
-from training.parallel import is_distributed, is_sharded
+from training.parallel import is_sharded
+from training.ranks import agree, from_rank0, is_distributed
 from training.train_config import REFERENCE_VERSION
 
 
@@ -281,24 +282,26 @@ class ReferenceLogps:
 
     def check_covers(self, rows: Sequence[PackedRow]) -> None:
         """Fail before any work, on every rank alike, unless every pair of `rows` has
-        stored log-probs; rank 0 checks all pairs at once (`batch.agree`).
+        stored log-probs; rank 0 checks all pairs at once (`training.ranks.agree`).
 
         Raises:
             ValueError: naming the first row and pair without log-probs, and how many.
         """
-        problem = None
-        if not is_distributed() or dist.get_rank() == 0:
+
+        def problem() -> str | None:
             pair_ids = rows_table(rows)["pair_ids"]
             flat = pc.list_flatten(pair_ids)
             missing = np.flatnonzero(~self.contains(flat))
-            if len(missing):
-                ends = np.cumsum(pc.list_value_length(pair_ids).to_numpy())
-                row = int(np.searchsorted(ends, missing[0], side="right"))
-                problem = (
-                    f"row {row}: pair {flat[int(missing[0])].as_py()} has no reference log-probs "
-                    f"({len(missing)} of {len(flat)} pairs missing); were they computed for "
-                    "these shards?"
-                )
+            if not len(missing):
+                return None
+            ends = np.cumsum(pc.list_value_length(pair_ids).to_numpy())
+            row = int(np.searchsorted(ends, missing[0], side="right"))
+            return (
+                f"row {row}: pair {flat[int(missing[0])].as_py()} has no reference log-probs "
+                f"({len(missing)} of {len(flat)} pairs missing); were they computed for "
+                "these shards?"
+            )
+
         agree(problem)
 
 
@@ -378,10 +381,8 @@ def cached_reference_logps(
         **compute_kwargs: passed to `compute_reference_logps`.
     """
     path = cache.path
-    missing = [not path.exists()]
-    if is_distributed():  # one decision for all ranks: they compute together or not at all
-        dist.broadcast_object_list(missing, src=0)
-    if missing[0]:
+    # One decision for all ranks: they compute together or not at all.
+    if from_rank0(lambda: not path.exists()):
         table = compute_reference_logps(
             model, rows, layout, precision=cache.key.precision, **compute_kwargs
         )

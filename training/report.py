@@ -1,8 +1,8 @@
 """What a run reports: the summary of its metrics, and the bridge to Dagster Pipes.
 
 `summarize` reads a run's `metrics.jsonl` into a `RunSummary` (final loss and rewards,
-throughput over the logged steps, the loss curve); `format_summary` is what `prefpack
-train` prints at the end.
+the last evaluation's, throughput over the logged steps, the train and eval curves);
+`format_summary` is what `prefpack train` prints at the end.
 
 When Dagster launches `prefpack train` through Pipes (`DAGSTER_PIPES_CONTEXT` is set in the
 environment), `pipes_reporter()` opens the Pipes context on rank 0 and yields a
@@ -28,6 +28,16 @@ if TYPE_CHECKING:  # torch-free at run time
     from training.reference import ReferenceKey
 
 PIPES_CONTEXT_ENV = "DAGSTER_PIPES_CONTEXT"  # set by every Dagster Pipes client
+# The loss and reward metrics of a run, as TRL names them (evaluation adds `eval/`).
+METRICS = (
+    "loss",
+    "rewards/accuracies",
+    "rewards/margins",
+    "rewards/chosen",
+    "rewards/rejected",
+    "logps/chosen",
+    "logps/rejected",
+)
 
 
 @dataclass(frozen=True)
@@ -37,18 +47,24 @@ class RunSummary:
     Attributes:
         steps: the last logged optimizer step.
         final: the last step's metrics line (loss, rewards/*, logps/*, ...).
+        evaluation: the `eval/*` metrics of the last step that evaluated ({}: none did).
         pairs, tokens, seconds: summed over the logged steps.
+        eval_seconds: the time the evaluations took, summed.
         curve: (step, loss, rewards/accuracies, rewards/margins) of every logged step.
+        eval_curve: the same, from the eval metrics, of every step that evaluated.
         metrics_file: the run's metrics.jsonl.
         output: the exported Hugging Face folder.
     """
 
     steps: int
     final: dict[str, float]
+    evaluation: dict[str, float]
     pairs: int
     tokens: int
     seconds: float
+    eval_seconds: float
     curve: list[tuple[int, float, float, float]]
+    eval_curve: list[tuple[int, float, float, float]]
     metrics_file: Path
     output: Path
 
@@ -72,34 +88,53 @@ def summarize(out_dir: str | Path) -> RunSummary:
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     if not lines:
         raise FileNotFoundError(f"{path}: no steps logged")
+    evaluated = [m for m in lines if "eval/loss" in m]
     return RunSummary(
         steps=int(lines[-1]["step"]),
         final=lines[-1],
+        evaluation={k: v for k, v in (evaluated or [{}])[-1].items() if k.startswith("eval/")},
         pairs=sum(m["pairs"] for m in lines),
         tokens=sum(m["tokens"] for m in lines),
         seconds=sum(m["seconds"] for m in lines),
-        curve=[
-            (m["step"], m["loss"], m["rewards/accuracies"], m["rewards/margins"]) for m in lines
-        ],
+        eval_seconds=sum(m["eval/seconds"] for m in evaluated),
+        curve=[_point(m, "") for m in lines],
+        eval_curve=[_point(m, "eval/") for m in evaluated],
         metrics_file=path,
         output=out_dir / "final",
     )
 
 
+def _point(metrics: dict[str, float], prefix: str) -> tuple[int, float, float, float]:
+    """(step, loss, reward accuracy, reward margin) of a metrics line, train or `eval/`."""
+    return (
+        metrics["step"],
+        metrics[f"{prefix}loss"],
+        metrics[f"{prefix}rewards/accuracies"],
+        metrics[f"{prefix}rewards/margins"],
+    )
+
+
 def format_summary(summary: RunSummary) -> str:
     """The lines `prefpack train` prints when it is done."""
-    f = summary.final
-    return "\n".join(
-        [
-            f"trained {summary.steps} steps: {summary.pairs} pairs, {summary.tokens} tokens "
-            f"in {summary.seconds:.1f} s",
-            f"final    loss {f['loss']:.4f}  reward accuracy {f['rewards/accuracies']:.3f}  "
-            f"reward margin {f['rewards/margins']:.4f}",
-            f"speed    {summary.pairs_per_s:.2f} pairs/s  {summary.tokens_per_s:.0f} tokens/s",
-            f"metrics  {summary.metrics_file}",
-            f"model    {summary.output}",
-        ]
-    )
+    f, e = summary.final, summary.evaluation
+    lines = [
+        f"trained {summary.steps} steps: {summary.pairs} pairs, {summary.tokens} tokens "
+        f"in {summary.seconds:.1f} s",
+        f"final    loss {f['loss']:.4f}  reward accuracy {f['rewards/accuracies']:.3f}  "
+        f"reward margin {f['rewards/margins']:.4f}",
+    ]
+    if e:
+        lines.append(
+            f"eval     loss {e['eval/loss']:.4f}  reward accuracy "
+            f"{e['eval/rewards/accuracies']:.3f}  reward margin {e['eval/rewards/margins']:.4f}"
+            f"  ({e['eval/pairs']} held-out pairs)"
+        )
+    lines += [
+        f"speed    {summary.pairs_per_s:.2f} pairs/s  {summary.tokens_per_s:.0f} tokens/s",
+        f"metrics  {summary.metrics_file}",
+        f"model    {summary.output}",
+    ]
+    return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
@@ -120,23 +155,17 @@ def materialization_metadata(
     """The metadata of the training asset's materialization, typed for Pipes.
 
     Keys: `loss`, `rewards/accuracies`, `rewards/margins`, `rewards/chosen`,
-    `rewards/rejected`, `logps/chosen`, `logps/rejected` (the final step's), `pairs/s`,
-    `tokens/s`, `steps`, `pairs`, `tokens`, `seconds`, `output` and `metrics_file` (paths),
-    plus `extra` as text. (The asset draws the loss curve from `metrics.jsonl`, every step.)
+    `rewards/rejected`, `logps/chosen`, `logps/rejected` (the final step's), the same with
+    `eval/` from the last evaluation (when the run had an eval set) and `eval/pairs`,
+    `pairs/s`, `tokens/s`, `steps`, `pairs`, `tokens`, `seconds`, `output` and
+    `metrics_file` (paths), plus `extra` as text. (The asset draws the loss curve from
+    `metrics.jsonl`, every step.)
     """
-    f = summary.final
-    metadata = {
-        name: _float(f[name])
-        for name in (
-            "loss",
-            "rewards/accuracies",
-            "rewards/margins",
-            "rewards/chosen",
-            "rewards/rejected",
-            "logps/chosen",
-            "logps/rejected",
-        )
-    }
+    f, e = summary.final, summary.evaluation
+    metadata = {name: _float(f[name]) for name in METRICS}
+    if e:
+        metadata |= {f"eval/{name}": _float(e[f"eval/{name}"]) for name in METRICS}
+        metadata["eval/pairs"] = _int(e["eval/pairs"])
     metadata |= {
         "pairs/s": _float(summary.pairs_per_s),
         "tokens/s": _float(summary.tokens_per_s),
@@ -174,15 +203,22 @@ class PipesReporter:
 
     def __call__(self, metrics: Mapping[str, float]) -> None:
         """The `on_step` sink: a log line every `log_every` steps or `max_seconds`, with
-        throughput since the start and the time left at that pace. None at the last step:
-        the materialization that follows carries its numbers (and `prefpack run` prints
-        them once)."""
+        throughput since the start and the time left at that pace, and one for each
+        evaluation. None at the last step: the materialization that follows carries its
+        numbers (and `prefpack run` prints them once)."""
         step = int(metrics["step"])
         self.seen += 1
         self.pairs += int(metrics["pairs"])
         self.tokens += int(metrics["tokens"])
         self.seconds += float(metrics["seconds"])
         self.since_line += float(metrics["seconds"])
+        if "eval/loss" in metrics and step != self.steps:
+            self.context.log.info(
+                f"step {step}/{self.steps} eval loss {metrics['eval/loss']:.4f} "
+                f"acc {metrics['eval/rewards/accuracies']:.3f} "
+                f"margin {metrics['eval/rewards/margins']:.4f} "
+                f"({metrics['eval/pairs']} held-out pairs)"
+            )
         due = step % self.log_every == 0 or self.since_line >= self.max_seconds
         if not due or step == self.steps:
             return

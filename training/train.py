@@ -1,25 +1,33 @@
-"""DPO on packed rows: a recipe in four pieces, read top to bottom (torchtune's shape).
+"""DPO on packed rows: the trainer, in pieces read top to bottom (torchtune's shape).
 
+    from training.batch import PackedRows
     from training.train import TrainConfig, train
-    final = train(TrainConfig(out_dir=Path("runs/x"), steps=100), rows, "shared",
-                  block_size=128, max_len=2048, model=model, tokenizer=tokenizer_path)
+    final = train(TrainConfig(out_dir=Path("runs/x"), steps=100), reader, model)
 
-- `setup`: check the settings, join the process group, refuse a checkpoint of another run,
-  check all the data once (every row's length and token ids, every pair's stored
-  reference log-probs; rank 0 decides for all ranks), prepare the policy (DDP or FSDP2,
-  `training/parallel.py`), the reference (a frozen copy sharded the same way, stored
-  log-probs, or a cache computed now by all ranks), the optimizer, and resume.
+`data` is a shard reader (`pipeline.shards.open_shards`) or `PackedRows` held in memory:
+the rows together with their layout, block size, max_len and shard key.
+
+- `check_config`: the settings alone, before any data or model is read (the recipe,
+  `training/recipe.py`, calls it first; `train` does for a caller that did not).
+- `setup`: check the data and model once (every row's length and token ids, every pair's
+  stored reference log-probs; rank 0 decides for all ranks), refuse a checkpoint of
+  another run, prepare the policy (DDP or FSDP2, `training/parallel.py`), the reference (a
+  frozen copy sharded the same way, stored log-probs, or a cache computed now by all
+  ranks), the eval set's reference log-probs, the optimizer, and resume.
 - `train_step`: one optimizer step over `grad_accum` micro-batches; the reference pass runs
   first, under `torch.inference_mode`, in the training precision.
-- `train`: the loop: metrics, progress and checkpoints.
+- `evaluate`: the loss and metrics on the eval set, each rank scoring its share.
+- `fit`: the loop: metrics, evaluation every `eval_every` steps and at the end, progress
+  and checkpoints.
 - `export`: the final Hugging Face folder (rank 0, from the gathered full weights).
 
-`rows` is any sequence of `PackedRow` (a shard reader). `model` is the initial policy; it
-is also the reference unless stored reference log-probs are given. Multi-process: launch
-the calling script with `torchrun --nproc_per_node N`; this module reads torchrun's
-environment (gloo on CPU, NCCL on CUDA). Outputs under `out_dir`:
+`model` is the initial policy; it is also the reference unless stored reference log-probs
+are given. Multi-process: launch the calling script with `torchrun --nproc_per_node N`;
+`train` joins torchrun's process group (gloo on CPU, NCCL on CUDA) unless the caller did.
+Outputs under `out_dir`:
 
-    metrics.jsonl                one line per optimizer step (rank 0)
+    metrics.jsonl                one line per optimizer step (rank 0), eval/ metrics on
+                                 the steps that evaluate
     checkpoints/step_000010/     HF folder + optimizer/ (DCP, sharded) + trainer_state.json
     final/                       HF folder (config.json, safetensors, tokenizer files)
 
@@ -41,7 +49,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -52,11 +60,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from data_contracts.packed_row import LAYOUTS, Layout, PackedRow
+from data_contracts.packed_row import LAYOUTS
 from pipeline.io import atomic_directory
 from pipeline.progress import progress
 from training.attention import FLAT_BACKENDS
-from training.batch import Batch, agree, check_rows, collate
+from training.batch import Batch, PackedData, check_rows, collate
 from training.checkpoint import (
     model_fingerprint,
     save_pretrained,
@@ -71,28 +79,30 @@ from training.device import (
     resolve_device,
     use_gpu_defaults,
 )
+from training.export_files import ExportTokenizer
 from training.logps import pair_logps
 from training.losses import ChosenNLL, PairLogps, build_loss
 from training.model import CausalLM
 from training.parallel import (
     clip_grad_norm,
     fill_weights,
-    from_rank0,
     gradient_sync,
     is_sharded,
     load_optimizer,
     prepare,
     save_optimizer,
-    world_and_rank,
     write_full_weights,
 )
+from training.ranks import agree, from_rank0, process_group, world_and_rank
 from training.reference import (
     REFERENCE_VERSION,
     ReferenceCache,
     ReferenceKey,
     ReferenceLogps,
     cached_reference_logps,
+    compute_reference_logps,
 )
+from training.report import METRICS
 from training.train_config import Backend, TrainConfig
 
 METRICS_NAME = "metrics.jsonl"
@@ -111,20 +121,13 @@ _RESUMABLE_CHANGES = {
     "activation_checkpointing",
     "logits_chunk",
     "compile",
+    "eval_every",
+    "report_to",
 }
 
 
 # -----------------------------------------------------------------------------
 # Settings: fail fast, before any work
-
-
-def _config_problems(config: TrainConfig, device: torch.device) -> list[str]:
-    problems = backend_problems(
-        resolve_backend(config.backend, device, config.precision), device, config.precision
-    )
-    if (config.out_dir / "final").exists():
-        problems.append(f"{config.out_dir / 'final'} exists; use a new --out")
-    return problems
 
 
 def check_config(config: TrainConfig, device: torch.device) -> None:
@@ -133,40 +136,41 @@ def check_config(config: TrainConfig, device: torch.device) -> None:
     Raises:
         ValueError: every problem named at once; a bad precision or loss setting.
     """
-    problems = _config_problems(config, device)
+    problems = backend_problems(
+        resolve_backend(config.backend, device, config.precision), device, config.precision
+    )
+    if (config.out_dir / "final").exists():
+        problems.append(f"{config.out_dir / 'final'} exists; use a new --out")
     if problems:
         raise ValueError("cannot train: " + "; ".join(problems))
     check_precision(config.precision, device)
     build_loss(config.loss, config.beta, config.label_smoothing)  # raises on bad settings
 
 
-def _check_settings(
+def _data_problems(
     config: TrainConfig,
-    rows: Sequence[PackedRow],
-    layout: str,
-    block_size: int,
-    max_len: int,
+    data: PackedData,
     model: CausalLM,
     device: torch.device,
-    reference: ReferenceLogps | ReferenceCache | None,
-) -> None:
-    problems = _config_problems(config, device)
+    references: list[ReferenceLogps | ReferenceCache],
+) -> list[str]:
+    """What keeps these rows, this model and these stored log-probs from training (the
+    settings alone are `check_config`'s)."""
+    problems = []
     if resolve_backend(config.backend, device, config.precision) == "flex":
-        problems += flex_problems(block_size, model.config.dim_per_head, device)
-    if reference is not None:
+        problems += flex_problems(data.block_size, model.config.dim_per_head, device)
+    for reference in references:
         problems += _reference_problems(reference.key, config)
-    if layout not in LAYOUTS:
-        problems.append(f"unknown layout {layout!r} (choose one of {LAYOUTS})")
-    if not len(rows):
+    if data.layout not in LAYOUTS:
+        problems.append(f"unknown layout {data.layout!r} (choose one of {LAYOUTS})")
+    if not len(data):
         problems.append("no rows to train on")
     if any(p.dtype != torch.float32 for p in model.parameters()):
         problems.append("train fp32 parameters (load with dtype=float32; bf16 is autocast)")
     window = model.config.sliding_window
-    if window is not None and max_len > window:
-        problems.append(f"max_len {max_len} exceeds the model's sliding window {window}")
-    if problems:
-        raise ValueError("cannot train: " + "; ".join(problems))
-    check_config(config, device)
+    if window is not None and data.max_len > window:
+        problems.append(f"max_len {data.max_len} exceeds the model's sliding window {window}")
+    return problems
 
 
 def _reference_problems(key: ReferenceKey, config: TrainConfig) -> list[str]:
@@ -224,86 +228,71 @@ class Run:
     """Everything a run holds between steps, made once by `setup`.
 
     Attributes:
+        data: the training rows and their packing settings.
         model: the policy's parameters (sharded in place under FSDP); export reads it.
         policy: what the forward pass runs on: `model`, or its DDP wrapper.
         ref_model: the frozen initial policy when no stored log-probs are given.
         reference: stored reference log-probs, looked up by pair id.
+        eval_data, eval_reference: the eval rows and their reference log-probs (None:
+            no evaluation).
         backend: the resolved attention backend.
         start: steps already done (from a checkpoint).
         record: the settings a checkpoint stores, to refuse a mismatched resume.
     """
 
     config: TrainConfig
-    rows: Sequence[PackedRow]
-    layout: Layout
-    block_size: int
-    max_len: int
+    data: PackedData
     device: torch.device
     backend: Backend
     world: int
     rank: int
     model: CausalLM
-    policy: nn.Module
+    policy: nn.Module | None
     ref_model: nn.Module | None
     reference: ReferenceLogps | None
+    eval_data: PackedData | None
+    eval_reference: ReferenceLogps | None
     optimizer: torch.optim.Optimizer
     loss_fn: nn.Module
     sft: ChosenNLL | None
     record: dict[str, Any]
     start: int
-    own_process_group: bool
 
     @property
     def rows_per_step(self) -> int:
         return self.config.batch_rows * self.config.grad_accum * self.world
 
 
-@dataclass(frozen=True)
-class RunIdentity:
-    """Where the rows and the initial model came from, as far as the trainer cannot see
-    it in the rows and the model themselves: a resume must match it.
-
-    Attributes:
-        shard_key: the shards' cache key (None: rows built in memory, known by count).
-        init_seed: the seed of a random init (`--config`); None for a loaded model.
-    """
-
-    shard_key: str | None = None
-    init_seed: int | None = None
-
-
 def _run_record(
-    config: TrainConfig,
-    layout: str,
-    num_rows: int,
-    block_size: int,
-    rows_per_step: int,
-    inputs: dict[str, Any],
+    config: TrainConfig, data: PackedData, rows_per_step: int, inputs: dict[str, Any]
 ) -> dict[str, Any]:
     """What a checkpoint stores about its run (JSON types), to refuse a mismatched resume:
     the settings, the data's shape and the inputs (`_inputs`)."""
     settings = dataclasses.asdict(config)
     settings["out_dir"] = str(config.out_dir)
     settings["adam_betas"] = list(config.adam_betas)
-    data = {
-        "layout": layout,
-        "rows": num_rows,
-        "block_size": block_size,
+    shape = {
+        "layout": data.layout,
+        "rows": len(data),
+        "block_size": data.block_size,
         "rows_per_step": rows_per_step,
     }
-    return {"config": settings, "data": data, "inputs": inputs}
+    return {"config": settings, "data": shape, "inputs": inputs}
 
 
 def _inputs(
-    identity: RunIdentity, model: CausalLM, reference: ReferenceLogps | ReferenceCache | None
+    data: PackedData,
+    model: CausalLM,
+    init_seed: int | None,
+    reference: ReferenceLogps | ReferenceCache | None,
 ) -> dict[str, Any]:
     """The run's inputs: shards, the initial model's content fingerprint (taken before any
     step or resume changes the weights), its init seed, and the reference: `live` (the
     frozen initial model) or the stored log-probs' key, wherever they are read from."""
     return {
-        "shard_key": identity.shard_key,
+        "shard_key": data.key,
         "model_fingerprint": model_fingerprint(model),
-        "init_seed": identity.init_seed,
+        "init_seed": init_seed,
         "reference": "live" if reference is None else dataclasses.asdict(reference.key),
     }
 
@@ -325,17 +314,17 @@ def _fit_batch_rows(config: TrainConfig, num_rows: int, world: int, rank: int) -
 
 def setup(
     config: TrainConfig,
-    rows: Sequence[PackedRow],
-    layout: Layout,
-    block_size: int,
-    max_len: int,
+    data: PackedData,
     model: CausalLM,
     reference: ReferenceLogps | ReferenceCache | CausalLM | None = None,
-    identity: RunIdentity | None = None,
+    init_seed: int | None = None,
+    eval_data: PackedData | None = None,
+    eval_reference: ReferenceLogps | ReferenceCache | None = None,
 ) -> Run:
-    """Check the settings, join the process group, refuse a checkpoint this run cannot
-    continue, check every row (and every pair against stored log-probs) once, prepare
-    policy and reference, build the optimizer, and resume. Arguments as for `train`."""
+    """Check the data and model (the settings were checked by `check_config`), refuse a
+    checkpoint this run cannot continue, check every row (and every pair against stored
+    log-probs) once, prepare policy and reference, build the optimizer, and resume.
+    Arguments as for `train`; under torchrun, inside the process group."""
     ref_model = reference if isinstance(reference, nn.Module) else None
     if ref_model is not None:  # a live reference, given (a sharded policy is not copied)
         if model_fingerprint(ref_model) != model_fingerprint(model):
@@ -351,22 +340,24 @@ def setup(
         )
     world, rank = world_and_rank()
     device = resolve_device(config.device)
-    _check_settings(config, rows, layout, block_size, max_len, model, device, reference)
-    config = _fit_batch_rows(config, len(rows), world, rank)
-    own_process_group = world > 1 and not dist.is_initialized()
-    if own_process_group:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    stored = [r for r in (reference, eval_reference) if r is not None]
+    problems = _data_problems(config, data, model, device, stored)
+    if problems:
+        raise ValueError("cannot train: " + "; ".join(problems))
+    config = _fit_batch_rows(config, len(data), world, rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     use_gpu_defaults(device)
     rows_per_step = config.batch_rows * config.grad_accum * world
-    inputs = _inputs(identity or RunIdentity(), model, reference)
-    record = _run_record(config, layout, len(rows), block_size, rows_per_step, inputs)
+    inputs = _inputs(data, model, init_seed, reference)
+    record = _run_record(config, data, rows_per_step, inputs)
     checkpoint = _agreed_checkpoint(config.out_dir, record)
     mc = model.config
-    check_rows(rows, max_len, mc.vocab_size, mc.sliding_window)
+    check_rows(data, data.max_len, mc.vocab_size, mc.sliding_window)
+    if eval_data is not None:
+        check_rows(eval_data, eval_data.max_len, mc.vocab_size, mc.sliding_window)
     if isinstance(reference, ReferenceLogps):
-        reference.check_covers(rows)
+        reference.check_covers(data)
     config.out_dir.mkdir(parents=True, exist_ok=True)
 
     # The live reference is the initial policy: copy it before resuming changes the weights.
@@ -381,20 +372,12 @@ def setup(
     if config.compile:  # flat batches change length every step: dynamic shapes from the start
         model.compile_blocks(dynamic=True if backend in FLAT_BACKENDS else None)
     policy = prepare(model, config.parallel, device, config.precision)
-    if isinstance(reference, ReferenceCache):  # all ranks, with the initial weights
-        reference = cached_reference_logps(
-            model,
-            rows,
-            layout,
-            reference,
-            block_size=block_size,
-            backend=backend,
-            batch_rows=config.batch_rows,
-            device=device,
-            progress=config.progress,
-            max_len=max_len,
-        )
-        reference.check_covers(rows)  # a file reused under a key that other rows share
+    # Stored log-probs computed now, by all ranks, with the initial weights.
+    initial = (ref_model if ref_model is not None else model, inputs["model_fingerprint"])
+    if isinstance(reference, ReferenceCache):
+        reference = _initial_logps(initial, data, reference, config, backend, device)
+    if eval_data is not None:
+        eval_reference = _initial_logps(initial, eval_data, eval_reference, config, backend, device)
     model.train()
     optimizer = torch.optim.AdamW(
         model.parameters(),
@@ -405,10 +388,7 @@ def setup(
     )
     run = Run(
         config=config,
-        rows=rows,
-        layout=layout,
-        block_size=block_size,
-        max_len=max_len,
+        data=data,
         device=device,
         backend=backend,
         world=world,
@@ -417,18 +397,55 @@ def setup(
         policy=policy,
         ref_model=ref_model,
         reference=reference,
+        eval_data=eval_data,
+        eval_reference=eval_reference,
         optimizer=optimizer,
         loss_fn=build_loss(config.loss, config.beta, config.label_smoothing),
         sft=ChosenNLL(config.sft_weight) if config.sft_weight else None,
         record=record,
         start=0,
-        own_process_group=own_process_group,
     )
     if checkpoint is not None:
         run.start = _resume(run, checkpoint)
     elif rank == 0:  # from step 0: lines of a run that died before its first checkpoint go
         (config.out_dir / METRICS_NAME).unlink(missing_ok=True)
     return run
+
+
+def _initial_logps(
+    initial: tuple[nn.Module, str],
+    data: PackedData,
+    stored: ReferenceLogps | ReferenceCache | None,
+    config: TrainConfig,
+    backend: Backend,
+    device: torch.device,
+) -> ReferenceLogps:
+    """The reference log-probs of `data`: given, read from (or computed into) a cache, or
+    computed now in memory with the initial weights (`initial`: a model holding them and
+    their fingerprint), on all ranks; checked to cover every pair of `data` (a cached file
+    reused under a key that other rows share)."""
+    model, fingerprint = initial
+    if isinstance(stored, ReferenceLogps):
+        stored.check_covers(data)
+        return stored
+    kwargs = {
+        "block_size": data.block_size,
+        "backend": backend,
+        "batch_rows": config.batch_rows,
+        "device": device,
+        "progress": config.progress,
+        "max_len": data.max_len,
+    }
+    if isinstance(stored, ReferenceCache):
+        logps = cached_reference_logps(model, data, data.layout, stored, **kwargs)
+    else:
+        table = compute_reference_logps(
+            model, data, data.layout, precision=config.precision, **kwargs
+        )
+        key = ReferenceKey(fingerprint, data.key or "", config.precision)
+        logps = ReferenceLogps(table, key)
+    logps.check_covers(data)
+    return logps
 
 
 # -----------------------------------------------------------------------------
@@ -451,7 +468,7 @@ def save_checkpoint(run: Run, step: int) -> None:
     all. A collective: every rank calls it."""
     final = run.config.out_dir / "checkpoints" / f"step_{step:06d}"
     with atomic_directory(final) if run.rank == 0 else contextlib.nullcontext() as own:
-        tmp = _rank0_path(run, own)
+        tmp = Path(from_rank0(lambda: str(own)))  # rank 0's temp directory, on every rank
         write_full_weights(
             run.model, run.rank, lambda weights: write_pretrained(run.model, tmp, tensors=weights)
         )
@@ -462,16 +479,6 @@ def save_checkpoint(run: Run, step: int) -> None:
             state = json.dumps({**run.record, "step": step}, indent=2) + "\n"
             (tmp / STATE_NAME).write_text(state)
     _barrier(run)
-
-
-def _rank0_path(run: Run, path: Path | None) -> Path:
-    """Rank 0's `path` on every rank: the temp directory they all write into."""
-    if run.world == 1:
-        assert path is not None
-        return path
-    box = [str(path) if run.rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return Path(box[0])
 
 
 def _checkpoint_to_resume(out_dir: Path, record: dict[str, Any]) -> Path | None:
@@ -513,7 +520,7 @@ def _agreed_checkpoint(out_dir: Path, record: dict[str, Any]) -> Path | None:
             return None, str(err)
 
     found, problem = from_rank0(look)
-    agree(problem)
+    agree(lambda: problem)
     return found
 
 
@@ -552,21 +559,21 @@ def _reference_logps(run: Run, batch: Batch) -> PairLogps:
 
 def train_step(run: Run, step: int) -> dict[str, float]:
     """Run global step `step` (0-based) on this rank and return its metrics (all ranks')."""
-    config, device = run.config, run.device
+    config, device, data = run.config, run.device, run.data
     t0 = time.perf_counter()
     lr = learning_rate(step, config)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    step_rows = global_step_rows(step, len(run.rows), run.rows_per_step, config.seed)
-    pairs_in_step = sum(run.rows[int(i)].num_pairs for i in step_rows)
+    step_rows = global_step_rows(step, len(data), run.rows_per_step, config.seed)
+    pairs_in_step = sum(data[int(i)].num_pairs for i in step_rows)
     # micro-batch m of rank r: a fixed slice, so any (world, grad_accum) split of the same
     # global batch sees the same rows.
     slices = step_rows.reshape(config.grad_accum, run.world, config.batch_rows)
     sums = torch.zeros(8, dtype=torch.float64, device=device)  # summed over pairs
     for micro in range(config.grad_accum):
-        micro_rows = [run.rows[i] for i in slices[micro, run.rank].tolist()]
+        micro_rows = [data[i] for i in slices[micro, run.rank].tolist()]
         batch = collate(
-            micro_rows, run.layout, run.backend, run.block_size, device, pad_to=run.max_len
+            micro_rows, data.layout, run.backend, data.block_size, device, pad_to=data.max_len
         )
         last = micro == config.grad_accum - 1
         with autocast(device, config.precision):
@@ -618,6 +625,65 @@ def train_step(run: Run, step: int) -> dict[str, float]:
 
 
 # -----------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate(run: Run) -> dict[str, float]:
+    """The run's loss and metrics on its eval set now, as TRL names them with `eval/`.
+
+    Every rank scores its share of the eval rows and gets every pair's log-probs
+    (`compute_reference_logps` under the policy, no gradients, in the training
+    precision), so the numbers, means over the eval pairs, are the same on every rank and
+    for any number of processes. A collective: every rank calls it.
+    """
+    assert run.eval_data is not None and run.eval_reference is not None
+    data, config = run.eval_data, run.config
+    t0 = time.perf_counter()
+    table = compute_reference_logps(
+        run.model,
+        data,
+        data.layout,
+        block_size=data.block_size,
+        backend=run.backend,
+        batch_rows=config.batch_rows,
+        device=run.device,
+        precision=config.precision,
+        progress=False,
+        max_len=data.max_len,
+    )
+    run.model.train()
+    policy = PairLogps(
+        torch.tensor(table.column("chosen_logps").to_numpy()),
+        torch.tensor(table.column("rejected_logps").to_numpy()),
+    )
+    ref = run.eval_reference.lookup(table.column("pair_id").to_pylist())
+    with torch.no_grad():
+        losses, chosen, rejected = run.loss_fn(policy, ref)
+        if run.sft is not None:
+            lengths = np.concatenate([row.chosen_len for row in data]).astype(np.int64)
+            losses = losses + run.sft(policy, torch.from_numpy(lengths))
+    values = {
+        "loss": losses,
+        "rewards/chosen": chosen,
+        "rewards/rejected": rejected,
+        "rewards/margins": chosen - rejected,
+        "rewards/accuracies": (chosen > rejected).float(),
+        "logps/chosen": policy.chosen,
+        "logps/rejected": policy.rejected,
+    }
+    metrics = {f"eval/{name}": float(values[name].double().mean()) for name in METRICS}
+    return metrics | {"eval/pairs": table.num_rows, "eval/seconds": time.perf_counter() - t0}
+
+
+def _evaluates_at(run: Run, step: int) -> bool:
+    """Whether the run evaluates after `step` (1-based): every `eval_every`, and last."""
+    every = run.config.eval_every
+    return run.eval_data is not None and (
+        step == run.config.steps or (every > 0 and step % every == 0)
+    )
+
+
+# -----------------------------------------------------------------------------
 # The loop and the export
 
 
@@ -629,51 +695,114 @@ def metrics_line(metrics: dict[str, float]) -> str:
     return json.dumps(clean, allow_nan=False) + "\n"
 
 
-def export(run: Run, tokenizer: str | Path | None) -> Path:
-    """Write `out_dir/final` from the full weights (rank 0; a collective under FSDP)."""
+def fit(run: Run, on_step: Callable[[dict[str, float]], None] | None = None) -> None:
+    """Train from `run.start` to `config.steps`: each step's metrics line (with the eval
+    metrics on the steps that evaluate) on rank 0, checkpoints every `checkpoint_every`.
+
+    Raises:
+        ValueError: the loss or the gradient norm is not finite (the run diverged).
+    """
+    config = run.config
+    bar = progress(
+        range(run.start, config.steps),
+        initial=run.start,
+        total=config.steps,
+        desc="train",
+        unit="step",
+        enabled=config.progress and run.rank == 0,
+    )
+    shown: dict[str, str] = {}
+    for step in bar:
+        metrics = train_step(run, step)
+        finite = math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
+        if finite and _evaluates_at(run, step + 1):
+            metrics |= evaluate(run)
+        if run.rank == 0:
+            with (config.out_dir / METRICS_NAME).open("a") as f:
+                f.write(metrics_line(metrics))
+            shown |= {
+                "loss": f"{metrics['loss']:.4f}",
+                "acc": f"{metrics['rewards/accuracies']:.3f}",
+            }
+            if "eval/loss" in metrics:
+                shown |= {
+                    "eval_loss": f"{metrics['eval/loss']:.4f}",
+                    "eval_acc": f"{metrics['eval/rewards/accuracies']:.3f}",
+                }
+            bar.set_postfix(**shown)
+            if on_step is not None and finite:
+                on_step(metrics)
+        if not finite:
+            raise ValueError(
+                f"step {step + 1}: loss {metrics['loss']}, gradient norm "
+                f"{metrics['grad_norm']}: training diverged and stopped, no final/ "
+                f"written; lower --lr (now {config.lr:g}) or check the data"
+            )
+        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+            save_checkpoint(run, step + 1)
+
+
+def export(
+    run: Run, tokenizer: str | Path | ExportTokenizer | None = None, card: str | None = None
+) -> Path:
+    """Write `out_dir/final` from the full weights (rank 0; a collective under FSDP), with
+    the tokenizer files (`training.checkpoint.save_pretrained`) and the model card `card`
+    (README.md) when given."""
     final = run.config.out_dir / "final"
     dtype = getattr(torch, run.config.export_dtype)
     write_full_weights(
         run.model,
         run.rank,
-        lambda weights: save_pretrained(run.model, final, tokenizer, dtype, tensors=weights),
+        lambda weights: save_pretrained(
+            run.model, final, tokenizer, dtype, tensors=weights, readme=card
+        ),
     )
     _barrier(run)
     return final
 
 
+def release(run: Run) -> None:
+    """Drop the run's DDP wrappers while the process group is still joined: freed after
+    it, DDP's reducer runs gloo's blocking destructor with the GIL held, which deadlocks
+    against gloo's worker threads (seen in 1 of ~10 runs)."""
+    run.policy = run.ref_model = None
+
+
 def train(
     config: TrainConfig,
-    rows: Sequence[PackedRow],
-    layout: Layout,
-    block_size: int,
-    max_len: int,
+    data: PackedData,
     model: CausalLM,
     reference: ReferenceLogps | ReferenceCache | CausalLM | None = None,
-    tokenizer: str | Path | None = None,
+    init_seed: int | None = None,
+    eval_data: PackedData | None = None,
+    eval_reference: ReferenceLogps | ReferenceCache | None = None,
+    tokenizer: str | Path | ExportTokenizer | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
-    identity: RunIdentity | None = None,
 ) -> Path:
     """Train `model` with the configured preference loss and export it.
 
     Args:
         config: the run's settings.
-        rows: packed rows (a shard reader or any sequence of `PackedRow`).
-        layout: the rows' layout: `shared`, `unshared` or `padded`.
-        block_size: the shards' mask block size (used by the flex backend).
-        max_len: the shards' row length limit (checked per row; flex pads to it).
+        data: packed rows with their layout, block size, max_len and shard key (a shard
+            reader, or `training.batch.PackedRows`); the key is recorded in checkpoints,
+            so that a resume from other shards (of the same row count) is refused.
         model: the initial policy, fp32 on CPU (or loaded sharded by
             `training.parallel.load_sharded`); also the reference unless `reference`.
-        reference: stored reference log-probs covering every pair of `rows`, a cache to
+        reference: stored reference log-probs covering every pair of `data`, a cache to
             compute them into first (with the initial weights, on all ranks), or the
             frozen reference model itself (required for a policy loaded sharded, which
             cannot be copied; load it the same way with `trainable=False`).
-        tokenizer: tokenizer.json or tokenizer folder copied into every exported folder.
+        init_seed: the seed of a random init (recorded: a resume must match it); None for
+            a loaded model. The model's fingerprint and the reference's key are recorded
+            whatever is given.
+        eval_data: rows to evaluate on every `eval_every` steps and at the end (None: no
+            evaluation).
+        eval_reference: their reference log-probs: stored, a cache, or None to compute
+            them once now with the initial weights.
+        tokenizer: what the exported folder's tokenizer files come from
+            (`training.checkpoint.save_pretrained`).
         on_step: called on rank 0 with each step's metrics (the metrics.jsonl line), after
             the line is written; a progress sink (e.g. `training.report.PipesReporter`).
-        identity: the shard key and init seed, recorded in checkpoints so that a resume
-            from other shards (of the same row count) or another init is refused; the
-            model's fingerprint and the reference's key are recorded whatever is given.
 
     Returns:
         The exported Hugging Face folder `out_dir/final`.
@@ -683,38 +812,12 @@ def train(
             (named by index) or a pair without stored log-probs (named with its row),
             or a checkpoint whose settings or inputs differ from this run's.
     """
-    run = setup(config, rows, layout, block_size, max_len, model, reference, identity)
-    try:
-        bar = progress(
-            range(run.start, config.steps),
-            initial=run.start,
-            total=config.steps,
-            desc="train",
-            unit="step",
-            enabled=config.progress and run.rank == 0,
-        )
-        for step in bar:
-            metrics = train_step(run, step)
-            finite = math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
-            if run.rank == 0:
-                with (config.out_dir / METRICS_NAME).open("a") as f:
-                    f.write(metrics_line(metrics))
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=metrics["rewards/accuracies"])
-                if on_step is not None and finite:
-                    on_step(metrics)
-            if not finite:
-                raise ValueError(
-                    f"step {step + 1}: loss {metrics['loss']}, gradient norm "
-                    f"{metrics['grad_norm']}: training diverged and stopped, no final/ "
-                    f"written; lower --lr (now {config.lr:g}) or check the data"
-                )
-            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-                save_checkpoint(run, step + 1)
-        return export(run, tokenizer)
-    finally:
-        if run.own_process_group:
-            # DDP's reducer must go while the process group is still registered: freed
-            # after it, the reducer runs gloo's blocking destructor with the GIL held,
-            # which deadlocks against gloo's worker threads (seen in 1 of ~10 runs).
-            run.policy = run.ref_model = None
-            dist.destroy_process_group()
+    device = resolve_device(config.device)
+    check_config(config, device)
+    with process_group(device):
+        run = setup(config, data, model, reference, init_seed, eval_data, eval_reference)
+        try:
+            fit(run, on_step)
+            return export(run, tokenizer)
+        finally:
+            release(run)

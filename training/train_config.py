@@ -24,6 +24,7 @@ PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 LossName = Literal["sigmoid", "robust", "ipo", "hinge"]  # training/losses.py `LOSSES`
 LOSS_NAMES: tuple[LossName, ...] = get_args(LossName)
 ExportDtype = Literal["float32", "bfloat16"]
+ReportTo = Literal["none", "tensorboard", "wandb", "mlflow"]  # training/trackers.py
 # Bumped whenever the numbers of `compute_reference_logps` change (log-prob code, the
 # reduction, the stored dtype): stored reference files of another version are refused.
 REFERENCE_VERSION = "1"
@@ -99,6 +100,19 @@ class TrainConfig:
     )
     device: str = setting(
         "auto", "auto, cpu, cuda or cuda:N; auto: CUDA (LOCAL_RANK) when present, else CPU"
+    )
+    # evaluation and reporting
+    eval_every: int = setting(
+        0,
+        "evaluate on --eval-shards every N steps, and always after the last step (0: only "
+        "after the last)",
+        ge=0,
+    )
+    report_to: ReportTo = setting(
+        "none",
+        "also send the metrics to TensorBoard, Weights & Biases (offline without a login) or "
+        "MLflow (a local store under --out unless MLFLOW_TRACKING_URI is set); each needs its "
+        "pip extra, e.g. prefpack[tensorboard]",
     )
     # outputs
     checkpoint_every: int = setting(0, "save a resumable checkpoint every N steps (0: never)", ge=0)

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.curate import EVAL_PAIRS_FILE
+from pipeline.eval_shards import build_eval_shards
 from pipeline.pack import PackConfig, build_shards
 from pipeline.shards import open_shards
 from pipeline.tokenized import TokenizeConfig, build_tokenized
@@ -17,6 +19,7 @@ from training.configs import tiny
 from training.model import CausalLM
 
 TINY_SHARD_PAIRS = 48
+TINY_EVAL_PAIRS = 12
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -36,6 +39,15 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenized = build_tokenized(pairs, None, TokenizeConfig(bpe_vocab_size=320), store)
     config = PackConfig(max_len=256, mask_block_size=32, min_response_len=8)
     return build_shards(tokenized.directory, config, store).directory
+
+
+@pytest.fixture(scope="session")
+def tiny_eval_shards(tiny_shards: Path) -> Path:
+    """12 other random-word pairs held out beside `tiny_shards`' pairs (as a curate output's
+    eval_pairs.parquet) and packed with their tokenizer and settings."""
+    root = tiny_shards.parents[2]  # root/store/shards/<key>: root holds pairs.parquet
+    write_pairs(root / EVAL_PAIRS_FILE, random_pairs(TINY_EVAL_PAIRS, seed=4))
+    return build_eval_shards(root, tiny_shards, root / "store").shards.directory
 
 
 def tiny_checkpoint(shards: Path, folder: Path, seed: int = 0) -> Path:

@@ -3,7 +3,8 @@
 
 - `train`: trains the same seeded tiny model on the same rows as the single-process runs in
   `test_train.py`, one row per process per step (a global batch of 2 rows), for `STEPS`
-  steps with a checkpoint every `CHECKPOINT_EVERY` (resuming from OUT when it holds one).
+  steps with a checkpoint every `CHECKPOINT_EVERY` (resuming from OUT when it holds one),
+  evaluating on `worker_eval_data()` every `EVAL_EVERY` steps and at the end.
 - `reference`: computes the reference log-probs of `REFERENCE_ROWS` with the model sharded
   or replicated by PARALLEL; rank 0 writes them to OUT (Arrow).
   Each rank writes where its parameters live to OUT's folder (`layout-rank<R>.json`).
@@ -29,6 +30,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from tests.training.pairs import varied_rows
+from training.batch import PackedRows
 from training.configs import small, tiny
 from training.device import resolve_device
 from training.model import CausalLM
@@ -43,6 +45,7 @@ from training.train import TrainConfig, train
 
 STEPS = 5
 CHECKPOINT_EVERY = 3
+EVAL_EVERY = 2
 LR = 1e-3
 REFERENCE_ROWS = 11  # shares of 5 and 6 rows: the short share runs a padding pass
 REFERENCE_BATCH_ROWS = 5
@@ -81,9 +84,15 @@ def worker_config(out_dir: Path, batch_rows: int, **changes: object) -> TrainCon
         warmup_steps=0,
         batch_rows=batch_rows,
         checkpoint_every=CHECKPOINT_EVERY,
+        eval_every=EVAL_EVERY,
         progress=False,
         **changes,
     )
+
+
+def worker_eval_data() -> PackedRows:
+    """Held-out rows (other pairs than the training rows') that mode `train` evaluates on."""
+    return PackedRows(varied_rows(1, "shared"), "shared", 16, 512)
 
 
 def seeded_model() -> CausalLM:
@@ -105,7 +114,8 @@ def refusals(out: Path) -> list[str]:
     for name, run_rows, reference in (("tokens", bad_token, None), ("pairs", rows, lacking)):
         config = worker_config(out / name, batch_rows=1)
         try:
-            train(config, run_rows, "shared", 16, 512, seeded_model(), reference=reference)
+            data = PackedRows(run_rows, "shared", 16, 512)
+            train(config, data, seeded_model(), reference=reference)
         except ValueError as err:
             messages.append(str(err))
     return messages
@@ -143,7 +153,8 @@ if __name__ == "__main__":
     mode, out, parallel = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     if mode == "train":
         config = worker_config(out, batch_rows=1, parallel=parallel)
-        train(config, varied_rows(0, "shared"), "shared", 16, 512, seeded_model())
+        data = PackedRows(varied_rows(0, "shared"), "shared", 16, 512)
+        train(config, data, seeded_model(), eval_data=worker_eval_data())
     elif mode == "reference":
         dist.init_process_group("gloo")
         model = seeded_model()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import prefpack
 from pipeline.shards import ShardError, open_shards
@@ -128,7 +128,7 @@ def test_train_segments_and_dense_then_export(
     tiny_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Both backends train the same numbers (they are exact); the summary names the metrics
-    file and the export, which loads and carries the shards' tokenizer byte for byte."""
+    file and the export, which loads and carries the shards' tokenizer."""
     for backend in ("segments", "dense"):
         assert (
             prefpack.main(_train_argv(tiny_shards, tmp_path / backend, "--backend", backend)) == 0
@@ -149,9 +149,15 @@ def test_train_segments_and_dense_then_export(
     for key, value in exported["segments"].state_dict().items():
         torch.testing.assert_close(exported["dense"].state_dict()[key], value, rtol=1e-4, atol=1e-6)
     assert not torch.equal(exported["segments"].model.norm.weight, initial.model.norm.weight)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        copied = tmp_path / "segments" / "final" / name
-        assert copied.read_bytes() == (tiny_shards / name).read_bytes()
+    # The shards' tokenizer (a random init has no base folder's), with the model's context.
+    final = tmp_path / "segments" / "final"
+    assert (final / "tokenizer.json").read_bytes() == (tiny_shards / "tokenizer.json").read_bytes()
+    ours, theirs = (
+        json.loads((d / "tokenizer_config.json").read_text()) for d in (final, tiny_shards)
+    )
+    assert ours.pop("model_max_length") == tiny().max_position_embeddings
+    assert theirs.pop("model_max_length") == open_shards(tiny_shards).max_len
+    assert ours == theirs
 
 
 def test_logps_computed_once_then_reused(
@@ -256,17 +262,17 @@ class _FakeRanks:
 def test_only_rank_0_hashes_the_shards_and_all_share_its_verdict(
     tiny_shards: Path, monkeypatch: pytest.MonkeyPatch, rank: int, verdict: str | None
 ) -> None:
-    import pipeline.shards
-    from training.cli import _open_shards_once
+    import training.recipe
+    from training.recipe import open_shards_once
 
     opened: list[bool] = []
-    real = pipeline.shards.open_shards
+    real = training.recipe.open_shards
 
     def spy(directory: Path, verify: bool = True) -> object:
         opened.append(verify)
         return real(directory, verify=verify)
 
-    monkeypatch.setattr(pipeline.shards, "open_shards", spy)
+    monkeypatch.setattr(training.recipe, "open_shards", spy)
     monkeypatch.setattr(
         "torch.distributed.is_initialized", _FakeRanks(rank, verdict).is_initialized
     )
@@ -274,11 +280,11 @@ def test_only_rank_0_hashes_the_shards_and_all_share_its_verdict(
     for name in ("get_world_size", "get_rank", "broadcast_object_list"):
         monkeypatch.setattr(f"torch.distributed.{name}", getattr(fake, name))
     if verdict is None:
-        assert len(_open_shards_once(tiny_shards, verify=True)) > 0
+        assert len(open_shards_once(tiny_shards, verify=True)) > 0
         assert opened == [rank == 0]  # rank 0 verifies, rank 1 opens without hashing
     else:
         with pytest.raises(ShardError, match=r"shard-00000\.arrow: bad"):
-            _open_shards_once(tiny_shards, verify=True)
+            open_shards_once(tiny_shards, verify=True)
         assert opened == []
 
 
@@ -303,6 +309,97 @@ def test_stored_reference_trains_like_the_reference_model(
     for name in runs:
         np.testing.assert_allclose(_losses(tmp_path / name), base, rtol=1e-5)
     assert base[-1] != base[0]
+
+
+def test_eval_shards_give_eval_metrics_a_summary_line_and_the_model_card(
+    tiny_shards: Path, tiny_eval_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--eval-shards with --eval-every 2 of 3 steps: eval/ metrics on steps 2 and 3, the
+    summary's eval line, and final/README.md (a model card whose header parses) with the
+    last evaluation's numbers. With --reference-cache the eval reference log-probs are
+    computed once beside the training ones and reused by the next run, which evaluates to
+    the same numbers."""
+    cache = ["--reference-cache", str(tmp_path / "cache")]
+    evaluation = ["--eval-shards", str(tiny_eval_shards), "--eval-every", "2", *cache]
+    assert prefpack.main(_train_argv(tiny_shards, tmp_path / "run", *evaluation)) == 0
+    shown = capsys.readouterr()
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "eval/loss" in m] == [2, 3]
+    last = lines[-1]
+    assert last["eval/pairs"] == open_shards(tiny_eval_shards).manifest["stats"]["pairs"] > 0
+    assert f"eval     loss {last['eval/loss']:.4f}" in shown.out
+    assert shown.err.count("reference log-probs: computing") == 2  # train and eval shards
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+    card = (tmp_path / "run" / "final" / "README.md").read_text()
+    header = yaml.safe_load(card.split("---\n")[1])
+    assert header == {"library_name": "transformers", "tags": ["dpo", "prefpack"]}
+    results = card[card.index("## Results") :].splitlines()
+    row = next(x for x in results if x.startswith("| `loss` |"))
+    assert row == f"| `loss` | {last['loss']:.4f} | {last['eval/loss']:.4f} |"
+    assert f"shards key `{open_shards(tiny_eval_shards).key}`" in card
+
+    assert prefpack.main(_train_argv(tiny_shards, tmp_path / "again", *evaluation)) == 0
+    assert capsys.readouterr().err.count("reference log-probs: reusing") == 2
+    again = json.loads((tmp_path / "again" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert again["eval/loss"] == pytest.approx(last["eval/loss"], rel=1e-6)
+
+
+def test_report_to_tensorboard_gets_every_metrics_line_with_its_eval(
+    tiny_shards: Path, tiny_eval_shards: Path, tmp_path: Path
+) -> None:
+    """`--report-to tensorboard`: the events hold each step's train metrics and, on the
+    steps that evaluate, the eval/ ones, as metrics.jsonl has them (TensorBoard keeps
+    float32). The choices of --report-to are the trackers there are."""
+    pytest.importorskip("tensorboard", reason="pip install 'prefpack[tensorboard]'")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from training.trackers import NONE, TRACKERS
+    from training.train_config import ReportTo
+
+    assert set(typing.get_args(ReportTo)) == {NONE, *TRACKERS}
+    evaluation = ["--eval-shards", str(tiny_eval_shards), "--eval-every", "2"]
+    argv = _train_argv(tiny_shards, tmp_path / "run", *evaluation, "--report-to", "tensorboard")
+    assert prefpack.main(argv) == 0
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for name in ("loss", "rewards/accuracies", "eval/loss", "eval/rewards/margins"):
+        logged = [(e.step, e.value) for e in events.Scalars(name)]
+        expected = [(m["step"], m[name]) for m in lines if name in m]
+        assert [step for step, _ in logged] == [step for step, _ in expected], name
+        np.testing.assert_allclose([v for _, v in logged], [v for _, v in expected], rtol=1e-6)
+    assert [e.step for e in events.Scalars("eval/loss")] == [2, 3]
+
+
+def test_a_model_folder_with_another_tokenizer_is_refused_before_its_weights(
+    tiny_shards: Path, tmp_path: Path, cli
+) -> None:
+    """A --model folder whose own tokenizer.json is not the shards' stops train, logps and
+    difficulty with one line naming both, before any weight is read (this folder has
+    none); --allow-tokenizer-mismatch trains on a complete one."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(tiny_checkpoint(tiny_shards, tmp_path / "m") / "config.json", bare)
+    other = REPO / "tests" / "fixtures" / "gpt2_small_tokenizer.json"
+    for folder in (bare, tmp_path / "m"):
+        shutil.copy(other, folder / "tokenizer.json")
+    commands = {
+        "train": _train_argv(tiny_shards, tmp_path / "run"),
+        "logps": _logps_argv(tiny_shards, tmp_path / "ref.arrow"),
+        "difficulty": ["difficulty", "--shards", str(tiny_shards), "--config", "tiny",
+                       "--out", str(tmp_path / "scores")],
+    }  # fmt: skip
+    for command, argv in commands.items():
+        status, err = cli(with_model(argv, bare))
+        assert_one_error_line(
+            status, err, command, "the shards' tokenizer", f"{bare}/tokenizer.json",
+            "--allow-tokenizer-mismatch",
+        )  # fmt: skip
+        assert "model.safetensors" not in err
+    argv = with_model(commands["train"], tmp_path / "m")
+    status, err = cli([*argv, "--steps", "1", "--allow-tokenizer-mismatch"])
+    assert status == 0, err
 
 
 # -----------------------------------------------------------------------------
@@ -350,6 +447,8 @@ def _corrupt_copy(shards: Path, to: Path) -> Path:
         ({"--reference": "none.arrow"}, r"none.arrow: no such file; write it with prefpack logps"),
         ({"--reference": "other.arrow"}, r"model_fingerprint is [0-9a-f]+, expected [0-9a-f]+"),
         ({"--reference": "a", "--reference-cache": "b"}, r"not allowed with argument"),
+        ({"--eval-every": "2"}, r"--eval-every needs --eval-shards"),
+        ({"--eval-reference": "e.arrow"}, r"--eval-reference needs --eval-shards"),
     ],
 )
 def test_bad_flags_and_inputs_fail_fast_with_the_cause_named(
@@ -470,15 +569,22 @@ def _pipes_run(shards: Path, out: Path, *extra: str) -> tuple[object, object]:
 
 
 @pytest.mark.slow
-def test_dagster_pipes_gets_progress_and_final_metrics(tiny_shards: Path, tmp_path: Path) -> None:
+def test_dagster_pipes_gets_progress_and_final_metrics(
+    tiny_shards: Path, tiny_eval_shards: Path, tmp_path: Path
+) -> None:
     # A fine-tuning rate on a random init: the hint reaches Dagster's log as a warning.
-    result, instance = _pipes_run(tiny_shards, tmp_path / "run", "--steps", "4", "--lr", "5e-7")
+    evaluation = ("--eval-shards", str(tiny_eval_shards), "--eval-every", "2")
+    result, instance = _pipes_run(
+        tiny_shards, tmp_path / "run", "--steps", "4", "--lr", "5e-7", *evaluation
+    )
     assert result.success
     metadata = result.asset_materializations_for_node("trained_model")[0].metadata
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     final = lines[-1]
     for name in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen"):
         assert metadata[name].value == pytest.approx(final[name], rel=1e-6)
+        assert metadata[f"eval/{name}"].value == pytest.approx(final[f"eval/{name}"], rel=1e-6)
+    assert metadata["eval/pairs"].value == final["eval/pairs"] > 0
     seconds = sum(m["seconds"] for m in lines)
     assert metadata["pairs/s"].value == pytest.approx(sum(m["pairs"] for m in lines) / seconds)
     assert metadata["tokens/s"].value == pytest.approx(sum(m["tokens"] for m in lines) / seconds)
@@ -490,6 +596,7 @@ def test_dagster_pipes_gets_progress_and_final_metrics(tiny_shards: Path, tmp_pa
     assert metadata["backend"].value == "segments" and metadata["layout"].value == "shared"
     logs = [e.user_message for e in instance.all_logs(result.run_id) if e.dagster_event is None]
     assert any(x.startswith("step 3/4 loss") for x in logs)
+    assert any(x.startswith("step 2/4 eval loss") for x in logs)  # the last: in the metadata
     hints = [
         e.level
         for e in instance.all_logs(result.run_id)
@@ -580,17 +687,13 @@ def test_fsdp_logps_loads_sharded_and_equals_one_process(
 def test_which_runs_load_the_model_sharded(monkeypatch) -> None:
     """Several processes, FSDP and a checkpoint folder: sharded; one process, DDP, a named
     config or --compile (blocks compile before they are sharded): whole."""
-    from training.cli import _loads_sharded
+    from training.recipe import Inputs, loads_sharded
 
-    def args(**changes) -> argparse.Namespace:
-        return argparse.Namespace(
-            **{"model": Path("m"), "parallel": "fsdp", "compile": False, **changes}
-        )
-
+    folder, named = Inputs(Path("s"), model=Path("m")), Inputs(Path("s"), config="tiny")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert _loads_sharded(args())
-    assert not _loads_sharded(args(parallel="ddp"))
-    assert not _loads_sharded(args(model=None))
-    assert not _loads_sharded(args(compile=True))
+    assert loads_sharded(folder, "fsdp")
+    assert not loads_sharded(folder, "ddp")
+    assert not loads_sharded(named, "fsdp")
+    assert not loads_sharded(folder, "fsdp", compile=True)
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert not _loads_sharded(args())
+    assert not loads_sharded(folder, "fsdp")

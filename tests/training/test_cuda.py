@@ -24,7 +24,7 @@ import torch
 
 from tests.training.dist_worker import torchrun_workers
 from tests.training.pairs import pack, random_pairs, separate_logps, varied_rows
-from training.batch import collate
+from training.batch import PackedRows, collate
 from training.configs import tiny
 from training.logps import pair_logps
 from training.model import CausalLM
@@ -111,7 +111,7 @@ def _train(out: Path, device: str, **changes: object) -> dict[str, np.ndarray]:
         **changes,
     )
     rows = varied_rows(0, "shared", block_size=BLOCK)
-    train(config, rows, "shared", BLOCK, 512, model=CausalLM(tiny()))
+    train(config, PackedRows(rows, "shared", BLOCK, 512), model=CausalLM(tiny()))
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {key: np.array([m[key] for m in lines]) for key in ("loss", "logps/chosen")}
 

@@ -21,6 +21,7 @@ from tests.training.dist_worker import (
     torchrun_workers,
 )
 from tests.training.pairs import separate_logps, varied_rows
+from training.batch import PackedRows
 from training.checkpoint import model_fingerprint
 from training.configs import tiny
 from training.model import CausalLM
@@ -216,7 +217,7 @@ def test_training_with_stored_logps_equals_training_with_a_reference_model(
         config = TrainConfig(
             out_dir=tmp_path / name, steps=3, lr=1e-3, warmup_steps=0, progress=False
         )
-        train(config, rows, "shared", 16, 512, _model(), reference=reference)
+        train(config, PackedRows(rows, "shared", 16, 512), _model(), reference=reference)
     losses = {
         name: [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").open()]
         for name in ("model", "stored")

@@ -18,14 +18,16 @@ from tests.training.dist_worker import (
     seeded_model,
     torchrun_workers,
     worker_config,
+    worker_eval_data,
 )
 from tests.training.pairs import varied_rows
+from training.batch import PackedRows
 from training.checkpoint import load_pretrained
 from training.configs import tiny
 from training.device import flex_problems
 from training.model import CausalLM
 from training.reference import ReferenceKey, ReferenceLogps, compute_reference_logps
-from training.train import RunIdentity, TrainConfig, global_step_rows, learning_rate, train
+from training.train import TrainConfig, global_step_rows, learning_rate, train
 
 REPO = Path(__file__).resolve().parents[2]
 METRIC_NAMES = {
@@ -64,10 +66,7 @@ def _losses(out_dir: Path) -> list[float]:
 def _run(out_dir: Path, rows: list, model: CausalLM | None = None, **changes: object) -> Path:
     return train(
         _config(out_dir, **changes),
-        rows,
-        "shared",
-        block_size=16,
-        max_len=512,
+        PackedRows(rows, "shared", block_size=16, max_len=512),
         model=model or _model(),
     )
 
@@ -79,10 +78,7 @@ def test_metrics_export_and_learning(tmp_path: Path) -> None:
     seen: list[dict] = []
     final = train(
         _config(tmp_path / "run", steps=6),
-        rows,
-        "shared",
-        block_size=16,
-        max_len=512,
+        PackedRows(rows, "shared", block_size=16, max_len=512),
         model=model,
         tokenizer=tmp_path / "tok.json",
         on_step=seen.append,
@@ -101,6 +97,49 @@ def test_metrics_export_and_learning(tmp_path: Path) -> None:
     for key, value in model.state_dict().items():
         torch.testing.assert_close(exported.state_dict()[key], value, rtol=0, atol=0)
     assert not torch.equal(exported.model.norm.weight, _model().model.norm.weight)
+
+
+def test_evaluation_runs_at_its_steps_and_equals_dpo_on_the_final_weights(
+    tmp_path: Path,
+) -> None:
+    """--eval-every 2 of 5 steps: eval/ metrics (TRL's names) on steps 2, 4 and 5 (the
+    last) and on no other line. The last evaluation is DPO by hand on the held-out pairs:
+    with c = beta (log pi(chosen) - log ref(chosen)) and r alike, from the exported
+    weights' and the initial model's log-probs, loss = mean -log sigmoid(c - r),
+    accuracy = mean [c > r], margin = mean (c - r). Evaluating changes no training
+    number."""
+    rows, held_out = varied_rows(0, "shared"), varied_rows(1, "shared")
+    data = PackedRows(rows, "shared", 16, 512)
+    eval_data = PackedRows(held_out, "shared", 16, 512)
+    final = train(
+        _config(tmp_path / "run", steps=5, eval_every=2), data, _model(), eval_data=eval_data
+    )
+    metrics = _metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics if "eval/loss" in m] == [2, 4, 5]
+    assert {k for m in metrics for k in m if k.startswith("eval/")} == {
+        *(f"eval/{name}" for name in sorted(METRIC_NAMES) if "/s" not in name),
+        "eval/loss",
+        "eval/pairs",
+        "eval/seconds",
+    }
+
+    def logps(model: CausalLM) -> tuple[np.ndarray, np.ndarray]:
+        table = compute_reference_logps(model, held_out, "shared", progress=False)
+        return (table[c].to_numpy().astype(np.float64) for c in ("chosen_logps", "rejected_logps"))
+
+    (policy_c, policy_r), (ref_c, ref_r) = logps(load_pretrained(final)), logps(_model())
+    chosen, rejected = 0.1 * (policy_c - ref_c), 0.1 * (policy_r - ref_r)
+    last = metrics[-1]
+    assert last["eval/pairs"] == sum(row.num_pairs for row in held_out) == len(chosen)
+    assert last["eval/loss"] == pytest.approx(np.logaddexp(0, rejected - chosen).mean(), rel=1e-5)
+    assert last["eval/rewards/accuracies"] == pytest.approx((chosen > rejected).mean())
+    assert last["eval/rewards/margins"] == pytest.approx((chosen - rejected).mean(), rel=1e-4)
+    assert last["eval/rewards/chosen"] == pytest.approx(chosen.mean(), rel=1e-4, abs=1e-7)
+    assert last["eval/logps/rejected"] == pytest.approx(policy_r.mean(), rel=1e-5)
+    assert last["eval/loss"] != metrics[1]["eval/loss"]  # the policy moved between them
+
+    _run(tmp_path / "plain", rows, steps=5)
+    assert _losses(tmp_path / "plain") == _losses(tmp_path / "run")
 
 
 def test_loss_is_normalised_by_pairs_in_the_global_step(tmp_path: Path) -> None:
@@ -144,7 +183,7 @@ def test_a_given_reference_model_must_be_the_initial_policy(tmp_path: Path) -> N
 
     def run(out: str, reference: CausalLM | None) -> list[float]:
         config = _config(tmp_path / out, steps=2)
-        train(config, rows, "shared", 16, 512, _model(), reference=reference)
+        train(config, PackedRows(rows, "shared", 16, 512), _model(), reference=reference)
         return _losses(tmp_path / out)
 
     with pytest.raises(ValueError, match="not the initial policy"):
@@ -182,16 +221,13 @@ def _stored_reference(rows: list, precision: str = "fp32") -> ReferenceLogps:
     return ReferenceLogps(table, ReferenceKey("ab" * 32, "cd", precision))
 
 
-IDENTITY = RunIdentity(shard_key="5a1d", init_seed=0)
-
-
 @pytest.mark.parametrize(
     ("change", "message"),
     [
         ({"beta": 0.2}, "config.beta was 0.1, now 0.2"),
         ({"model": 1}, r'inputs.model_fingerprint was "[0-9a-f]{64}", now "[0-9a-f]{64}"'),
-        ({"identity": RunIdentity("5a1d", 1)}, "inputs.init_seed was 0, now 1"),
-        ({"identity": RunIdentity("6b2e", 0)}, 'inputs.shard_key was "5a1d", now "6b2e"'),
+        ({"init_seed": 1}, "inputs.init_seed was 0, now 1"),
+        ({"shard_key": "6b2e"}, 'inputs.shard_key was "5a1d", now "6b2e"'),
         ({"reference": "stored"}, r'inputs.reference was "live", now \{"model_fingerprint"'),
     ],
 )
@@ -200,16 +236,17 @@ def test_resume_refuses_another_run(tmp_path: Path, change: dict, message: str) 
     the check to find, and it is refused before step 1 (no metrics line is added)."""
     rows = varied_rows(0, "shared")
     run = tmp_path / "run"
-    train(_config(run, steps=2, checkpoint_every=1), rows, "shared", 16, 512, _model(),
-          identity=IDENTITY)  # fmt: skip
+    train(_config(run, steps=2, checkpoint_every=1), PackedRows(rows, "shared", 16, 512, "5a1d"),
+          _model(), init_seed=0)  # fmt: skip
     shutil.rmtree(run / "final")
     shutil.rmtree(run / "checkpoints" / "step_000002")
     lines = (run / "metrics.jsonl").read_text()
     config = _config(run, steps=2, checkpoint_every=1, beta=change.get("beta", 0.1))
     reference = _stored_reference(rows) if change.get("reference") else None
     with pytest.raises(ValueError, match="step_000001: cannot resume") as refused:
-        train(config, rows, "shared", 16, 512, _model(change.get("model", 0)),
-              reference=reference, identity=change.get("identity", IDENTITY))  # fmt: skip
+        data = PackedRows(rows, "shared", 16, 512, change.get("shard_key", "5a1d"))
+        train(config, data, _model(change.get("model", 0)), reference=reference,
+              init_seed=change.get("init_seed", 0))  # fmt: skip
     assert re.search(message, str(refused.value)), refused.value
     assert str(refused.value).endswith("; use another --out to start a new run")
     assert str(refused.value).count(" was ") == 1  # nothing else is named
@@ -283,7 +320,11 @@ def test_bad_rows_are_named_before_step_1(tmp_path: Path) -> None:
     ):
         _run(tmp_path / "run", rows)
     with pytest.raises(ValueError, match=r"row \d+: \d+ tokens exceed max_len 20"):
-        train(_config(tmp_path / "r2"), varied_rows(0, "shared"), "shared", 16, 20, _model())
+        train(
+            _config(tmp_path / "r2"),
+            PackedRows(varied_rows(0, "shared"), "shared", 16, 20),
+            _model(),
+        )
     assert not (tmp_path / "run").exists() and not (tmp_path / "r2").exists()
 
 
@@ -296,7 +337,12 @@ def test_a_pair_without_reference_logps_fails_before_step_1(tmp_path: Path) -> N
         match=rf"row {len(rows) - 1}: pair {missing} has no reference log-probs "
         rf"\({rows[-1].num_pairs} of \d+ pairs missing\)",
     ):
-        train(_config(tmp_path / "run"), rows, "shared", 16, 512, _model(), reference=reference)
+        train(
+            _config(tmp_path / "run"),
+            PackedRows(rows, "shared", 16, 512),
+            _model(),
+            reference=reference,
+        )
     assert not (tmp_path / "run").exists()
 
 
@@ -305,7 +351,7 @@ def test_reference_logps_of_another_precision_are_refused(tmp_path: Path) -> Non
     with pytest.raises(
         ValueError, match="reference log-probs were computed in bf16, the run trains in fp32"
     ):
-        train(_config(tmp_path / "run"), rows, "shared", 16, 512, _model(),
+        train(_config(tmp_path / "run"), PackedRows(rows, "shared", 16, 512), _model(),
               reference=_stored_reference(rows, "bf16"))  # fmt: skip
     assert not (tmp_path / "run").exists()
 
@@ -321,10 +367,7 @@ def test_baseline_layouts_train_to_the_same_losses(
     for name in ("shared", layout):
         train(
             _config(tmp_path / name, steps=3),
-            varied_rows(0, name, pairs_per_row=pairs_per_row),
-            name,
-            block_size=16,
-            max_len=512,
+            PackedRows(varied_rows(0, name, pairs_per_row=pairs_per_row), name, 16, 512),
             model=_model(),
         )
         runs[name] = _metrics(tmp_path / name)
@@ -343,16 +386,26 @@ def test_two_processes_equal_one_and_resume_exactly(tmp_path: Path, parallel: st
     torchrun_workers("train", str(tmp_path / "two"), parallel)
     one = train(
         worker_config(tmp_path / "one", batch_rows=2),
-        varied_rows(0, "shared"),
-        "shared",
-        block_size=16,
-        max_len=512,
+        PackedRows(varied_rows(0, "shared"), "shared", block_size=16, max_len=512),
         model=seeded_model(),
+        eval_data=worker_eval_data(),
     )
     two, single = _metrics(tmp_path / "two"), _metrics(tmp_path / "one")
     assert [m["step"] for m in two] == list(range(1, STEPS + 1))
     assert [m["pairs"] for m in two] == [m["pairs"] for m in single]
     np.testing.assert_allclose([m["loss"] for m in two], [m["loss"] for m in single], rtol=1e-5)
+    # Each rank evaluates its share of the held-out rows: the numbers of one process.
+    evaluated = [m for m in two if "eval/loss" in m]
+    assert [m["step"] for m in evaluated] == [m["step"] for m in single if "eval/loss" in m]
+    assert [m["step"] for m in evaluated] == [2, 4, 5]
+    for name in ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/pairs"):
+        np.testing.assert_allclose(
+            [m[name] for m in evaluated],
+            [m[name] for m in single if "eval/loss" in m],
+            rtol=1e-5,
+            atol=1e-6,  # margins are differences of nearby rewards: rounding is absolute
+            err_msg=name,
+        )
     assert two[-1]["loss"] != two[0]["loss"]  # the weights moved between steps
     exported = load_pretrained(tmp_path / "two" / "final").state_dict()
     for key, value in load_pretrained(one).state_dict().items():
@@ -365,7 +418,10 @@ def test_two_processes_equal_one_and_resume_exactly(tmp_path: Path, parallel: st
     torchrun_workers("train", str(resumed), parallel)
     again = _metrics(resumed)
     assert [m["step"] for m in again] == list(range(1, STEPS + 1))
-    np.testing.assert_allclose([m["loss"] for m in again], [m["loss"] for m in two], rtol=1e-6)
+    for name in ("loss", "eval/loss"):
+        np.testing.assert_allclose(
+            [m.get(name, 0) for m in again], [m.get(name, 0) for m in two], rtol=1e-6
+        )
     final = load_pretrained(resumed / "final").state_dict()
     for key, value in exported.items():
         torch.testing.assert_close(final[key], value, rtol=1e-6, atol=1e-7)
