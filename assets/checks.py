@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_contracts import ContractError, preference_pair, quarantine
@@ -24,6 +26,7 @@ ACCOUNTING = "check_accounting"
 BOUNDARY = "check_boundary_agreement"
 VERIFIED = "check_shards_verified"
 FILL = "check_fill_ratio"
+DISJOINT = "check_disjoint_from_train"
 
 
 def specs(asset: str, *names: str, blocking: bool = True) -> list[dg.AssetCheckSpec]:
@@ -79,19 +82,23 @@ def check_normalize_accounting(directory: str | Path) -> dg.AssetCheckResult:
 
 
 def check_curate_accounting(directory: str | Path, pairs_in: int) -> dg.AssetCheckResult:
-    """pairs from upstream = rows in = rows out + dropped, and the file holds rows out."""
+    """pairs from upstream = rows in = rows out + eval pairs + dropped, and the files hold
+    rows out (pairs.parquet) and the eval pairs (eval_pairs.parquet)."""
     report = read_report(directory)
     written = pq.read_metadata(Path(directory, PAIRS_FILE)).num_rows
-    dropped = sum(report["dropped"].values())
+    held = pq.read_metadata(Path(directory, report["eval_file"])).num_rows
+    accounted = report["rows_out"] + report["eval_pairs"] + sum(report["dropped"].values())
     return dg.AssetCheckResult(
         check_name=ACCOUNTING,
-        passed=report["rows_in"] == pairs_in == report["rows_out"] + dropped
-        and written == report["rows_out"],
+        passed=report["rows_in"] == pairs_in == accounted
+        and written == report["rows_out"]
+        and held == report["eval_pairs"],
         metadata={
             "upstream_pairs": pairs_in,
             "rows_in": report["rows_in"],
-            "rows_out_plus_dropped": report["rows_out"] + dropped,
+            "rows_out_plus_eval_plus_dropped": accounted,
             "rows_written": written,
+            "eval_pairs_written": held,
         },
     )
 
@@ -170,6 +177,48 @@ def check_pack_accounting(manifest: dict[str, Any], tokenized_pairs: int) -> dg.
     )
 
 
+def check_eval_accounting(manifest: dict[str, Any], eval_pairs: int) -> dg.AssetCheckResult:
+    """curated eval pairs = pairs packed + dropped (tokenize and pack, by reason); the
+    shards hold those pairs."""
+    stats = manifest["stats"]
+    dropped = sum(stats["dropped"].values())
+    in_shards = sum(shard["pairs"] for shard in manifest["shards"])
+    return dg.AssetCheckResult(
+        check_name=ACCOUNTING,
+        passed=eval_pairs == stats["pairs_in"] == stats["pairs"] + dropped
+        and in_shards == stats["pairs"],
+        metadata={
+            "curated_eval_pairs": eval_pairs,
+            "packed_plus_dropped": stats["pairs"] + dropped,
+            "pairs_in_shards": in_shards,
+        },
+    )
+
+
+def check_disjoint(eval_ids: pa.Array, train_ids: pa.Array) -> dg.AssetCheckResult:
+    """No pair of the eval shards is in the training shards (blocking)."""
+    shared = pc.filter(eval_ids, pc.is_in(eval_ids, value_set=train_ids))
+    return dg.AssetCheckResult(
+        check_name=DISJOINT,
+        passed=len(shared) == 0,
+        metadata={
+            "eval_pairs": len(eval_ids),
+            "train_pairs": len(train_ids),
+            "shared": len(shared),
+            "example": shared[0].as_py() if len(shared) else "(none)",
+        },
+    )
+
+
+def no_eval_checks(why: str) -> list[dg.AssetCheckResult]:
+    """The eval shards' checks when there are none to check: nothing to verify, nothing
+    to account for, nothing shared (each says why)."""
+    return [
+        dg.AssetCheckResult(check_name=name, passed=True, metadata={"eval_pairs": 0, "why": why})
+        for name in (VERIFIED, ACCOUNTING, DISJOINT)
+    ]
+
+
 def check_fill_ratio(manifest: dict[str, Any], minimum: float) -> dg.AssetCheckResult:
     """Real tokens / (rows x max_len) of a packed layout (padded stores a pair per row)."""
     fill = float(manifest["stats"]["fill_ratio"])
@@ -192,6 +241,8 @@ DESCRIPTIONS = {
     "configured minimum (warns).",
     SCHEMA: "Every written row satisfies its data contract (blocking: a malformed pair "
     "would poison tokenization and training).",
+    DISJOINT: "No eval pair is in the training shards (blocking: an eval set the model "
+    "trained on measures nothing).",
     ACCOUNTING: "Row accounting holds: rows in = rows out + dropped (by reason) + "
     "quarantined; nothing disappears silently (blocking).",
 }

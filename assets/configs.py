@@ -120,9 +120,18 @@ class DifficultyScoresConfig(
     dagster_config(
         TrainConfig,
         "FoldTrainingConfig",
-        # precision and device: the `compute` resource's; the fold models are not kept
-        # (checkpoint_every is: a fold a crash interrupted resumes from its latest checkpoint)
-        exclude=("out_dir", "progress", "precision", "device", "export_dtype"),
+        # precision and device: the `compute` resource's; the fold models are not kept,
+        # evaluated or reported (checkpoint_every is: a fold a crash interrupted resumes
+        # from its latest checkpoint)
+        exclude=(
+            "out_dir",
+            "progress",
+            "precision",
+            "device",
+            "export_dtype",
+            "eval_every",
+            "report_to",
+        ),
     ),
 ):
     """The k-fold split, the scoring pass, and how each fold model trains (`prefpack

@@ -15,8 +15,8 @@ from pipeline.presets import curate_config, get_preset, with_preset
 from pipeline.sample_data import eval_prompts_path
 
 # 2: near-duplicates, length bias, the curation_report contract; 3: the best pairs of a
-# group by margin standing within each source
-CODE_VERSION = "3"
+# group by margin standing within each source; 4: the eval split (eval_pairs.parquet)
+CODE_VERSION = "4"
 
 
 @dg.asset(
@@ -27,7 +27,8 @@ CODE_VERSION = "3"
     "length-ratio cap, margin/score bands, language/domain selection, benchmark questions, "
     "contamination, near-duplicate prompts, per-prompt caps and the chosen-longer share "
     "(optionally as a preset's recipe); every drop counted by reason, length bias reported "
-    "per source.",
+    "per source. With an eval split (eval_share, eval_pairs or eval_splits), whole prompts "
+    "(and near-duplicate groups) are held out in eval_pairs.parquet, never trained on.",
 )
 def curated_pairs(
     context: dg.AssetExecutionContext,
@@ -69,11 +70,22 @@ def curated_pairs(
             "rows_out": report["rows_out"],
             "dropped": sum(report["dropped"].values()),
             "dropped_path": dg.MetadataValue.path(str(out / report["dropped_file"])),
+            "eval_pairs": report["eval_pairs"],
+            "eval_split": _eval_split(report["eval_split"]),
+            "eval_units": (report["eval_split"] or {}).get("units", 0),
+            "eval_path": dg.MetadataValue.path(str(out / report["eval_file"])),
             "funnel": _funnel(report),
-            "funnel_plot": funnel_plot(report["dropped"], kept=report["rows_out"]),
+            "funnel_plot": funnel_plot(
+                report["dropped"], kept=report["rows_out"], held_out=report["eval_pairs"]
+            ),
             "by_source": records_table(
                 [
-                    {"source": s, "pairs in": counts["rows_in"], "pairs out": counts["rows_out"]}
+                    {
+                        "source": s,
+                        "pairs in": counts["rows_in"],
+                        "pairs out": counts["rows_out"],
+                        "eval pairs": counts["eval_pairs"],
+                    }
                     for s, counts in report["sources"].items()
                 ]
             ),
@@ -96,10 +108,15 @@ def curated_pairs(
 
 
 def _funnel(report: dict) -> dg.MetadataValue:
-    """The rules in the order they ran, each with the pairs it dropped and those left."""
+    """The rules in the order they ran, each with the pairs it dropped and those left,
+    then the pairs held out for eval (when a split is configured): what is left is the
+    training set."""
     left = report["rows_in"]
     rows = [{"rule": "(pairs in)", "dropped": 0, "left": left, "share left": "100.0%"}]
-    for rule, dropped in report["dropped"].items():
+    steps = list(report["dropped"].items())
+    if report["eval_split"] is not None:
+        steps.append(("(held out for eval)", report["eval_pairs"]))
+    for rule, dropped in steps:
         left -= dropped
         rows.append(
             {
@@ -110,6 +127,16 @@ def _funnel(report: dict) -> dg.MetadataValue:
             }
         )
     return records_table(rows)
+
+
+def _eval_split(split: dict | None) -> dg.MetadataValue:
+    """How the eval pairs were chosen, in words."""
+    if split is None:
+        return dg.MetadataValue.text("(off: set eval_share, eval_pairs or eval_splits)")
+    return dg.MetadataValue.text(
+        f"{split['mode']} {split['setting']} (seed {split['seed']}): {split['prompts']:,} "
+        f"prompts in {split['units']:,} units (prompts or near-duplicate groups)"
+    )
 
 
 def _attribute_agreement(agreement: dict) -> dg.MetadataValue:

@@ -11,7 +11,8 @@
   the shards' own settings (`pipeline.selection`): an ordinary shard directory, whose
   cache key is its data version.
 - `selected_model` is `trained_model` on the selected shards (the same code path), with
-  reference log-probs computed once for those shards (`--reference-cache`).
+  reference log-probs computed once for those shards (`--reference-cache`), evaluated on
+  `trained_model`'s eval shards, so its page shows the two side by side.
 """
 
 from collections.abc import Iterator
@@ -32,9 +33,10 @@ from assets.keys import (
 )
 from assets.metadata import count_table
 from assets.plots import difficulty_plot
-from assets.resources import ComputeResource, ModelResource, StoreResource
+from assets.resources import ComputeResource, ModelResource, SourcesResource, StoreResource
 from assets.training import (
     base_model,
+    card_sources,
     config_flags,
     model_args,
     prefpack_command,
@@ -44,6 +46,7 @@ from pipeline.flags import config_from
 from pipeline.scores import read_report, read_scores
 from pipeline.selection import SELECT_VERSION, SelectConfig, build_selected_shards
 from pipeline.shards import ShardError, open_shards
+from training.report import METRICS, RunSummary, summarize
 
 GROUP = "difficulty"
 
@@ -82,7 +85,7 @@ def difficulty_scores(
             "difficulty",
             "--shards",
             packed_shards,
-            *model_args(model),
+            *model_args(model, packed_shards),
             "--reference",
             reference_logps,
             "--out",
@@ -254,27 +257,66 @@ def _check_selection_accounting(
     code_version=TRAINER_CODE_VERSION,
     deps=[base_model],
     description="trained_model's DPO run (the same code path and settings) on the selected "
-    "shards, against reference log-probs computed once for them; keyed like trained_model.",
+    "shards, against reference log-probs computed once for them, evaluated on the same eval "
+    "shards as trained_model, whose numbers it shows beside its own; keyed like "
+    "trained_model.",
 )
 def selected_model(
     context: dg.AssetExecutionContext,
     config: TrainingConfig,
+    curated_pairs: str,
     selected_shards: str,
+    eval_shards: str | None,
+    eval_reference_logps: str | None,
+    trained_model: str,
     model: ModelResource,
+    sources: SourcesResource,
     compute: ComputeResource,
     store: StoreResource,
     pipes_subprocess_client: dg.PipesSubprocessClient,
-) -> dg.MaterializeResult:
+) -> dg.MaterializeResult[str]:
     precompute = config.precompute_reference
     cache = store.path("reference", Path(selected_shards).name)
-    return run_training(
+    result = run_training(
         context,
         config,
         selected_shards,
-        ["--reference-cache", str(cache)] if precompute else [],
-        "cache" if precompute else None,
+        {
+            "--reference-cache": str(cache) if precompute else None,
+            "--eval-shards": eval_shards,
+            "--eval-reference": eval_reference_logps if precompute else None,
+            "--card-source": card_sources(curated_pairs, sources),
+        },
         model,
         compute,
         store,
         pipes_subprocess_client,
     )
+    comparison = _against_trained(summarize(result.value), summarize(trained_model))
+    return dg.MaterializeResult(
+        value=result.value,
+        data_version=result.data_version,
+        metadata={**result.metadata, "against_trained_model": comparison},
+    )
+
+
+def _against_trained(selected: RunSummary, trained: RunSummary) -> dg.MetadataValue:
+    """selected_model's numbers beside trained_model's: on the eval shards (the claim of
+    Selective DPO: better on held-out pairs), then on each run's own last training step."""
+    rows = [
+        "| metric | selected_model | trained_model |",
+        "| --- | ---: | ---: |",
+    ]
+    for prefix, source in (("eval/", "evaluation"), ("", "final")):
+        for name in METRICS[:3]:
+            ours, theirs = (getattr(run, source).get(prefix + name) for run in (selected, trained))
+            if ours is None or theirs is None:
+                continue
+            rows.append(f"| {prefix}{name} | {ours:.4f} | {theirs:.4f} |")
+    pairs = [run.evaluation.get("eval/pairs") for run in (selected, trained)]
+    note = (
+        f"on the same {pairs[0]:,} held-out pairs"
+        if pairs[0] is not None and pairs[0] == pairs[1]
+        else "no shared eval set: only the training numbers compare (set an eval split)"
+    )
+    return dg.MetadataValue.md("\n".join([*rows, "", note]))

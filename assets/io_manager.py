@@ -3,6 +3,8 @@
 Assets in prefpack hand each other directories and files in the store, never data. The
 default IO manager would pickle those strings; this one writes `{"path": ...}` under
 `<store>/.io/` (atomically), readable by any tool, and fans partitioned upstreams in as a dict.
+An asset with nothing to hand on (`eval_shards` without an eval split) returns None, stored
+as `{"path": null}` and loaded as None.
 """
 
 from __future__ import annotations
@@ -23,14 +25,16 @@ class PathIOManager(dg.ConfigurableIOManager):
     def _file(self, key: dg.AssetKey, partition: str | None) -> Path:
         return Path(self.root, ".io", *key.path, f"{partition or '__all__'}.json")
 
-    def handle_output(self, context: dg.OutputContext, obj: str) -> None:
-        if not isinstance(obj, str):
-            raise TypeError(f"{context.asset_key.to_user_string()} must return a path string")
+    def handle_output(self, context: dg.OutputContext, obj: str | None) -> None:
+        if obj is not None and not isinstance(obj, str):
+            raise TypeError(
+                f"{context.asset_key.to_user_string()} must return a path string or None"
+            )
         partition = context.partition_key if context.has_partition_key else None
         with atomic_file(self._file(context.asset_key, partition)) as tmp:
             tmp.write_text(json.dumps({"path": obj}))
 
-    def load_input(self, context: dg.InputContext) -> str | dict[str, str]:
+    def load_input(self, context: dg.InputContext) -> str | dict[str, str] | None:
         key = context.asset_key
         if context.has_asset_partitions and not context.has_partition_key:
             # Fan-in to an unpartitioned asset: every materialized upstream partition.

@@ -13,14 +13,18 @@ STAGE_ASSETS = [
     "curated_pairs",
     "tokenized_pairs",
     "packed_shards",
+    "eval_shards",
     "reference_logps",
+    "eval_reference_logps",
     "trained_model",
 ]
 
-# Sized for the bundled samples on 2 CPU cores: the tiny model from scratch, so a learning
-# rate far above DPO's fine-tuning default (5e-7) to see the rewards separate in a minute.
+# Sized for the bundled samples on 2 CPU cores: a tenth of the prompts held out for eval
+# shards (some tens of pairs); the tiny model from scratch, so a learning rate far above
+# DPO's fine-tuning default (5e-7) to see the rewards separate in a minute.
 SAMPLE_CONFIG = {
     "ops": {
+        "curated_pairs": {"config": {"eval_share": 0.1}},
         "packed_shards": {"config": {"max_len": 1024}},
         "trained_model": {"config": {"steps": 60, "lr": 1e-3, "warmup_steps": 5, "batch_rows": 4}},
     }
@@ -50,7 +54,8 @@ sample_job = dg.define_asset_job(
     "sample_job",
     selection=STAGE_ASSETS,
     config=SAMPLE_CONFIG,
-    description="Curate, tokenize, pack, reference log-probs and train, sized for the samples.",
+    description="Curate (holding out eval pairs), tokenize, pack (training and eval shards), "
+    "reference log-probs of both, train and evaluate, sized for the samples.",
 )
 
 difficulty_job = dg.define_asset_job(

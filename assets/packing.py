@@ -1,10 +1,19 @@
-"""Tokenize and pack: `tokenized_pairs` (chat template + tokenizer, prompt once) and
-`packed_shards` (bin-packed rows with mask metadata in verified Arrow shards).
+"""Tokenize and pack: `tokenized_pairs` (chat template + tokenizer, prompt once),
+`packed_shards` (bin-packed rows with mask metadata in verified Arrow shards) and
+`eval_shards` (the curated eval pairs, tokenized and packed as the training shards were).
 
-Both stages are keyed by a hash of everything that changes their bytes and reuse a
+Every stage is keyed by a hash of everything that changes its bytes and reuses a
 verified directory with that key, so materializing again with unchanged inputs rewrites
 nothing; the key is each asset's data version, so downstream stays in sync.
+
+`eval_shards` takes its tokenizer, template and settings from `packed_shards`' manifest
+(`pipeline.eval_shards`), so it has no config of its own and cannot drift from the
+training shards. When the curated pairs hold no eval pairs (no eval split configured on
+`curated_pairs`, or one that held nothing out) its value is None, its metadata says why,
+and its data version is `NO_EVAL_SHARDS`.
 """
+
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -17,12 +26,15 @@ from assets.configs import PackingConfig, TokenizationConfig
 from assets.metadata import binned, count_table, layout_table, records_table
 from assets.plots import fill_plot, length_plot
 from assets.resources import StoreResource, TokenizerResource
+from pipeline.eval_shards import build_eval_shards
 from pipeline.flags import config_from
 from pipeline.io import pairs_path
 from pipeline.pack import PackConfig, ShardResult, build_shards, truncation_warning
+from pipeline.shards import open_shards
 from pipeline.tokenized import TokenizeConfig, TokenizedResult, build_tokenized, read_tokenized
 
 CODE_VERSION = "1"
+NO_EVAL_SHARDS = "no-eval-shards"  # eval_shards' data version when there are none
 
 
 def _keyed_output(
@@ -154,6 +166,75 @@ def packed_shards(
         manifest, read_tokenized(tokenized_pairs, verify=False)["stats"]["pairs_out"]
     )
     yield checks.check_fill_ratio(manifest, config.min_fill_ratio)
+
+
+@dg.asset(
+    group_name="packing",
+    code_version=CODE_VERSION,
+    check_specs=checks.specs("eval_shards", checks.VERIFIED, checks.ACCOUNTING, checks.DISJOINT),
+    description="The curated eval pairs (curated_pairs' eval split: no prompt of them is "
+    "trained on) tokenized and packed exactly as packed_shards were: their tokenizer (the "
+    "BPE trained on the training pairs when none is configured), chat template and pack "
+    "settings, read from packed_shards' manifest. None when curated_pairs holds no eval "
+    "pairs (set its eval_share, eval_pairs or eval_splits).",
+)
+def eval_shards(
+    context: dg.AssetExecutionContext,
+    curated_pairs: str,
+    packed_shards: str,
+    store: StoreResource,
+):
+    report = checks.read_report(curated_pairs)
+    if not report["eval_pairs"]:
+        why = (
+            "no eval split configured: set curated_pairs' eval_share, eval_pairs or eval_splits"
+            if report["eval_split"] is None
+            else "the eval split held no pairs out"
+        )
+        context.log.info(f"no eval shards: {why}")
+        yield dg.MaterializeResult(
+            value=None,
+            data_version=dg.DataVersion(NO_EVAL_SHARDS),
+            metadata={"eval_pairs": 0, "pairs": 0, "rows": 0, "status": why},
+        )
+        yield from checks.no_eval_checks(why)
+        return
+    result = build_eval_shards(curated_pairs, packed_shards, store.root).shards
+    manifest, stats = result.manifest, result.manifest["stats"]
+    split = report["eval_split"]
+    yield _keyed_output(
+        context,
+        result,
+        {
+            "eval_pairs": report["eval_pairs"],
+            "eval_split": f"{split['mode']} {split['setting']} (seed {split['seed']})",
+            "status": "packed with the training shards' settings",
+            "train_shards": Path(packed_shards).name,
+            "layout": manifest["layout"],
+            "max_len": manifest["max_len"],
+            "tokenizer": manifest["tokenizer"]["name"],
+            "template": manifest["template"]["name"],
+            "shards": len(manifest["shards"]),
+            "rows": stats["rows"],
+            "pairs": stats["pairs"],
+            "tokens": stats["tokens"],
+            "fill_ratio": float(stats["fill_ratio"]),
+            "truncated": stats["truncated"],
+            "dropped": sum(stats["dropped"].values()),
+            "dropped_by_reason": count_table(
+                stats["dropped"], total=stats["pairs_in"], unit="pairs"
+            ),
+        },
+    )
+    yield checks.check_shards_verified(result)
+    yield checks.check_eval_accounting(manifest, report["eval_pairs"])
+    yield checks.check_disjoint(_pair_ids(result.directory), _pair_ids(packed_shards))
+
+
+def _pair_ids(directory: str | Path) -> pa.Array:
+    """Every pair id of a shard directory (memory-mapped; its files were verified when it
+    was built or reused)."""
+    return pc.list_flatten(open_shards(directory, verify=False).table["pair_ids"])
 
 
 def _fill_plot(result: ShardResult) -> dg.MetadataValue:

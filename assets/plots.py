@@ -29,27 +29,38 @@ DPI = 100
 SIZE = (640, 320)  # pixels, width x height
 TALL = (640, 480)  # the three stacked axes of the loss plot
 COLORS = {"prompt": "#4c72b0", "chosen": "#55a868", "rejected": "#c44e52"}
+EVAL_COLOR = "#dd8452"  # the eval set's curve over the training one
 
 
-def loss_plot(curve: Sequence[tuple[int, float, float, float]]) -> dg.MetadataValue:
+def loss_plot(
+    curve: Sequence[tuple[int, float, float, float]],
+    eval_curve: Sequence[tuple[int, float, float, float]] = (),
+) -> dg.MetadataValue:
     """Loss, reward accuracy and reward margin at every logged step (`RunSummary.curve`),
-    one axis each, so the whole run shows rather than a thinned table."""
+    one axis each, so the whole run shows rather than a thinned table; with the eval set's
+    at each evaluation (`RunSummary.eval_curve`) drawn over them, learning and memorising
+    tell apart."""
     if not curve:
         return _placeholder("training curve", "0 steps")
-    steps, loss, accuracy, margin = np.asarray(curve, dtype=float).T
+    runs = [("train", np.asarray(curve, dtype=float).T, "#4c72b0", ".")]
+    if eval_curve:
+        runs.append(("eval", np.asarray(eval_curve, dtype=float).T, EVAL_COLOR, "o"))
     fig = _figure(TALL)
     axes = fig.subplots(3, 1, sharex=True)
-    for ax, values, label in zip(
-        axes, (loss, accuracy, margin), ("loss", "reward accuracy", "reward margin"), strict=True
-    ):
-        ax.plot(
-            steps, values, color="#4c72b0", linewidth=1.2, marker="." if len(steps) < 50 else ""
-        )
+    for name, (steps, *values), color, marker in runs:
+        for ax, series in zip(axes, values, strict=True):
+            dense = len(steps) >= 50 and name == "train"
+            ax.plot(steps, series, color=color, linewidth=1.2, marker="" if dense else marker,
+                    markersize=4, label=name)  # fmt: skip
+    for ax, label in zip(axes, ("loss", "reward accuracy", "reward margin"), strict=True):
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+    if eval_curve:
+        axes[0].legend(fontsize=8)
     axes[1].set_ylim(-0.05, 1.05)
     axes[-1].set_xlabel("step")
-    fig.suptitle(f"DPO training, {len(steps)} steps")
+    evaluated = f", {len(eval_curve)} evaluations" if eval_curve else ""
+    fig.suptitle(f"DPO training, {len(curve)} steps{evaluated}")
     return _image(fig, "training curve")
 
 
@@ -94,19 +105,21 @@ def fill_plot(row_tokens: np.ndarray, max_len: int) -> dg.MetadataValue:
     return _image(fig, "row fill")
 
 
-def funnel_plot(dropped: Mapping[str, int], kept: int) -> dg.MetadataValue:
-    """The curation funnel as horizontal bars: pairs kept, then pairs dropped by each rule,
-    largest first, so the rule that costs most data stands out."""
-    rows_in = kept + sum(dropped.values())
+def funnel_plot(dropped: Mapping[str, int], kept: int, held_out: int = 0) -> dg.MetadataValue:
+    """The curation funnel as horizontal bars: training pairs kept, pairs held out for eval
+    (when any), then pairs dropped by each rule, largest first, so the rule that costs most
+    data stands out; the title gives the held-out share."""
+    rows_in = kept + held_out + sum(dropped.values())
     if rows_in == 0:
         return _placeholder("curation funnel", "0 rows")
     drops = sorted(dropped.items(), key=lambda kv: (-kv[1], kv[0]))
-    labels = ["kept", *(name for name, _ in drops)]
-    counts = [kept, *(n for _, n in drops)]
+    held = [("held out for eval", held_out)] if held_out else []
+    bars = [("kept", kept), *held, *drops]
+    labels, counts = [name for name, _ in bars], [n for _, n in bars]
     fig = _figure(SIZE)
     ax = fig.subplots()
     y = np.arange(len(labels))
-    ax.barh(y, counts, color=["#55a868"] + ["#c44e52"] * len(drops))
+    ax.barh(y, counts, color=["#55a868"] + ["#4c72b0"] * len(held) + ["#c44e52"] * len(drops))
     for i, n in enumerate(counts):
         ax.annotate(
             f"{n:,} ({n / rows_in:.1%})",
@@ -120,7 +133,10 @@ def funnel_plot(dropped: Mapping[str, int], kept: int) -> dg.MetadataValue:
     ax.invert_yaxis()
     ax.set_xlim(0, max(counts) * 1.25 or 1)
     ax.set_xlabel("pairs")
-    ax.set_title(f"curation funnel, {rows_in:,} pairs in")
+    title = f"curation funnel, {rows_in:,} pairs in"
+    if held_out:
+        title += f", {held_out / (kept + held_out):.1%} of the kept held out for eval"
+    ax.set_title(title)
     return _image(fig, "curation funnel")
 
 

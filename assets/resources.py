@@ -74,6 +74,11 @@ class ModelResource(dg.ConfigurableResource):
         default="tiny", description="named model config used from scratch when path is unset"
     )
     seed: int = Field(default=0, description="init seed when starting from scratch")
+    allow_tokenizer_mismatch: bool = Field(
+        default=False,
+        description="train a path whose own tokenizer is not the one the shards were made "
+        "with (by content); without it such a run stops before it launches",
+    )
 
 
 class ComputeResource(dg.ConfigurableResource):

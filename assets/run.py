@@ -98,9 +98,10 @@ def current_metadata(instance: dg.DagsterInstance) -> dict[str, list[dict]]:
 def summary(
     instance: dg.DagsterInstance, results: list[dg.ExecuteInProcessResult], seconds: float
 ) -> str:
-    """What ran (or "everything up to date"), then pairs per stage, fill ratio, tokens
-    saved, final training loss and reward accuracy of the current materializations (and,
-    when this call ran something, whether shards and model were made or reused)."""
+    """What ran (or "everything up to date"), then pairs per stage (the eval pairs held out
+    and their shards included), fill ratio, tokens saved, final training loss and reward
+    accuracy and the eval set's of the current materializations (and, when this call ran something, whether
+    shards and model were made or reused)."""
     if results:
         ran = Counter(key.to_user_string() for r in results for key in _materialized(r))
         names = [f"{n} x{ran[n]}" if ran[n] > 1 else n for n in (*SOURCE_ASSETS, *STAGE_ASSETS)]
@@ -115,13 +116,15 @@ def summary(
     curated = md["curated_pairs"][-1]
     tokenized = md["tokenized_pairs"][-1]
     packed = md["packed_shards"][-1]
+    held = md["eval_shards"][-1]
     trained = md["trained_model"][-1]
     lines = [
         head,
         f"  sources      {len(normalized)} sources, {sum(m['rows_in'] for m in normalized):,} rows in, "
         f"{sum(m['pairs_out'] for m in normalized):,} pairs, "
         f"{sum(m['quarantined'] for m in normalized):,} quarantined",
-        f"  curated      {curated['rows_out']:,} pairs ({curated['dropped']:,} dropped by rule)",
+        f"  curated      {curated['rows_out']:,} pairs ({curated['dropped']:,} dropped by rule, "
+        f"{curated['eval_pairs']:,} held out for eval)",
         f"  tokenized    {tokenized['pairs_out']:,} pairs, boundary agreement "
         f"{tokenized['boundary_agreement']:.1%}",
         f"  packed       {packed['pairs']:,} pairs in {packed['rows']:,} rows of <= "
@@ -129,14 +132,38 @@ def summary(
         f"{packed['tokens_saved_by_prefix_sharing']:,} tokens saved by prefix sharing "
         f"({packed['prefix_sharing_saving']:.1%})"
         + (f", {'reused' if packed['reused'] else 'written'}" if results else ""),
+        _eval_line(held, ran=bool(results)),
         f"  trained      {trained['steps']} steps, loss {trained['loss']:.4f}, reward accuracy "
         f"{trained['rewards/accuracies']:.3f}, margin {trained['rewards/margins']:.4f}, "
         f"{trained['pairs/s']:.1f} pairs/s"
         + (f" ({'reused' if trained['reused'] else 'trained'})" if results else ""),
+        *(
+            [
+                f"  evaluated    loss {trained['eval/loss']:.4f}, reward accuracy "
+                f"{trained['eval/rewards/accuracies']:.3f}, margin "
+                f"{trained['eval/rewards/margins']:.4f} on the {trained['eval/pairs']:,} "
+                "held-out pairs"
+            ]
+            if "eval/loss" in trained
+            else []
+        ),
         f"  shards       {packed['path']}",
+        *([f"  eval shards  {held['path']}"] if held["pairs"] else []),
         f"  model        {trained['output']}",
     ]
     return "\n".join(lines)
+
+
+def _eval_line(held: Mapping[str, Any], ran: bool) -> str:
+    """The eval shards' line: pairs and rows (made or reused, when this call ran), or why
+    there are none."""
+    if not held["pairs"]:
+        return f"  eval         none ({held['status']})"
+    made = f", {'reused' if held['reused'] else 'written'}" if ran else ""
+    return (
+        f"  eval         {held['pairs']:,} pairs in {held['rows']:,} rows, packed as the "
+        f"training shards{made}"
+    )
 
 
 def _materialized(result: dg.ExecuteInProcessResult) -> list[dg.AssetKey]:

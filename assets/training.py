@@ -1,9 +1,9 @@
 """Training assets, run as subprocesses through Dagster Pipes.
 
-The Dagster process never imports torch: `reference_logps` runs `prefpack logps` and
-`trained_model` runs `prefpack train` (under `torchrun` when more than one process is
-configured), which stream logs and final metrics back through Pipes. The same commands run
-by hand or on a cluster.
+The Dagster process never imports torch: `reference_logps` and `eval_reference_logps` run
+`prefpack logps` on the training and the eval shards, and `trained_model` runs `prefpack
+train` (under `torchrun` when more than one process is configured), which stream logs and
+final metrics back through Pipes. The same commands run by hand or on a cluster.
 
 Both results are stored under a content key (`assets.keys`) that is also their data
 version, and both depend on `base_model`, an observable source whose data version is the
@@ -20,21 +20,35 @@ import dagster as dg
 
 from assets.configs import ReferenceConfig, TrainingConfig
 from assets.keys import TRAINER_CODE_VERSION, compute_identity, content_key, model_fingerprint
+from assets.packing import NO_EVAL_SHARDS
 from assets.plots import loss_plot
-from assets.resources import ComputeResource, ModelResource, StoreResource
-from pipeline.io import atomic_file
+from assets.resources import ComputeResource, ModelResource, SourcesResource, StoreResource
+from pipeline.io import REPORT_FILE, atomic_file
 from training.report import materialization_metadata, summarize
+from training.tokenizer_match import tokenizer_mismatch
 
 # Beside a finished run: what the trainer reported besides its metrics (backend, layout,
 # shard key, model), so that reusing the run shows what computing it showed.
 REPORTED = "reported.json"
 
 
-def model_args(model: ModelResource) -> list[str]:
-    """The model flags of `prefpack train/logps`: a checkpoint folder or a named config."""
-    if model.path:
-        return ["--model", model.path]
-    return ["--config", model.config, "--init-seed", str(model.seed)]
+def model_args(model: ModelResource, shards: str) -> list[str]:
+    """The model flags of `prefpack train/logps/difficulty` on `shards`: a checkpoint folder
+    or a named config. A folder whose own tokenizer is not the one the shards were made
+    with (by content, `training.tokenizer_match`) stops here, before anything launches,
+    unless the resource allows it.
+
+    Raises:
+        dagster.Failure: one line naming both tokenizers.
+    """
+    if not model.path:
+        return ["--config", model.config, "--init-seed", str(model.seed)]
+    if model.allow_tokenizer_mismatch:
+        return ["--model", model.path, "--allow-tokenizer-mismatch"]
+    problem = tokenizer_mismatch(shards, model.path)
+    if problem is not None:
+        raise dg.Failure(description=problem)
+    return ["--model", model.path]
 
 
 def prefpack_command(nproc: int = 1) -> list[str]:
@@ -100,15 +114,59 @@ def reference_logps(
     store: StoreResource,
     pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult[str]:
-    shard_key = Path(packed_shards).name
+    return _reference_file(
+        context, config, packed_shards, model, compute, store, pipes_subprocess_client
+    )
+
+
+@dg.asset(
+    group_name="training",
+    code_version=TRAINER_CODE_VERSION,
+    deps=[base_model],
+    description="reference_logps of the eval shards: computed once, reused by every run "
+    "that evaluates on them (trained_model and selected_model alike). None without eval "
+    "shards.",
+)
+def eval_reference_logps(
+    context: dg.AssetExecutionContext,
+    config: ReferenceConfig,
+    eval_shards: str | None,
+    model: ModelResource,
+    compute: ComputeResource,
+    store: StoreResource,
+    pipes_subprocess_client: dg.PipesSubprocessClient,
+) -> dg.MaterializeResult[str | None]:
+    if eval_shards is None:
+        return dg.MaterializeResult(
+            value=None,
+            data_version=dg.DataVersion(NO_EVAL_SHARDS),
+            metadata={"status": "no eval shards: nothing to compute"},
+        )
+    return _reference_file(
+        context, config, eval_shards, model, compute, store, pipes_subprocess_client
+    )
+
+
+def _reference_file(
+    context: dg.AssetExecutionContext,
+    config: ReferenceConfig,
+    shards: str,
+    model: ModelResource,
+    compute: ComputeResource,
+    store: StoreResource,
+    pipes_subprocess_client: dg.PipesSubprocessClient,
+) -> dg.MaterializeResult[str]:
+    """`prefpack logps` on `shards` through Pipes, into a file keyed by the shards, the
+    model's content and the settings (the command reuses it when it holds that key)."""
+    shard_key = Path(shards).name
     key = content_key(shard_key, model, compute, reference=config.model_dump())
     out = store.path("reference", shard_key, f"{key}-{compute.precision}.arrow")
     command = [
         *prefpack_command(),
         "logps",
         "--shards",
-        packed_shards,
-        *model_args(model),
+        shards,
+        *model_args(model, shards),
         "--out",
         str(out),
         *config_flags(config.model_dump()),
@@ -127,28 +185,37 @@ def reference_logps(
     group_name="training",
     code_version=TRAINER_CODE_VERSION,
     deps=[base_model],
-    description="A DPO run on the packed shards (the compact trainer, through Dagster Pipes); "
-    "the final model is a Hugging Face folder with the shards' tokenizer. Keyed by shards, "
-    "model content, reference, precision, device class and settings: a finished run with the "
-    "key is reused.",
+    description="A DPO run on the packed shards (the compact trainer, through Dagster Pipes), "
+    "evaluated on the eval shards; the final model is a Hugging Face folder with the base "
+    "model's tokenizer files (or the shards') and a model card. Keyed by shards, model "
+    "content, references, eval set, precision, device class and settings: a finished run "
+    "with the key is reused. Its value is the run folder.",
 )
 def trained_model(
     context: dg.AssetExecutionContext,
     config: TrainingConfig,
+    curated_pairs: str,
     packed_shards: str,
     reference_logps: str,
+    eval_shards: str | None,
+    eval_reference_logps: str | None,
     model: ModelResource,
+    sources: SourcesResource,
     compute: ComputeResource,
     store: StoreResource,
     pipes_subprocess_client: dg.PipesSubprocessClient,
-) -> dg.MaterializeResult:
+) -> dg.MaterializeResult[str]:
     precompute = config.precompute_reference
     return run_training(
         context,
         config,
         packed_shards,
-        ["--reference", reference_logps] if precompute else [],
-        Path(reference_logps).name if precompute else None,
+        {
+            "--reference": reference_logps if precompute else None,
+            "--eval-shards": eval_shards,
+            "--eval-reference": eval_reference_logps if precompute else None,
+            "--card-source": card_sources(curated_pairs, sources),
+        },
         model,
         compute,
         store,
@@ -156,31 +223,52 @@ def trained_model(
     )
 
 
+def card_sources(curated_pairs: str, sources: SourcesResource) -> list[str]:
+    """The model card's sources (`--card-source NAME[=HUB_ID]`): each source that kept pairs
+    in the curated set, with the presets applied, and its hub id when it was read from one."""
+    report = json.loads((Path(curated_pairs) / REPORT_FILE).read_text())
+    cards = []
+    for name, counts in report["sources"].items():
+        if not counts["rows_out"]:
+            continue
+        presets = [p for p in (sources.preset_for(name), report.get("preset")) if p]
+        text = name + (f" (preset {', '.join(presets)})" if presets else "")
+        given = sources.inputs.get(name)
+        if given and "/" in given and not Path(given).exists():  # a hub id, not a path
+            text += f"={given}"
+        cards.append(text)
+    return cards
+
+
 def run_training(
     context: dg.AssetExecutionContext,
     config: TrainingConfig,
     shards: str,
-    reference_flags: list[str],
-    reference: str | None,
+    inputs: dict[str, str | list[str] | None],
     model: ModelResource,
     compute: ComputeResource,
     store: StoreResource,
     pipes_subprocess_client: dg.PipesSubprocessClient,
-) -> dg.MaterializeResult:
+) -> dg.MaterializeResult[str]:
     """`prefpack train` on `shards` through Pipes, or the finished run with the same key.
 
     Args:
-        reference_flags: how the command gets its reference log-probs (none: a frozen copy
-            of the initial model).
-        reference: what those flags name, for the run's key (None: the live reference).
+        inputs: flag -> file or directory (or a list, for a repeated flag) that the command
+            reads besides the shards and the model: the reference log-probs (no
+            `--reference` or `--reference-cache`: a frozen copy of the initial model), the
+            eval shards and theirs, the model card's sources; None leaves a flag out. Their
+            names are part of the run's key.
     """
     values = config.model_dump()
     nproc = values.pop("nproc_per_node")
     values.pop("precompute_reference")
+    given = {flag: value for flag, value in inputs.items() if value}
+    named = {
+        flag: value if isinstance(value, list) else Path(value).name
+        for flag, value in given.items()
+    }
     # Every setting is in the key: the process count changes the global batch.
-    key = content_key(
-        Path(shards).name, model, compute, reference=reference, training=config.model_dump()
-    )
+    key = content_key(Path(shards).name, model, compute, inputs=named, training=config.model_dump())
     out = store.path("models", key)
     reused = (out / "final").is_dir() and (out / REPORTED).is_file()
     if reused:
@@ -188,15 +276,21 @@ def run_training(
         # so its result is reused rather than recomputed.
         context.log.info(f"reusing the finished run {out}")
     else:
+        flags = [
+            part
+            for flag, value in given.items()
+            for item in (value if isinstance(value, list) else [value])
+            for part in (flag, item)
+        ]
         command = [
             *prefpack_command(nproc),
             "train",
             "--shards",
             shards,
-            *model_args(model),
+            *model_args(model, shards),
             "--out",
             str(out),
-            *reference_flags,
+            *flags,
             *config_flags(values),
             *compute.flags(),
             "--no-progress",
@@ -207,6 +301,7 @@ def run_training(
     summary = summarize(out)
     metadata = _typed(materialization_metadata(summary, _read_reported(out)))
     return dg.MaterializeResult(
+        value=str(out),
         data_version=dg.DataVersion(key),
         metadata={
             **metadata,
@@ -214,7 +309,7 @@ def run_training(
             "model_content": model_fingerprint(model),
             **compute_identity(compute),
             "reused": reused,
-            "loss_plot": loss_plot(summary.curve),
+            "loss_plot": loss_plot(summary.curve, summary.eval_curve),
         },
     )
 

@@ -28,9 +28,12 @@ FIXTURE_INPUTS = {
     "generic": "generic.jsonl",
 }
 
-# Small enough for a test, large enough that every stage does real work.
+# Small enough for a test, large enough that every stage does real work: a few pairs held
+# out, so eval_shards packs some, and the rest more than one 512-token row, so a run of two
+# processes splits its global batch.
 TEST_CONFIG = {
     "ops": {
+        "curated_pairs": {"config": {"eval_pairs": 2}},
         "tokenized_pairs": {"config": {"bpe_vocab_size": 400}},
         "packed_shards": {"config": {"max_len": 512, "min_fill_ratio": 0.0}},
         "reference_logps": {"config": {"batch_rows": 4}},

@@ -87,3 +87,40 @@ def test_attribute_agreement_is_a_narrow_table_of_shares_per_source(
         n = stats["pairs"]
         assert cells[0] == f"{n:,}"
         assert cells[1:] == [f"{stats[k] / n:.0%}" for k in ("agree", "conflict", "tie")]
+
+
+def test_eval_split_is_counted_in_the_funnel_metadata_and_plot(
+    normalized: dict[str, str], metadata: dict, tmp_path: Path
+) -> None:
+    """The held-out pairs are the funnel's last step (what is left trains), a number, a
+    table column, and a bar of the plot; the accounting check uses the new identity."""
+    config = CurationConfig(
+        sources=list(SOURCES), near_dup_threshold=0.8, max_chosen_longer_share=0.6, eval_pairs=20
+    )
+    events = list(
+        curated_pairs(
+            context=dg.build_asset_context(),
+            config=config,
+            normalized_pairs=normalized,
+            store=StoreResource(root=str(tmp_path)),
+        )
+    )
+    held = next(e for e in events if isinstance(e, dg.MaterializeResult)).metadata
+    checks = {e.check_name: e.passed for e in events if isinstance(e, dg.AssetCheckResult)}
+    assert checks == {"check_schema": True, "check_accounting": True}
+    assert held["eval_pairs"] >= 20 and held["rows_in"] == metadata["rows_in"]
+    assert held["rows_out"] + held["eval_pairs"] == metadata["rows_out"]  # same rules, split
+    assert held["eval_split"].text.startswith("pairs 20 (seed 0): ")
+    assert 0 < held["eval_units"] <= held["eval_pairs"]
+    lines = held["funnel"].md_str.splitlines()
+    last = [c.strip() for c in lines[-1].split("|")[1:-1]]
+    assert last == [
+        "(held out for eval)",
+        f"{held['eval_pairs']:,}",
+        f"{held['rows_out']:,}",
+        f"{held['rows_out'] / held['rows_in']:.1%}",
+    ]
+    by_source = held["by_source"].md_str
+    assert by_source.splitlines()[0] == "| source | pairs in | pairs out | eval pairs |"
+    assert png_bytes(held["funnel_plot"]) != png_bytes(metadata["funnel_plot"])
+    assert "(off: set eval_share" in metadata["eval_split"].text and metadata["eval_pairs"] == 0

@@ -17,7 +17,7 @@ import pytest
 
 from assets import plots
 from assets.definitions import ASSETS, build_definitions
-from assets.jobs import DIFFICULTY_ASSETS
+from assets.jobs import DIFFICULTY_ASSETS, STAGE_ASSETS
 from assets.partitions import source_partitions
 from assets.run import materialized_metadata
 from pipeline.scores import read_report, read_scores
@@ -57,13 +57,12 @@ def _materialize(defs: dg.Definitions, instance, selection, config=DIFFICULTY_TE
 
 @pytest.fixture(scope="module")
 def graph(instance, resources) -> dg.Definitions:
-    """The graph up to the reference log-probs (the difficulty assets' inputs)."""
+    """The sample job's graph (the difficulty assets' inputs, trained_model included)."""
     defs = build_definitions(resources)
     sources = defs.resolve_job_def("source_job")
     for partition in source_partitions.get_partition_keys():
         assert sources.execute_in_process(partition_key=partition, instance=instance).success
-    stages = ["curated_pairs", "tokenized_pairs", "packed_shards", "reference_logps"]
-    assert _materialize(defs, instance, stages, TEST_CONFIG).success
+    assert _materialize(defs, instance, STAGE_ASSETS, TEST_CONFIG).success
     return defs
 
 
@@ -72,8 +71,8 @@ def first(graph, instance) -> dg.ExecuteInProcessResult:
     return _materialize(graph, instance, DIFFICULTY_ASSETS)
 
 
-def _packed(instance) -> dict:
-    record = instance.get_latest_materialization_event(dg.AssetKey("packed_shards"))
+def _latest(instance, asset: str) -> dict:
+    record = instance.get_latest_materialization_event(dg.AssetKey(asset))
     return {k: v.value for k, v in record.asset_materialization.metadata.items()}
 
 
@@ -90,7 +89,7 @@ def test_scores_select_and_train(first, instance) -> None:
     }
     md = materialized_metadata([first])
     scores, selected, model = (md[name][0] for name in DIFFICULTY_ASSETS)
-    packed = _packed(instance)
+    packed = _latest(instance, "packed_shards")
     assert scores["pairs"] == packed["pairs"] and scores["folds"] == 3
     assert scores["reused"] is False
     for asset in (scores, selected):  # the distribution, then with the drop threshold
@@ -126,6 +125,16 @@ def test_scores_select_and_train(first, instance) -> None:
 
     assert model["shard_key"] == selected["key"] and model["reused"] is False
     assert Path(model["output"], "config.json").is_file()
+
+    # Evaluated on trained_model's eval shards, and shown beside it on the same pairs.
+    trained = _latest(instance, "trained_model")
+    assert model["eval/pairs"] == trained["eval/pairs"] == _latest(instance, "eval_shards")["pairs"]
+    table = model["against_trained_model"].splitlines()
+    assert table[0] == "| metric | selected_model | trained_model |"
+    for name in ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "loss"):
+        row = next(line for line in table if line.startswith(f"| {name} |"))
+        assert row == f"| {name} | {model[name]:.4f} | {trained[name]:.4f} |"
+    assert table[-1] == f"on the same {trained['eval/pairs']:,} held-out pairs"
 
 
 def test_a_second_materialization_reuses_everything_without_launching(

@@ -110,12 +110,16 @@ def test_whole_graph_accounts_for_every_row(built, instance) -> None:
         assert m["rows_in"] >= m["pairs_out"] + m["quarantined"] + m["dropped"]
     curated = md["curated_pairs"][0]
     assert curated["rows_in"] == sum(m["pairs_out"] for m in normalized)
-    assert curated["rows_in"] == curated["rows_out"] + curated["dropped"]
+    assert curated["eval_pairs"] > 0
+    assert curated["rows_in"] == curated["rows_out"] + curated["eval_pairs"] + curated["dropped"]
     tokenized = md["tokenized_pairs"][0]
     assert tokenized["pairs_in"] == curated["rows_out"]
     packed = md["packed_shards"][0]
     assert packed["pairs"] + packed["dropped"] == tokenized["pairs_out"]
     assert 0 < packed["fill_ratio"] <= 1
+    held = md["eval_shards"][0]
+    assert held["pairs"] + held["dropped"] == curated["eval_pairs"]
+    assert held["train_shards"] == packed["key"] and held["max_len"] == packed["max_len"]
     reference = md["reference_logps"][0]
     assert reference["pairs"] == packed["pairs"] and reference["reused"] is False
     assert reference["mean_chosen_logps"] < 0
@@ -125,8 +129,20 @@ def test_whole_graph_accounts_for_every_row(built, instance) -> None:
     assert Path(trained["output"], "config.json").is_file()
     for key in ("backend", "layout", "shard_key", "model", "run_key", "precision", "device"):
         assert trained[key], key  # what the trainer reported, and the key it ran under
+    # Evaluated once, at the end, on the eval shards against their own reference log-probs.
+    eval_reference = md["eval_reference_logps"][0]
+    assert trained["eval/pairs"] == held["pairs"] == eval_reference["pairs"]
+    assert eval_reference["shard_key"] == held["key"]
+    lines = [json.loads(x) for x in Path(trained["metrics_file"]).read_text().splitlines()]
+    for name in ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins"):
+        assert trained[name] == pytest.approx(lines[-1][name]), name
+    assert "## Results" in Path(trained["output"], "README.md").read_text()
     text = summary(instance, results, seconds=1.0)  # what `prefpack run` prints
     assert f"{curated['rows_out']:,} pairs" in text and f"loss {trained['loss']:.4f}" in text
+    assert f"{curated['eval_pairs']:,} held out for eval" in text
+    assert f"eval         {held['pairs']:,} pairs in {held['rows']:,} rows" in text
+    assert f"eval shards  {held['path']}" in text
+    assert f"evaluated    loss {trained['eval/loss']:.4f}, reward accuracy" in text
     assert UP_TO_DATE not in text
     head = (
         f"{len(results)} runs: raw_source x7, normalized_pairs x7, curated_pairs, tokenized_pairs"
@@ -229,7 +245,9 @@ def test_materialize_all_runs_what_changed_and_downstream(built, instance) -> No
     assert _materialized_keys(again) == {
         "tokenized_pairs",
         "packed_shards",
+        "eval_shards",
         "reference_logps",
+        "eval_reference_logps",
         "trained_model",
     }
     trained = materialized_metadata(again)["trained_model"][0]
@@ -256,7 +274,9 @@ def test_edited_eval_prompts_make_curation_and_downstream_stale(
         "curated_pairs",
         "tokenized_pairs",
         "packed_shards",
+        "eval_shards",
         "reference_logps",
+        "eval_reference_logps",
         "trained_model",
     ]
 
@@ -304,14 +324,15 @@ def test_new_weights_at_the_same_path_make_training_stale_and_retrain(
         (folder / file.name).write_bytes(file.read_bytes())
     defs = build_definitions({**resources, "model": ModelResource(path=str(folder))})
     first = materialized_metadata(materialize_all(defs, instance, run_config=TEST_CONFIG))
-    assert set(first) == {"reference_logps", "trained_model"}  # the data stages are fresh
+    # The data stages are fresh; both reference files and the model depend on the weights.
+    assert set(first) == {"reference_logps", "eval_reference_logps", "trained_model"}
 
     _nudge_weights(folder)
     assert staleness.observe_model(defs, instance) is True
     assert _status(instance, defs, "reference_logps") == StaleStatus.STALE
     assert _status(instance, defs, "trained_model") == StaleStatus.STALE
     again = materialized_metadata(materialize_all(defs, instance, run_config=TEST_CONFIG))
-    assert set(again) == {"reference_logps", "trained_model"}
+    assert set(again) == {"reference_logps", "eval_reference_logps", "trained_model"}
     trained, before = again["trained_model"][0], first["trained_model"][0]
     assert trained["reused"] is False and trained["run_key"] != before["run_key"]
     assert trained["model_content"] != before["model_content"]

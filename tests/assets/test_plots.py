@@ -14,6 +14,7 @@ from assets import plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CURVE = [(s, 0.69 - 0.01 * s, min(1.0, 0.5 + 0.05 * s), 0.02 * s) for s in range(1, 31)]
+EVAL_CURVE = [(s, 0.69 - 0.005 * s, 0.5 + 0.01 * s, 0.01 * s) for s in (10, 20, 30)]
 HISTOGRAMS = {
     "edges": [0, 16, 32, 64, 128],
     "prompt": [3, 10, 5, 1],
@@ -38,9 +39,11 @@ MARGIN = np.array([2.0, 0.8, -0.1, 1.5, -1.2, 0.5])
 
 CASES = {
     "loss": (lambda: plots.loss_plot(CURVE), plots.TALL),
+    "loss_with_eval": (lambda: plots.loss_plot(CURVE, EVAL_CURVE), plots.TALL),
     "length": (lambda: plots.length_plot(HISTOGRAMS), plots.SIZE),
     "fill": (lambda: plots.fill_plot(ROW_TOKENS, 512), plots.SIZE),
     "funnel": (lambda: plots.funnel_plot(DROPPED, kept=40), plots.SIZE),
+    "funnel_held_out": (lambda: plots.funnel_plot(DROPPED, kept=36, held_out=4), plots.SIZE),
     "length_bias": (lambda: plots.length_bias_plot(LENGTH_BIAS), plots.TALL),
     "difficulty": (lambda: plots.difficulty_plot(LOSS, FOLD, MARGIN, 1.2), plots.SIZE),
 }
@@ -104,3 +107,21 @@ def test_same_input_same_bytes(name):
 def test_empty_input_gives_a_placeholder(value):
     assert value.md_str.startswith("(") and "nothing to plot" in value.md_str
     assert "data:image" not in value.md_str
+
+
+def _has_color(png: bytes, rgb: tuple[int, int, int], tolerance: int = 12) -> bool:
+    with Image.open(io.BytesIO(png)) as image:
+        colors = image.convert("RGB").getcolors(maxcolors=1 << 20) or []
+    return any(all(abs(a - b) <= tolerance for a, b in zip(c, rgb, strict=True)) for _, c in colors)
+
+
+def test_the_funnel_draws_the_held_out_pairs_as_a_bar_of_their_own() -> None:
+    held_blue = (0x4C, 0x72, 0xB0)
+    assert _has_color(png_bytes(plots.funnel_plot(DROPPED, kept=36, held_out=4)), held_blue)
+    assert not _has_color(png_bytes(plots.funnel_plot(DROPPED, kept=40)), held_blue)
+
+
+def test_the_loss_plot_draws_the_eval_curve_in_its_own_color() -> None:
+    eval_orange = tuple(int(plots.EVAL_COLOR[i : i + 2], 16) for i in (1, 3, 5))
+    assert _has_color(png_bytes(plots.loss_plot(CURVE, EVAL_CURVE)), eval_orange)
+    assert not _has_color(png_bytes(plots.loss_plot(CURVE)), eval_orange)

@@ -58,7 +58,14 @@ def test_ui_serves_graph_and_runs_packing(tmp_path) -> None:
             for n in nodes
         }
         assert edges["packed_shards"] == {"tokenized_pairs"}
-        assert edges["trained_model"] == {"base_model", "packed_shards", "reference_logps"}
+        assert edges["trained_model"] == {
+            "base_model",
+            "curated_pairs",
+            "packed_shards",
+            "reference_logps",
+            "eval_shards",
+            "eval_reference_logps",
+        }
 
         params = {
             "selector": {
