@@ -40,6 +40,7 @@ bench: venv
 	$(BIN)/python -m benchmarks.train
 	$(BIN)/python -m benchmarks.fsdp_load
 	$(BIN)/python -m benchmarks.vs_trl
+	$(BIN)/python -m benchmarks.quality
 
 clean:
 	rm -rf $(VENV) store .dagster .pytest_cache .ruff_cache .hypothesis
