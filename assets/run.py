@@ -100,10 +100,10 @@ def summary(
 ) -> str:
     """What ran (or "everything up to date"), then pairs per stage (the eval pairs held out
     and their shards included), fill ratio, tokens saved, final training loss and reward
-    accuracy and the eval set's of the current materializations (and, when this call ran something, whether
-    shards and model were made or reused)."""
+    accuracy and the eval set's of the current materializations (and, for those this call
+    materialized, whether shards and model were made or reused)."""
+    ran = Counter(key.to_user_string() for r in results for key in _materialized(r))
     if results:
-        ran = Counter(key.to_user_string() for r in results for key in _materialized(r))
         names = [f"{n} x{ran[n]}" if ran[n] > 1 else n for n in (*SOURCE_ASSETS, *STAGE_ASSETS)]
         head = (
             f"prefpack run finished in {seconds:.1f} s, {len(results)} runs: "
@@ -131,12 +131,12 @@ def summary(
         f"{packed['max_len']} tokens, fill ratio {packed['fill_ratio']:.3f}, "
         f"{packed['tokens_saved_by_prefix_sharing']:,} tokens saved by prefix sharing "
         f"({packed['prefix_sharing_saving']:.1%})"
-        + (f", {'reused' if packed['reused'] else 'written'}" if results else ""),
-        _eval_line(held, ran=bool(results)),
+        + (f", {'reused' if packed['reused'] else 'written'}" if "packed_shards" in ran else ""),
+        _eval_line(held, ran="eval_shards" in ran),
         f"  trained      {trained['steps']} steps, loss {trained['loss']:.4f}, reward accuracy "
         f"{trained['rewards/accuracies']:.3f}, margin {trained['rewards/margins']:.4f}, "
         f"{trained['pairs/s']:.1f} pairs/s"
-        + (f" ({'reused' if trained['reused'] else 'trained'})" if results else ""),
+        + (f" ({'reused' if trained['reused'] else 'trained'})" if "trained_model" in ran else ""),
         *(
             [
                 f"  evaluated    loss {trained['eval/loss']:.4f}, reward accuracy "

@@ -296,6 +296,11 @@ def test_training_with_two_processes_runs_torchrun_through_pipes(built, instance
     assert trained["output"] != single["output"]
     assert trained["steps"] == single["steps"] and trained["pairs"] == single["pairs"]
     assert trained["loss"] == pytest.approx(single["loss"], rel=1e-5)
+    # The summary of this call says what it made, and nothing of the stages it did not run.
+    lines = summary(instance, [result], seconds=1.0).splitlines()
+    assert next(x for x in lines if x.startswith("  trained ")).endswith("(trained)")
+    stages = [x for x in lines if x.startswith(("  packed ", "  eval   "))]
+    assert len(stages) == 2 and not any(x.endswith(("written", "reused")) for x in stages)
 
 
 def _nudge_weights(folder: Path) -> None:
