@@ -20,13 +20,22 @@ STAGE_ASSETS = [
 ]
 
 # Sized for the bundled samples on 2 CPU cores: a tenth of the prompts held out for eval
-# shards (some tens of pairs); the tiny model from scratch, so a learning rate far above
-# DPO's fine-tuning default (5e-7) to see the rewards separate in a minute.
+# shards (some tens of pairs), evaluated every 10 steps; the tiny model from scratch, so a
+# learning rate far above DPO's fine-tuning default (5e-7) to see the rewards separate in
+# a minute.
 SAMPLE_CONFIG = {
     "ops": {
         "curated_pairs": {"config": {"eval_share": 0.1}},
         "packed_shards": {"config": {"max_len": 1024}},
-        "trained_model": {"config": {"steps": 60, "lr": 1e-3, "warmup_steps": 5, "batch_rows": 4}},
+        "trained_model": {
+            "config": {
+                "steps": 60,
+                "lr": 1e-3,
+                "warmup_steps": 5,
+                "batch_rows": 4,
+                "eval_every": 10,
+            }
+        },
     }
 }
 

@@ -6,8 +6,9 @@ Into a temporary store and Dagster instance: `prefpack run`'s graph on the bundl
 (normalize to reference log-probs and training, not timed here), then `difficulty_job` with
 its sample config (`assets.jobs.DIFFICULTY_CONFIG`: 5 folds of the tiny model, 20 steps of 4
 rows each, drop the hardest 10%, train on the rest as `trained_model` does), timed per
-asset from Dagster's step stats, then the same job again, which reuses every result by key.
-Prints the numbers and writes `benchmarks/results/difficulty.json`.
+asset from Dagster's step stats, then the same job again, which reuses every result by key;
+and `selected_model` against `trained_model` on the same eval pairs (the sample's eval
+split). Prints the numbers and writes `benchmarks/results/difficulty.json`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from assets.jobs import DIFFICULTY_CONFIG
 from assets.run import QUIET, materialize_all, materialized_metadata
 
 RESULTS = Path(__file__).parent / "results" / "difficulty.json"
+EVAL_METRICS = ("eval/pairs", "eval/loss", "eval/rewards/accuracies", "eval/rewards/margins")
 
 
 def run_job(defs: dg.Definitions, instance: dg.DagsterInstance) -> dict:
@@ -50,6 +52,8 @@ def main() -> None:
             materialize_all(defs, instance)
             graph_seconds = time.perf_counter() - started
             first, second = run_job(defs, instance), run_job(defs, instance)
+            record = instance.get_latest_materialization_event(dg.AssetKey("trained_model"))
+            trained = {k: v.value for k, v in record.asset_materialization.metadata.items()}
     scores = first["metadata"]["difficulty_scores"]
     selected = first["metadata"]["selected_shards"]
     model = first["metadata"]["selected_model"]
@@ -78,6 +82,11 @@ def main() -> None:
             k: selected[k] for k in ("pairs_in", "pairs_out", "dropped", "loss_threshold")
         },
         "selected_model": {k: model[k] for k in ("steps", "loss", "rewards/accuracies")},
+        # Both evaluated on the same held-out pairs (the sample's eval split).
+        "eval": {
+            name: {k: run[k] for k in EVAL_METRICS}
+            for name, run in (("trained_model", trained), ("selected_model", model))
+        },
         "reused_on_second_run": {name: md["reused"] for name, md in second["metadata"].items()},
     }
     a = first["asset_seconds"]
@@ -91,6 +100,12 @@ def main() -> None:
         f"job {first['seconds']:.1f} s"
     )
     print(f"  again, all reused: job {second['seconds']:.1f} s")
+    for name, run in result["eval"].items():
+        print(
+            f"  {name:15s} on the {run['eval/pairs']} held-out pairs: eval loss "
+            f"{run['eval/loss']:.4f}, reward accuracy {run['eval/rewards/accuracies']:.3f}, "
+            f"margin {run['eval/rewards/margins']:.4f}"
+        )
     print(
         f"  held-out loss mean {scores['held_out_loss_mean']:.4f}, accuracy "
         f"{scores['held_out_accuracy']:.3f}; dropped {selected['dropped']} of "
