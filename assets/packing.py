@@ -139,20 +139,9 @@ def packed_shards(
         context,
         result,
         {
-            "layout": manifest["layout"],
-            "max_len": manifest["max_len"],
-            "shards": len(manifest["shards"]),
-            "rows": stats["rows"],
-            "pairs": stats["pairs"],
-            "tokens": stats["tokens"],
-            "fill_ratio": float(stats["fill_ratio"]),
+            **_shard_metadata(manifest),
             "tokens_saved_by_prefix_sharing": stats["tokens_saved_by_prefix_sharing"],
             "prefix_sharing_saving": float(stats["prefix_sharing_saving"]),
-            "truncated": stats["truncated"],
-            "dropped": sum(stats["dropped"].values()),
-            "dropped_by_reason": count_table(
-                stats["dropped"], total=stats["pairs_in"], unit="pairs"
-            ),
             "tokens_by_layout": layout_table(stats["tokens_by_layout"]),
             "pair_length_histogram": binned(histogram["edges"], histogram["counts"], "pair tokens"),
             "fill_plot": _fill_plot(result),
@@ -200,7 +189,7 @@ def eval_shards(
         yield from checks.no_eval_checks(why)
         return
     result = build_eval_shards(curated_pairs, packed_shards, store.root).shards
-    manifest, stats = result.manifest, result.manifest["stats"]
+    manifest = result.manifest
     split = report["eval_split"]
     yield _keyed_output(
         context,
@@ -210,25 +199,31 @@ def eval_shards(
             "eval_split": f"{split['mode']} {split['setting']} (seed {split['seed']})",
             "status": "packed with the training shards' settings",
             "train_shards": Path(packed_shards).name,
-            "layout": manifest["layout"],
-            "max_len": manifest["max_len"],
             "tokenizer": manifest["tokenizer"]["name"],
             "template": manifest["template"]["name"],
-            "shards": len(manifest["shards"]),
-            "rows": stats["rows"],
-            "pairs": stats["pairs"],
-            "tokens": stats["tokens"],
-            "fill_ratio": float(stats["fill_ratio"]),
-            "truncated": stats["truncated"],
-            "dropped": sum(stats["dropped"].values()),
-            "dropped_by_reason": count_table(
-                stats["dropped"], total=stats["pairs_in"], unit="pairs"
-            ),
+            **_shard_metadata(manifest),
         },
     )
     yield checks.check_shards_verified(result)
     yield checks.check_eval_accounting(manifest, report["eval_pairs"])
     yield checks.check_disjoint(_pair_ids(result.directory), _pair_ids(packed_shards))
+
+
+def _shard_metadata(manifest: dict) -> dict[str, object]:
+    """What the UI shows of any shard directory: layout, size, fill and drops."""
+    stats = manifest["stats"]
+    return {
+        "layout": manifest["layout"],
+        "max_len": manifest["max_len"],
+        "shards": len(manifest["shards"]),
+        "rows": stats["rows"],
+        "pairs": stats["pairs"],
+        "tokens": stats["tokens"],
+        "fill_ratio": float(stats["fill_ratio"]),
+        "truncated": stats["truncated"],
+        "dropped": sum(stats["dropped"].values()),
+        "dropped_by_reason": count_table(stats["dropped"], total=stats["pairs_in"], unit="pairs"),
+    }
 
 
 def _pair_ids(directory: str | Path) -> pa.Array:
