@@ -119,11 +119,9 @@ def export_files(spec: ExportTokenizer, config: Mapping[str, Any]) -> dict[str, 
     files[TOKENIZER_CONFIG] = _json_bytes(tok_config)
 
     tokenizer = Tokenizer.from_str(files[TOKENIZER].decode("utf-8"))
-    generation = (
-        json.loads(base_generation)
-        if base_generation is not None
-        else _token_ids(config, tok_config, tokenizer)
-    )
+    ids = _token_ids(config, tok_config, tokenizer)
+    # The base's generation settings, with the ids it leaves out from config.json.
+    generation = {**ids, **json.loads(base_generation)} if base_generation is not None else ids
     end_id = tokenizer.token_to_id(end_of_turn) if end_of_turn is not None else None
     eos = _ids(generation.get("eos_token_id")) + ([end_id] if end_id is not None else [])
     eos = list(dict.fromkeys(eos))

@@ -16,7 +16,6 @@ import dagster as dg
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from dagster._core.definitions.data_version import extract_data_version_from_entry
 
 from assets.definitions import ASSETS, build_resources
 from assets.packing import NO_EVAL_SHARDS
@@ -74,8 +73,8 @@ def _metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict:
 
 
 def _data_version(instance, asset: str) -> str:
-    record = instance.get_latest_data_version_record(dg.AssetKey(asset))
-    return extract_data_version_from_entry(record.event_log_entry).value
+    record = instance.get_latest_materialization_event(dg.AssetKey(asset))
+    return record.asset_materialization.tags["dagster/data_version"]
 
 
 def _checks(result: dg.ExecuteInProcessResult) -> dict[str, bool]:
@@ -139,3 +138,25 @@ def test_without_an_eval_split_the_value_is_none_and_says_why(first, store, inst
         "path": None
     }
     assert all(_checks(result).values())
+
+
+def test_eval_shards_sharing_a_prompt_with_training_fail_the_check(first, tmp_path) -> None:
+    """The disjointness check compares prompts, token for token: eval shards packed from a
+    copy of one training pair under another id (its prompt trained on) fail it."""
+    from assets.checks import check_disjoint
+    from pipeline.pack import PackConfig, build_shards
+    from pipeline.tokenized import tokenize_like
+
+    packed = _metadata(first, "packed_shards")
+    train = open_shards(packed["path"])
+    pairs = pq.read_table(Path(_metadata(first, "curated_pairs")["path"], "pairs.parquet"))
+    leaked = pairs.slice(0, 1).set_column(0, "pair_id", [["leaked"]])
+    pq.write_table(leaked, tmp_path / "leaked.parquet")
+    store = Path(packed["path"]).parents[1]
+    tokenized = tokenize_like(
+        tmp_path / "leaked.parquet", store / train.manifest["tokenized"]["directory"], store
+    )
+    config = PackConfig(**train.manifest["config"])
+    leaky = build_shards(tokenized.directory, config, store).directory
+    assert check_disjoint(leaky, packed["path"]).passed is False
+    assert check_disjoint(_metadata(first, "eval_shards")["path"], packed["path"]).passed

@@ -81,6 +81,19 @@ def test_export_keeps_the_base_tokenizer_with_the_end_of_turn_as_eos(
     assert model.config.vocab_size == VOCAB
 
 
+def test_a_base_generation_config_without_token_ids_gets_config_json_s(
+    shards: Path, tmp_path: Path
+) -> None:
+    """The base's generation settings are kept; ids it leaves out come from config.json,
+    so its eos is not lost when the end of turn is added."""
+    base = base_folder(tmp_path / "base")
+    (base / "generation_config.json").write_text(json.dumps({"temperature": 0.3}))
+    final = _export(load_pretrained(base), shards, base, tmp_path / "final")
+    generation = transformers.GenerationConfig.from_pretrained(final)
+    assert generation.eos_token_id == [ENDOFTEXT, IM_END] and generation.bos_token_id == IM_START
+    assert generation.temperature == 0.3
+
+
 @pytest.mark.parametrize("where", ["config", "named", None, "other"])
 def test_the_exported_template_is_the_trained_one(
     shards: Path, tmp_path: Path, where: str | None
