@@ -16,6 +16,14 @@ Layouts (named in the shard manifest):
   documents and pads each batch to its longest sequence, as trainers without packing do.
 Nothing ever sees another pair in the same row.
 
+Sliding windows (Mistral, Phi-3, Gemma 3's local layers) are defined on **position ids**: a
+query at position p additionally sees only keys at positions > p - window (itself and the
+window - 1 positions before it) among those the layout lets it see; transformers' rule
+(`kv_idx > q_idx - sliding_window`, FlashAttention's `window_size=(window - 1, 0)`) for every
+family it implements. Since a rejected token's keys are `prompt ++ rejected` at positions
+0..P+R-1, as in the separate sequence `prompt+rejected`, the window cuts exactly what it cuts
+there.
+
 Log-prob targets (shared): chosen token j is predicted by the logits at s+P-1+j; rejected
 token 0 by the logits of the last prompt token (s+P-1), rejected token j>0 by s+P+C+j-1.
 In the two-document layouts each response token is predicted by the token before it in
@@ -148,8 +156,14 @@ def token_roles(row: PackedRow, layout: Layout) -> tuple[np.ndarray, np.ndarray]
     return np.repeat(pair_of_segment, lengths), np.repeat(kinds, lengths)
 
 
-def attention_mask(row: PackedRow, layout: Layout) -> np.ndarray:
-    """bool [T, T], True where query q may attend key k: the brute-force definition."""
+def attention_mask(row: PackedRow, layout: Layout, window: int | None = None) -> np.ndarray:
+    """bool [T, T], True where query q may attend key k: the brute-force definition.
+
+    Args:
+        row, layout: the row and its layout.
+        window: a sliding window (see the module docstring): keys whose position id is
+            `window` or more below the query's are invisible too. None: no window.
+    """
     pair, kind = token_roles(row, layout)
     q = np.arange(row.num_tokens)[:, None]
     k = np.arange(row.num_tokens)[None, :]
@@ -157,10 +171,15 @@ def attention_mask(row: PackedRow, layout: Layout) -> np.ndarray:
     causal = k <= q
     if layout == "shared":
         # A key is visible if it is prompt, or in the query's own segment.
-        same_branch = (kind[None, :] == 0) | (kind[None, :] == kind[:, None])
-        return same_pair & causal & same_branch
-    same_doc = kind[:, None] == kind[None, :]
-    return same_pair & causal & same_doc
+        visible = same_pair & causal & ((kind[None, :] == 0) | (kind[None, :] == kind[:, None]))
+    else:
+        visible = same_pair & causal & (kind[:, None] == kind[None, :])
+    if window is not None:
+        if window < 1:
+            raise ValueError(f"sliding window must be >= 1, got {window}")
+        pos = position_ids(row, layout)
+        visible &= pos[:, None] - pos[None, :] < window
+    return visible
 
 
 @dataclass(frozen=True)

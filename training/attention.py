@@ -34,15 +34,28 @@ gives plain causal SDPA there, which is FlashAttention on CUDA.
 
 A backend object is built once per batch from the metadata (index tensors, masks and
 sequence offsets made on the host, moved to the device once), and called by every layer as
-`attention(q, k, v)` with q (B, T, nh, hd), k and v (B, T, nkv, hd); it returns
-(B, T, nh, hd). Grouped-query attention throughout (`enable_gqa`).
+`attention(q, k, v, window, scale)` with q (B, T, nh, hd), k and v (B, T, nkv, hd); it returns
+(B, T, nh, hd). Grouped-query attention throughout (`enable_gqa`); `scale` is the score
+scale (None: 1/sqrt(hd); Gemma 3 sets its own).
+
+Sliding windows (`window`, per layer: Gemma 3 mixes windowed and full layers) follow the
+definition in `data_contracts.packed_row` (keys at positions > p - window). Every backend
+gets them from the same fact: each attention problem's keys, in order, are at positions
+0, 1, ... (`prompt ++ rejected`, or a document), so a query's window is a band of key slots:
+- `dense` and `padded`: the mask and'ed with the position-id band;
+- `segments`: the same calls, a causal call longer than the window takes a banded mask;
+- `varlen`: FlashAttention's own `window_size=(window - 1, 0)`, bottom-right aligned;
+- `flex`: the band in the mask_mod, and the block lists narrowed to the band (blocks
+  outside it dropped, full blocks it cuts made partial).
+Each backend builds a window's masks the first time a layer asks and keeps them for the
+batch's other layers (and the backward's recomputation).
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 
 import numpy as np
@@ -52,7 +65,13 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.nn.attention.varlen import varlen_attn
 
-from data_contracts.packed_row import Layout, PackedRow, attention_mask, token_roles
+from data_contracts.packed_row import (
+    Layout,
+    PackedRow,
+    attention_mask,
+    position_ids,
+    token_roles,
+)
 from training.train_config import BACKENDS, Backend
 
 
@@ -68,11 +87,20 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs: object) -> Tensor:
 class CausalAttention:
     """Plain causal attention over right-padded single documents (the `padded` layout).
 
-    Padding sits after every real token, so causal masking alone keeps it invisible.
+    Padding sits after every real token, so causal masking alone keeps it invisible. Each
+    document starts at position 0, so a token's column is its position id and a window is
+    the band of columns (col - window, col].
     """
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return _sdpa(q, k, v, is_causal=True)
+    def __call__(
+        self, q: Tensor, k: Tensor, v: Tensor, window: int | None = None, scale: float | None = None
+    ) -> Tensor:
+        T = q.shape[1]
+        if window is None or window >= T:
+            return _sdpa(q, k, v, is_causal=True, scale=scale)
+        col = torch.arange(T, device=q.device)
+        back = col[:, None] - col[None, :]  # (T, T): how far the key is behind the query
+        return _sdpa(q, k, v, attn_mask=(back >= 0) & (back < window), scale=scale)
 
 
 @dataclass(frozen=True)
@@ -81,12 +109,27 @@ class DenseAttention:
 
     Attributes:
         mask: bool (B, 1, T, T), True where the query may attend the key.
+        positions: (B, T) position ids (0 on padding), for sliding windows.
     """
 
     mask: Tensor
+    positions: Tensor
+    _windowed: dict[int, Tensor] = field(default_factory=dict, repr=False, compare=False)
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return _sdpa(q, k, v, attn_mask=self.mask)
+    def mask_for(self, window: int | None) -> Tensor:
+        """The mask, and'ed with the window's position band (built once per window)."""
+        if window is None:
+            return self.mask
+        if window not in self._windowed:
+            pos = self.positions[:, None]  # (B, 1, T)
+            band = pos[..., :, None] - pos[..., None, :] < window  # (B, 1, T, T)
+            self._windowed[window] = self.mask & band
+        return self._windowed[window]
+
+    def __call__(
+        self, q: Tensor, k: Tensor, v: Tensor, window: int | None = None, scale: float | None = None
+    ) -> Tensor:
+        return _sdpa(q, k, v, attn_mask=self.mask_for(window), scale=scale)
 
 
 # -----------------------------------------------------------------------------
@@ -176,17 +219,56 @@ def length_buckets(lengths: np.ndarray) -> np.ndarray:
     return np.ceil(np.log2(np.maximum(lengths, 1))).astype(np.int64)
 
 
+def group_mask(
+    causal: bool,
+    q_len: np.ndarray,
+    k_len: np.ndarray,
+    lq: int,
+    lk: int,
+    window: int | None = None,
+) -> np.ndarray | None:
+    """bool (n, 1, lq, lk) for one call of n problems, or None where plain causal is exact.
+
+    Key slot b of a problem is its key's position id (`prompt ++ rejected` and documents
+    both start at position 0), so a query's position is its own slot in a causal call
+    (its queries are its keys) and k_len - q_len + a in a masked one (bottom-right).
+
+    Args:
+        causal: the call's query slots are its keys.
+        q_len, k_len: (n,) real queries and keys per problem.
+        lq, lk: the call's padded query and key lengths.
+        window: a sliding window, or None.
+    """
+    if window is not None and lk <= window:
+        window = None  # no key is a window or more behind any query
+    if causal and window is None:
+        return None  # right padding under a causal mask is invisible to real queries
+    a, b = np.arange(lq)[None, :, None], np.arange(lk)[None, None, :]
+    ql, kl = q_len[:, None, None], k_len[:, None, None]
+    at = a if causal else kl - ql + a  # the query's position
+    mask = (b <= at) & (b < kl)
+    if window is not None:
+        # Padding query slots (at >= kl) keep every real key: no softmax row is empty.
+        mask &= (at - b < window) | (at >= kl)
+    return mask[:, None]
+
+
 @dataclass(frozen=True)
 class SegmentGroup:
     """One SDPA call: n problems padded to Lq query slots and Lk keys.
 
     Attributes:
         shape: (n, Lq, Lk).
-        mask: bool (n, 1, Lq, Lk), or None for a causal call: every problem's queries are
-            its keys (right padding under a causal mask is invisible to real queries).
+        causal: the problems' queries are their keys (documents; rejected problems whose
+            prompt is shorter than the response).
+        q_len, k_len: (n,) host arrays, each problem's real queries and keys.
+        mask: bool (n, 1, Lq, Lk) without a window, or None for a causal call.
     """
 
     shape: tuple[int, int, int]
+    causal: bool
+    q_len: np.ndarray
+    k_len: np.ndarray
     mask: Tensor | None
 
 
@@ -206,24 +288,44 @@ class SegmentAttention:
     q_index: Tensor
     k_index: Tensor
     out_index: Tensor
+    _windowed: dict[int, tuple[Tensor | None, ...]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def masks(self, window: int | None) -> tuple[Tensor | None, ...]:
+        """Each call's mask under `window` (built once per window, on the masks' device)."""
+        if window is None:
+            return tuple(g.mask for g in self.groups)
+        if window not in self._windowed:
+            device = self.out_index.device
+            self._windowed[window] = tuple(
+                None if m is None else torch.from_numpy(m).to(device)
+                for m in (
+                    group_mask(g.causal, g.q_len, g.k_len, g.shape[1], g.shape[2], window)
+                    for g in self.groups
+                )
+            )
+        return self._windowed[window]
+
+    def __call__(
+        self, q: Tensor, k: Tensor, v: Tensor, window: int | None = None, scale: float | None = None
+    ) -> Tensor:
         qf, kf, vf = q[0], k[0], v[0]  # (T, h, hd): a flat batch is one sequence
         qs = qf[self.q_index].split([n * lq for n, lq, _ in (g.shape for g in self.groups)])
         k_sizes = [n * lk for n, _, lk in (g.shape for g in self.groups)]
         ks, vs = kf[self.k_index].split(k_sizes), vf[self.k_index].split(k_sizes)
         outs = []
-        for g, qg, kg, vg in zip(self.groups, qs, ks, vs, strict=True):
+        for g, mask, qg, kg, vg in zip(self.groups, self.masks(window), qs, ks, vs, strict=True):
             n, lq, lk = g.shape
             qg, kg, vg = (
                 qg.view(n, lq, *qf.shape[1:]),
                 kg.view(n, lk, *kf.shape[1:]),
                 vg.view(n, lk, *vf.shape[1:]),
             )
-            if g.mask is None:
-                out = _sdpa(qg, kg, vg, is_causal=True)
+            if mask is None:
+                out = _sdpa(qg, kg, vg, is_causal=True, scale=scale)
             else:
-                out = _sdpa(qg, kg, vg, attn_mask=g.mask)
+                out = _sdpa(qg, kg, vg, attn_mask=mask, scale=scale)
             outs.append(out.reshape(n * lq, *out.shape[2:]))
         return torch.cat(outs)[self.out_index][None]  # (1, T, nh, hd)
 
@@ -236,7 +338,8 @@ def segment_attention(segments: Segments, device: torch.device) -> SegmentAttent
     query slots are computed and dropped: (P+R)^2/2 scores, which beats the masked call's
     R(P+R) when P < R, and needs no mask (the kernel skips the blocks above the diagonal).
     Masked: the other rejected problems, queries over `prompt ++ rejected` keys with a
-    small lower-right causal mask.
+    small lower-right causal mask. A sliding window keeps these calls and gives them banded
+    masks (`group_mask`) the first time a layer asks (`SegmentAttention.masks`).
     """
     causal = segments.is_document | (segments.k1_len < segments.k2_len)
     kinds = np.where(causal, 0, 1)
@@ -256,14 +359,18 @@ def segment_attention(segments: Segments, device: torch.device) -> SegmentAttent
         slots = _ranges(first, part.q_len) + np.repeat(np.arange(n) * lq, part.q_len)
         out_index[_ranges(part.q_lo, part.q_len)] = slot + slots
         slot += n * lq
-        mask = None
-        if kind == 1:
-            # Lower-right causal on the real lengths; padded keys invisible; padded query
-            # slots see every real key, so no softmax row is empty.
-            a, b = np.arange(lq)[None, :, None], np.arange(lk)[None, None, :]
-            ql, kl = part.q_len[:, None, None], part.k_len[:, None, None]
-            mask = torch.from_numpy(((b < kl) & (b <= kl - ql + a))[:, None]).to(device)
-        groups.append(SegmentGroup(shape=(n, lq, lk), mask=mask))
+        # Masked calls: lower-right causal on the real lengths; padded keys invisible;
+        # padded query slots see every real key, so no softmax row is empty.
+        mask = group_mask(kind == 0, part.q_len, part.k_len, lq, lk)
+        groups.append(
+            SegmentGroup(
+                shape=(n, lq, lk),
+                causal=kind == 0,
+                q_len=part.q_len,
+                k_len=part.k_len,
+                mask=None if mask is None else torch.from_numpy(mask).to(device),
+            )
+        )
         q_parts.append(queries.reshape(-1))
         k_parts.append(keys.reshape(-1))
     return SegmentAttention(
@@ -281,23 +388,45 @@ VarlenKernel = Callable[..., Tensor]  # the signature of torch's varlen_attn
 
 
 def gqa_causal_varlen(kernel: VarlenKernel) -> VarlenKernel:
-    """`kernel` called as torch 2.13's `varlen_attn` (`window_size=(-1, 0)`,
-    `enable_gqa=True`), whatever its torch: the first releases (2.10) take `is_causal` and
-    no `enable_gqa`, so an existing CUDA environment's torch gets repeated kv heads and
-    `is_causal=True` (FlashAttention's causal is bottom-right aligned in both)."""
+    """`kernel` called as torch 2.13's `varlen_attn` (`window_size=(left, 0)`,
+    `enable_gqa=True`, `scale`), whatever its torch: the first releases (2.10) take
+    `is_causal` and no `enable_gqa`, so an existing CUDA environment's torch gets repeated
+    kv heads and `is_causal=True` (FlashAttention's causal is bottom-right aligned in both);
+    a sliding window or a scale it cannot take is refused, naming it."""
     params = inspect.signature(kernel).parameters
-    if {"window_size", "enable_gqa"} <= params.keys():
+    if {"window_size", "enable_gqa", "scale"} <= params.keys():
         return kernel
 
-    def adapted(q: Tensor, k: Tensor, v: Tensor, *lengths: object, **kw: object) -> Tensor:
-        assert kw == {"window_size": (-1, 0), "enable_gqa": True}, kw
+    def adapted(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *lengths: object,
+        window_size: tuple[int, int],
+        enable_gqa: bool,
+        scale: float | None = None,
+    ) -> Tensor:
+        assert enable_gqa and window_size[1] == 0, (enable_gqa, window_size)
         if "enable_gqa" not in params and k.shape[1] != q.shape[1]:
             group = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+        kw: dict[str, object] = {}
+        if "window_size" in params:
+            kw["window_size"] = window_size
+        elif window_size == (-1, 0):
+            kw["is_causal"] = True
+        else:
+            raise RuntimeError(
+                "this torch's varlen_attn takes no window_size, which sliding-window layers "
+                "need: use torch >= 2.13 for the varlen backend, or backend flex or dense"
+            )
         if "enable_gqa" in params:
-            causal["enable_gqa"] = True
-        return kernel(q, k, v, *lengths, **causal)
+            kw["enable_gqa"] = True
+        if scale is not None:
+            if "scale" not in params:
+                raise RuntimeError("this torch's varlen_attn takes no attention scale")
+            kw["scale"] = scale
+        return kernel(q, k, v, *lengths, **kw)
 
     return adapted
 
@@ -338,8 +467,13 @@ class VarlenAttention:
     out_index: Tensor
     kernel: VarlenKernel = TORCH_VARLEN
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def __call__(
+        self, q: Tensor, k: Tensor, v: Tensor, window: int | None = None, scale: float | None = None
+    ) -> Tensor:
         qf, kf, vf = q[0], k[0], v[0]  # (T, h, hd)
+        # FlashAttention's window is (left, right) inclusive, bottom-right aligned: a query
+        # sees keys at most `left` slots back, and slots are positions (see module docs).
+        window_size = (-1, 0) if window is None else (window - 1, 0)
         outs = []
         for c in self.calls:
             k_index = c.q_index if c.k_index is None else c.k_index
@@ -352,8 +486,9 @@ class VarlenAttention:
                     c.cu_seq_k,
                     c.max_q,
                     c.max_k,
-                    window_size=(-1, 0),  # causal; bottom-right when lengths differ
+                    window_size=window_size,  # causal; bottom-right when lengths differ
                     enable_gqa=True,
+                    scale=scale,
                 )
             )
         return torch.cat(outs)[self.out_index][None]  # (1, T, nh, hd)
@@ -409,11 +544,25 @@ class FlexBlockAttention:
 
     Attributes:
         block_mask: the batch's BlockMask (B, 1, T, T) with the layout's mask_mod.
+        windowed: builds the BlockMask under a sliding window (`flex_block_mask(...,
+            window)` on the batch's rows).
     """
 
     block_mask: BlockMask
+    windowed: Callable[[int], BlockMask]
+    _windowed: dict[int, BlockMask] = field(default_factory=dict, repr=False, compare=False)
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def mask_for(self, window: int | None) -> BlockMask:
+        """The block mask under `window` (built once per window)."""
+        if window is None:
+            return self.block_mask
+        if window not in self._windowed:
+            self._windowed[window] = self.windowed(window)
+        return self._windowed[window]
+
+    def __call__(
+        self, q: Tensor, k: Tensor, v: Tensor, window: int | None = None, scale: float | None = None
+    ) -> Tensor:
         if not q.is_cuda and torch.is_grad_enabled() and q.requires_grad:
             raise RuntimeError(
                 "the flex backend trains on CUDA only (FlexAttention has no backward on CPU); "
@@ -421,7 +570,8 @@ class FlexBlockAttention:
             )
         fn = _compiled_flex_attention() if q.is_cuda else flex_attention
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        return fn(q, k, v, block_mask=self.block_mask, enable_gqa=True).transpose(1, 2)
+        block_mask = self.mask_for(window)
+        return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True).transpose(1, 2)
 
 
 AttentionBackend = (
@@ -433,8 +583,10 @@ AttentionBackend = (
 # Building a backend from a batch's metadata
 
 
-def dense_mask(rows: Sequence[PackedRow], layout: Layout, length: int) -> np.ndarray:
-    """bool (B, 1, length, length): each row's definition mask, zero-padded.
+def dense_mask(
+    rows: Sequence[PackedRow], layout: Layout, length: int, window: int | None = None
+) -> np.ndarray:
+    """bool (B, 1, length, length): each row's definition mask (under `window`), zero-padded.
 
     Padding queries attend to themselves only, so no softmax row is empty (an empty row
     gives NaN, and NaN times a zero gradient is still NaN in the weight gradients).
@@ -442,9 +594,17 @@ def dense_mask(rows: Sequence[PackedRow], layout: Layout, length: int) -> np.nda
     mask = np.zeros((len(rows), 1, length, length), dtype=bool)
     for b, row in enumerate(rows):
         n = row.num_tokens
-        mask[b, 0, :n, :n] = attention_mask(row, layout)
+        mask[b, 0, :n, :n] = attention_mask(row, layout, window)
         mask[b, 0, np.arange(n, length), np.arange(n, length)] = True
     return mask
+
+
+def padded_positions(rows: Sequence[PackedRow], layout: Layout, length: int) -> np.ndarray:
+    """int64 (B, length): each row's position ids, zero-padded."""
+    positions = np.zeros((len(rows), length), dtype=np.int64)
+    for b, row in enumerate(rows):
+        positions[b, : row.num_tokens] = position_ids(row, layout)
+    return positions
 
 
 def _block_lists(lists: Sequence[tuple[np.ndarray, ...]], q_blocks: int) -> tuple[Tensor, Tensor]:
@@ -461,8 +621,54 @@ def _block_lists(lists: Sequence[tuple[np.ndarray, ...]], q_blocks: int) -> tupl
     return torch.from_numpy(counts), torch.from_numpy(indices)
 
 
+def window_block_lists(
+    full: Sequence[np.ndarray],
+    partial: Sequence[np.ndarray],
+    positions: np.ndarray,
+    block_size: int,
+    window: int,
+) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """A row's (full, partial) key blocks per query block under a sliding window, from its
+    lists without one.
+
+    From each block's lowest and highest position id (positions restart per pair, so
+    blocks are not ordered by position): a block pair is dropped when every query is a
+    window or more past every key (lowest query - highest key >= window), stays full only
+    when it was full and every query is within the window of every key (highest query -
+    lowest key < window), and is partial (the mask_mod decides per token) otherwise. Exact
+    (a superset of the visible blocks, full only where all is visible) but not tight: a
+    query block holding the end of chosen and the start of rejected spans both branches'
+    positions, and keeps the key blocks either of them could reach.
+
+    Args:
+        full, partial: the row's lists without a window (`packed_row.SCHEMA`).
+        positions: (T,) the row's position ids.
+        block_size: the lists' block size.
+        window: the sliding window.
+    """
+    nb = -(-len(positions) // block_size)
+    pad = nb * block_size - len(positions)
+    lo = np.pad(positions, (0, pad), constant_values=np.iinfo(np.int64).max)
+    hi = np.pad(positions, (0, pad), constant_values=-1)
+    lo, hi = lo.reshape(nb, block_size).min(1), hi.reshape(nb, block_size).max(1)  # (nb,)
+    new_full, new_partial = [], []
+    for qb, (f, p) in enumerate(zip(full, partial, strict=True)):
+        blocks = np.concatenate([f, p]).astype(np.int64)
+        was_full = np.arange(len(blocks)) < len(f)
+        near = lo[qb] - hi[blocks] < window  # some query within the window of some key
+        whole = was_full & (hi[qb] - lo[blocks] < window)
+        new_full.append(np.sort(blocks[near & whole]).astype(np.int32))
+        new_partial.append(np.sort(blocks[near & ~whole]).astype(np.int32))
+    return tuple(new_full), tuple(new_partial)
+
+
 def flex_block_mask(
-    rows: Sequence[PackedRow], layout: Layout, length: int, block_size: int, device: torch.device
+    rows: Sequence[PackedRow],
+    layout: Layout,
+    length: int,
+    block_size: int,
+    device: torch.device,
+    window: int | None = None,
 ) -> BlockMask:
     """The batch's BlockMask from the rows' precomputed block lists.
 
@@ -472,6 +678,8 @@ def flex_block_mask(
         length: batch length, a multiple of `block_size`.
         block_size: the shards' mask block size.
         device: where the mask lives.
+        window: a sliding window: the mask_mod adds the position band and the block
+            lists are narrowed to it (`window_block_lists`). None: no window.
 
     Raises:
         ValueError: a row has no block lists, or lists for another block size.
@@ -489,17 +697,30 @@ def flex_block_mask(
     for b, row in enumerate(rows):
         pair[b, : row.num_tokens], kind[b, : row.num_tokens] = token_roles(row, layout)
     pair_t, kind_t = torch.from_numpy(pair).to(device), torch.from_numpy(kind).to(device)
+    full = [r.kv_block_full for r in rows]
+    partial = [r.kv_block_partial for r in rows]
+    positions = padded_positions(rows, layout, length)
+    pos_t = torch.from_numpy(positions).to(device)
+    if window is not None:
+        lists = [
+            window_block_lists(f, p, positions[b, : r.num_tokens], block_size, window)
+            for b, (r, f, p) in enumerate(zip(rows, full, partial, strict=True))
+        ]
+        full, partial = [f for f, _ in lists], [p for _, p in lists]
 
     def mask_mod(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         # The definition's rule on per-token roles: same pair, causal, and the key is
         # prompt (kind 0) or in the query's own segment / document. Padding has pair -1.
         same_pair = (pair_t[b, q] == pair_t[b, k]) & (pair_t[b, q] >= 0)
         branch = (kind_t[b, k] == 0) | (kind_t[b, k] == kind_t[b, q])
-        return same_pair & branch & (k <= q)
+        visible = same_pair & branch & (k <= q)
+        if window is None:
+            return visible
+        return visible & (pos_t[b, q] - pos_t[b, k] < window)  # the sliding window's band
 
     q_blocks = length // block_size
-    partial_n, partial_idx = _block_lists([r.kv_block_partial for r in rows], q_blocks)
-    full_n, full_idx = _block_lists([r.kv_block_full for r in rows], q_blocks)
+    partial_n, partial_idx = _block_lists(partial, q_blocks)
+    full_n, full_idx = _block_lists(full, q_blocks)
     return BlockMask.from_kv_blocks(
         partial_n.to(device),
         partial_idx.to(device),
@@ -535,11 +756,18 @@ def build_attention(
         ValueError: unknown backend name.
     """
     if backend == "dense":
-        return DenseAttention(torch.from_numpy(dense_mask(rows, layout, length)).to(device))
+        return DenseAttention(
+            mask=torch.from_numpy(dense_mask(rows, layout, length)).to(device),
+            positions=torch.from_numpy(padded_positions(rows, layout, length)).to(device),
+        )
     if backend == "segments":
         return segment_attention(flat_segments(rows, layout), device)
     if backend == "varlen":
         return varlen_attention(flat_segments(rows, layout), device)
     if backend == "flex":
-        return FlexBlockAttention(flex_block_mask(rows, layout, length, block_size, device))
+
+        def windowed(window: int | None) -> BlockMask:
+            return flex_block_mask(rows, layout, length, block_size, device, window)
+
+        return FlexBlockAttention(windowed(None), windowed=windowed)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")

@@ -4,10 +4,21 @@ A folder holds `config.json`, the weights as `model.safetensors` or as shards li
 `model.safetensors.index.json`, and the tokenizer files, so an exported folder loads
 anywhere: copied as they are, or the base model's with what training changed
 (`training.export_files`: eos, chat template, `generation_config.json`), and a model card
-(README.md). Supported: LlamaForCausalLM (Llama 2/3.x, SmolLM 1/2), Qwen2ForCausalLM and
-MistralForCausalLM, with the settings `ModelConfig` can express; any other architecture
-or setting fails with an error naming it, never a silently different model. Weights are
-never read through pickle (`pytorch_model.bin` is refused).
+(README.md). Weights are never read through pickle (`pytorch_model.bin` is refused).
+
+Supported, each exported back as the architecture it was loaded as, with the settings
+`ModelConfig` can express (what each family fixes: `training.model.FAMILY_TRAITS`):
+- LlamaForCausalLM (Llama 2/3.x, SmolLM 1/2; Llama 3.1 rope scaling);
+- Qwen2ForCausalLM (q/k/v biases) and Qwen3ForCausalLM (per-head q/k norms);
+- MistralForCausalLM (a sliding window on every layer);
+- Gemma3ForCausalLM, `gemma3_text` (sandwich `(1 + w)` norms, GeGLU, scaled embeddings,
+  `query_pre_attn_scalar`, sliding layers from `layer_types` with `rope_local_base_freq`);
+- Olmo2ForCausalLM (post-norms, q/k norms over the whole projection);
+- Phi3ForCausalLM (fused `qkv_proj` / `gate_up_proj`, a sliding window, default RoPE).
+Any other architecture or setting fails with an error naming it, never a silently
+different model: among them longrope/su/yarn RoPE (Phi-3 128k, Phi-3.5), a
+`partial_rotary_factor` below 1 (Phi-4-mini), logit softcapping and bidirectional
+attention (Gemma), Qwen's `use_sliding_window`, dropout, quantized weights.
 """
 
 from __future__ import annotations
@@ -30,13 +41,31 @@ from torch.distributed.tensor import DTensor
 
 from pipeline.io import atomic_directory
 from training.export_files import TOKENIZER_FILES, ExportTokenizer, export_files
-from training.model import CausalLM, Family, ModelConfig, RopeScaling
+from training.model import (
+    TRAITS,
+    CausalLM,
+    Family,
+    LinearRopeScaling,
+    ModelConfig,
+    RopeScaling,
+    family_traits,
+)
 
 ARCHITECTURES: dict[str, Family] = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "MistralForCausalLM": "mistral",
+    "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3",
+    "Olmo2ForCausalLM": "olmo2",
+    "Phi3ForCausalLM": "phi3",
 }
+# config.json's model_type per family (the family's name unless listed).
+_MODEL_TYPES: dict[Family, str] = {"gemma3": "gemma3_text"}
+# Families whose config classes have no head_dim apart from hidden_size / heads.
+_NO_HEAD_DIM: tuple[Family, ...] = ("qwen2", "olmo2", "phi3")
+# Families with a sliding window: on every layer, or (Gemma 3) on the `layer_types` it marks.
+_WINDOW_EVERY_LAYER: tuple[Family, ...] = ("mistral", "phi3")
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 README_NAME = "README.md"
@@ -57,15 +86,25 @@ _INTERPRETED = {
     "rope_theta",
     "rope_scaling",
     "rope_parameters",
+    "rope_local_base_freq",
     "max_position_embeddings",
     "tie_word_embeddings",
     "sliding_window",
+    "sliding_window_pattern",
+    "layer_types",
     "use_sliding_window",
+    "query_pre_attn_scalar",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "use_bidirectional_attention",
     "initializer_range",
     "hidden_act",
+    "hidden_activation",
     "attention_bias",
     "mlp_bias",
     "attention_dropout",
+    "resid_pdrop",
+    "embd_pdrop",
     "partial_rotary_factor",
     "quantization_config",
     "rope_interleaved",
@@ -81,17 +120,24 @@ class UnsupportedCheckpointError(ValueError):
 # -----------------------------------------------------------------------------
 # config.json <-> ModelConfig
 
+Scaling = RopeScaling | LinearRopeScaling | None
 
-def _rope_from_hf(hf: dict[str, Any], source: str) -> tuple[float, RopeScaling | None]:
-    """RoPE base and scaling from either the legacy keys (`rope_theta`, `rope_scaling`) or
-    the transformers 5 `rope_parameters` dict."""
-    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+
+def _rope(params: dict[str, Any], source: str, where: str = "") -> tuple[float, Scaling]:
+    """RoPE base and scaling from one flat parameter dict: `rope_theta`, `rope_type` (or the
+    legacy `type`) and the type's own keys, as `rope_parameters` holds them."""
+    theta = float(params["rope_theta"])
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))) != 1.0:
-        raise UnsupportedCheckpointError(f"{source}: partial_rotary_factor != 1 is not supported")
+    partial = float(params.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise UnsupportedCheckpointError(
+            f"{source}: partial_rotary_factor {partial}{where} is not supported (RoPE on part "
+            "of each head, e.g. Phi-4-mini); only 1"
+        )
     if rope_type == "default":
         return theta, None
+    if rope_type == "linear":
+        return theta, LinearRopeScaling(factor=float(params["factor"]))
     if rope_type == "llama3":
         return theta, RopeScaling(
             factor=float(params["factor"]),
@@ -100,8 +146,63 @@ def _rope_from_hf(hf: dict[str, Any], source: str) -> tuple[float, RopeScaling |
             original_max_position_embeddings=int(params["original_max_position_embeddings"]),
         )
     raise UnsupportedCheckpointError(
-        f"{source}: rope scaling type {rope_type!r} is not supported (only default and llama3)"
+        f"{source}: rope scaling type {rope_type!r}{where} is not supported (only default, "
+        "linear and llama3)"
     )
+
+
+def _rope_from_hf(
+    hf: dict[str, Any], family: Family, source: str
+) -> tuple[float, Scaling, float | None]:
+    """(base, scaling, sliding layers' base) from the legacy keys (`rope_theta`,
+    `rope_scaling`, Gemma's `rope_local_base_freq`) or transformers 5's `rope_parameters`
+    (one dict, or Gemma's one per layer type)."""
+    top = {"rope_theta": hf.get("rope_theta", 10_000.0)}
+    if "partial_rotary_factor" in hf:
+        top["partial_rotary_factor"] = hf["partial_rotary_factor"]
+    params = hf.get("rope_parameters") or {}
+    if family != "gemma3":
+        theta, scaling = _rope({**top, **(params or hf.get("rope_scaling") or {})}, source)
+        return theta, scaling, None
+    if "full_attention" in params:  # transformers 5
+        full, local = params["full_attention"], params.get("sliding_attention") or {}
+    else:
+        full = {**top, "rope_theta": hf.get("rope_theta", 1_000_000.0)}
+        full |= params or hf.get("rope_scaling") or {}
+        local = {"rope_theta": hf.get("rope_local_base_freq", 10_000.0)}
+    theta, scaling = _rope({"rope_theta": 1_000_000.0, **full}, source)
+    local_theta, local_scaling = _rope(
+        {"rope_theta": 10_000.0, **local}, source, " on the sliding layers"
+    )
+    if local_scaling is not None:
+        raise UnsupportedCheckpointError(
+            f"{source}: rope scaling on the sliding layers is not supported (Gemma 3 has none)"
+        )
+    return theta, scaling, local_theta
+
+
+def _sliding_from_hf(
+    hf: dict[str, Any], family: Family, layers: int, source: str
+) -> tuple[int | None, tuple[bool, ...] | None]:
+    """(window, which layers slide) of the family: Mistral's and Phi-3's window is on
+    every layer; Gemma 3 marks its layers in `layer_types` (older configs: every
+    `sliding_window_pattern`-th layer is full, the others slide); other families have none
+    (Qwen's `use_sliding_window` is refused before)."""
+    if family in _WINDOW_EVERY_LAYER:
+        return hf.get("sliding_window"), None
+    if family != "gemma3":
+        return None, None
+    pattern = int(hf.get("sliding_window_pattern", 6))
+    types = hf.get("layer_types") or [
+        "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)
+    ]
+    unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if unknown or len(types) != layers:
+        raise UnsupportedCheckpointError(
+            f"{source}: layer_types {unknown or types} not supported (one of sliding_attention "
+            f"or full_attention per layer, {layers} layers)"
+        )
+    return hf.get("sliding_window", 4096), tuple(t == "sliding_attention" for t in types)
 
 
 def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
@@ -123,30 +224,53 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
             f"{source}: architectures {archs} not supported; supported: " + ", ".join(ARCHITECTURES)
         )
     family = ARCHITECTURES[archs[0]]
+    gemma = family == "gemma3"
+    act_key, act = ("hidden_activation", "gelu_pytorch_tanh") if gemma else ("hidden_act", "silu")
     checks = {
-        "hidden_act must be silu": hf.get("hidden_act", "silu") == "silu",
+        f"{act_key} must be {act}": hf.get(act_key, act) == act,
         "mlp_bias is not supported": not hf.get("mlp_bias", False),
         # Llama's attention_bias also adds an o_proj bias, which no supported family uses.
         "attention_bias (q/k/v/o biases) is not supported": not hf.get("attention_bias", False),
-        "attention_dropout > 0 is not supported": float(hf.get("attention_dropout", 0.0)) == 0,
+        "attention_dropout > 0 is not supported": float(hf.get("attention_dropout") or 0) == 0,
+        "resid_pdrop > 0 is not supported (no dropout)": float(hf.get("resid_pdrop", 0)) == 0,
+        "embd_pdrop > 0 is not supported (no dropout)": float(hf.get("embd_pdrop", 0)) == 0,
         "quantized checkpoints are not supported": "quantization_config" not in hf,
+        # Qwen2/3: a window from max_window_layers on; no released checkpoint sets it.
         "use_sliding_window is not supported": not hf.get("use_sliding_window", False),
         # SmolLM configs state this; interleaved (GPT-J style) RoPE pairs other dimensions.
         "rope_interleaved is not supported": not hf.get("rope_interleaved", False),
+        "attn_logit_softcapping is not supported": hf.get("attn_logit_softcapping") is None,
+        "final_logit_softcapping is not supported": hf.get("final_logit_softcapping") is None,
+        "use_bidirectional_attention is not supported": not hf.get(
+            "use_bidirectional_attention", False
+        ),
+        f"model_type must be {_MODEL_TYPES.get(family, family)} (a text-only config)": (
+            not gemma or hf.get("model_type", "gemma3_text") == "gemma3_text"
+        ),
     }
     failed = [what for what, ok in checks.items() if not ok]
     if failed:
         raise UnsupportedCheckpointError(f"{source}: " + "; ".join(failed))
-    theta, scaling = _rope_from_hf(hf, source)
+    theta, scaling, local_theta = _rope_from_hf(hf, family, source)
+    if family == "phi3" and scaling is not None:
+        raise UnsupportedCheckpointError(
+            f"{source}: rope scaling is not supported for Phi3ForCausalLM (transformers' "
+            "Phi-3 scales by longrope only)"
+        )
+    layers = int(hf["num_hidden_layers"])
+    window, sliding_layers = _sliding_from_hf(hf, family, layers, source)
     heads = int(hf["num_attention_heads"])
     head_dim = hf.get("head_dim")
     if head_dim == int(hf["hidden_size"]) // heads:
         head_dim = None  # the default, stored once
+    scalar = int(hf.get("query_pre_attn_scalar", 256)) if gemma else None
+    if scalar is not None and scalar == (head_dim or int(hf["hidden_size"]) // heads):
+        scalar = None  # scores scaled by head_dim**-0.5, the default
     return ModelConfig(
         vocab_size=int(hf["vocab_size"]),
         hidden_size=int(hf["hidden_size"]),
         intermediate_size=int(hf["intermediate_size"]),
-        num_layers=int(hf["num_hidden_layers"]),
+        num_layers=layers,
         num_heads=heads,
         num_kv_heads=int(hf.get("num_key_value_heads") or heads),
         head_dim=head_dim,
@@ -154,58 +278,110 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
         rope_theta=theta,
         rope_scaling=scaling,
         max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-        qkv_bias=family == "qwen2",
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        # Qwen2 writes a sliding_window value but only applies it with use_sliding_window.
-        sliding_window=hf.get("sliding_window") if family == "mistral" else None,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
+        sliding_window=None if window is None else int(window),
+        sliding_layers=sliding_layers,
+        rope_local_theta=local_theta,
+        query_pre_attn_scalar=scalar,
         initializer_range=float(hf.get("initializer_range", 0.02)),
-        family=family,
+        **family_traits(family),
     )
+
+
+def _export_problems(config: ModelConfig) -> list[str]:
+    """What the config's family cannot express (empty: exportable)."""
+    family = config.family
+    traits = family_traits(family)
+    problems = [
+        f"needs {name}={traits[name]!r} (the config has {getattr(config, name)!r})"
+        for name in TRAITS
+        if getattr(config, name) != traits[name]
+    ]
+    if family in _NO_HEAD_DIM and config.dim_per_head != config.hidden_size // config.num_heads:
+        problems.append("cannot express an explicit head_dim")
+    windowed = family in _WINDOW_EVERY_LAYER or family == "gemma3"
+    if config.sliding_window is not None and not windowed:
+        problems.append("has no sliding window")
+    if config.sliding_layers is not None and family != "gemma3":
+        problems.append("cannot mark sliding layers (a window is on every layer or none)")
+    if family == "gemma3" and (config.sliding_window is None or config.rope_local_theta is None):
+        problems.append("needs a sliding_window and its rope_local_theta")
+    if family != "gemma3" and config.rope_local_theta is not None:
+        problems.append("has no RoPE base of its own for sliding layers")
+    if family != "gemma3" and config.query_pre_attn_scalar is not None:
+        problems.append("has no query_pre_attn_scalar")
+    if family == "phi3" and config.rope_scaling is not None:
+        problems.append("takes no linear or llama3 rope scaling")
+    return problems
 
 
 def config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     """The `config.json` dict for `config` (legacy rope keys, read by transformers 4 and 5).
 
     Raises:
-        UnsupportedCheckpointError: if the family cannot express the config (Qwen2 needs
-            q/k/v biases and no explicit head_dim; Llama and Mistral have no q/k/v bias).
+        UnsupportedCheckpointError: if the family cannot express the config (its traits
+            differ from `FAMILY_TRAITS`, or a head_dim, window or RoPE setting it has no
+            key for), naming each setting.
     """
-    arch = {family: name for name, family in ARCHITECTURES.items()}[config.family]
-    if config.qkv_bias != (config.family == "qwen2"):
-        raise UnsupportedCheckpointError(
-            f"{arch} {'needs' if config.family == 'qwen2' else 'cannot have'} q/k/v biases"
-        )
-    if config.family == "qwen2" and config.dim_per_head != config.hidden_size // config.num_heads:
-        raise UnsupportedCheckpointError("Qwen2ForCausalLM cannot express an explicit head_dim")
+    family = config.family
+    arch = {f: name for name, f in ARCHITECTURES.items()}[family]
+    problems = _export_problems(config)
+    if problems:
+        raise UnsupportedCheckpointError(f"{arch} " + "; ".join(problems))
     s = config.rope_scaling
     hf: dict[str, Any] = {
         "architectures": [arch],
-        "model_type": config.family,
+        "model_type": _MODEL_TYPES.get(family, family),
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
         "num_hidden_layers": config.num_layers,
         "num_attention_heads": config.num_heads,
         "num_key_value_heads": config.num_kv_heads,
-        "hidden_act": "silu",
         "rms_norm_eps": config.rms_norm_eps,
         "rope_theta": config.rope_theta,
-        "rope_scaling": None if s is None else {"rope_type": "llama3", **dataclasses.asdict(s)},
+        "rope_scaling": (
+            None
+            if s is None
+            else {"rope_type": "linear", "factor": s.factor}
+            if isinstance(s, LinearRopeScaling)
+            else {"rope_type": "llama3", **dataclasses.asdict(s)}
+        ),
         "max_position_embeddings": config.max_position_embeddings,
         "tie_word_embeddings": config.tie_embeddings,
         "initializer_range": config.initializer_range,
         "attention_dropout": 0.0,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
-    if config.family == "qwen2":
-        hf["use_sliding_window"] = False
+    if family == "gemma3":
+        hf["hidden_activation"] = "gelu_pytorch_tanh"
     else:
+        hf["hidden_act"] = "silu"
+    if family not in _NO_HEAD_DIM:
         hf["head_dim"] = config.dim_per_head
+    if family in ("llama", "mistral", "qwen3", "gemma3", "olmo2"):
         hf["attention_bias"] = False
-    if config.family == "llama":
+    if family == "llama":
         hf["mlp_bias"] = False
-    if config.family == "mistral":
+    if family in ("qwen2", "qwen3"):
+        hf["use_sliding_window"] = False
+    if family in _WINDOW_EVERY_LAYER:
         hf["sliding_window"] = config.sliding_window
+    if family == "phi3":
+        hf |= {"resid_pdrop": 0.0, "embd_pdrop": 0.0}
+    if family == "gemma3":
+        hf |= {
+            "sliding_window": config.sliding_window,
+            "layer_types": [
+                "sliding_attention" if config.is_sliding(i) else "full_attention"
+                for i in range(config.num_layers)
+            ],
+            "rope_local_base_freq": config.rope_local_theta,
+            "query_pre_attn_scalar": config.query_pre_attn_scalar or config.dim_per_head,
+            "attn_logit_softcapping": None,
+            "final_logit_softcapping": None,
+            "use_bidirectional_attention": False,
+        }
     return hf
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
-from training.model import ModelConfig, RopeScaling
+from training.model import LinearRopeScaling, ModelConfig, RopeScaling, family_traits
 
 
 def tiny() -> ModelConfig:
@@ -44,6 +44,47 @@ def tiny_llama3() -> ModelConfig:
             original_max_position_embeddings=64,
         ),
     )
+
+
+def tiny_mistral() -> ModelConfig:
+    """`tiny` with a Mistral v0.1 sliding window on every layer, 8 positions: shorter than
+    the test pairs, so the window matters."""
+    return replace(tiny(), **family_traits("mistral"), sliding_window=8)
+
+
+def tiny_qwen3() -> ModelConfig:
+    """`tiny` in the Qwen3 shape: per-head q/k RMSNorm, head_dim 24 apart from 64 / 4."""
+    return replace(tiny(), **family_traits("qwen3"), head_dim=24, rope_theta=1_000_000.0)
+
+
+def tiny_gemma3() -> ModelConfig:
+    """`tiny` in the Gemma 3 shape: (1 + weight) sandwich norms, per-head q/k norms, GeGLU,
+    embeddings scaled by sqrt(64) and tied, head_dim 32 with scores scaled by 24**-0.5;
+    layer 0 slides (window 8, RoPE base 10k), layer 1 is full (base 1M, linear scaling 4)."""
+    return replace(
+        tiny(),
+        **family_traits("gemma3"),
+        head_dim=32,
+        query_pre_attn_scalar=24,
+        sliding_window=8,
+        sliding_layers=(True, False),
+        rope_theta=1_000_000.0,
+        rope_local_theta=10_000.0,
+        rope_scaling=LinearRopeScaling(factor=4.0),
+        tie_embeddings=True,
+    )
+
+
+def tiny_olmo2() -> ModelConfig:
+    """`tiny` in the OLMo 2 shape: norms after attention and MLP, q/k RMSNorm over the
+    whole projections."""
+    return replace(tiny(), **family_traits("olmo2"), rope_theta=500_000.0)
+
+
+def tiny_phi3() -> ModelConfig:
+    """`tiny` in the Phi-3 shape: fused qkv_proj and gate_up_proj, a sliding window of 8 on
+    every layer."""
+    return replace(tiny(), **family_traits("phi3"), sliding_window=8)
 
 
 def small() -> ModelConfig:
@@ -95,13 +136,62 @@ def llama3_2_1b() -> ModelConfig:
     )
 
 
+def qwen3_1_7b() -> ModelConfig:
+    """Qwen3-1.7B's shape (28 layers, width 2048, GQA 16:8, head_dim 128, vocab 151,936,
+    tied), randomly initialised."""
+    return ModelConfig(
+        vocab_size=151_936,
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_layers=28,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-6,
+        rope_theta=1_000_000.0,
+        max_position_embeddings=40_960,
+        tie_embeddings=True,
+        **family_traits("qwen3"),
+    )
+
+
+def gemma3_1b() -> ModelConfig:
+    """Gemma 3 1B's shape (26 layers, width 1152, GQA 4:1, head_dim 256, vocab 262,144,
+    tied; a 512-token window on five of every six layers), randomly initialised."""
+    return ModelConfig(
+        vocab_size=262_144,
+        hidden_size=1152,
+        intermediate_size=6912,
+        num_layers=26,
+        num_heads=4,
+        num_kv_heads=1,
+        head_dim=256,
+        rms_norm_eps=1e-6,
+        rope_theta=1_000_000.0,
+        rope_local_theta=10_000.0,
+        query_pre_attn_scalar=256,
+        sliding_window=512,
+        sliding_layers=tuple((i + 1) % 6 != 0 for i in range(26)),
+        max_position_embeddings=32_768,
+        tie_embeddings=True,
+        **family_traits("gemma3"),
+    )
+
+
 NAMED_CONFIGS: dict[str, Callable[[], ModelConfig]] = {
     "tiny": tiny,
     "tiny_qwen2": tiny_qwen2,
     "tiny_llama3": tiny_llama3,
+    "tiny_mistral": tiny_mistral,
+    "tiny_qwen3": tiny_qwen3,
+    "tiny_gemma3": tiny_gemma3,
+    "tiny_olmo2": tiny_olmo2,
+    "tiny_phi3": tiny_phi3,
     "small": small,
     "smollm2_135m": smollm2_135m,
     "llama3_2_1b": llama3_2_1b,
+    "qwen3_1_7b": qwen3_1_7b,
+    "gemma3_1b": gemma3_1b,
 }
 
 

@@ -1,12 +1,23 @@
-"""A Llama-family decoder that loads Llama, Qwen2, Mistral and SmolLM checkpoints.
+"""A Llama-family decoder that loads Llama, Qwen2/3, Mistral, SmolLM, Gemma 3 (text),
+OLMo 2 and Phi-3 checkpoints.
 
 Notable choices (the union of what those families need, nothing more):
-- RMSNorm computed in fp32 and cast back, as the reference implementations do.
+- RMSNorm computed in fp32 and cast back, as the reference implementations do; Gemma's
+  `(1 + weight)` scale, and OLMo 2's and Gemma's order (scale in fp32, then cast).
 - RoPE (rotate-half convention) from *explicit* position ids: a packed row restarts
   positions per pair and the rejected response reuses the chosen one's positions.
-  Optional Llama 3.1 frequency-dependent scaling.
-- Grouped-query attention; optional bias on q/k/v (Qwen2); no bias elsewhere.
-- SwiGLU MLP; optional tied input/output embeddings (SmolLM, small Qwen2).
+  Optional Llama 3.1 or linear frequency scaling; Gemma 3's sliding layers use their own
+  base (`rope_local_theta`).
+- Grouped-query attention; optional bias on q/k/v (Qwen2); no bias elsewhere. Optional
+  q/k RMSNorm before RoPE, per head (Qwen3, Gemma 3) or over the whole projection (OLMo 2);
+  Gemma's own score scale (`query_pre_attn_scalar`).
+- Sliding-window attention on every layer (Mistral, Phi-3) or on the layers Gemma 3 marks;
+  the window travels with each attention call, so one batch serves both kinds of layer.
+- Norm placement: pre-norm (Llama), post-norm (OLMo 2: x + norm(f(x))), or sandwich
+  (Gemma 3: x + norm(f(norm(x)))).
+- SwiGLU or GeGLU (Gemma) MLP; fused `qkv_proj` / `gate_up_proj` (Phi-3, as its checkpoints
+  store them); embeddings scaled by sqrt(hidden) (Gemma); optional tied embeddings.
+- What each Hugging Face architecture fixes of these is one table, `FAMILY_TRAITS`.
 - Attention itself is a callable passed in with the batch (`training/attention.py`), so the
   same weights run the dense, segments, varlen and FlexAttention backends; q/k/v travel as
   (B, T, heads, head_dim), the layout FlashAttention's varlen kernel reads.
@@ -16,16 +27,17 @@ Notable choices (the union of what those families need, nothing more):
   shape-checked `load_state_dict` (`training/checkpoint.py`), no renaming table.
 
 References: Llama (Touvron et al. 2023, arXiv:2302.13971), RoFormer (Su et al. 2021,
-arXiv:2104.09864), GQA (Ainslie et al. 2023, arXiv:2305.13245), SwiGLU (Shazeer 2020,
-arXiv:2002.05202); the Llama 3.1 rope scaling follows Meta's llama-models reference code.
+arXiv:2104.09864), GQA (Ainslie et al. 2023, arXiv:2305.13245), SwiGLU and GeGLU (Shazeer
+2020, arXiv:2002.05202), Mistral 7B (Jiang et al. 2023, arXiv:2310.06825), Qwen3 (arXiv:
+2505.09388), Gemma 3 (arXiv:2503.19786), OLMo 2 (arXiv:2501.00656), Phi-3 (arXiv:
+2404.14219); the Llama 3.1 rope scaling follows Meta's llama-models reference code.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +46,17 @@ from torch.utils.checkpoint import checkpoint
 
 from training.logps import DEFAULT_LOGITS_CHUNK, token_logps
 
-Family = Literal["llama", "qwen2", "mistral"]
-# (q, k, v) -> attention output (B, T, nh, hd); q (B, T, nh, hd), k and v (B, T, nkv, hd).
-AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+Family = Literal["llama", "qwen2", "mistral", "qwen3", "gemma3", "olmo2", "phi3"]
+
+
+class AttentionFn(Protocol):
+    """(q, k, v) -> attention output (B, T, nh, hd); q (B, T, nh, hd), k and v (B, T, nkv,
+    hd); `window`: the layer's sliding window (None: none); `scale`: the score scale (None:
+    1/sqrt(hd))."""
+
+    def __call__(
+        self, q: Tensor, k: Tensor, v: Tensor, window: int | None = None, scale: float | None = None
+    ) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -48,6 +68,14 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192  # context length the model was trained at
+
+
+@dataclass(frozen=True)
+class LinearRopeScaling:
+    """Linear rope scaling (position interpolation, Chen et al. 2023, arXiv:2306.15595):
+    every frequency divided by `factor` (Gemma 3 4B+ on its full-attention layers)."""
+
+    factor: float = 8.0
 
 
 @dataclass(frozen=True)
@@ -64,13 +92,27 @@ class ModelConfig:
     head_dim: int | None = None  # None: hidden_size // num_heads (Mistral Nemo sets it apart)
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10_000.0  # RoPE base; Llama 3 uses 500_000, Qwen2 1_000_000
-    rope_scaling: RopeScaling | None = None  # Llama 3.1+ long-context frequency scaling
+    # Long-context frequency scaling: Llama 3.1+'s, or linear (Gemma 3's full layers).
+    rope_scaling: RopeScaling | LinearRopeScaling | None = None
     max_position_embeddings: int = 2048  # recorded for export; RoPE itself has no table
-    qkv_bias: bool = False  # Qwen2 has biases on q/k/v projections (not on o_proj)
     tie_embeddings: bool = False  # output projection reuses the input embedding (SmolLM)
-    sliding_window: int | None = None  # Mistral v0.1: keys further back are invisible
+    # Sliding-window attention: a query sees keys less than `sliding_window` positions
+    # back (Mistral v0.1, Phi-3: every layer; Gemma 3: the layers `sliding_layers` marks).
+    sliding_window: int | None = None
+    sliding_layers: tuple[bool, ...] | None = None  # per layer; None: every layer
+    rope_local_theta: float | None = None  # RoPE base of the sliding layers (Gemma 3: 10k)
+    query_pre_attn_scalar: int | None = None  # Gemma: scores scaled by this**-0.5
     initializer_range: float = 0.02  # std of the normal init, as in the HF configs
     family: Family = "llama"  # which Hugging Face architecture export writes
+    # Architecture traits: Llama's by default; what each family fixes is FAMILY_TRAITS.
+    qkv_bias: bool = False  # Qwen2 has biases on q/k/v projections (not on o_proj)
+    qk_norm: Literal["none", "head", "proj"] = "none"  # RMSNorm on q, k: per head / all heads
+    norm_placement: Literal["pre", "post", "sandwich"] = "pre"  # around attention and MLP
+    norm_offset: float = 0.0  # Gemma: RMSNorm scales by (1 + weight), weights stored near 0
+    norm_scale_fp32: bool = False  # OLMo 2, Gemma: weight applied in fp32, then cast back
+    embed_scale: bool = False  # Gemma: embeddings times sqrt(hidden_size)
+    activation: Literal["silu", "gelu_tanh"] = "silu"  # SwiGLU, or GeGLU (Gemma)
+    fused_projections: bool = False  # Phi-3: one qkv_proj and one gate_up_proj tensor
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -85,25 +127,86 @@ class ModelConfig:
             )
         if self.dim_per_head % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.dim_per_head}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {self.sliding_window}")
+        if self.sliding_layers is not None and len(self.sliding_layers) != self.num_layers:
+            raise ValueError(
+                f"sliding_layers names {len(self.sliding_layers)} layers, the model has "
+                f"{self.num_layers}"
+            )
 
     @property
     def dim_per_head(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether `layer` is a sliding-window layer (its own RoPE base when set)."""
+        if self.sliding_layers is None:
+            return self.sliding_window is not None
+        return self.sliding_layers[layer]
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of `layer`, or None for full attention."""
+        return self.sliding_window if self.is_sliding(layer) else None
+
+
+# What each Hugging Face architecture fixes of the traits (the other traits keep Llama's
+# values): `training.checkpoint` sets them on load and refuses to export a config that
+# differs. Sizes, RoPE and windows are per checkpoint, in config.json.
+FAMILY_TRAITS: dict[Family, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {"qkv_bias": True},
+    "qwen3": {"qk_norm": "head"},
+    "olmo2": {"qk_norm": "proj", "norm_placement": "post", "norm_scale_fp32": True},
+    "gemma3": {
+        "qk_norm": "head",
+        "norm_placement": "sandwich",
+        "norm_offset": 1.0,
+        "norm_scale_fp32": True,
+        "embed_scale": True,
+        "activation": "gelu_tanh",
+    },
+    "phi3": {"fused_projections": True},
+}
+TRAITS = (
+    "qkv_bias",
+    "qk_norm",
+    "norm_placement",
+    "norm_offset",
+    "norm_scale_fp32",
+    "embed_scale",
+    "activation",
+    "fused_projections",
+)
+
+
+def family_traits(family: Family) -> dict[str, Any]:
+    """Every trait's value for `family` (Llama's where the family does not fix it)."""
+    defaults = {name: ModelConfig.__dataclass_fields__[name].default for name in TRAITS}
+    return {**defaults, "family": family, **FAMILY_TRAITS[family]}
 
 
 # -----------------------------------------------------------------------------
 # Rotary position embedding
 
 
-def rope_inv_freq(config: ModelConfig, device: torch.device | None = None) -> Tensor:
-    """Inverse frequencies (head_dim/2,) in fp32, with Llama 3.1 scaling when configured."""
+def rope_inv_freq(
+    config: ModelConfig, device: torch.device | None = None, sliding: bool = False
+) -> Tensor:
+    """Inverse frequencies (head_dim/2,) in fp32, scaled when configured; `sliding`: those
+    of the sliding layers (their own base, unscaled, when `rope_local_theta` is set)."""
     d = config.dim_per_head
+    local = sliding and config.rope_local_theta is not None
+    theta = config.rope_local_theta if local else config.rope_theta
     inv_freq = 1.0 / (
-        config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d)
+        theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d)
     )
-    s = config.rope_scaling
+    s = None if local else config.rope_scaling
     if s is None:
         return inv_freq
+    if isinstance(s, LinearRopeScaling):
+        return inv_freq / s.factor
     # Wavelengths shorter than original/high_freq_factor keep their frequency, longer than
     # original/low_freq_factor are divided by factor, and the band between is interpolated.
     wavelen = 2 * math.pi / inv_freq
@@ -139,74 +242,157 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm (Zhang & Sennrich 2019), computed in fp32 for stability."""
+    """Root-mean-square norm (Zhang & Sennrich 2019), computed in fp32 for stability.
 
-    def __init__(self, dim: int, eps: float) -> None:
+    Scales by `offset + weight` (Gemma stores weights around 0 and adds 1). Llama casts the
+    normalised x back before scaling; OLMo 2 and Gemma scale in fp32 and cast the result
+    (`scale_fp32`): the same in fp32, and each family's own rounding in bf16.
+    """
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0, scale_fp32: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.offset = offset
+        self.scale_fp32 = scale_fp32
 
     def forward(self, x: Tensor) -> Tensor:
         h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # x * rsqrt(mean(x^2) + eps)
-        return self.weight * h.to(x.dtype)
+        if self.scale_fp32:
+            return (h * (self.offset + self.weight.float())).to(x.dtype)
+        weight = self.weight + self.offset if self.offset else self.weight
+        return weight * h.to(x.dtype)
+
+
+def _norm_of(config: ModelConfig, dim: int) -> RMSNorm:
+    """An RMSNorm over `dim` with the family's flavour."""
+    return RMSNorm(dim, config.rms_norm_eps, config.norm_offset, config.norm_scale_fp32)
 
 
 @torch.compiler.disable
-def _attend(attention: AttentionFn, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def _attend(
+    attention: AttentionFn, q: Tensor, k: Tensor, v: Tensor, window: int | None, scale: float | None
+) -> Tensor:
     """The backend call, kept out of `torch.compile`'s graphs (a graph break per layer):
     each backend runs its own kernel (FlashAttention varlen, compiled FlexAttention, SDPA),
     and the per-batch index tensors and lengths it holds never trigger a recompile."""
-    return attention(q, k, v)
+    if window is None and scale is None:
+        return attention(q, k, v)
+    return attention(q, k, v, window=window, scale=scale)
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention; the masking rule comes with the batch."""
+    """Grouped-query self-attention; the masking rule comes with the batch, the layer's
+    sliding window (if any) goes with each call."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, window: int | None = None) -> None:
         super().__init__()
         hd, nh, nkv = config.dim_per_head, config.num_heads, config.num_kv_heads
         self.num_heads, self.num_kv_heads, self.head_dim = nh, nkv, hd
-        self.q_proj = nn.Linear(config.hidden_size, nh * hd, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(config.hidden_size, nkv * hd, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(config.hidden_size, nkv * hd, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(nh * hd, config.hidden_size, bias=False)
+        self.window = window
+        scalar = config.query_pre_attn_scalar
+        self.scale = None if scalar is None else scalar**-0.5
+        D = config.hidden_size
+        self.fused = config.fused_projections
+        if self.fused:  # Phi-3: rows [q | k | v] of one weight
+            self.qkv_proj = nn.Linear(D, (nh + 2 * nkv) * hd, bias=config.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(D, nh * hd, bias=config.qkv_bias)
+            self.k_proj = nn.Linear(D, nkv * hd, bias=config.qkv_bias)
+            self.v_proj = nn.Linear(D, nkv * hd, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(nh * hd, D, bias=False)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm != "none":
+            per_head = config.qk_norm == "head"
+            self.q_norm = _norm_of(config, hd if per_head else nh * hd)
+            self.k_norm = _norm_of(config, hd if per_head else nkv * hd)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention: AttentionFn) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.fused:
+            q, k, v = self.qkv_proj(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, nh|nkv * hd)
+        if self.qk_norm == "proj":  # OLMo 2: over all heads at once
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.view(B, T, nh, hd), k.view(B, T, nkv, hd), v.view(B, T, nkv, hd)
+        if self.qk_norm == "head":  # Qwen3, Gemma 3: each head alone
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, T, nh|nkv, hd)
-        y = _attend(attention, q, k, v)  # (B, T, nh, hd)
+        y = _attend(attention, q, k, v, self.window, self.scale)  # (B, T, nh, hd)
         return self.o_proj(y.reshape(B, T, -1))
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """Gated MLP: down(act(gate(x)) * up(x)), SwiGLU (silu) or GeGLU (gelu, tanh)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        D, H = config.hidden_size, config.intermediate_size
+        self.fused = config.fused_projections
+        if self.fused:  # Phi-3: rows [gate | up] of one weight
+            self.gate_up_proj = nn.Linear(D, 2 * H, bias=False)
+        else:
+            self.gate_proj = nn.Linear(D, H, bias=False)
+            self.up_proj = nn.Linear(D, H, bias=False)
+        self.down_proj = nn.Linear(H, D, bias=False)
+        self.gelu = config.activation == "gelu_tanh"
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, H) each
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(act * up)
+
+
+# The norms around each sublayer, by checkpoint name: (before attention, after attention,
+# before MLP, after MLP). Llama's `post_attention_layernorm` is the MLP's input norm.
+_NORMS: dict[str, tuple[str | None, str | None, str | None, str | None]] = {
+    "pre": ("input_layernorm", None, "post_attention_layernorm", None),
+    "post": (None, "post_attention_layernorm", None, "post_feedforward_layernorm"),
+    "sandwich": (
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+    ),
+}
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Residual block: x + attn(x), then x + mlp(x), each sublayer wrapped in the norms
+    of `config.norm_placement` (pre: x + f(norm(x)); post: x + norm(f(x)); sandwich:
+    x + norm(f(norm(x))))."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm_names = _NORMS[config.norm_placement]
+        before_attn, after_attn, before_mlp, after_mlp = self.norm_names
+        # Registered in checkpoint order (Llama: input norm, attention, norm, MLP), which
+        # keeps parameter order, and so optimizer state, as it always was.
+        self._add_norm(config, before_attn)
+        self.self_attn = Attention(config, config.window(layer))
+        self._add_norm(config, after_attn)
+        self._add_norm(config, before_mlp)
         self.mlp = MLP(config)
+        self._add_norm(config, after_mlp)
+        self.sliding = config.is_sliding(layer)  # takes the sliding layers' RoPE
+
+    def _add_norm(self, config: ModelConfig, name: str | None) -> None:
+        if name is not None:
+            self.add_module(name, _norm_of(config, config.hidden_size))
+
+    def _normed(self, i: int, x: Tensor) -> Tensor:
+        """x through the i-th norm of (before attn, after attn, before MLP, after MLP)."""
+        name = self.norm_names[i]
+        return x if name is None else getattr(self, name)(x)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention: AttentionFn) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self._normed(1, self.self_attn(self._normed(0, x), cos, sin, attention))
+        return x + self._normed(3, self.mlp(self._normed(2, x)))
 
 
 class Decoder(nn.Module):
@@ -215,8 +401,8 @@ class Decoder(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = _norm_of(config, config.hidden_size)
 
 
 class CausalLM(nn.Module):
@@ -253,9 +439,10 @@ class CausalLM(nn.Module):
         | ---------------------------------------- | --------------------------- |
         | embed_tokens.weight                      | normal(0, initializer_range)|
         | q/k/v/o_proj, gate/up/down_proj weights  | normal(0, initializer_range)|
+        | (qkv_proj, gate_up_proj when fused)      | normal(0, initializer_range)|
         | lm_head.weight (untied)                  | normal(0, initializer_range)|
         | q/k/v_proj biases (qkv_bias)             | zeros                       |
-        | RMSNorm weights                          | ones                        |
+        | RMSNorm weights (q/k norms included)     | 1 - offset: a scale of 1    |
         """
         std = self.config.initializer_range
         for module in self.modules():
@@ -264,7 +451,7 @@ class CausalLM(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
             elif isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
+                module.weight.fill_(1.0 - module.offset)
 
     def compile_blocks(self, **options: Any) -> None:
         """`torch.compile` every decoder block in place (parameter names unchanged): the
@@ -308,9 +495,17 @@ class CausalLM(nn.Module):
             (B, T, vocab) logits, (M, vocab) logits when `logit_index` is given, or (M,)
             fp32 log-probs when `labels` are given too.
         """
-        cos, sin = rope_cos_sin(rope_inv_freq(self.config, input_ids.device), position_ids)
+        c = self.config
+        rope = rope_cos_sin(rope_inv_freq(c, input_ids.device), position_ids)
+        # Gemma 3's sliding layers rotate with their own base.
+        local = rope
+        if c.rope_local_theta is not None:
+            local = rope_cos_sin(rope_inv_freq(c, input_ids.device, sliding=True), position_ids)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        if c.embed_scale:  # the scale rounded to the embedding dtype first, as Gemma does
+            x = x * torch.tensor(c.hidden_size**0.5, dtype=x.dtype, device=x.device)
         for block in self.model.layers:
+            cos, sin = local if block.sliding else rope
             if self.activation_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, cos, sin, attention, use_reentrant=False)
             else:

@@ -141,7 +141,7 @@ def compute_reference_logps(
     # which cannot write into inference tensors.
     no_autograd = torch.no_grad() if is_sharded(model) else torch.inference_mode()
     config = model.config
-    check_rows(rows, max_len, config.vocab_size, config.sliding_window)  # before any pass
+    check_rows(rows, max_len, config.vocab_size)  # before any pass
     world, rank = (dist.get_world_size(), dist.get_rank()) if is_distributed() else (1, 0)
     share = _share(len(rows), world, rank)
     # Every rank runs as many passes as the largest share needs (a short share repeats its

@@ -201,7 +201,7 @@ def test_pickled_weights_are_not_read(tmp_path: Path) -> None:
 
 def test_qwen2_export_refuses_a_config_it_cannot_express(tmp_path: Path) -> None:
     model = CausalLM(dataclasses.replace(tiny(), family="qwen2"))
-    with pytest.raises(UnsupportedCheckpointError, match="needs q/k/v biases"):
+    with pytest.raises(UnsupportedCheckpointError, match="needs qkv_bias=True"):
         save_pretrained(model, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
 

@@ -5,7 +5,9 @@ put them inside the model and the training loop:
 
 - packed log-probs of a whole model on CUDA equal the two separate sequences: `flex` in
   fp32 as tightly as fp32 allows, `varlen`/`flex`/`segments` under bf16 autocast within
-  bf16 rounding (against `dense` run in the same precision on the same rows);
+  bf16 rounding (against `dense` run in the same precision on the same rows); the same
+  with sliding windows shorter than the pairs (Gemma 3's and Phi-3's tiny shapes: the
+  narrowed flex block lists, varlen's `window_size`);
 - three optimizer steps on CUDA follow the CPU run's losses: fp32 `flex`, bf16 `varlen`,
   and bf16 `varlen` with compiled blocks against the same run eager.
 
@@ -25,7 +27,7 @@ import torch
 from tests.training.dist_worker import torchrun_workers
 from tests.training.pairs import pack, random_pairs, separate_logps, varied_rows
 from training.batch import PackedRows, collate
-from training.configs import tiny
+from training.configs import tiny, tiny_gemma3, tiny_phi3
 from training.logps import pair_logps
 from training.model import CausalLM
 from training.train import TrainConfig, train
@@ -77,9 +79,32 @@ def test_fp32_flex_logps_equal_separate_sequences(model, pairs) -> None:
     torch.testing.assert_close(got_rejected, rejected, rtol=1e-5, atol=5e-5)
 
 
+@pytest.mark.parametrize("builder", [tiny_gemma3, tiny_phi3])
+def test_fp32_flex_logps_with_sliding_windows_equal_separate_sequences(pairs, builder) -> None:
+    """8-position windows, shorter than every pair; Gemma 3's full layer beside its
+    sliding one (two compiled mask_mods in one model)."""
+    torch.manual_seed(0)
+    model = CausalLM(builder()).to(CUDA)
+    chosen, rejected = separate_logps(model, pairs)
+    got_chosen, got_rejected = _packed(model, pairs, "flex")
+    torch.testing.assert_close(got_chosen, chosen, rtol=1e-5, atol=5e-5)
+    torch.testing.assert_close(got_rejected, rejected, rtol=1e-5, atol=5e-5)
+
+
 @pytest.mark.parametrize("backend", ["varlen", "flex", "segments"])
 def test_bf16_logps_and_gradients_equal_dense(model, pairs, backend: str) -> None:
     """Same rows, same bf16 autocast: only the attention kernel differs from `dense`."""
+    _bf16_against_dense(model, pairs, backend)
+
+
+@pytest.mark.parametrize("backend", ["varlen", "flex", "segments"])
+def test_bf16_sliding_window_logps_and_gradients_equal_dense(pairs, backend: str) -> None:
+    """As above on Gemma 3's tiny shape: windowed and full layers in one model."""
+    torch.manual_seed(0)
+    _bf16_against_dense(CausalLM(tiny_gemma3()).to(CUDA), pairs, backend)
+
+
+def _bf16_against_dense(model: CausalLM, pairs: list, backend: str) -> None:
     results = []
     for name in ("dense", backend):
         model.zero_grad()

@@ -5,16 +5,25 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import numpy as np
 import pytest
 import torch
 
-from tests.training.pairs import pack, varied_rows
+from tests.training.pairs import varied_rows
 from training.attention import CausalAttention
-from training.batch import check_rows, collate
-from training.configs import NAMED_CONFIGS, named_config, tiny, tiny_llama3, tiny_qwen2
+from training.batch import collate
+from training.configs import (
+    NAMED_CONFIGS,
+    named_config,
+    tiny,
+    tiny_gemma3,
+    tiny_llama3,
+    tiny_mistral,
+    tiny_olmo2,
+    tiny_phi3,
+    tiny_qwen2,
+)
 from training.logps import pair_logps
-from training.model import CausalLM, ModelConfig, RMSNorm, rope_inv_freq
+from training.model import CausalLM, ModelConfig, RMSNorm, family_traits, rope_inv_freq
 
 
 @pytest.fixture(autouse=True)
@@ -73,6 +82,91 @@ def test_rmsnorm_normalises_in_fp32() -> None:
     assert norm(x.bfloat16()).dtype == torch.float32  # fp32 weight times bf16 promotes
 
 
+def test_gemma_norm_scales_by_one_plus_weight_in_fp32() -> None:
+    """rms([3, 4]) = sqrt(12.5); weight 1 with offset 1 gives 2 * x / rms; the result is
+    cast back to the input's dtype (Gemma and OLMo 2 scale in fp32, then cast)."""
+    norm = RMSNorm(2, eps=0.0, offset=1.0, scale_fp32=True)
+    x = torch.tensor([[3.0, 4.0]])
+    torch.testing.assert_close(norm(x), 2 * x / math.sqrt(12.5))
+    assert norm(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_sliding_layers_take_their_window_and_rope_base() -> None:
+    """tiny_gemma3: layer 0 slides (window 8, RoPE base 10k, unscaled), layer 1 is full
+    (base 1M, frequencies divided by the linear factor 4)."""
+    config = tiny_gemma3()
+    model = CausalLM(config)
+    first, second = model.model.layers
+    assert (first.sliding, first.self_attn.window) == (True, 8)
+    assert (second.sliding, second.self_attn.window) == (False, None)
+    assert first.self_attn.scale == 24**-0.5
+    exponents = torch.arange(0, 32, 2).float() / 32
+    torch.testing.assert_close(rope_inv_freq(config, sliding=True), 1 / 10_000.0**exponents)
+    torch.testing.assert_close(rope_inv_freq(config), 1 / 1_000_000.0**exponents / 4)
+    mistral = tiny_mistral()  # no base of its own: sliding layers rotate as full ones
+    torch.testing.assert_close(rope_inv_freq(mistral, sliding=True), rope_inv_freq(mistral))
+
+
+def test_a_window_only_matters_past_its_length() -> None:
+    """An 8-position window: a sequence of 8 tokens gives full attention's logits, the
+    ninth token's differ (it no longer sees token 0)."""
+    windowed = CausalLM(tiny_mistral())
+    full = CausalLM(dataclasses.replace(tiny_mistral(), sliding_window=None))
+    full.load_state_dict(windowed.state_dict())
+    ids = torch.randint(0, 512, (1, 9))
+    pos = torch.arange(9)[None]
+    a, b = _logits(windowed, ids, pos), _logits(full, ids, pos)
+    torch.testing.assert_close(a[:, :8], b[:, :8], rtol=0, atol=0)
+    assert (a[:, 8] - b[:, 8]).abs().max() > 1e-3
+
+
+def test_fused_projections_compute_what_separate_ones_do() -> None:
+    """Phi-3's qkv_proj is [q; k; v] stacked by rows and gate_up_proj is [gate; up]: a
+    Llama model holding the slices gives the same logits."""
+    fused = CausalLM(tiny_phi3())
+    plain = CausalLM(dataclasses.replace(tiny_phi3(), **family_traits("mistral")))
+    state = {}
+    for key, value in fused.state_dict().items():
+        if key.endswith("qkv_proj.weight"):
+            q, k, v = value.split([64, 32, 32])
+            state |= {
+                key.replace("qkv_proj", p): t
+                for p, t in zip(("q_proj", "k_proj", "v_proj"), (q, k, v), strict=True)
+            }
+        elif key.endswith("gate_up_proj.weight"):
+            gate, up = value.chunk(2)
+            state |= {
+                key.replace("gate_up_proj", "gate_proj"): gate,
+                key.replace("gate_up_proj", "up_proj"): up,
+            }
+        else:
+            state[key] = value
+    plain.load_state_dict(state)
+    ids = torch.randint(0, 512, (1, 12))
+    pos = torch.arange(12)[None]
+    torch.testing.assert_close(_logits(fused, ids, pos), _logits(plain, ids, pos), rtol=0, atol=0)
+
+
+def test_norm_placements_name_the_checkpoint_norms() -> None:
+    """Each family's block holds exactly its checkpoint's norms (a missing or extra one would
+    fail the load); OLMo 2's q/k norms cover the whole projections."""
+
+    def norms(builder) -> list[str]:
+        block = CausalLM(builder()).model.layers[0]
+        return sorted(n for n, _ in block.named_children() if n.endswith("layernorm"))
+
+    assert norms(tiny) == ["input_layernorm", "post_attention_layernorm"]
+    assert norms(tiny_olmo2) == ["post_attention_layernorm", "post_feedforward_layernorm"]
+    assert norms(tiny_gemma3) == [
+        "input_layernorm",
+        "post_attention_layernorm",
+        "post_feedforward_layernorm",
+        "pre_feedforward_layernorm",
+    ]
+    attn = CausalLM(tiny_olmo2()).model.layers[0].self_attn
+    assert (attn.q_norm.weight.shape, attn.k_norm.weight.shape) == ((64,), (32,))
+
+
 def test_tied_embeddings_have_one_tensor() -> None:
     model = CausalLM(tiny_qwen2())
     assert "lm_head.weight" not in model.state_dict()
@@ -89,6 +183,9 @@ def test_init_weights_follows_its_table() -> None:
     assert attn.q_proj.bias.abs().sum() == 0
     assert (model.model.norm.weight == 1).all()
     assert (model.model.layers[0].input_layernorm.weight == 1).all()
+    gemma = CausalLM(tiny_gemma3())  # (1 + weight) norms start at weight 0: a scale of 1
+    assert (gemma.model.layers[0].self_attn.q_norm.weight == 0).all()
+    assert (gemma.model.norm.weight == 0).all()
 
 
 def test_config_rejects_heads_that_do_not_group() -> None:
@@ -98,15 +195,11 @@ def test_config_rejects_heads_that_do_not_group() -> None:
         ModelConfig(hidden_size=66, num_heads=4)
 
 
-def test_rows_beyond_the_sliding_window_are_refused() -> None:
-    """Full attention only: a row longer than a Mistral window is named, not run."""
-    short, long = (
-        pack([(np.zeros(2, np.int32), np.ones(1, np.int32), np.ones(n, np.int32))], "shared", 1)
-        for n in (1, 2)
-    )
-    check_rows(short, None, vocab_size=512, sliding_window=4)
-    with pytest.raises(ValueError, match="row 1: 5 tokens exceed the model's sliding window 4"):
-        check_rows([*short, *long], None, vocab_size=512, sliding_window=4)
+def test_config_checks_windows() -> None:
+    with pytest.raises(ValueError, match="sliding_layers names 3 layers, the model has 2"):
+        ModelConfig(sliding_window=4, sliding_layers=(True, False, True))
+    with pytest.raises(ValueError, match="sliding_window must be >= 1"):
+        ModelConfig(sliding_window=0)
 
 
 def test_activation_checkpointing_gives_the_same_gradients() -> None:
