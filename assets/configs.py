@@ -17,7 +17,7 @@ from pipeline.presets import PRESETS
 from pipeline.selection import SelectConfig
 from pipeline.sources import SOURCES
 from pipeline.tokenized import TokenizeConfig
-from training.difficulty_config import DifficultyConfig
+from training.difficulty_config import FOLD_UNUSED_FIELDS, DifficultyConfig
 from training.train_config import TrainConfig
 
 CurationConfig = dagster_config(
@@ -120,18 +120,8 @@ class DifficultyScoresConfig(
     dagster_config(
         TrainConfig,
         "FoldTrainingConfig",
-        # precision and device: the `compute` resource's; the fold models are not kept,
-        # evaluated or reported (checkpoint_every is: a fold a crash interrupted resumes
-        # from its latest checkpoint)
-        exclude=(
-            "out_dir",
-            "progress",
-            "precision",
-            "device",
-            "export_dtype",
-            "eval_every",
-            "report_to",
-        ),
+        # precision and device: the `compute` resource's; nor what fold models do not take
+        exclude=("out_dir", "progress", "precision", "device", *FOLD_UNUSED_FIELDS),
     ),
 ):
     """The k-fold split, the scoring pass, and how each fold model trains (`prefpack

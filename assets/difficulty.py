@@ -13,6 +13,10 @@
 - `selected_model` is `trained_model` on the selected shards (the same code path), with
   reference log-probs computed once for those shards (`--reference-cache`), evaluated on
   `trained_model`'s eval shards, so its page shows the two side by side.
+
+A reference-free loss (`simpo`, `orpo`) reads no reference: `difficulty_scores` and
+`selected_model` pass none (`assets.training.reads_reference`), and the reference assets
+they depend on are materialized but unread.
 """
 
 from collections.abc import Iterator
@@ -40,13 +44,15 @@ from assets.training import (
     config_flags,
     model_args,
     prefpack_command,
+    read_reported,
+    reads_reference,
     run_training,
 )
 from pipeline.flags import config_from
 from pipeline.scores import read_report, read_scores
 from pipeline.selection import SELECT_VERSION, SelectConfig, build_selected_shards
 from pipeline.shards import ShardError, open_shards
-from training.report import METRICS, RunSummary, summarize
+from training.report import METRICS, summarize
 
 GROUP = "difficulty"
 
@@ -59,7 +65,9 @@ GROUP = "difficulty"
     description="Held-out loss and implicit reward margin of every packed pair, from k fold "
     "models (the compact trainer, through Dagster Pipes) each trained on the other folds' "
     "pairs: the pairs' difficulty as Selective DPO measures it. Keyed by shards, model "
-    "content, reference, trainer and scoring code, precision, device class and settings.",
+    "content, reference, trainer and scoring code, precision, device class and settings. "
+    "A reference-free loss (simpo, orpo) trains and scores the folds without a reference: "
+    "reference_logps goes unread (and out of the key).",
 )
 def difficulty_scores(
     context: dg.AssetExecutionContext,
@@ -74,7 +82,9 @@ def difficulty_scores(
     shard_key = Path(packed_shards).name
     values = config.model_dump()
     nproc = values.pop("nproc_per_node")
-    key = difficulty_key(shard_key, model, compute, Path(reference_logps).name, config.model_dump())
+    reference = reference_logps if reads_reference(config.loss) else None
+    reference_name = "none" if reference is None else Path(reference).name
+    key = difficulty_key(shard_key, model, compute, reference_name, config.model_dump())
     out = store.path("difficulty", key)
     reused = _intact(out)
     if reused:
@@ -86,8 +96,7 @@ def difficulty_scores(
             "--shards",
             packed_shards,
             *model_args(model, packed_shards),
-            "--reference",
-            reference_logps,
+            *(["--reference", reference] if reference is not None else []),
             "--out",
             str(out),
             *config_flags(values),
@@ -257,9 +266,9 @@ def _check_selection_accounting(
     code_version=TRAINER_CODE_VERSION,
     deps=[base_model],
     description="trained_model's DPO run (the same code path and settings) on the selected "
-    "shards, against reference log-probs computed once for them, evaluated on the same eval "
-    "shards as trained_model, whose numbers it shows beside its own; keyed like "
-    "trained_model.",
+    "shards, against reference log-probs computed once for them (none for a reference-free "
+    "loss: simpo, orpo), evaluated on the same eval shards as trained_model, whose numbers "
+    "it shows beside its own; keyed like trained_model.",
 )
 def selected_model(
     context: dg.AssetExecutionContext,
@@ -275,7 +284,7 @@ def selected_model(
     store: StoreResource,
     pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult[str]:
-    precompute = config.precompute_reference
+    precompute = config.precompute_reference and reads_reference(config.loss)
     cache = store.path("reference", Path(selected_shards).name)
     result = run_training(
         context,
@@ -292,7 +301,7 @@ def selected_model(
         store,
         pipes_subprocess_client,
     )
-    comparison = _against_trained(summarize(result.value), summarize(trained_model))
+    comparison = _against_trained(Path(result.value), Path(trained_model))
     return dg.MaterializeResult(
         value=result.value,
         data_version=result.data_version,
@@ -300,9 +309,10 @@ def selected_model(
     )
 
 
-def _against_trained(selected: RunSummary, trained: RunSummary) -> dg.MetadataValue:
+def _against_trained(selected_run: Path, trained_run: Path) -> dg.MetadataValue:
     """selected_model's numbers beside trained_model's: on the eval shards (the claim of
     Selective DPO: better on held-out pairs), then on each run's own last training step."""
+    selected, trained = summarize(selected_run), summarize(trained_run)
     rows = [
         "| metric | selected_model | trained_model |",
         "| --- | ---: | ---: |",
@@ -313,10 +323,11 @@ def _against_trained(selected: RunSummary, trained: RunSummary) -> dg.MetadataVa
             if ours is None or theirs is None:
                 continue
             rows.append(f"| {prefix}{name} | {ours:.4f} | {theirs:.4f} |")
-    pairs = [run.evaluation.get("eval/pairs") for run in (selected, trained)]
+    keys = [read_reported(run).get("eval_shard_key") for run in (selected_run, trained_run)]
     note = (
-        f"on the same {pairs[0]:,} held-out pairs"
-        if pairs[0] is not None and pairs[0] == pairs[1]
-        else "no shared eval set: only the training numbers compare (set an eval split)"
+        f"on the same {selected.evaluation['eval/pairs']:,} held-out pairs (eval shards {keys[0]})"
+        if keys[0] is not None and keys[0] == keys[1]
+        else "no shared eval set: only the training numbers compare (set an eval split, "
+        "and materialize trained_model with it)"
     )
     return dg.MetadataValue.md("\n".join([*rows, "", note]))

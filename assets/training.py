@@ -9,6 +9,10 @@ Both results are stored under a content key (`assets.keys`) that is also their d
 version, and both depend on `base_model`, an observable source whose data version is the
 model's content fingerprint: new weights at the same path make them stale and give them a
 new key. Both commands get the `compute` resource's precision and device.
+
+A reference-free loss (`simpo`, `orpo`: `training.train_config.REFERENCE_FREE_LOSSES`)
+reads no reference: `trained_model` passes it neither reference file (`reads_reference`),
+so the two reference assets, still its inputs in the graph, are materialized but unused.
 """
 
 import json
@@ -23,10 +27,13 @@ from assets.keys import TRAINER_CODE_VERSION, compute_identity, content_key, mod
 from assets.packing import NO_EVAL_SHARDS
 from assets.plots import loss_plot
 from assets.resources import ComputeResource, ModelResource, SourcesResource, StoreResource
+from pipeline.ingest import is_hub_id
 from pipeline.io import REPORT_FILE, atomic_file
 from training.report import materialization_metadata, summarize
 from training.tokenizer_match import tokenizer_mismatch
+from training.train_config import REFERENCE_FREE_LOSSES
 
+CARD_SOURCE = "--card-source"  # a model card's words: repeated, and not in the run's key
 # Beside a finished run: what the trainer reported besides its metrics (backend, layout,
 # shard key, model), so that reusing the run shows what computing it showed.
 REPORTED = "reported.json"
@@ -49,6 +56,12 @@ def model_args(model: ModelResource, shards: str) -> list[str]:
     if problem is not None:
         raise dg.Failure(description=problem)
     return ["--model", model.path]
+
+
+def reads_reference(loss: str) -> bool:
+    """Whether a run with `loss` reads reference log-probs: every loss but the
+    reference-free ones, which `prefpack train` and `difficulty` refuse them for."""
+    return loss not in REFERENCE_FREE_LOSSES
 
 
 def prefpack_command(nproc: int = 1) -> list[str]:
@@ -103,7 +116,8 @@ with warnings.catch_warnings():
     deps=[base_model],
     description="Per-pair log-probs of chosen and rejected under the reference model (the "
     "initial policy), computed once per shard key, model content, precision and device class "
-    "and reused by every run.",
+    "and reused by every run. With a reference-free loss (simpo, orpo) it is still "
+    "materialized as an input of trained_model and difficulty_scores, but neither reads it.",
 )
 def reference_logps(
     context: dg.AssetExecutionContext,
@@ -125,7 +139,7 @@ def reference_logps(
     deps=[base_model],
     description="reference_logps of the eval shards: computed once, reused by every run "
     "that evaluates on them (trained_model and selected_model alike). None without eval "
-    "shards.",
+    "shards. Materialized but unread with a reference-free loss (simpo, orpo).",
 )
 def eval_reference_logps(
     context: dg.AssetExecutionContext,
@@ -189,7 +203,9 @@ def _reference_file(
     "evaluated on the eval shards; the final model is a Hugging Face folder with the base "
     "model's tokenizer files (or the shards') and a model card. Keyed by shards, model "
     "content, references, eval set, precision, device class and settings: a finished run "
-    "with the key is reused. Its value is the run folder.",
+    "with the key is reused. Its value is the run folder. A reference-free loss (simpo, "
+    "orpo) is given no reference: reference_logps and eval_reference_logps go unread (and "
+    "out of its key), and no frozen reference model is held either.",
 )
 def trained_model(
     context: dg.AssetExecutionContext,
@@ -205,7 +221,7 @@ def trained_model(
     store: StoreResource,
     pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult[str]:
-    precompute = config.precompute_reference
+    precompute = config.precompute_reference and reads_reference(config.loss)
     return run_training(
         context,
         config,
@@ -234,7 +250,7 @@ def card_sources(curated_pairs: str, sources: SourcesResource) -> list[str]:
         presets = [p for p in (sources.preset_for(name), report.get("preset")) if p]
         text = name + (f" (preset {', '.join(presets)})" if presets else "")
         given = sources.inputs.get(name)
-        if given and "/" in given and not Path(given).exists():  # a hub id, not a path
+        if given and is_hub_id(given):  # read from the hub, not from local files
             text += f"={given}"
         cards.append(text)
     return cards
@@ -255,18 +271,16 @@ def run_training(
     Args:
         inputs: flag -> file or directory (or a list, for a repeated flag) that the command
             reads besides the shards and the model: the reference log-probs (no
-            `--reference` or `--reference-cache`: a frozen copy of the initial model), the
-            eval shards and theirs, the model card's sources; None leaves a flag out. Their
-            names are part of the run's key.
+            `--reference` or `--reference-cache`: a frozen copy of the initial model, or
+            no reference for a reference-free loss), the eval shards and theirs, the model
+            card's sources; None leaves a flag out. The names of the files are part of
+            the run's key (the card's words are not: they change no number).
     """
     values = config.model_dump()
     nproc = values.pop("nproc_per_node")
     values.pop("precompute_reference")
     given = {flag: value for flag, value in inputs.items() if value}
-    named = {
-        flag: value if isinstance(value, list) else Path(value).name
-        for flag, value in given.items()
-    }
+    named = {flag: Path(value).name for flag, value in given.items() if flag != CARD_SOURCE}
     # Every setting is in the key: the process count changes the global batch.
     key = content_key(Path(shards).name, model, compute, inputs=named, training=config.model_dump())
     out = store.path("models", key)
@@ -299,7 +313,7 @@ def run_training(
         result = pipes_subprocess_client.run(context=context, command=command)
         _save_reported(out, result.get_materialize_result())
     summary = summarize(out)
-    metadata = _typed(materialization_metadata(summary, _read_reported(out)))
+    metadata = _typed(materialization_metadata(summary, read_reported(out)))
     return dg.MaterializeResult(
         value=str(out),
         data_version=dg.DataVersion(key),
@@ -321,7 +335,7 @@ def _save_reported(out: Path, result: dg.MaterializeResult) -> None:
         tmp.write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
 
 
-def _read_reported(out: Path) -> dict[str, str]:
+def read_reported(out: Path) -> dict[str, str]:
     """What `_save_reported` kept beside the run (the same on every reuse)."""
     return json.loads((out / REPORTED).read_text())
 

@@ -50,9 +50,12 @@ def eval_pairs_path(curated: str | Path) -> Path:
     that pairs file).
 
     Raises:
+        FileNotFoundError: `curated` is not there.
         ValueError: the file is not there, or holds no pair (no eval split configured).
     """
     curated = Path(curated)
+    if not curated.exists():
+        raise FileNotFoundError(f"{curated}: no such curate output")
     file = (curated if curated.is_dir() else curated.parent) / EVAL_PAIRS_FILE
     if not file.is_file():
         raise ValueError(f"{file}: no such file; --eval packs the eval pairs of a curate output")

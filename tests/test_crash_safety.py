@@ -38,9 +38,11 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 POLL = 0.001  # seconds between looks for a temp entry
 ATTEMPTS = 3  # rounds of kills, until one lands inside a write
 TEMP_TAGS = (".tmp-", ".old-")  # pipeline.io's temp entries: `.NAME.tmp-...`, `.NAME.old-...`
-# DCP writes a fresh uuid (save_id) into the optimizer's .metadata on every save: the only
-# bytes of any output that differ between two uninterrupted runs.
+# DCP writes a fresh uuid (save_id) into the optimizer's .metadata on every save, and the
+# model card states the time the run took: the only bytes of any output that differ between
+# two uninterrupted runs (the card is compared with its time masked).
 VOLATILE = {"optimizer/.metadata"}
+MEASURED = {"README.md": re.compile(rb"steps? in [^\n]* of training and evaluation")}
 
 
 @dataclass(frozen=True)
@@ -158,10 +160,20 @@ def _snapshot(path: Path) -> dict[str, bytes] | None:
         return None
     files = (p for p in sorted(path.rglob("*")) if p.is_file())
     return {
-        rel: p.read_bytes()
+        rel: _masked(rel, p.read_bytes())
         for p in files
         if (rel := p.relative_to(path).as_posix()) not in VOLATILE
     }
+
+
+def _masked(rel: str, data: bytes) -> bytes:
+    """`data` with what a run measures (not what it computes) replaced by a placeholder."""
+    pattern = MEASURED.get(rel)
+    if pattern is None:
+        return data
+    masked, found = pattern.subn(b"<time>", data)
+    assert found == 1, f"{rel}: no measured time where the card states it"
+    return masked
 
 
 def _leftovers(work: Path, outputs: list[str]) -> dict[str, list[str]]:

@@ -85,7 +85,8 @@ class Batch:
         labels: (M,) int64, the predicted token ids.
         pair_index: (M,) int64, the pair of each token, 0..N-1 in batch order.
         is_rejected: (M,) int64, 0 for chosen tokens and 1 for rejected ones.
-        chosen_tokens: (N,) int64, chosen lengths (the SFT term averages over them).
+        chosen_tokens: (N,) int64, chosen lengths (`response_lengths`).
+        rejected_tokens: (N,) int64, rejected lengths (the per-token losses need both).
         pair_ids: the N pair ids in batch order.
         num_tokens: real tokens the layout spends on these pairs (no padding).
     """
@@ -98,6 +99,7 @@ class Batch:
     pair_index: Tensor
     is_rejected: Tensor
     chosen_tokens: Tensor
+    rejected_tokens: Tensor
     pair_ids: tuple[str, ...]
     num_tokens: int
 
@@ -120,40 +122,38 @@ def rows_table(rows: Sequence[PackedRow]) -> pa.Table:
     )
 
 
+def response_lengths(rows: Sequence[PackedRow]) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) int64 chosen and rejected lengths in tokens of every pair of `rows`, in row
+    order: what the per-token losses and the SFT term divide by, in a batch
+    (`Batch.chosen_tokens`) as over an eval set (`training.logps.table_logps`)."""
+    chosen = np.concatenate([r.chosen_len for r in rows]).astype(np.int64)
+    rejected = np.concatenate([r.rejected_len for r in rows]).astype(np.int64)
+    return chosen, rejected
+
+
 def check_rows(
     rows: Sequence[PackedRow],
     max_len: int | None,
     vocab_size: int,
-    sliding_window: int | None = None,
 ) -> None:
     """Fail before any work, naming the row, on rows the model cannot take: rank 0 checks
     every row at once, vectorised over the rows' Arrow table, and every rank raises its
     verdict (`training.ranks.agree`).
 
     Raises:
-        ValueError: a row is longer than `max_len` (when given) or than the model's
-            sliding window (not implemented: we run full attention), or holds a token id
+        ValueError: a row is longer than `max_len` (when given), or holds a token id
             outside [0, `vocab_size`).
     """
-    agree(lambda: _row_problem(rows_table(rows)["input_ids"], max_len, vocab_size, sliding_window))
+    agree(lambda: _row_problem(rows_table(rows)["input_ids"], max_len, vocab_size))
 
 
-def _row_problem(
-    input_ids: pa.ChunkedArray, max_len: int | None, vocab_size: int, window: int | None
-) -> str | None:
+def _row_problem(input_ids: pa.ChunkedArray, max_len: int | None, vocab_size: int) -> str | None:
     """The first problem of `check_rows`, or None."""
     lengths = pc.list_value_length(input_ids).to_numpy()
-    window_hint = "; sliding-window attention is not implemented, pack with max_len <= " + (
-        "sliding_window"
-    )
-    for limit, what, hint in (
-        (max_len, "max_len", ""),
-        (window, "the model's sliding window", window_hint),
-    ):
-        too_long = np.flatnonzero(lengths > limit) if limit is not None else []
-        if len(too_long):
-            row = int(too_long[0])
-            return f"row {row}: {lengths[row]} tokens exceed {what} {limit}{hint}"
+    too_long = np.flatnonzero(lengths > max_len) if max_len is not None else []
+    if len(too_long):
+        row = int(too_long[0])
+        return f"row {row}: {lengths[row]} tokens exceed max_len {max_len}"
     first_row = 0
     for chunk in input_ids.chunks:  # one shard batch at a time: bounded temporaries
         ids = pc.list_flatten(chunk).to_numpy()
@@ -245,6 +245,7 @@ def collate(
     def tensor(a: np.ndarray) -> Tensor:
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
 
+    chosen_tokens, rejected_tokens = response_lengths(rows)
     return Batch(
         input_ids=tensor(input_ids),
         position_ids=tensor(positions),
@@ -253,7 +254,8 @@ def collate(
         labels=tensor(np.concatenate(labels)),
         pair_index=tensor(np.concatenate(pair)),
         is_rejected=tensor(np.concatenate(rejected)),
-        chosen_tokens=tensor(np.concatenate([r.chosen_len for r in rows])),
+        chosen_tokens=tensor(chosen_tokens),
+        rejected_tokens=tensor(rejected_tokens),
         pair_ids=tuple(pid for r in rows for pid in r.pair_ids),
         num_tokens=int(sum(r.num_tokens for r in rows)),
     )

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.flags import add_flags, config_from
-from training.difficulty_config import DifficultyConfig
+from training.difficulty_config import FOLD_UNUSED_FIELDS, DifficultyConfig
 from training.train_config import TrainConfig
 
 if TYPE_CHECKING:  # for annotations only: the handlers import torch when they run
@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # for annotations only: the handlers import torch when they r
 # (that is --out).
 TRAIN_FLAG_GROUPS: dict[str, tuple[str, ...]] = {
     "attention": ("backend",),
-    "objective": ("loss", "beta", "label_smoothing", "sft_weight"),
+    "objective": ("loss", "beta", "label_smoothing", "sft_weight", "simpo_gamma", "orpo_lambda"),
     "batching (a global step is batch_rows x grad_accum x processes packed rows)": (
         "batch_rows",
         "grad_accum",
@@ -57,10 +57,6 @@ TRAIN_FLAG_GROUPS: dict[str, tuple[str, ...]] = {
 }
 # The TrainConfig fields that `prefpack logps` takes as flags too.
 LOGPS_FIELDS = ("backend", "precision", "device", "parallel", "logits_chunk", "progress")
-# The fold models of `prefpack difficulty` are not kept, evaluated or reported: no export
-# dtype, eval or trackers. (Checkpoints are: a fold a crash interrupted resumes from its
-# latest one.)
-DIFFICULTY_TRAIN_FIELDS = ("export_dtype", "eval_every", "report_to")
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -89,7 +85,8 @@ def _add_inputs(parser: argparse.ArgumentParser) -> None:
         "--model",
         type=Path,
         metavar="DIR",
-        help="Hugging Face folder (Llama, Qwen2, Mistral, SmolLM)",
+        help="Hugging Face folder (Llama, SmolLM, Qwen2, Qwen3, Mistral, Gemma 3 text, "
+        "OLMo 2, Phi-3)",
     )
     model.add_argument(
         "--config",
@@ -123,8 +120,10 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
         "train",
         help="DPO-train a model on packed shards; export a Hugging Face folder",
         description="Train on the shards of --shards and write OUT/metrics.jsonl (one line "
-        "per step), OUT/checkpoints/ (with --checkpoint-every; a rerun resumes from the "
-        "latest) and OUT/final/ (Hugging Face folder with the shards' tokenizer). Run under "
+        "per step, with eval/ metrics on the steps that evaluate --eval-shards), "
+        "OUT/checkpoints/ (with --checkpoint-every; a rerun resumes from the latest) and "
+        "OUT/final/ (Hugging Face folder with the base model's tokenizer files, or the "
+        "shards', a generation_config.json and a model card, README.md). Run under "
         "`torchrun --nproc_per_node N -m prefpack train ...` for data parallel. Launched by "
         "Dagster Pipes, it reports progress and the final metrics there.",
     )
@@ -137,7 +136,11 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
         help="run folder (metrics, checkpoints, final/)",
     )
     # reference log-probs: from a file, cached beside the run, or a reference model in memory
-    _add_reference(p, "reference (default: a frozen copy of the initial model, run every step)")
+    _add_reference(
+        p,
+        "reference (default: a frozen copy of the initial model, run every step; none for a "
+        "reference-free --loss, which refuses these flags)",
+    )
     evaluation = p.add_argument_group("eval set (the loss and rewards on held-out pairs)")
     evaluation.add_argument(
         "--eval-shards",
@@ -146,7 +149,7 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
         help="shards of held-out pairs, packed like --shards (`prefpack pack --eval`); "
         "evaluated after the last step and every --eval-every steps, as eval/* metrics",
     )
-    p.add_argument(
+    p.add_argument_group("model card").add_argument(
         "--card-source",
         action="append",
         default=[],
@@ -159,7 +162,8 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         metavar="FILE",
         help="their stored log-probs from `prefpack logps --shards EVAL`; default: read from "
-        "or computed into --reference-cache when given, else computed once at the start",
+        "or computed into --reference-cache when given, else computed once at the start "
+        "(none for a reference-free --loss)",
     )
     for title, names in TRAIN_FLAG_GROUPS.items():
         add_flags(p.add_argument_group(title), TrainConfig, names)
@@ -226,10 +230,12 @@ def _add_difficulty(subparsers: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="scores directory; reused when it holds scores of the same inputs and settings, else replaced",
     )
-    _add_reference(p, "reference (default: computed here once, in memory)")
+    _add_reference(
+        p, "reference (default: computed here once, in memory; none for a reference-free --loss)"
+    )
     add_flags(p.add_argument_group("folds and scoring"), DifficultyConfig)
     for title, names in TRAIN_FLAG_GROUPS.items():
-        names = tuple(n for n in names if n not in DIFFICULTY_TRAIN_FIELDS)
+        names = tuple(n for n in names if n not in FOLD_UNUSED_FIELDS)
         add_flags(p.add_argument_group(f"fold models: {title}"), TrainConfig, names)
     p.set_defaults(handler=_difficulty)
 

@@ -10,12 +10,14 @@ prefpack already has:
     for each fold f:
         train a fresh initial model on the pairs of the other folds (training.train)
         score fold f's pairs with it: log-probs of chosen and rejected, then the run's
-        loss and implicit reward margin against the reference log-probs
+        loss and implicit reward margin against the reference log-probs (or, for a
+        reference-free loss, from the fold model's log-probs alone)
 
 Each fold's pairs are packed again (`pipeline.folds.pack_pairs`, the pack stage's packer,
 same layout and max_len), so a fold model's rows hold none of the pairs it scores. The
 reference log-probs are the shards' own (`ReferenceLogps`, keyed by the shard key): every
-fold trains and is scored against the same reference as a run on all the shards.
+fold trains and is scored against the same reference as a run on all the shards. A
+reference-free loss (SimPO, ORPO) has none: its folds train and score without one.
 
 Under torchrun every rank runs the folds together (DDP or FSDP, as `train` does); rank 0
 writes (`pipeline.scores.write_scores`): `scores.parquet` (`data_contracts.difficulty_scores`,
@@ -49,8 +51,9 @@ from pipeline.io import atomic_directory, atomic_file
 from pipeline.shards import ShardReader, table_rows
 from training.batch import PackedRows
 from training.device import resolve_backend, resolve_device
-from training.difficulty_config import DIFFICULTY_VERSION, DifficultyConfig
-from training.losses import PairLogps, build_loss
+from training.difficulty_config import DIFFICULTY_VERSION, FOLD_UNUSED_FIELDS, DifficultyConfig
+from training.logps import table_logps
+from training.losses import PreferenceLoss
 from training.model import CausalLM
 from training.ranks import from_rank0, is_distributed, world_and_rank
 from training.reference import (
@@ -60,7 +63,7 @@ from training.reference import (
     compute_reference_logps,
 )
 from training.report import summarize
-from training.train import train
+from training.train import loss_of, train
 from training.train_config import TRAINER_VERSION, TrainConfig
 
 HELD_OUT_FILE = "held_out.arrow"  # a fold's scores, written once the fold is done
@@ -85,7 +88,7 @@ def score_difficulty(
     config: DifficultyConfig,
     reader: ShardReader,
     initial_model: Callable[[], CausalLM],
-    reference: ReferenceLogps,
+    reference: ReferenceLogps | None,
     init_seed: int | None = None,
     on_fold: Callable[[dict[str, Any]], None] | None = None,
 ) -> Difficulty:
@@ -100,7 +103,8 @@ def score_difficulty(
         reader: the packed shards.
         initial_model: a fresh initial policy (fp32) for each fold: a copy of one in
             memory, or under FSDP one loaded sharded (a sharded model is not copied).
-        reference: stored reference log-probs covering every pair of `reader`.
+        reference: stored reference log-probs covering every pair of `reader`; None
+            for a reference-free loss (which takes none).
         init_seed: the seed of a random initial model, as `train` records it.
         on_fold: called on rank 0 with each fold's entry once it is scored.
 
@@ -115,7 +119,7 @@ def score_difficulty(
     folds = assign_folds(pairs.column("pair_id").to_pylist(), config.folds, config.fold_seed)
     device = resolve_device(train_config.device)
     backend = resolve_backend(train_config.backend, device, train_config.precision)
-    loss_fn = build_loss(train_config.loss, train_config.beta, train_config.label_smoothing)
+    loss_fn = loss_of(train_config)
     window = int(reader.manifest["config"]["pack_window"])
 
     def rows(mask: np.ndarray) -> PackedRows:
@@ -160,7 +164,7 @@ def score_difficulty(
                 max_len=reader.max_len,
             )
             del fold_model
-            table = _fold_scores(policy, reference, loss_fn, fold)
+            table = _fold_scores(policy, held_rows, reference, loss_fn, fold)
             if rank == 0:
                 with atomic_file(out / HELD_OUT_FILE) as tmp:
                     feather.write_feather(table, tmp, compression="uncompressed")
@@ -175,14 +179,18 @@ def score_difficulty(
 
 
 def _fold_scores(
-    policy: pa.Table, reference: ReferenceLogps, loss_fn: torch.nn.Module, fold: int
+    policy: pa.Table,
+    rows: PackedRows,
+    reference: ReferenceLogps | None,
+    loss_fn: PreferenceLoss,
+    fold: int,
 ) -> pa.Table:
-    """The held-out pairs' loss, margin and rewards under the fold model's log-probs."""
-    chosen = torch.tensor(policy.column("chosen_logps").to_numpy())
-    rejected = torch.tensor(policy.column("rejected_logps").to_numpy())
-    ref = reference.lookup(policy.column("pair_id").to_pylist())
+    """The held-out pairs' loss, margin and rewards under the fold model's log-probs
+    (`policy`, computed over `rows`), against the reference unless the loss is
+    reference-free (`reference` None)."""
+    ref = None if reference is None else reference.lookup(policy.column("pair_id").to_pylist())
     with torch.no_grad():
-        losses, chosen_rewards, rejected_rewards = loss_fn(PairLogps(chosen, rejected), ref)
+        losses, chosen_rewards, rejected_rewards = loss_fn(table_logps(policy, rows), ref)
     f32 = pa.float32()
     return pa.table(
         {
@@ -225,32 +233,25 @@ def _fold_entry(fold: int, out: Path, scores: pa.Table, train_pairs: int, train_
 def identity_of(
     reader: ShardReader,
     init_seed: int | None,
-    reference: ReferenceKey,
+    model_fingerprint: str,
+    reference: ReferenceKey | None,
     train_config: TrainConfig,
     config: DifficultyConfig,
 ) -> dict[str, Any]:
     """What the scores depend on, as the report records it: inputs (the shards, the
     initial model, which is also the reference, by content, its init seed, and the
-    reference log-probs' key), settings (the device class and the process count too: both
-    change the numbers) and code versions."""
+    reference log-probs' key, or `none` for a reference-free loss), settings (the device
+    class and the process count too: both change the numbers) and code versions."""
     training = dataclasses.asdict(train_config)
-    for name in (
-        "out_dir",
-        "progress",
-        "device",
-        "checkpoint_every",
-        "export_dtype",
-        "eval_every",
-        "report_to",
-    ):
+    for name in ("out_dir", "progress", "device", "checkpoint_every", *FOLD_UNUSED_FIELDS):
         training.pop(name)
     training["adam_betas"] = list(training["adam_betas"])
     return {
         "inputs": {
             "shard_key": reader.key,
-            "model_fingerprint": reference.model_fingerprint,
+            "model_fingerprint": model_fingerprint,
             "init_seed": init_seed,
-            "reference": dataclasses.asdict(reference),
+            "reference": "none" if reference is None else dataclasses.asdict(reference),
         },
         "settings": {
             **dataclasses.asdict(config),

@@ -15,6 +15,10 @@ from pipeline.flags import check_settings, setting
 # split, the scoring pass, what a score is); with the trainer's and the reference code's
 # versions it keys stored scores.
 DIFFICULTY_VERSION = "1"
+# The TrainConfig fields fold models do not take: they are not kept, evaluated or reported
+# (no export dtype, eval or trackers). Checkpoints are: a fold a crash interrupted resumes
+# from its latest one.
+FOLD_UNUSED_FIELDS = ("export_dtype", "eval_every", "report_to")
 
 
 @dataclass(frozen=True)

@@ -14,18 +14,24 @@ all the backward needs, given the logsumexp of each row saved by the forward.
 `pair_logps` sums the token log-probs per pair by the batch's targets (DESIGN.md rules):
 only the positions that predict a response token go through the head (`logit_index`); the
 last prompt token's hidden state is gathered twice in the shared layout (it predicts chosen
-token 0 and rejected token 0).
+token 0 and rejected token 0). `table_logps` gives the same `PairLogps` for log-probs
+computed over whole rows (`training.reference.compute_reference_logps`: the eval set, a
+fold's held-out pairs). Both carry the responses' lengths (`batch.response_lengths`), which
+the per-token losses need.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.batch import Batch
+from data_contracts.packed_row import PackedRow
+from training.batch import Batch, response_lengths
 from training.losses import PairLogps
 
 DEFAULT_LOGITS_CHUNK = 1024
@@ -95,7 +101,8 @@ def pair_logps(model: nn.Module, batch: Batch) -> PairLogps:
         batch: a collated batch.
 
     Returns:
-        Chosen and rejected log-probs, (N,) fp32 each, in the batch's pair order.
+        Chosen and rejected log-probs, (N,) fp32 each, in the batch's pair order, with
+        the responses' lengths.
     """
     token = model(
         batch.input_ids, batch.position_ids, batch.attention, batch.logit_index, batch.labels
@@ -103,4 +110,27 @@ def pair_logps(model: nn.Module, batch: Batch) -> PairLogps:
     sums = token.new_zeros(batch.num_pairs, 2).index_put(
         (batch.pair_index, batch.is_rejected), token, accumulate=True
     )  # (N, 2): column 0 chosen, column 1 rejected
-    return PairLogps(chosen=sums[:, 0], rejected=sums[:, 1])
+    return PairLogps(
+        chosen=sums[:, 0],
+        rejected=sums[:, 1],
+        chosen_tokens=batch.chosen_tokens,
+        rejected_tokens=batch.rejected_tokens,
+    )
+
+
+def table_logps(table: pa.Table, rows: Sequence[PackedRow]) -> PairLogps:
+    """The log-probs of a `reference_logps` table computed over `rows` (pairs in row order,
+    as `compute_reference_logps` gives them), with the lengths of the rows' responses.
+
+    Raises:
+        ValueError: the table's pairs are not the rows' pairs in row order.
+    """
+    if table["pair_id"].to_pylist() != [pid for row in rows for pid in row.pair_ids]:
+        raise ValueError("the log-probs are not those of these rows' pairs, in row order")
+    chosen_tokens, rejected_tokens = response_lengths(rows)
+    return PairLogps(
+        chosen=torch.tensor(table["chosen_logps"].to_numpy()),
+        rejected=torch.tensor(table["rejected_logps"].to_numpy()),
+        chosen_tokens=torch.from_numpy(chosen_tokens),
+        rejected_tokens=torch.from_numpy(rejected_tokens),
+    )

@@ -78,7 +78,8 @@ class CardFacts:
         settings: the run's settings, field -> value (`dataclasses.asdict(TrainConfig)`).
         device: the accelerator or "cpu", in words.
         processes: processes that trained (the world size).
-        wall_seconds: wall-clock time of the run.
+        train_seconds: time in optimizer steps and evaluations (setup, reference
+            passes and checkpoints left out).
         steps: optimizer steps taken.
         metrics: the final metrics: the METRICS names (the last step's) and, when the run
             evaluated, the same with "eval/" (the last evaluation's).
@@ -97,7 +98,7 @@ class CardFacts:
     settings: Mapping[str, Any]
     device: str
     processes: int
-    wall_seconds: float
+    train_seconds: float
     steps: int
     metrics: Mapping[str, float]
     eval_shards: ShardFacts | None = None
@@ -166,7 +167,7 @@ def _hardware(facts: CardFacts) -> list[str]:
         "## Hardware and time",
         "",
         f"{_count(facts.processes, 'process')} on {facts.device}, "
-        f"{_count(facts.steps, 'step')} in {_duration(facts.wall_seconds)} of wall-clock time.",
+        f"{_count(facts.steps, 'step')} in {_duration(facts.train_seconds)} of training and evaluation.",
         "",
     ]
 

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.ingest import is_hub_id
 from pipeline.scores import read_report, write_scores
 from pipeline.shards import ShardError, ShardReader, open_shards
 from training.checkpoint import load_pretrained, model_fingerprint
@@ -71,7 +72,7 @@ from training.report import (
 from training.tokenizer_match import tokenizer_mismatch
 from training.trackers import Trackers, check_trackers, open_trackers
 from training.train import Run, check_config, evaluate, export, fit, release, setup
-from training.train_config import TrainConfig
+from training.train_config import REFERENCE_FREE_LOSSES, TrainConfig
 
 # At or below this peak learning rate a run only fine-tunes: a random init learns nothing.
 FINE_TUNING_LR = 1e-5
@@ -213,9 +214,8 @@ def load_model(
     if inputs.model is not None:
         if not (inputs.model / "config.json").is_file():
             raise FileNotFoundError(f"{inputs.model}: no config.json; not a Hugging Face folder")
-        mismatch = tokenizer_mismatch(data.directory, inputs.model)
-        if mismatch is not None and not inputs.allow_tokenizer_mismatch:
-            raise ValueError(mismatch)
+        if not inputs.allow_tokenizer_mismatch:  # rank 0 reads both, every rank stops alike
+            agree(lambda: tokenizer_mismatch(data.directory, inputs.model))
         if sharded:
             model = load_sharded(inputs.model, device, precision, trainable)
         else:
@@ -266,16 +266,47 @@ def stored_reference(
     return stored
 
 
+def _refuse_reference(config: TrainConfig, inputs: Inputs) -> None:
+    """Raises: ValueError naming the reference flags given with a reference-free loss,
+    which would read none of them (a user mistake, before anything is read)."""
+    if config.loss not in REFERENCE_FREE_LOSSES:
+        return
+    given = [
+        flag
+        for flag, value in (
+            ("--reference", inputs.reference),
+            ("--reference-cache", inputs.reference_cache),
+            ("--eval-reference", inputs.eval_reference),
+        )
+        if value is not None
+    ]
+    if given:
+        raise ValueError(
+            f"{' and '.join(given)}: --loss {config.loss} is reference-free and reads no "
+            f"reference log-probs; leave {'it' if len(given) == 1 else 'them'} out"
+        )
+
+
 def _same_tokenizer(data: ShardReader, eval_data: ShardReader) -> None:
     """Raises: ValueError when the eval shards were tokenized otherwise than the training
-    shards (their pairs would be scored in another vocabulary)."""
-    ours, theirs = data.manifest["tokenizer"], eval_data.manifest["tokenizer"]
-    if ours != theirs:
+    shards, by content (tokenizer fingerprint, chat template), wherever the tokenizer was
+    read from: their pairs would be scored in another vocabulary or format."""
+    ours, theirs = data.manifest, eval_data.manifest
+    differ = [
+        what
+        for what, entry, field in (
+            ("tokenizer", "tokenizer", "fingerprint"),
+            ("chat template", "template", "sha256"),
+        )
+        if ours[entry][field] != theirs[entry][field]
+    ]
+    if differ:
         raise ValueError(
-            f"--eval-shards {eval_data.directory} were tokenized with {theirs['name']} "
-            f"({theirs['vocab_size']} tokens), the training shards with {ours['name']} "
-            f"({ours['vocab_size']} tokens); pack the eval pairs like the training pairs "
-            "(prefpack pack --eval)"
+            f"--eval-shards {eval_data.directory} were tokenized with another "
+            f"{' and '.join(differ)} ({theirs['tokenizer']['name']}, "
+            f"{theirs['template']['name']}) than the training shards "
+            f"({ours['tokenizer']['name']}, {ours['template']['name']}); pack the eval pairs "
+            "like the training pairs (prefpack pack --eval)"
         )
 
 
@@ -293,7 +324,8 @@ class TrainRecipe:
 
     Raises:
         ValueError: settings that cannot train on this device, --eval-every or
-            --eval-reference without --eval-shards; every problem named.
+            --eval-reference without --eval-shards, a reference flag with a reference-free
+            loss; every problem named.
     """
 
     command = "train"
@@ -304,6 +336,7 @@ class TrainRecipe:
         self.config, self.inputs, self.reporter = config, inputs, reporter
         self.device = resolve_device(config.device)
         check_config(config, self.device)
+        _refuse_reference(config, inputs)
         if inputs.eval_shards is None:
             given = [
                 flag
@@ -322,8 +355,9 @@ class TrainRecipe:
         self.trackers = Trackers()
 
     def setup(self) -> None:
-        """Open the shards and the eval shards, load the model, find the references, and
-        set up the run (`training.train.setup`: data checks, preparation, resume)."""
+        """Open the shards and the eval shards, load the model, find the references (none
+        for a reference-free loss), and set up the run (`training.train.setup`: data
+        checks, preparation, resume)."""
         config, inputs = self.config, self.inputs
         self.data = open_shards_once(inputs.shards, inputs.verify)
         eval_data = None
@@ -332,18 +366,19 @@ class TrainRecipe:
             _same_tokenizer(self.data, eval_data)
         sharded = loads_sharded(inputs, config.parallel, config.compile)
         model = load_model(inputs, self.data, self.device, config.precision, sharded)
-        reference = stored_reference(
-            self.command, inputs.reference, inputs.reference_cache, self.data, model,
-            config.precision,
-        )  # fmt: skip
-        if reference is None and sharded:  # the live reference, loaded as the policy was
-            reference = load_sharded(inputs.model, self.device, config.precision, False)
-        eval_reference = None
-        if eval_data is not None:
-            eval_reference = stored_reference(
-                self.command, inputs.eval_reference, inputs.reference_cache, eval_data,
-                model, config.precision,
+        reference = eval_reference = None
+        if config.loss not in REFERENCE_FREE_LOSSES:  # a reference-free loss reads none
+            reference = stored_reference(
+                self.command, inputs.reference, inputs.reference_cache, self.data, model,
+                config.precision,
             )  # fmt: skip
+            if reference is None and sharded:  # the live reference, loaded as the policy was
+                reference = load_sharded(inputs.model, self.device, config.precision, False)
+            if eval_data is not None:
+                eval_reference = stored_reference(
+                    self.command, inputs.eval_reference, inputs.reference_cache, eval_data,
+                    model, config.precision,
+                )  # fmt: skip
         if _rank() == 0:
             print(f"prefpack train: metrics: {config.out_dir / 'metrics.jsonl'}", file=sys.stderr)
         self.run = setup(
@@ -389,10 +424,8 @@ class TrainRecipe:
         """What the model card states, from the run's metrics, shards and settings."""
         config, inputs, run = self.config, self.inputs, self.run
         summary = summarize(config.out_dir)
-        name_or_path = run.model.hf_config.get("_name_or_path")
-        hub_id = name_or_path if isinstance(name_or_path, str) and "/" in name_or_path else None
-        if hub_id is not None and Path(hub_id).exists():
-            hub_id = None  # a local path, not a hub id
+        named = run.model.hf_config.get("_name_or_path")  # a hub id, or a path: not guessed
+        hub_id = named if isinstance(named, str) and is_hub_id(named) else None
         if inputs.model is not None:
             start = f"`{inputs.model}`" + (f" ({hub_id})" if hub_id else "")
         else:
@@ -410,7 +443,7 @@ class TrainRecipe:
             },
             device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             processes=run.world,
-            wall_seconds=summary.seconds + summary.eval_seconds,
+            train_seconds=summary.seconds + summary.eval_seconds,
             steps=summary.steps,
             metrics={name: summary.final[name] for name in METRICS} | summary.evaluation,
             eval_shards=None
@@ -445,6 +478,7 @@ class TrainRecipe:
                 "layout": self.data.layout,
                 "shard_key": self.data.key,
                 "model": self.inputs.described,
+                **({"eval_shard_key": self.run.eval_data.key} if self.run.eval_data else {}),
             },
         )
 
@@ -493,7 +527,7 @@ def run_logps(config: TrainConfig, inputs: Inputs, out: Path, batch_rows: int) -
         model = load_model(inputs, data, device, config.precision, sharded, trainable=False)
         key = reference_key(data, model, config.precision)
         table = None
-        if out.exists():
+        if from_rank0(out.exists):  # one decision: compute together or reuse together
             try:
                 table = read_reference_logps(out, key).table
                 if rank == 0:
@@ -546,19 +580,28 @@ def run_difficulty(
     Args:
         config: folds, fold seed and scoring batch.
         fold_config: how each fold model trains (its out_dir is set per fold).
-        inputs: the shards, the model (also the reference) and the reference log-probs.
+        inputs: the shards, the model (also the reference) and the reference log-probs
+            (none for a reference-free loss: the folds train and score without).
         out: the scores directory.
+
+    Raises:
+        ValueError: a bad setting, or a reference flag with a reference-free loss.
     """
     device = resolve_device(fold_config.device)
     rank = _rank()
     with pipes_context() as pipes, process_group(device):
         _hint_fine_tuning_lr("difficulty", inputs, fold_config.lr, pipes)
         check_config(fold_config, device)
+        _refuse_reference(fold_config, inputs)
+        needs_reference = fold_config.loss not in REFERENCE_FREE_LOSSES
         data = open_shards_once(inputs.shards, inputs.verify)
         sharded = loads_sharded(inputs, fold_config.parallel, fold_config.compile)
         model = load_model(inputs, data, device, fold_config.precision, sharded)
         key = reference_key(data, model, fold_config.precision)
-        identity = identity_of(data, inputs.random_init_seed, key, fold_config, config)
+        identity = identity_of(
+            data, inputs.random_init_seed, key.model_fingerprint,
+            key if needs_reference else None, fold_config, config,
+        )  # fmt: skip
 
         def log(line: str) -> None:  # under Pipes, Dagster shows it (once)
             if pipes is not None:
@@ -572,7 +615,9 @@ def run_difficulty(
                 # fold runs a crash left after the scores were in place
                 shutil.rmtree(folds_directory(out, identity), ignore_errors=True)
         else:
-            reference = _scoring_reference(inputs, data, model, fold_config, config)
+            reference = None
+            if needs_reference:
+                reference = _scoring_reference(inputs, data, model, fold_config, config)
             folds = folds_directory(out, identity)
             with staged_directory(out) as tmp:
                 result = score_difficulty(

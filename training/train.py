@@ -13,23 +13,28 @@ the rows together with their layout, block size, max_len and shard key.
   stored reference log-probs; rank 0 decides for all ranks), refuse a checkpoint of
   another run, prepare the policy (DDP or FSDP2, `training/parallel.py`), the reference (a
   frozen copy sharded the same way, stored log-probs, or a cache computed now by all
-  ranks), the eval set's reference log-probs, the optimizer, and resume.
+  ranks), the eval set's reference log-probs, the optimizer, and resume. A reference-free
+  loss (SimPO, ORPO: `is_reference_free`) gets no reference at all: no copy, no stored or
+  computed log-probs, for training or evaluation.
 - `train_step`: one optimizer step over `grad_accum` micro-batches; the reference pass runs
-  first, under `torch.inference_mode`, in the training precision.
+  first (unless the loss is reference-free), under `torch.inference_mode`, in the training
+  precision.
 - `evaluate`: the loss and metrics on the eval set, each rank scoring its share.
 - `fit`: the loop: metrics, evaluation every `eval_every` steps and at the end, progress
   and checkpoints.
 - `export`: the final Hugging Face folder (rank 0, from the gathered full weights).
 
 `model` is the initial policy; it is also the reference unless stored reference log-probs
-are given. Multi-process: launch the calling script with `torchrun --nproc_per_node N`;
-`train` joins torchrun's process group (gloo on CPU, NCCL on CUDA) unless the caller did.
+are given or the loss is reference-free. Multi-process: launch the calling script with
+`torchrun --nproc_per_node N`; `train` joins torchrun's process group (gloo on CPU, NCCL on
+CUDA) unless the caller did.
 Outputs under `out_dir`:
 
     metrics.jsonl                one line per optimizer step (rank 0), eval/ metrics on
                                  the steps that evaluate
     checkpoints/step_000010/     HF folder + optimizer/ (DCP, sharded) + trainer_state.json
-    final/                       HF folder (config.json, safetensors, tokenizer files)
+    final/                       HF folder (config.json, safetensors, tokenizer files,
+                                 generation_config.json, README.md: a model card)
 
 A global step covers `batch_rows * grad_accum * world_size` packed rows. Packed rows hold
 different numbers of pairs, so the loss is the *sum* of per-pair losses divided by the
@@ -80,8 +85,8 @@ from training.device import (
     use_gpu_defaults,
 )
 from training.export_files import ExportTokenizer
-from training.logps import pair_logps
-from training.losses import ChosenNLL, PairLogps, build_loss
+from training.logps import pair_logps, table_logps
+from training.losses import ChosenNLL, PairLogps, PreferenceLoss, build_loss
 from training.model import CausalLM
 from training.parallel import (
     clip_grad_norm,
@@ -144,7 +149,18 @@ def check_config(config: TrainConfig, device: torch.device) -> None:
     if problems:
         raise ValueError("cannot train: " + "; ".join(problems))
     check_precision(config.precision, device)
-    build_loss(config.loss, config.beta, config.label_smoothing)  # raises on bad settings
+    loss_of(config)  # raises on bad settings
+
+
+def loss_of(config: TrainConfig) -> PreferenceLoss:
+    """The run's loss module, with the hyperparameters of `config`.
+
+    Raises:
+        ValueError: a loss setting the loss does not take (label smoothing).
+    """
+    return build_loss(
+        config.loss, config.beta, config.label_smoothing, config.simpo_gamma, config.orpo_lambda
+    )
 
 
 def _data_problems(
@@ -167,9 +183,6 @@ def _data_problems(
         problems.append("no rows to train on")
     if any(p.dtype != torch.float32 for p in model.parameters()):
         problems.append("train fp32 parameters (load with dtype=float32; bf16 is autocast)")
-    window = model.config.sliding_window
-    if window is not None and data.max_len > window:
-        problems.append(f"max_len {data.max_len} exceeds the model's sliding window {window}")
     return problems
 
 
@@ -231,10 +244,11 @@ class Run:
         data: the training rows and their packing settings.
         model: the policy's parameters (sharded in place under FSDP); export reads it.
         policy: what the forward pass runs on: `model`, or its DDP wrapper.
-        ref_model: the frozen initial policy when no stored log-probs are given.
+        ref_model: the frozen initial policy when no stored log-probs are given (None
+            too for a reference-free loss).
         reference: stored reference log-probs, looked up by pair id.
-        eval_data, eval_reference: the eval rows and their reference log-probs (None:
-            no evaluation).
+        eval_data, eval_reference: the eval rows (None: no evaluation) and their
+            reference log-probs (None too for a reference-free loss).
         backend: the resolved attention backend.
         start: steps already done (from a checkpoint).
         record: the settings a checkpoint stores, to refuse a mismatched resume.
@@ -253,7 +267,7 @@ class Run:
     eval_data: PackedData | None
     eval_reference: ReferenceLogps | None
     optimizer: torch.optim.Optimizer
-    loss_fn: nn.Module
+    loss_fn: PreferenceLoss
     sft: ChosenNLL | None
     record: dict[str, Any]
     start: int
@@ -285,15 +299,23 @@ def _inputs(
     model: CausalLM,
     init_seed: int | None,
     reference: ReferenceLogps | ReferenceCache | None,
+    reference_free: bool,
 ) -> dict[str, Any]:
     """The run's inputs: shards, the initial model's content fingerprint (taken before any
-    step or resume changes the weights), its init seed, and the reference: `live` (the
-    frozen initial model) or the stored log-probs' key, wherever they are read from."""
+    step or resume changes the weights), its init seed, and the reference: `none` (a
+    reference-free loss), `live` (the frozen initial model) or the stored log-probs' key,
+    wherever they are read from."""
+    if reference_free:
+        used: str | dict[str, str] = "none"
+    elif reference is None:
+        used = "live"
+    else:
+        used = dataclasses.asdict(reference.key)
     return {
         "shard_key": data.key,
         "model_fingerprint": model_fingerprint(model),
         "init_seed": init_seed,
-        "reference": "live" if reference is None else dataclasses.asdict(reference.key),
+        "reference": used,
     }
 
 
@@ -324,7 +346,18 @@ def setup(
     """Check the data and model (the settings were checked by `check_config`), refuse a
     checkpoint this run cannot continue, check every row (and every pair against stored
     log-probs) once, prepare policy and reference, build the optimizer, and resume.
-    Arguments as for `train`; under torchrun, inside the process group."""
+    Arguments as for `train`; under torchrun, inside the process group.
+
+    Raises:
+        ValueError: a reference (model or log-probs) given with a reference-free loss; as
+            for `train`.
+    """
+    loss_fn = loss_of(config)
+    reference_free = loss_fn.is_reference_free
+    if reference_free and (reference is not None or eval_reference is not None):
+        raise ValueError(
+            f"loss {config.loss} is reference-free: it takes no reference model or log-probs"
+        )
     ref_model = reference if isinstance(reference, nn.Module) else None
     if ref_model is not None:  # a live reference, given (a sharded policy is not copied)
         if model_fingerprint(ref_model) != model_fingerprint(model):
@@ -333,7 +366,7 @@ def setup(
                 "live reference must be the policy's starting point"
             )
         reference = None
-    elif reference is None and is_sharded(model):
+    elif reference is None and is_sharded(model) and not reference_free:
         raise ValueError(
             "a policy loaded sharded cannot be copied into the live reference: give the "
             "reference model loaded the same way, or stored log-probs"
@@ -342,6 +375,8 @@ def setup(
     device = resolve_device(config.device)
     stored = [r for r in (reference, eval_reference) if r is not None]
     problems = _data_problems(config, data, model, device, stored)
+    if eval_data is not None and not len(eval_data):
+        problems.append("no rows to evaluate on")
     if problems:
         raise ValueError("cannot train: " + "; ".join(problems))
     config = _fit_batch_rows(config, len(data), world, rank)
@@ -349,19 +384,19 @@ def setup(
         torch.cuda.set_device(device)
     use_gpu_defaults(device)
     rows_per_step = config.batch_rows * config.grad_accum * world
-    inputs = _inputs(data, model, init_seed, reference)
+    inputs = _inputs(data, model, init_seed, reference, reference_free)
     record = _run_record(config, data, rows_per_step, inputs)
     checkpoint = _agreed_checkpoint(config.out_dir, record)
     mc = model.config
-    check_rows(data, data.max_len, mc.vocab_size, mc.sliding_window)
+    check_rows(data, data.max_len, mc.vocab_size)
     if eval_data is not None:
-        check_rows(eval_data, eval_data.max_len, mc.vocab_size, mc.sliding_window)
+        check_rows(eval_data, eval_data.max_len, mc.vocab_size)
     if isinstance(reference, ReferenceLogps):
         reference.check_covers(data)
     config.out_dir.mkdir(parents=True, exist_ok=True)
 
     # The live reference is the initial policy: copy it before resuming changes the weights.
-    if reference is None:
+    if reference is None and not reference_free:
         if ref_model is None:
             ref_model = copy.deepcopy(model)
         ref_model = ref_model.requires_grad_(False).eval()
@@ -376,7 +411,7 @@ def setup(
     initial = (ref_model if ref_model is not None else model, inputs["model_fingerprint"])
     if isinstance(reference, ReferenceCache):
         reference = _initial_logps(initial, data, reference, config, backend, device)
-    if eval_data is not None:
+    if eval_data is not None and not reference_free:
         eval_reference = _initial_logps(initial, eval_data, eval_reference, config, backend, device)
     model.train()
     optimizer = torch.optim.AdamW(
@@ -400,7 +435,7 @@ def setup(
         eval_data=eval_data,
         eval_reference=eval_reference,
         optimizer=optimizer,
-        loss_fn=build_loss(config.loss, config.beta, config.label_smoothing),
+        loss_fn=loss_fn,
         sft=ChosenNLL(config.sft_weight) if config.sft_weight else None,
         record=record,
         start=0,
@@ -547,8 +582,11 @@ def _resume(run: Run, ckpt: Path) -> int:
 # One optimizer step
 
 
-def _reference_logps(run: Run, batch: Batch) -> PairLogps:
-    """Stored log-probs, or the frozen model's, computed without any autograd state."""
+def _reference_logps(run: Run, batch: Batch) -> PairLogps | None:
+    """Stored log-probs, or the frozen model's, computed without any autograd state; None
+    for a reference-free loss."""
+    if run.loss_fn.is_reference_free:
+        return None
     if run.reference is not None:
         return run.reference.lookup(batch.pair_ids, run.device)
     with torch.inference_mode():
@@ -582,7 +620,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
                 logps = pair_logps(run.policy, batch)
                 losses, chosen_rewards, rejected_rewards = run.loss_fn(logps, ref)
                 if run.sft is not None:
-                    losses = losses + run.sft(logps, batch.chosen_tokens)
+                    losses = losses + run.sft(logps)
                 # DDP and FSDP average gradients over ranks: scale by world for sum / pairs.
                 (losses.sum() * run.world / pairs_in_step).backward()
         sums += torch.stack(
@@ -634,9 +672,10 @@ def evaluate(run: Run) -> dict[str, float]:
     Every rank scores its share of the eval rows and gets every pair's log-probs
     (`compute_reference_logps` under the policy, no gradients, in the training
     precision), so the numbers, means over the eval pairs, are the same on every rank and
-    for any number of processes. A collective: every rank calls it.
+    for any number of processes. A reference-free loss scores them alone; the others
+    against the eval set's reference log-probs. A collective: every rank calls it.
     """
-    assert run.eval_data is not None and run.eval_reference is not None
+    assert run.eval_data is not None
     data, config = run.eval_data, run.config
     t0 = time.perf_counter()
     table = compute_reference_logps(
@@ -652,16 +691,14 @@ def evaluate(run: Run) -> dict[str, float]:
         max_len=data.max_len,
     )
     run.model.train()
-    policy = PairLogps(
-        torch.tensor(table.column("chosen_logps").to_numpy()),
-        torch.tensor(table.column("rejected_logps").to_numpy()),
-    )
-    ref = run.eval_reference.lookup(table.column("pair_id").to_pylist())
+    policy = table_logps(table, data)
+    ref = None  # a reference-free loss has none
+    if run.eval_reference is not None:
+        ref = run.eval_reference.lookup(table.column("pair_id").to_pylist())
     with torch.no_grad():
         losses, chosen, rejected = run.loss_fn(policy, ref)
         if run.sft is not None:
-            lengths = np.concatenate([row.chosen_len for row in data]).astype(np.int64)
-            losses = losses + run.sft(policy, torch.from_numpy(lengths))
+            losses = losses + run.sft(policy)
     values = {
         "loss": losses,
         "rewards/chosen": chosen,
@@ -787,18 +824,21 @@ def train(
             reader, or `training.batch.PackedRows`); the key is recorded in checkpoints,
             so that a resume from other shards (of the same row count) is refused.
         model: the initial policy, fp32 on CPU (or loaded sharded by
-            `training.parallel.load_sharded`); also the reference unless `reference`.
+            `training.parallel.load_sharded`); also the reference unless `reference` or
+            a reference-free loss.
         reference: stored reference log-probs covering every pair of `data`, a cache to
             compute them into first (with the initial weights, on all ranks), or the
             frozen reference model itself (required for a policy loaded sharded, which
-            cannot be copied; load it the same way with `trainable=False`).
+            cannot be copied; load it the same way with `trainable=False`). None for a
+            reference-free loss (`--loss simpo` or `orpo`), which refuses one.
         init_seed: the seed of a random init (recorded: a resume must match it); None for
             a loaded model. The model's fingerprint and the reference's key are recorded
             whatever is given.
         eval_data: rows to evaluate on every `eval_every` steps and at the end (None: no
             evaluation).
         eval_reference: their reference log-probs: stored, a cache, or None to compute
-            them once now with the initial weights.
+            them once now with the initial weights (a reference-free loss: None, and
+            nothing is computed).
         tokenizer: what the exported folder's tokenizer files come from
             (`training.checkpoint.save_pretrained`).
         on_step: called on rank 0 with each step's metrics (the metrics.jsonl line), after
@@ -810,7 +850,8 @@ def train(
     Raises:
         ValueError: before step 1: unsupported settings (all named at once), a bad row
             (named by index) or a pair without stored log-probs (named with its row),
-            or a checkpoint whose settings or inputs differ from this run's.
+            a reference given with a reference-free loss, or a checkpoint whose settings
+            or inputs differ from this run's.
     """
     device = resolve_device(config.device)
     check_config(config, device)

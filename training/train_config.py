@@ -21,8 +21,14 @@ BACKENDS: tuple[Backend, ...] = get_args(Backend)
 Parallel = Literal["ddp", "fsdp"]
 Precision = Literal["fp32", "bf16"]
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
-LossName = Literal["sigmoid", "robust", "ipo", "hinge"]  # training/losses.py `LOSSES`
+LossName = Literal[
+    "sigmoid", "robust", "ipo", "hinge", "apo_zero", "apo_down", "simpo", "orpo"
+]  # training/losses.py `LOSSES`
 LOSS_NAMES: tuple[LossName, ...] = get_args(LossName)
+# The losses without a reference model (`is_reference_free` in training/losses.py): their
+# runs compute no reference log-probs and load no reference, here for the torch-free
+# layers (the recipe's flag checks, the Dagster assets).
+REFERENCE_FREE_LOSSES: tuple[LossName, ...] = ("simpo", "orpo")
 ExportDtype = Literal["float32", "bfloat16"]
 ReportTo = Literal["none", "tensorboard", "wandb", "mlflow"]  # training/trackers.py
 # Bumped whenever the numbers of `compute_reference_logps` change (log-prob code, the
@@ -47,13 +53,35 @@ class TrainConfig:
         "dense (the reference), segments, varlen (FlashAttention, CUDA bf16), flex (CUDA)",
     )
     # objective
-    loss: LossName = setting("sigmoid", "sigmoid (DPO/cDPO), robust (rDPO), ipo, hinge (SLiC)")
-    beta: float = setting(0.1, "KL strength: the usual DPO range is 0.01-0.5", gt=0)
+    loss: LossName = setting(
+        "sigmoid",
+        "against a reference: sigmoid (DPO/cDPO), robust (rDPO), ipo, hinge (SLiC), apo_zero, "
+        "apo_down (anchored: APO); reference-free, no reference model or log-probs at all: "
+        "simpo, orpo",
+    )
+    beta: float = setting(
+        0.1,
+        "KL strength: the usual DPO range is 0.01-0.5; simpo: the scale of its per-token "
+        "rewards (its paper: 2-10); orpo: scales only the reported rewards (see --orpo-lambda)",
+        gt=0,
+    )
     label_smoothing: float = setting(
         0.0, "cDPO / rDPO label-noise rate (sigmoid and robust)", ge=0, lt=0.5
     )
     sft_weight: float = setting(
-        0.0, "> 0 adds weight * per-token NLL of the chosen response (RPO)", ge=0
+        0.0,
+        "> 0 adds weight * per-token NLL of the chosen response (RPO; with simpo: CPO-SimPO); "
+        "not with orpo, whose loss holds that NLL already, at weight 1",
+        ge=0,
+    )
+    simpo_gamma: float = setting(
+        0.5, "simpo: the target margin gamma between the chosen and rejected rewards", ge=0
+    )
+    orpo_lambda: float = setting(
+        0.1,
+        "orpo: lambda, the weight of the odds-ratio term beside the chosen NLL (TRL's "
+        "ORPOConfig calls it beta; here --beta does not enter orpo's loss)",
+        gt=0,
     )
     # batching: a global step = batch_rows * grad_accum * world_size packed rows
     batch_rows: int = setting(
@@ -127,6 +155,11 @@ class TrainConfig:
         problems = setting_problems(self)
         if not _DEVICE.fullmatch(self.device):
             problems.append(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.loss == "orpo" and self.sft_weight:
+            problems.append(
+                f"--sft-weight {self.sft_weight:g}: --loss orpo holds the chosen NLL already "
+                "(weight 1); leave --sft-weight at 0"
+            )
         if self.warmup_steps > self.steps:
             problems.append(
                 f"--warmup-steps must be at most --steps ({self.steps}), got {self.warmup_steps}"

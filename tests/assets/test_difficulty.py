@@ -134,7 +134,11 @@ def test_scores_select_and_train(first, instance) -> None:
     for name in ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "loss"):
         row = next(line for line in table if line.startswith(f"| {name} |"))
         assert row == f"| {name} | {model[name]:.4f} | {trained[name]:.4f} |"
-    assert table[-1] == f"on the same {trained['eval/pairs']:,} held-out pairs"
+    eval_key = _latest(instance, "eval_shards")["key"]
+    assert (
+        table[-1]
+        == f"on the same {trained['eval/pairs']:,} held-out pairs (eval shards {eval_key})"
+    )
 
 
 def test_a_second_materialization_reuses_everything_without_launching(

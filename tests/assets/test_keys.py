@@ -1,7 +1,7 @@
 """Content keys of the training and difficulty assets, and the flags their commands take.
 
-Fast: no graph, no subprocess. `reference_logps` runs against a Pipes client that records
-the command instead of running it.
+Fast: no graph, no subprocess. The assets run against Pipes clients that record the command
+instead of running it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import pytest
 
 import prefpack
 from assets import keys
-from assets.configs import DifficultyScoresConfig, ReferenceConfig
+from assets.configs import DifficultyScoresConfig, ReferenceConfig, TrainingConfig
+from assets.difficulty import difficulty_scores, selected_model
 from assets.keys import (
     content_key,
     device_class,
@@ -21,9 +22,10 @@ from assets.keys import (
     model_fingerprint,
     weights_fingerprint,
 )
-from assets.resources import ComputeResource, ModelResource, StoreResource
-from assets.training import config_flags, reference_logps
+from assets.resources import ComputeResource, ModelResource, SourcesResource, StoreResource
+from assets.training import config_flags, reference_logps, trained_model
 from pipeline.flags import config_from
+from pipeline.io import REPORT_FILE
 from training.difficulty_config import DifficultyConfig
 from training.train_config import TrainConfig
 
@@ -176,3 +178,116 @@ def test_difficulty_config_is_what_prefpack_difficulty_takes() -> None:
     assert config_from(DifficultyConfig, args) == DifficultyConfig(folds=4, fold_seed=2)
     train = config_from(TrainConfig, args, out_dir=Path("o"))
     assert (train.steps, train.lr, train.adam_betas) == (7, 1e-3, (0.8, 0.9))
+
+
+class Launched(Exception):
+    """What `StopAtLaunch` raises once it has the command."""
+
+
+class StopAtLaunch(dg.PipesSubprocessClient):
+    """A Pipes client that records the command and stops the asset there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.commands: list[list[str]] = []
+
+    def run(self, *, context, command, **kwargs):
+        self.commands.append(list(command))
+        raise Launched
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "apo_zero", "simpo", "orpo"])
+def test_a_reference_free_loss_is_launched_without_reference_files(tmp_path, loss) -> None:
+    """trained_model, selected_model and difficulty_scores pass the reference assets'
+    files to a loss that has a reference, and none to a reference-free one (whose command
+    would refuse them), which also leaves them out of the key."""
+    curated = tmp_path / "curated"
+    curated.mkdir()
+    (curated / REPORT_FILE).write_text('{"sources": {}}')
+    shards, eval_shards = str(tmp_path / "shards" / SHARD_KEY), str(tmp_path / "eval")
+    common = {
+        "model": ModelResource(),
+        "compute": ComputeResource(device="cpu"),
+        "store": StoreResource(root=str(tmp_path / "store")),
+    }
+    pipes = StopAtLaunch()
+    runs = {
+        "trained_model": lambda: trained_model(
+            context=dg.build_asset_context(),
+            config=TrainingConfig(loss=loss),
+            curated_pairs=str(curated),
+            packed_shards=shards,
+            reference_logps="ref.arrow",
+            eval_shards=eval_shards,
+            eval_reference_logps="eval_ref.arrow",
+            sources=SourcesResource(),
+            pipes_subprocess_client=pipes,
+            **common,
+        ),
+        "selected_model": lambda: selected_model(
+            context=dg.build_asset_context(),
+            config=TrainingConfig(loss=loss),
+            curated_pairs=str(curated),
+            selected_shards=shards,
+            eval_shards=eval_shards,
+            eval_reference_logps="eval_ref.arrow",
+            trained_model=str(tmp_path / "trained"),
+            sources=SourcesResource(),
+            pipes_subprocess_client=pipes,
+            **common,
+        ),
+        "difficulty_scores": lambda: list(
+            difficulty_scores(
+                context=dg.build_asset_context(),
+                config=DifficultyScoresConfig(loss=loss),
+                packed_shards=shards,
+                reference_logps="ref.arrow",
+                pipes_subprocess_client=pipes,
+                **common,
+            )
+        ),
+    }
+    for run in runs.values():
+        with pytest.raises(Launched):
+            run()
+    reads = loss not in ("simpo", "orpo")
+    trained, selected, scored = pipes.commands
+    assert ("ref.arrow" in trained, "eval_ref.arrow" in trained) == (reads, reads)
+    assert ("--reference-cache" in selected, "eval_ref.arrow" in selected) == (reads, reads)
+    assert ("--reference" in scored) == reads
+    assert all("--eval-shards" in command for command in (trained, selected))
+
+
+def test_a_model_path_with_another_tokenizer_fails_before_anything_launches(tmp_path) -> None:
+    """The tokenizer check of `prefpack train` runs in the asset too: a model folder whose
+    own tokenizer is not the shards' fails the asset with one line naming both, and no
+    command launches; `allow_tokenizer_mismatch` launches it with the override flag."""
+    from tests.training.base_folders import chatml_shards, tiny_model
+    from training.checkpoint import save_pretrained
+
+    (tmp_path / "chatml").mkdir()
+    shards = chatml_shards(tmp_path / "chatml")
+    model_dir = save_pretrained(tiny_model(), tmp_path / "model")
+    fixture = Path(__file__).parents[1] / "fixtures" / "gpt2_small_tokenizer.json"
+    (model_dir / "tokenizer.json").write_bytes(fixture.read_bytes())
+    pipes = StopAtLaunch()
+
+    def run(model: ModelResource) -> None:
+        reference_logps(
+            context=dg.build_asset_context(),
+            config=ReferenceConfig(),
+            packed_shards=str(shards),
+            model=model,
+            compute=ComputeResource(device="cpu"),
+            store=StoreResource(root=str(tmp_path / "store")),
+            pipes_subprocess_client=pipes,
+        )
+
+    with pytest.raises(dg.Failure) as failed:
+        run(ModelResource(path=str(model_dir)))
+    assert "the shards' tokenizer" in failed.value.description
+    assert f"{model_dir}/tokenizer.json" in failed.value.description
+    assert "\n" not in failed.value.description and pipes.commands == []
+    with pytest.raises(Launched):
+        run(ModelResource(path=str(model_dir), allow_tokenizer_mismatch=True))
+    assert "--allow-tokenizer-mismatch" in pipes.commands[0]

@@ -147,6 +147,8 @@ def test_no_eval_pairs_is_an_error_naming_the_file(tmp_path: Path) -> None:
     (curated / EVAL_PAIRS_FILE).unlink()
     with pytest.raises(ValueError, match=r"eval_pairs.parquet: no such file"):
         eval_pairs_path(curated / PAIRS_FILE)
+    with pytest.raises(FileNotFoundError, match=r"missing: no such curate output"):
+        eval_pairs_path(tmp_path / "missing")
 
 
 # -----------------------------------------------------------------------------

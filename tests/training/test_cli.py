@@ -345,6 +345,31 @@ def test_eval_shards_give_eval_metrics_a_summary_line_and_the_model_card(
     assert again["eval/loss"] == pytest.approx(last["eval/loss"], rel=1e-6)
 
 
+@pytest.mark.parametrize("loss", ["simpo", "orpo", "apo_zero", "apo_down"])
+def test_each_reference_free_and_anchored_loss_trains_two_steps(
+    tiny_shards: Path, tiny_eval_shards: Path, tmp_path: Path, loss: str
+) -> None:
+    """Two steps and an evaluation: finite numbers, final/ written, and the checkpoint
+    records the reference the loss uses: `none` for simpo and orpo, the live initial
+    model for APO, whose first step (policy = reference, r = 0) costs
+    (1 - s(0)) + s(0) = 1 (zero) and s(0) + (1 - s(0)) = 1 (down)."""
+    out = tmp_path / "run"
+    argv = _train_argv(
+        tiny_shards, out, "--loss", loss, "--steps", "2", "--checkpoint-every", "2",
+        "--eval-shards", str(tiny_eval_shards),
+    )  # fmt: skip
+    assert prefpack.main(argv) == 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2]
+    assert all(math.isfinite(m["loss"]) for m in lines) and math.isfinite(lines[-1]["eval/loss"])
+    state = json.loads((out / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
+    reference_free = loss in ("simpo", "orpo")
+    assert state["inputs"]["reference"] == ("none" if reference_free else "live")
+    if not reference_free:
+        assert lines[0]["loss"] == pytest.approx(1.0, abs=1e-6)
+    assert (out / "final" / "config.json").is_file()
+
+
 def test_report_to_tensorboard_gets_every_metrics_line_with_its_eval(
     tiny_shards: Path, tiny_eval_shards: Path, tmp_path: Path
 ) -> None:
@@ -442,6 +467,16 @@ def _corrupt_copy(shards: Path, to: Path) -> Path:
         ({"--device": "tpu"}, r"--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
         ({"--lr": "nan"}, r"--lr must be > 0, got nan"),
         ({"--loss": "ipo", "--label-smoothing": "0.1"}, r"'ipo' takes no label_smoothing"),
+        (
+            {"--loss": "simpo", "--reference": "ref.arrow"},
+            r"--reference: --loss simpo is reference-free and reads no reference log-probs; "
+            r"leave it out",
+        ),
+        ({"--loss": "orpo", "--reference-cache": "b"}, r"--reference-cache: --loss orpo is "),
+        ({"--loss": "simpo", "--eval-reference": "e.arrow"}, r"--eval-reference: --loss simpo "),
+        ({"--loss": "orpo", "--sft-weight": "0.5"}, r"--sft-weight 0.5: --loss orpo holds the "),
+        ({"--simpo-gamma": "-1"}, r"--simpo-gamma must be >= 0, got -1.0"),
+        ({"--orpo-lambda": "0"}, r"--orpo-lambda must be > 0, got 0.0"),
         ({"--loss": "dpo"}, r"argument --loss: invalid choice: 'dpo'"),
         ({"--model": "empty"}, r"argument --model: not allowed with argument --config"),
         ({"--reference": "none.arrow"}, r"none.arrow: no such file; write it with prefpack logps"),

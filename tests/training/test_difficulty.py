@@ -18,6 +18,7 @@ import torch
 
 import prefpack
 import training.difficulty
+import training.recipe
 import training.train
 from pipeline.scores import read_report, read_scores
 from pipeline.shards import open_shards
@@ -181,6 +182,43 @@ def test_bad_settings_are_one_error_line(tiny_shards, tmp_path, cli) -> None:
 
 
 @pytest.mark.slow
+def test_a_reference_free_loss_scores_without_a_reference(
+    tiny_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli
+) -> None:
+    """--loss simpo: no reference log-probs anywhere (every path that computes them fails
+    here), the report's reference is `none`, and each held-out pair's loss is SimPO's,
+    -log s(beta (a_c - a_r) - gamma) with a = log-prob / length, the lengths the shards'
+    own; rewards beta * a. --reference with it is refused in one line."""
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("reference log-probs computed")
+
+    for module in (training.recipe, training.train):
+        monkeypatch.setattr(module, "cached_reference_logps", no_reference)
+    monkeypatch.setattr(training.recipe, "compute_reference_logps", no_reference)
+    out = tmp_path / "scores"
+    assert prefpack.main(_argv(tiny_shards, out, "--loss", "simpo", "--beta", "2")) == 0
+    assert read_report(out)["inputs"]["reference"] == "none"
+    scores = read_scores(out)
+    lengths = {
+        pid: (c, r)
+        for row in open_shards(tiny_shards)
+        for pid, c, r in zip(row.pair_ids, row.chosen_len, row.rejected_len, strict=True)
+    }
+    c_len, r_len = np.array([lengths[pid] for pid in scores["pair_id"].to_pylist()]).T
+    a_c = scores["chosen_logps"].to_numpy() / c_len
+    a_r = scores["rejected_logps"].to_numpy() / r_len
+    np.testing.assert_allclose(scores["chosen_reward"].to_numpy(), 2 * a_c, rtol=1e-5)
+    np.testing.assert_allclose(scores["rejected_reward"].to_numpy(), 2 * a_r, rtol=1e-5)
+    expected = np.logaddexp(0, -(2 * (a_c - a_r) - 0.5))
+    np.testing.assert_allclose(scores["loss"].to_numpy(), expected, rtol=1e-5)
+
+    refused = tmp_path / "refused"
+    status, err = cli(_argv(tiny_shards, refused, "--loss", "orpo", "--reference", "r.arrow"))
+    assert_one_error_line(status, err, "difficulty", "--reference: --loss orpo is reference-free")
+    assert not refused.exists()
+
+
 def test_torchrun_two_processes_score_as_one(scored, tiny_shards, tmp_path) -> None:
     """`torchrun -m prefpack difficulty` with 2 gloo processes x 1 row per micro-batch: the
     same global batch as one process x 2 rows, so the same scores (to float rounding), and

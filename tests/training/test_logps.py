@@ -17,10 +17,11 @@ import torch
 from tests.training.pairs import pack, random_pairs, separate_logps
 from tests.training.varlen_emulation import emulated_varlen
 from training.batch import collate
-from training.configs import tiny, tiny_qwen2
-from training.logps import pair_logps, token_logps
+from training.configs import tiny, tiny_gemma3, tiny_qwen2
+from training.logps import pair_logps, table_logps, token_logps
 from training.losses import DPOLoss, PairLogps
 from training.model import CausalLM
+from training.reference import compute_reference_logps
 
 VOCAB = 512
 TOL = {"rtol": 1e-5, "atol": 2e-5}
@@ -71,6 +72,27 @@ def test_dpo_gradients_from_shared_rows_equal_separate_sequences(
 ) -> None:
     """The DPO loss summed over pairs, against fixed reference log-probs: its gradient with
     respect to every weight is the same from packed rows as from separate sequences."""
+    _check_dpo_gradients(model, pairs, backend)
+
+
+@pytest.mark.parametrize("backend", ["dense", "segments", "varlen"])
+def test_sliding_window_model_logps_and_gradients_equal_separate_sequences(
+    pairs, backend: str
+) -> None:
+    """Gemma 3's shape: an 8-position window on layer 0 (shorter than every pair) with its
+    own RoPE base, a full layer 1, sandwich norms, q/k norms and its own score scale. The
+    separate sequences run with plain causal attention and the same window
+    (`CausalAttention`); `test_families` checks them against transformers."""
+    torch.manual_seed(1)
+    model = CausalLM(tiny_gemma3())
+    chosen, rejected = separate_logps(model, pairs)
+    got = _packed_logps(model, pairs, "shared", backend)
+    torch.testing.assert_close(got.chosen, chosen, **TOL)
+    torch.testing.assert_close(got.rejected, rejected, **TOL)
+    _check_dpo_gradients(model, pairs, backend)
+
+
+def _check_dpo_gradients(model: CausalLM, pairs: list, backend: str) -> None:
     g = torch.Generator().manual_seed(0)
     reference = PairLogps(
         chosen=-30 * torch.rand(len(pairs), generator=g),
@@ -111,6 +133,7 @@ def test_batch_keeps_pair_order_and_counts(pairs) -> None:
             p + c + r if layout == "shared" else 2 * p + c + r for p, c, r in lens
         )
         assert batch.chosen_tokens.tolist() == [c for _, c, _ in lens]
+        assert batch.rejected_tokens.tolist() == [r for _, _, r in lens]
         assert len(batch.labels) == sum(c + r for _, c, r in lens)
     padded = collate(pack(pairs, "padded", 1), "padded", "segments", 16)
     assert padded.input_ids.shape == (
@@ -154,3 +177,21 @@ def test_model_dpo_gradients_do_not_depend_on_the_logits_chunk(model, pairs, chu
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_table_logps_are_the_batch_logps_with_the_rows_lengths(model, pairs) -> None:
+    """Log-probs computed over whole rows (the eval set, a fold's held-out pairs) come back
+    as `pair_logps` gives them per batch, lengths included; a table of other rows' pairs
+    is refused rather than paired with the wrong lengths."""
+    rows = pack(pairs, "shared", pairs_per_row=4)
+    batch = collate(rows, "shared", "segments", 16)
+    with torch.no_grad():
+        expected = pair_logps(model, batch)
+    table = compute_reference_logps(model, rows, "shared", backend="segments", progress=False)
+    logps = table_logps(table, rows)
+    torch.testing.assert_close(logps.chosen, expected.chosen, **TOL)
+    torch.testing.assert_close(logps.rejected, expected.rejected, **TOL)
+    assert logps.chosen_tokens.tolist() == batch.chosen_tokens.tolist()
+    assert logps.rejected_tokens.tolist() == batch.rejected_tokens.tolist()
+    with pytest.raises(ValueError, match="not those of these rows' pairs"):
+        table_logps(table, rows[::-1])

@@ -27,7 +27,7 @@ def facts(tiny_shards: Path, tmp_path: Path) -> CardFacts:
         settings=dataclasses.asdict(TrainConfig(out_dir=tmp_path / "run", steps=7)),
         device="NVIDIA H100 80GB HBM3",
         processes=8,
-        wall_seconds=5400.0,
+        train_seconds=5400.0,
         steps=7,
         metrics=TRAIN,
         base_model="HuggingFaceTB/SmolLM2-135M",

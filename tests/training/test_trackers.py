@@ -16,6 +16,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -212,6 +213,18 @@ def wandb_records(log: Path) -> Iterator[Any]:
             record = b""
 
 
+def wandb_history_written(log: Path, steps: int, seconds: float = 30.0) -> list[Any]:
+    """The log's records once it holds a history row per step: wandb's own process writes
+    the log, and on a busy machine the last rows land a moment after `finish()` returns."""
+    deadline = time.monotonic() + seconds
+    while True:
+        records = list(wandb_records(log))
+        rows = sum(r.WhichOneof("record_type") == "history" for r in records)
+        if rows >= steps or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def by_name(items: Any) -> dict[str, Any]:
     """A W&B record's items (history row, config) by name. wandb fills `key` or
     `nested_key`; a flat name like `rewards/margins` is one part of the latter."""
@@ -227,7 +240,7 @@ def test_wandb_without_credentials_runs_offline_and_holds_every_metric(
 
     [run_dir] = (tmp_path / "wandb").glob("offline-run-*")
     [log] = run_dir.glob("run-*.wandb")
-    records = list(wandb_records(log))
+    records = wandb_history_written(log, steps=STEPS)
     rows = [by_name(r.history.item) for r in records if r.WhichOneof("record_type") == "history"]
     held: dict[str, list[tuple[int, float]]] = {}
     for row in rows:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import training.train
 from tests.training.dist_worker import (
     STEPS,
     seeded_model,
@@ -27,7 +28,16 @@ from training.configs import tiny
 from training.device import flex_problems
 from training.model import CausalLM
 from training.reference import ReferenceKey, ReferenceLogps, compute_reference_logps
-from training.train import TrainConfig, global_step_rows, learning_rate, train
+from training.train import (
+    TrainConfig,
+    evaluate,
+    global_step_rows,
+    learning_rate,
+    release,
+    setup,
+    train,
+    train_step,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 METRIC_NAMES = {
@@ -190,6 +200,66 @@ def test_a_given_reference_model_must_be_the_initial_policy(tmp_path: Path) -> N
         run("other", _model(seed=1))
     assert not (tmp_path / "other").exists()
     assert run("given", _model()) == run("copied", None)
+
+
+@pytest.mark.parametrize("loss", ["simpo", "orpo"])
+def test_a_reference_free_loss_builds_no_reference_and_trains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loss: str
+) -> None:
+    """No frozen copy and no reference log-probs, for training or the eval set: each
+    micro-batch runs one forward pass (the policy's; a live reference adds one), the eval
+    set one pass (the policy's), and the checkpoint record says reference `none`. The loss
+    falls, and the eval rewards are beta times the policy's per-token log-probs (TRL's
+    CPO/ORPO metrics), from the eval rows' own lengths."""
+    calls = {"pair_logps": 0, "compute_reference_logps": 0}
+
+    def counted(name: str):
+        real = getattr(training.train, name)
+
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        return call
+
+    for name in calls:
+        monkeypatch.setattr(training.train, name, counted(name))
+    held_out = varied_rows(1, "shared")
+    # Every step on all 12 rows: the losses of one set of pairs, step after step.
+    config = _config(tmp_path / "run", loss=loss, beta=2.0, steps=5, batch_rows=12)
+    run = setup(
+        config,
+        PackedRows(varied_rows(0, "shared"), "shared", 16, 512),
+        _model(),
+        eval_data=PackedRows(held_out, "shared", 16, 512),
+    )
+    try:
+        assert run.ref_model is None and run.reference is None and run.eval_reference is None
+        assert run.record["inputs"]["reference"] == "none"
+        assert calls == {"pair_logps": 0, "compute_reference_logps": 0}
+        losses = [train_step(run, step)["loss"] for step in range(config.steps)]
+        assert calls == {"pair_logps": config.steps, "compute_reference_logps": 0}
+        metrics = evaluate(run)
+        assert calls["compute_reference_logps"] == 1
+    finally:
+        release(run)
+    assert losses[-1] < losses[0]
+    table = compute_reference_logps(run.model, held_out, "shared", progress=False)
+    lengths = np.concatenate([row.chosen_len for row in held_out])
+    per_token = table["chosen_logps"].to_numpy() / lengths
+    assert metrics["eval/rewards/chosen"] == pytest.approx(2.0 * per_token.mean(), rel=1e-5)
+
+
+def test_a_reference_free_loss_refuses_a_reference(tmp_path: Path) -> None:
+    rows = varied_rows(0, "shared")
+    with pytest.raises(ValueError, match="loss simpo is reference-free"):
+        train(
+            _config(tmp_path / "run", loss="simpo"),
+            PackedRows(rows, "shared", 16, 512),
+            _model(),
+            reference=_stored_reference(rows),
+        )
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_continues_exactly(tmp_path: Path) -> None:
