@@ -2,8 +2,10 @@
 everything downstream of it; nothing when all is up to date.
 
 An asset needs a run when one of these differs from its last materialization:
-- its code version, or the data version of an input (Dagster's own staleness,
-  `CachingStaleStatusResolver`, what the UI shows as stale);
+- its code version, or the data version of an input (what the UI shows as stale), read from
+  the provenance Dagster records on every materialization (`dagster.DataProvenance`: the
+  code version and the data versions of the inputs it read) against the inputs' latest
+  data versions, with public API only;
 - for `raw_source`, the fingerprint of the files it reads now (the same `fingerprint` the
   asset stores as its data version), so an edited input file counts as a change;
 - for the training assets, the model's content: `base_model` is observed first (recorded
@@ -25,15 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from dagster._core.definitions.data_version import (
-    DATA_VERSION_IS_USER_PROVIDED_TAG,
-    DATA_VERSION_TAG,
-    CachingStaleStatusResolver,
-    StaleStatus,
-    extract_data_version_from_entry,
-)
-from dagster._core.event_api import EventLogRecord
-from dagster._core.loader import LoadingContextForTest
 
 from assets.configs import CurationConfig, TokenizationConfig
 from assets.jobs import SOURCE_ASSETS, STAGE_ASSETS
@@ -51,15 +44,9 @@ from pipeline.tokenize import tokenizer_files
 BASE_MODEL = dg.AssetKey("base_model")
 RAW_SOURCE = dg.AssetKey("raw_source")
 SETTINGS_TAG = "prefpack/settings.{asset}"
-
-
-def resolver(defs: dg.Definitions, instance: dg.DagsterInstance) -> CachingStaleStatusResolver:
-    """Dagster's stale-status resolver over the instance as it is now (it caches: make a
-    new one after a run). Its loading context is the minimal one Dagster ships, named for
-    tests, which serves any one-shot request like this."""
-    return CachingStaleStatusResolver(
-        instance, defs.resolve_asset_graph(), LoadingContextForTest(instance)
-    )
+# Where Dagster keeps an event's data version (its documented tags; no public constant).
+DATA_VERSION_TAG = "dagster/data_version"
+USER_PROVIDED_TAG = "dagster/data_version_is_user_provided"
 
 
 def observe_model(defs: dg.Definitions, instance: dg.DagsterInstance) -> bool:
@@ -70,13 +57,21 @@ def observe_model(defs: dg.Definitions, instance: dg.DagsterInstance) -> bool:
         Whether a new fingerprint was recorded.
     """
     current = model_fingerprint(defs.resources["model"])
-    record = instance.get_latest_data_version_record(BASE_MODEL, is_source=True)
-    stored = extract_data_version_from_entry(record.event_log_entry) if record else None
-    if stored is not None and stored.value == current:
+    if _model_version(instance) == current:
         return False
-    tags = {DATA_VERSION_TAG: current, DATA_VERSION_IS_USER_PROVIDED_TAG: "true"}
+    tags = {DATA_VERSION_TAG: current, USER_PROVIDED_TAG: "true"}
     instance.report_runless_asset_event(dg.AssetObservation(BASE_MODEL, tags=tags))
     return True
+
+
+def _model_version(instance: dg.DagsterInstance) -> str | None:
+    """The data version `base_model` was last observed with."""
+    records = instance.fetch_observations(dg.AssetRecordsFilter(asset_key=BASE_MODEL), limit=1)
+    return records.records[0].asset_observation.data_version if records.records else None
+
+
+def _data_version(record: dg.EventLogRecord | None) -> str | None:
+    return None if record is None else record.asset_materialization.tags.get(DATA_VERSION_TAG)
 
 
 def settings_version(
@@ -174,14 +169,66 @@ def settings_tags(
 
 
 def latest_materialization(
-    instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | None = None
-) -> EventLogRecord | None:
-    """The last materialization of `key` (of one partition), or None."""
+    instance: dg.DagsterInstance,
+    key: dg.AssetKey,
+    partition: str | None = None,
+    before: int | None = None,
+) -> dg.EventLogRecord | None:
+    """The last materialization of `key` (of one partition; with a storage id below
+    `before` when given), or None."""
     records_filter = dg.AssetRecordsFilter(
-        asset_key=key, asset_partitions=[partition] if partition else None
+        asset_key=key, asset_partitions=[partition] if partition else None, before_storage_id=before
     )
     records = instance.fetch_materializations(records_filter, limit=1).records
     return records[0] if records else None
+
+
+def needs_run(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    key: dg.AssetKey,
+    partition: str | None = None,
+) -> bool:
+    """Whether `key` (one `partition` of it) is missing or stale: its last materialization
+    ran another code version, or read an input whose data version is not its latest.
+
+    What a materialization read is in its provenance (`dagster.DataProvenance`): the data
+    version of each input and the storage id of the input's latest event then. A
+    partitioned input (raw_source into a normalized partition, every normalized partition
+    into curation) is compared partition by partition: the data version each had at that
+    event against its latest.
+    """
+    record = latest_materialization(instance, key, partition)
+    provenance = record and dg.DataProvenance.from_tags(record.asset_materialization.tags)
+    assets_def = defs.resolve_assets_def(key)
+    if not provenance or provenance.code_version != assets_def.code_versions_by_key[key]:
+        return True
+    for upstream in assets_def.asset_deps[key]:
+        if upstream == BASE_MODEL:
+            read = provenance.input_data_versions.get(upstream)
+            if read is None or read.value != _model_version(instance):
+                return True
+            continue
+        partitions = defs.resolve_assets_def(upstream).partitions_def
+        if partitions is None:
+            read = provenance.input_data_versions.get(upstream)
+            now = _data_version(latest_materialization(instance, upstream))
+            if read is None or read.value != now:
+                return True
+            continue
+        pointer = provenance.input_storage_ids.get(upstream)
+        names = [partition] if partition else partitions.get_partition_keys()
+        if pointer is None or any(_changed(instance, upstream, p, pointer) for p in names):
+            return True
+    return False
+
+
+def _changed(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str, read: int) -> bool:
+    """Whether `partition` of `key` has another data version now than at the event `read`
+    (missing then or now counts as changed)."""
+    then = latest_materialization(instance, key, partition, before=read + 1)
+    now = latest_materialization(instance, key, partition)
+    return then is None or now is None or _data_version(then) != _data_version(now)
 
 
 def _same_settings(
@@ -207,21 +254,19 @@ def _input_changed(defs: dg.Definitions, instance: dg.DagsterInstance, partition
     record = latest_materialization(instance, RAW_SOURCE, partition)
     if record is None or not (ingest.is_hub_id(location) or Path(location).exists()):
         return True
-    stored = extract_data_version_from_entry(record.event_log_entry)
-    return stored is None or stored.value != fingerprint(location)[0]
+    return _data_version(record) != fingerprint(location)[0]
 
 
 def stale_partitions(
     defs: dg.Definitions, instance: dg.DagsterInstance, run_config: Mapping[str, Any]
 ) -> list[str]:
     """The source partitions whose ingest + normalize must run, in partition order."""
-    statuses = resolver(defs, instance)
     keys = [dg.AssetKey(name) for name in SOURCE_ASSETS]
     return [
         partition
         for partition in source_partitions.get_partition_keys()
         if _input_changed(defs, instance, partition)
-        or any(statuses.get_status(key, partition) != StaleStatus.FRESH for key in keys)
+        or any(needs_run(defs, instance, key, partition) for key in keys)
         or not all(_same_settings(defs, instance, key, partition, run_config) for key in keys)
     ]
 
@@ -231,12 +276,11 @@ def stale_stages(
 ) -> list[dg.AssetKey]:
     """The stage assets that are missing, stale or set up differently, plus everything
     downstream of them, in graph order (call after the source partitions ran)."""
-    statuses = resolver(defs, instance)
     keys = [dg.AssetKey(name) for name in STAGE_ASSETS]
     changed = [
         key
         for key in keys
-        if statuses.get_status(key) != StaleStatus.FRESH
+        if needs_run(defs, instance, key)
         or not _same_settings(defs, instance, key, None, run_config)
     ]
     if not changed:

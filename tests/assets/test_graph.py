@@ -29,6 +29,7 @@ import pipeline.shards
 import pipeline.tokenized
 from assets import packing, plots, staleness
 from assets.definitions import ASSETS, build_definitions
+from assets.jobs import STAGE_ASSETS
 from assets.resources import ModelResource
 from assets.run import UP_TO_DATE, current_metadata, materialize_all, materialized_metadata, summary
 from tests.assets.conftest import TEST_CONFIG
@@ -58,6 +59,22 @@ def _status(instance: dg.DagsterInstance, defs: dg.Definitions, asset: str) -> S
         instance, defs.resolve_asset_graph(), LoadingContextForTest(instance)
     )
     return resolver.get_status(dg.AssetKey(asset))
+
+
+def _agrees_with_dagster(instance: dg.DagsterInstance, defs: dg.Definitions) -> None:
+    """`staleness.needs_run` (public API) against Dagster's own stale status (the oracle:
+    private API, tests only) on every stage. An asset that needs a run is not fresh to
+    Dagster, and one Dagster calls stale needs a run or sits downstream of one that does
+    (Dagster does not always carry staleness past an asset whose data version it cannot
+    predict; `prefpack run` runs everything downstream anyway)."""
+    graph = defs.resolve_asset_graph()
+    needs, behind = {}, {}
+    for key in (dg.AssetKey(name) for name in STAGE_ASSETS):  # in graph order
+        needs[key] = staleness.needs_run(defs, instance, key)
+        upstream = [k for k in graph.get(key).parent_keys if k in needs]
+        behind[key] = needs[key] or any(behind[k] for k in upstream)
+        stale = _status(instance, defs, key.path[-1]) != StaleStatus.FRESH
+        assert (not needs[key] or stale) and (not stale or behind[key]), key
 
 
 def _stage(defs: dg.Definitions, instance, selection, config=TEST_CONFIG, **kwargs):
@@ -203,6 +220,7 @@ def test_second_materialization_reuses_shards(built, instance, monkeypatch) -> N
     assert _files(shard_dir) == before_files  # nothing rewritten
     assert _data_version(instance, "packed_shards") == before_version
     assert _status(instance, defs, "trained_model") == StaleStatus.FRESH  # still in sync
+    _agrees_with_dagster(instance, defs)
 
     # Downstream: the same log-probs file and the finished run are reused, not recomputed.
     again = materialized_metadata([_stage(defs, instance, ["reference_logps", "trained_model"])])
@@ -231,6 +249,7 @@ def test_changed_max_len_makes_a_new_key_and_keeps_tokens(built, instance, monke
     assert md["packed_shards"][0]["reused"] is False
     assert _data_version(instance, "packed_shards") == md["packed_shards"][0]["key"]
     assert _status(instance, defs, "trained_model") == StaleStatus.STALE  # needs a new run
+    _agrees_with_dagster(instance, defs)
 
 
 def test_materialize_all_runs_what_changed_and_downstream(built, instance) -> None:
@@ -336,6 +355,7 @@ def test_new_weights_at_the_same_path_make_training_stale_and_retrain(
     assert staleness.observe_model(defs, instance) is True
     assert _status(instance, defs, "reference_logps") == StaleStatus.STALE
     assert _status(instance, defs, "trained_model") == StaleStatus.STALE
+    _agrees_with_dagster(instance, defs)
     again = materialized_metadata(materialize_all(defs, instance, run_config=TEST_CONFIG))
     assert set(again) == {"reference_logps", "eval_reference_logps", "trained_model"}
     trained, before = again["trained_model"][0], first["trained_model"][0]
@@ -343,6 +363,7 @@ def test_new_weights_at_the_same_path_make_training_stale_and_retrain(
     assert trained["model_content"] != before["model_content"]
     assert again["reference_logps"][0]["path"] != first["reference_logps"][0]["path"]
     assert _status(instance, defs, "trained_model") == StaleStatus.FRESH
+    _agrees_with_dagster(instance, defs)
 
 
 def test_failing_blocking_check_stops_downstream(built, instance, monkeypatch) -> None:
