@@ -1,4 +1,5 @@
-"""`prefpack run` (the whole graph on the sample data, in process) and `prefpack ui`.
+"""`prefpack run` (the whole graph in process: on the sample data, or as a run config file
+says) and `prefpack ui`.
 
 Both use a project-local Dagster instance (`DAGSTER_HOME`, default `./.dagster`), so the
 runs of `prefpack run` show up in the UI's history and the UI's runs persist.
@@ -29,10 +30,20 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         description="Materialize in process what is missing or stale: each source partition "
         "whose input, code or settings changed, then curation, tokenization, packing, "
         "reference log-probs and training from the first stale stage on. With nothing "
-        "changed it launches no run and prints 'everything up to date'. Ends with a summary.",
+        "changed it launches no run and prints 'everything up to date'. Ends with a summary. "
+        "Every problem of the config file and the resources is named, one line each, before "
+        "anything launches (docs/real-data.md).",
     )
     run.add_argument(
         "--store", type=Path, help="store directory (default: $PREFPACK_STORE or ./store)"
+    )
+    run.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE.yaml",
+        help="a run config of sample_job (ops: and resources:, as `dg launch --job sample_job "
+        "-c FILE.yaml` takes it) in place of the samples' config: real sources, tokenizer, "
+        "model and settings",
     )
     run.set_defaults(handler=_run)
 
@@ -58,17 +69,36 @@ def _dagster_home() -> Path:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.store is not None:
-        os.environ["PREFPACK_STORE"] = str(args.store)
-    _dagster_home()
     import dagster as dg
 
-    from assets.definitions import defs
+    from assets import run_config as file
+    from assets.definitions import build_definitions, build_resources
+    from assets.jobs import SAMPLE_CONFIG
     from assets.run import materialize_all, summary
 
     started = time.perf_counter()
+    store = args.store or Path(os.environ.get("PREFPACK_STORE", "store"))
+    defs = build_definitions(build_resources(store))
+    given = {} if args.config is None else file.read_run_config(args.config)
+    problems = file.config_problems(defs, given)
+    if not problems:
+        defs = build_definitions({**defs.resources, **file.configured_resources(defs, given)})
+        # Before anything launches; the assets check their resources again as steps start.
+        problems = file.launch_problems(defs.resources, given)
+    if problems:
+        from prefpack import USER_ERROR, error_line
+
+        where = "" if args.config is None else f"{args.config}: "
+        for problem in problems:
+            print(error_line(args.command, ValueError(where + problem)), file=sys.stderr)
+        return USER_ERROR
+    _dagster_home()
     instance = dg.DagsterInstance.get()
-    results = materialize_all(defs, instance)
+    config = SAMPLE_CONFIG if args.config is None else file.run_ops(given)
+    try:
+        results = materialize_all(defs, instance, run_config=config)
+    except dg.Failure as err:  # an asset's check (a resource's, the model's tokenizer)
+        raise ValueError(err.description or str(err)) from err
     print(summary(instance, results, seconds=time.perf_counter() - started))
     return 0
 

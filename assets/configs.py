@@ -30,16 +30,15 @@ CurationConfig = dagster_config(
             description="normalized source partitions to curate together",
         ),
     ),
-    use_eval_prompts=(
-        bool,
-        Field(
-            default=True,
-            description="check contamination against the bundled (or given) eval prompts",
-        ),
-    ),
     eval_prompts=(
         str | None,
-        Field(default=None, description="eval prompts file; unset = the bundled sample's"),
+        Field(
+            default=None,
+            description="eval prompts (.txt, or .jsonl/.parquet with 'prompt' or 'question'): "
+            "a pair whose prompt shares a contamination_ngram with one is dropped as "
+            "contaminated; unset = no contamination check (sample_job sets the bundled "
+            "sample's)",
+        ),
     ),
     benchmark_prompts=(
         str | None,

@@ -12,11 +12,11 @@ from assets.resources import StoreResource
 from pipeline.curate import CurateConfig, curate, load_eval_prompts, read_pairs, write_curated
 from pipeline.flags import config_from, given_values
 from pipeline.presets import curate_config, get_preset, with_preset
-from pipeline.sample_data import eval_prompts_path
 
 # 2: near-duplicates, length bias, the curation_report contract; 3: the best pairs of a
-# group by margin standing within each source; 4: the eval split (eval_pairs.parquet)
-CODE_VERSION = "4"
+# group by margin standing within each source; 4: the eval split (eval_pairs.parquet);
+# 5: no contamination check unless eval_prompts names a file (sample_job names the bundled one)
+CODE_VERSION = "5"
 
 
 @dg.asset(
@@ -47,8 +47,7 @@ def curated_pairs(
     given = given_values(config, fields_set(context, config))
     config_from(CurateConfig, given)  # the fields set, checked before any data is read
     dirs = [normalized_pairs[s] for s in config.sources]
-    eval_file = config.eval_prompts or str(eval_prompts_path())
-    eval_prompts = load_eval_prompts(eval_file) if config.use_eval_prompts else None
+    eval_prompts = None if config.eval_prompts is None else load_eval_prompts(config.eval_prompts)
     benchmark = None
     if config.benchmark_prompts is not None:
         benchmark = load_eval_prompts(config.benchmark_prompts)
@@ -90,9 +89,7 @@ def curated_pairs(
                 ]
             ),
             "attribute_agreement": _attribute_agreement(report["attribute_agreement"]),
-            "eval_prompts": dg.MetadataValue.text(
-                eval_file if eval_prompts is not None else "(off)"
-            ),
+            "eval_prompts": dg.MetadataValue.text(config.eval_prompts or "(off)"),
             "length_bias": records_table(_length_bias_rows(report["length_bias"])),
             "length_bias_plot": length_bias_plot(report["length_bias"]),
             "chosen_longer_share": _chosen_longer_share(report["length_bias"]["out"]),

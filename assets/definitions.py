@@ -11,7 +11,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets import curation, difficulty, jobs, packing, sources, training
+from assets import console, curation, difficulty, jobs, packing, sources, training
 from assets.io_manager import PathIOManager
 from assets.resources import (
     ComputeResource,
@@ -51,11 +51,13 @@ ASSETS = dg.load_assets_from_modules([sources, curation, packing, training, diff
 
 
 def build_definitions(resources: dict[str, object]) -> dg.Definitions:
-    """The assets, jobs and checks of prefpack bound to `resources`."""
+    """The assets, jobs and checks of prefpack bound to `resources`; every job logs to the
+    console with errors as one line (`assets.console`)."""
     return dg.Definitions(
         assets=ASSETS,
         jobs=[jobs.source_job, jobs.sample_job, jobs.difficulty_job],
         resources=resources,
+        loggers={"console": console.console},
     )
 
 

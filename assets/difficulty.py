@@ -79,6 +79,7 @@ def difficulty_scores(
     store: StoreResource,
     pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> Iterator[dg.MaterializeResult[str] | dg.AssetCheckResult]:
+    model.check()
     shard_key = Path(packed_shards).name
     values = config.model_dump()
     nproc = values.pop("nproc_per_node")

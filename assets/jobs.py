@@ -8,6 +8,8 @@ partitioned by source family, the stages after them are not.
 
 import dagster as dg
 
+from pipeline.sample_data import eval_prompts_path
+
 SOURCE_ASSETS = ["raw_source", "normalized_pairs"]
 STAGE_ASSETS = [
     "curated_pairs",
@@ -20,12 +22,13 @@ STAGE_ASSETS = [
 ]
 
 # Sized for the bundled samples on 2 CPU cores: a tenth of the prompts held out for eval
-# shards (some tens of pairs), evaluated every 10 steps; the tiny model from scratch, so a
-# learning rate far above DPO's fine-tuning default (5e-7) to see the rewards separate in
-# a minute.
+# shards (some tens of pairs), evaluated every 10 steps; the contamination check against
+# the eval prompts bundled with the samples (they overlap them on purpose: the funnel shows
+# the rule at work); the tiny model from scratch, so a learning rate far above DPO's
+# fine-tuning default (5e-7) to see the rewards separate in a minute.
 SAMPLE_CONFIG = {
     "ops": {
-        "curated_pairs": {"config": {"eval_share": 0.1}},
+        "curated_pairs": {"config": {"eval_share": 0.1, "eval_prompts": str(eval_prompts_path())}},
         "packed_shards": {"config": {"max_len": 1024}},
         "trained_model": {
             "config": {
@@ -38,6 +41,14 @@ SAMPLE_CONFIG = {
         },
     }
 }
+
+# The console at INFO, through `assets.console` (an error as one line). Dagster uses a
+# job's own console logger only for a run config that names it: `prefpack run` passes this
+# with every run, and sample_job's and difficulty_job's default configs hold it, which
+# Dagster keeps under a launch's config (`dg launch -c`) that has no `loggers:` of its own.
+# (A partitioned job's default config is per partition, and `dg launch --partition` does
+# not read it: source_job runs launched so log as Dagster's default console does.)
+QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 DIFFICULTY_ASSETS = ["difficulty_scores", "selected_shards", "selected_model"]
 
@@ -62,7 +73,7 @@ source_job = dg.define_asset_job(
 sample_job = dg.define_asset_job(
     "sample_job",
     selection=STAGE_ASSETS,
-    config=SAMPLE_CONFIG,
+    config={**SAMPLE_CONFIG, **QUIET},
     description="Curate (holding out eval pairs), tokenize, pack (training and eval shards), "
     "reference log-probs of both, train and evaluate, sized for the samples.",
 )
@@ -70,7 +81,7 @@ sample_job = dg.define_asset_job(
 difficulty_job = dg.define_asset_job(
     "difficulty_job",
     selection=DIFFICULTY_ASSETS,
-    config=DIFFICULTY_CONFIG,
+    config={**DIFFICULTY_CONFIG, **QUIET},
     description="Score every packed pair by k fold models (Selective DPO), drop the hardest "
     "share, pack the rest and train on it; sized for the samples (run sample_job first).",
 )

@@ -73,6 +73,7 @@ def tokenized_pairs(
     tokenizer: TokenizerResource,
     store: StoreResource,
 ):
+    tokenizer.check()
     pairs = pairs_path(curated_pairs)
     result = build_tokenized(pairs, tokenizer.path, config_from(TokenizeConfig, config), store.root)
     report, stats = result.report, result.report["stats"]

@@ -1,20 +1,49 @@
 """Resources: where things live (the store), what the sources read, the tokenizer, the model,
 and the precision and device the trainer computes in.
 
-They are the knobs a user turns in the UI's launchpad or in `definitions.py` to point the
-same graph at the real hub datasets, local files, a real tokenizer or a real model.
+They are the knobs a user turns in the UI's launchpad, in a run config file (`prefpack run
+--config`, `dg launch -c`) or in `definitions.py` to point the same graph at the real hub
+datasets, local files, a real tokenizer or a real model.
+
+Each checks itself (`check()`), first thing in every asset that uses it: a source name
+that is no source, a preset or options its adapter refuses, an input, model or tokenizer
+path that is not there fail the step with one line naming the key (`dagster.Failure`),
+rather than being ignored (an unknown source's input would leave its partition reading
+the bundled sample) or failing deep inside the step. `prefpack run` asks the same
+`problems()` before it launches anything. (Not in `setup_for_execution`: a resource that
+fails there fails again when `dg launch` reopens the finished run for its result, which
+ends in Dagster's own traceback.)
 """
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 from pydantic import Field
 
+from pipeline import ingest
+from pipeline.presets import get_preset
 from pipeline.sample_data import sample_path
+from pipeline.sources import SOURCES, get_source
 from training.train_config import Precision
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """` (did you mean X?)` for the closest of `known` to a misspelled `name`, else
+    `; known: a, b, ...`."""
+    known = list(known)
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {close[0]}?)" if close else f"; known: {', '.join(known)}"
+
+
+def fail_on(problems: list[str]) -> None:
+    """Raises: dagster.Failure whose description is the problems, on one line."""
+    if problems:
+        raise dg.Failure(description="; ".join(problems))
 
 
 class StoreResource(dg.ConfigurableResource):
@@ -49,6 +78,52 @@ class SourcesResource(dg.ConfigurableResource):
     def input_for(self, source: str) -> str:
         return self.inputs.get(source) or str(sample_path(source))
 
+    def settings_problems(self) -> list[str]:
+        """A name under inputs, options or presets that is no source (its setting would
+        be ignored), a preset that is unknown or does not cover its source, options the
+        source's adapter refuses: one line each, naming the key."""
+        problems = [
+            f"sources.{field}.{name}: unknown source{did_you_mean(name, SOURCES)}"
+            for field in ("inputs", "options", "presets")
+            for name in getattr(self, field)
+            if name not in SOURCES
+        ]
+        for name in sorted(SOURCES.keys() & (self.options.keys() | self.presets.keys())):
+            preset = self.presets.get(name)
+            try:
+                chosen = {} if preset is None else get_preset(preset).options_for(name)
+            except ValueError as err:
+                problems.append(f"sources.presets.{name}: {err}")
+                continue
+            try:
+                get_source(name).make_options(chosen | self.options_for(name))
+            except (ValueError, TypeError) as err:  # the adapter names itself first
+                problems.append(f"sources.options.{name}: {str(err).removeprefix(name + ': ')}")
+        return problems
+
+    def input_problems(self, sources: Iterable[str] | None = None) -> list[str]:
+        """An input of `sources` (default: every source named) that is neither a local
+        file or directory nor a hub id (`pipeline.ingest.is_hub_id`)."""
+        names = self.inputs if sources is None else sources
+        return [
+            f"sources.inputs.{name}: {self.inputs[name]!r} does not exist (neither a local "
+            "file or directory nor a hub id)"
+            for name in names
+            if name in SOURCES
+            and name in self.inputs
+            and not ingest.is_hub_id(self.inputs[name])
+            and not Path(self.inputs[name]).exists()
+        ]
+
+    def check(self, source: str) -> None:
+        """Fail the step of `source`'s partition on the settings' problems or its input's
+        (another source's input is its own partition's business).
+
+        Raises:
+            dagster.Failure: the problems, on one line.
+        """
+        fail_on(self.settings_problems() + self.input_problems([source]))
+
     def preset_for(self, source: str) -> str | None:
         return self.presets.get(source)
 
@@ -65,6 +140,21 @@ class TokenizerResource(dg.ConfigurableResource):
 
     path: str | None = Field(default=None, description="tokenizer.json or HF model folder")
 
+    def problems(self) -> list[str]:
+        """A path that is neither a tokenizer.json nor a folder holding one."""
+        if self.path is None:
+            return []
+        path = Path(self.path)
+        if not path.exists():
+            return [f"tokenizer.path: {self.path!r} does not exist"]
+        if path.is_dir() and not (path / "tokenizer.json").is_file():
+            return [f"tokenizer.path: {self.path!r} holds no tokenizer.json"]
+        return []
+
+    def check(self) -> None:
+        """Raises: dagster.Failure naming the path's problem."""
+        fail_on(self.problems())
+
 
 class ModelResource(dg.ConfigurableResource):
     """The policy's starting point, which is also the DPO reference model."""
@@ -79,6 +169,22 @@ class ModelResource(dg.ConfigurableResource):
         description="train a path whose own tokenizer is not the one the shards were made "
         "with (by content); without it such a run stops before it launches",
     )
+
+    def problems(self) -> list[str]:
+        """A path that is not a Hugging Face checkpoint folder (hub ids are not downloaded:
+        the weights are fingerprinted by their bytes)."""
+        if self.path is None:
+            return []
+        path = Path(self.path)
+        if not path.exists():
+            return [f"model.path: {self.path!r} does not exist (a local Hugging Face folder)"]
+        if not (path / "config.json").is_file():
+            return [f"model.path: {self.path!r} holds no config.json (not a Hugging Face folder)"]
+        return []
+
+    def check(self) -> None:
+        """Raises: dagster.Failure naming the path's problem."""
+        fail_on(self.problems())
 
 
 class ComputeResource(dg.ConfigurableResource):

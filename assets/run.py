@@ -12,11 +12,9 @@ from typing import Any
 import dagster as dg
 
 from assets import staleness
-from assets.jobs import SAMPLE_CONFIG, SOURCE_ASSETS, STAGE_ASSETS
+from assets.jobs import QUIET, SAMPLE_CONFIG, SOURCE_ASSETS, STAGE_ASSETS
 from assets.partitions import source_partitions
 
-# The console shows what a user reads: INFO and up, not every step event.
-QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 UP_TO_DATE = "everything up to date"
 
 
@@ -31,7 +29,8 @@ def materialize_all(
     Args:
         defs: the Definitions (`assets.definitions.defs`, or one built for a test).
         instance: the Dagster instance runs are recorded in.
-        run_config: overrides `sample_job`'s sample-sized config when given.
+        run_config: the op configs (`ops:`), replacing `sample_job`'s sample-sized config
+            (SAMPLE_CONFIG) when given: an op it leaves out runs at its defaults.
 
     Returns:
         The results of the runs launched, in order (each raises on failure).
@@ -56,8 +55,10 @@ def materialize_all(
         else staleness.stale_stages(defs, instance, config)
     )
     if stages:
-        names = {key.path[-1] for key in stages}
-        ops = {name: op for name, op in config.get("ops", {}).items() if name in names}
+        # Every op named: one the config leaves out runs at its asset's defaults, where
+        # Dagster would give it sample_job's own config (SAMPLE_CONFIG's).
+        given = config.get("ops", {})
+        ops = {key.path[-1]: given.get(key.path[-1], {"config": {}}) for key in stages}
         results.append(
             defs.resolve_job_def("sample_job").execute_in_process(
                 instance=instance,

@@ -49,9 +49,8 @@ def raw_source(
     context: dg.AssetExecutionContext, sources: SourcesResource
 ) -> dg.MaterializeResult[str]:
     source = context.partition_key
+    sources.check(source)
     location = sources.input_for(source)
-    if not ingest.is_hub_id(location) and not Path(location).exists():
-        raise FileNotFoundError(f"{source}: input {location!r} does not exist")
     digest, files, size = fingerprint(location)
     return dg.MaterializeResult(
         value=location,
@@ -81,6 +80,7 @@ def normalized_pairs(
     store: StoreResource,
 ):
     source = context.partition_key
+    sources.check(source)
     result = normalize(
         source, raw_source, sources.preset_for(source), **sources.options_for(source)
     )

@@ -36,7 +36,6 @@ from assets.resources import SourcesResource
 from assets.sources import fingerprint
 from pipeline import ingest
 from pipeline.presets import PRESETS, Preset, get_preset
-from pipeline.sample_data import eval_prompts_path
 from pipeline.shards import sha256_file
 from pipeline.templates import BUILTIN_TEMPLATES
 from pipeline.tokenize import tokenizer_files
@@ -128,10 +127,7 @@ def named_files(defs: dg.Definitions, key: dg.AssetKey, op_config: Mapping[str, 
     name = key.path[-1]
     if name == "curated_pairs":
         config = CurationConfig(**op_config)
-        files = [config.benchmark_prompts]
-        if config.use_eval_prompts:
-            files.append(config.eval_prompts or eval_prompts_path())
-        return [Path(f) for f in files if f is not None]
+        return [Path(f) for f in (config.eval_prompts, config.benchmark_prompts) if f is not None]
     if name == "tokenized_pairs":
         template = TokenizationConfig(**op_config).template
         tokenizer = defs.resources["tokenizer"].path

@@ -107,6 +107,7 @@ with warnings.catch_warnings():
         "same path.",
     )
     def base_model(model: ModelResource) -> dg.DataVersion:
+        model.check()
         return dg.DataVersion(model_fingerprint(model))
 
 
@@ -172,6 +173,7 @@ def _reference_file(
 ) -> dg.MaterializeResult[str]:
     """`prefpack logps` on `shards` through Pipes, into a file keyed by the shards, the
     model's content and the settings (the command reuses it when it holds that key)."""
+    model.check()
     shard_key = Path(shards).name
     key = content_key(shard_key, model, compute, reference=config.model_dump())
     out = store.path("reference", shard_key, f"{key}-{compute.precision}.arrow")
@@ -276,6 +278,7 @@ def run_training(
             card's sources; None leaves a flag out. The names of the files are part of
             the run's key (the card's words are not: they change no number).
     """
+    model.check()
     values = config.model_dump()
     nproc = values.pop("nproc_per_node")
     values.pop("precompute_reference")

@@ -16,6 +16,7 @@ import pytest
 
 from assets.definitions import build_resources
 from assets.resources import SourcesResource
+from pipeline.sample_data import eval_prompts_path
 from tests.conftest import FIXTURES
 
 FIXTURE_INPUTS = {
@@ -30,10 +31,10 @@ FIXTURE_INPUTS = {
 
 # Small enough for a test, large enough that every stage does real work: a few pairs held
 # out, so eval_shards packs some, and the rest more than one 512-token row, so a run of two
-# processes splits its global batch.
+# processes splits its global batch; the contamination check on, as in the sample job.
 TEST_CONFIG = {
     "ops": {
-        "curated_pairs": {"config": {"eval_pairs": 2}},
+        "curated_pairs": {"config": {"eval_pairs": 2, "eval_prompts": str(eval_prompts_path())}},
         "tokenized_pairs": {"config": {"bpe_vocab_size": 400}},
         "packed_shards": {"config": {"max_len": 512, "min_fill_ratio": 0.0}},
         "reference_logps": {"config": {"batch_rows": 4}},

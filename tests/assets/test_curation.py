@@ -1,7 +1,8 @@
 """`curated_pairs` called as a function on two bundled samples, with near-duplicates and
 the chosen-longer share on: the UI's funnel lists every rule in the order it ran, the
 length-bias and near-duplicate reports are in the metadata, and attribute agreement is a
-narrow table of shares."""
+narrow table of shares. The contamination check runs only against eval prompts a config
+names: sample_job's names the bundled ones, and curates as before."""
 
 from __future__ import annotations
 
@@ -9,14 +10,18 @@ import json
 from pathlib import Path
 
 import dagster as dg
+import pyarrow.parquet as pq
 import pytest
 
 from assets.configs import CurationConfig
 from assets.curation import curated_pairs
+from assets.jobs import SAMPLE_CONFIG
 from assets.resources import StoreResource
 from data_contracts import curation_report
+from pipeline.curate import CurateConfig, curate, load_eval_prompts, read_pairs
+from pipeline.io import PAIRS_FILE
 from pipeline.normalize import normalize, write_normalized
-from pipeline.sample_data import sample_path
+from pipeline.sample_data import eval_prompts_path, sample_path
 from tests.assets.test_plots import PNG_SIGNATURE, png_bytes
 
 SOURCES = ("helpsteer3", "ultrafeedback")
@@ -124,3 +129,40 @@ def test_eval_split_is_counted_in_the_funnel_metadata_and_plot(
     assert by_source.splitlines()[0] == "| source | pairs in | pairs out | eval pairs |"
     assert png_bytes(held["funnel_plot"]) != png_bytes(metadata["funnel_plot"])
     assert "(off: set eval_share" in metadata["eval_split"].text and metadata["eval_pairs"] == 0
+
+
+def _report(metadata: dict) -> dict:
+    return json.loads(Path(metadata["path"].value, "report.json").read_text())
+
+
+def test_the_sample_job_curates_as_before_its_eval_prompts_moved_to_its_config(
+    normalized: dict[str, str], tmp_path: Path
+) -> None:
+    """sample_job's config names the bundled eval prompts, which were the asset's default:
+    the same pairs, drops and eval split as curating with them directly."""
+    sample = SAMPLE_CONFIG["ops"]["curated_pairs"]["config"]
+    assert sample["eval_prompts"] == str(eval_prompts_path())
+    metadata = _curate(normalized, CurationConfig(sources=list(SOURCES), **sample), tmp_path)
+    before = curate(
+        read_pairs([normalized[s] for s in SOURCES]),
+        CurateConfig(eval_share=sample["eval_share"]),
+        load_eval_prompts(eval_prompts_path()),
+    )
+    report = _report(metadata)
+    assert report["dropped"] == before.report["dropped"] and report["dropped"]["contaminated"] > 0
+    assert report["eval_pairs"] == before.report["eval_pairs"] > 0
+    curated = pq.read_table(Path(metadata["path"].value, PAIRS_FILE))
+    assert curated["pair_id"].to_pylist() == before.pairs["pair_id"].to_pylist()
+    assert metadata["eval_prompts"].text == str(eval_prompts_path())
+
+
+def test_a_config_without_eval_prompts_checks_no_contamination(
+    normalized: dict[str, str], tmp_path: Path
+) -> None:
+    """A user's config that names no eval prompts: no contamination rule in the funnel or
+    the report, and the metadata says it is off."""
+    metadata = _curate(normalized, CurationConfig(sources=list(SOURCES), eval_share=0.1), tmp_path)
+    report = _report(metadata)
+    assert report["eval_prompts"] is None and "contaminated" not in report["dropped"]
+    assert "contaminated" not in metadata["funnel"].md_str
+    assert metadata["eval_prompts"].text == "(off)"

@@ -1,5 +1,6 @@
 """The whole graph materialized in process on fixtures: accounting across stages, a second
-`materialize_all` that launches nothing, reuse of the shards (each file hashed once) and of
+`materialize_all` that launches nothing, `prefpack run --config` running what its file
+changes and then nothing, reuse of the shards (each file hashed once) and of
 the trained model (with the same metadata), a new key on a changed pack config, new weights
 at the same path that make training stale and retrain, and a blocking check that stops the
 run.
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+import yaml
 from dagster._core.definitions.data_version import (
     CachingStaleStatusResolver,
     StaleStatus,
@@ -27,13 +29,15 @@ from dagster._core.loader import LoadingContextForTest
 
 import pipeline.shards
 import pipeline.tokenized
+import prefpack
 from assets import packing, plots, staleness
 from assets.definitions import ASSETS, build_definitions
 from assets.jobs import STAGE_ASSETS
 from assets.resources import ModelResource
 from assets.run import UP_TO_DATE, current_metadata, materialize_all, materialized_metadata, summary
-from tests.assets.conftest import TEST_CONFIG
+from tests.assets.conftest import FIXTURE_INPUTS, TEST_CONFIG
 from tests.assets.test_plots import png_bytes, png_size
+from tests.conftest import FIXTURES
 
 pytestmark = pytest.mark.slow
 
@@ -199,6 +203,30 @@ def test_second_materialize_all_launches_nothing(built, instance) -> None:
     assert UP_TO_DATE in text.splitlines()[0]
     # Nothing was made now: the summary says neither written, trained nor reused.
     assert not any(word in text for word in ("written", "(trained)", "reused"))
+
+
+def test_prefpack_run_with_a_config_file_runs_what_it_changes_then_nothing(
+    built, instance, module_root, tmp_path, monkeypatch, capsys
+) -> None:
+    """`prefpack run --config FILE.yaml` naming the module's sources and settings but 3
+    training steps: one run, of trained_model alone, with the file's settings; the same
+    call again launches nothing."""
+    config = copy.deepcopy(TEST_CONFIG)
+    config["ops"]["trained_model"]["config"]["steps"] = 3
+    inputs = {source: str(FIXTURES / name) for source, name in FIXTURE_INPUTS.items()}
+    config["resources"] = {"sources": {"config": {"inputs": inputs}}}
+    file = tmp_path / "run.yaml"
+    file.write_text(yaml.safe_dump(config), encoding="utf-8")
+    monkeypatch.setenv("DAGSTER_HOME", str(module_root / "dagster_home"))
+    argv = ["run", "--config", str(file), "--store", str(module_root / "store")]
+    runs = len(instance.get_run_records())
+    assert prefpack.main(argv) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith(", 1 runs: trained_model")
+    assert len(instance.get_run_records()) == runs + 1
+    assert current_metadata(instance)["trained_model"][-1]["steps"] == 3
+    assert prefpack.main(argv) == 0
+    assert UP_TO_DATE in capsys.readouterr().out.splitlines()[0]
+    assert len(instance.get_run_records()) == runs + 1
 
 
 def test_second_materialization_reuses_shards(built, instance, monkeypatch) -> None:

@@ -48,7 +48,7 @@ def test_curated_pairs_put_the_fields_set_over_the_preset(tmp_path: Path) -> Non
         output = _outputs(
             curated_pairs(
                 context=dg.build_asset_context(),
-                config=CurationConfig(sources=["helpsteer3"], use_eval_prompts=False, **fields),
+                config=CurationConfig(sources=["helpsteer3"], **fields),
                 normalized_pairs={"helpsteer3": str(pairs)},
                 store=StoreResource(root=str(tmp_path / "store")),
             )

@@ -12,6 +12,7 @@ import dagster as dg
 import pytest
 
 from assets.definitions import build_definitions, build_resources
+from assets.jobs import SAMPLE_CONFIG
 from assets.resources import SourcesResource, TokenizerResource
 from assets.staleness import named_files, settings_version
 from pipeline.presets import PRESETS
@@ -55,19 +56,21 @@ def test_edited_eval_and_benchmark_prompts_change_curation_settings(defs, tmp_pa
     assert settings_version(defs, CURATED, run_config) not in (before, after_evals)
 
 
-def test_eval_prompts_count_only_when_used(defs, tmp_path) -> None:
-    """The bundled file by default; none with use_eval_prompts off, so an edit to a
-    named-but-unused file does not call for a rerun."""
+def test_eval_prompts_count_only_when_named(defs, tmp_path) -> None:
+    """No file by default (no contamination check), so no edit anywhere calls for a rerun;
+    the file named when set, as the sample job's config names the bundled one."""
     evals = tmp_path / "evals.txt"
     evals.write_text("What is the capital of France?\n", encoding="utf-8")
-    default = named_files(defs, CURATED, {})
-    assert len(default) == 1 and default[0].name == "eval_prompts.txt" and default[0].is_file()
+    assert named_files(defs, CURATED, {}) == []
+    sample = SAMPLE_CONFIG["ops"]["curated_pairs"]["config"]
+    bundled = named_files(defs, CURATED, sample)
+    assert len(bundled) == 1 and bundled[0].name == "eval_prompts.txt" and bundled[0].is_file()
 
-    off = _ops("curated_pairs", eval_prompts=str(evals), use_eval_prompts=False)
-    assert named_files(defs, CURATED, off["ops"]["curated_pairs"]["config"]) == []
-    before = settings_version(defs, CURATED, off)
+    named = _ops("curated_pairs", eval_prompts=str(evals))
+    assert named_files(defs, CURATED, named["ops"]["curated_pairs"]["config"]) == [evals]
+    before = settings_version(defs, CURATED, _ops("curated_pairs"))
     _append(evals, "Name a prime number.\n")
-    assert settings_version(defs, CURATED, off) == before
+    assert settings_version(defs, CURATED, _ops("curated_pairs")) == before
 
 
 def test_edited_tokenizer_files_and_template_change_tokenization_settings(defs, tmp_path) -> None:
