@@ -38,6 +38,7 @@ bench: venv
 	$(BIN)/python -m benchmarks.near_dedup
 	$(BIN)/python -m benchmarks.pack
 	$(BIN)/python -m benchmarks.train
+	$(BIN)/python -m benchmarks.lora
 	$(BIN)/python -m benchmarks.fsdp_load
 	$(BIN)/python -m benchmarks.vs_trl
 	$(BIN)/python -m benchmarks.quality

@@ -16,6 +16,12 @@ the CPU with a tiny model and a few pairs (the test suite does, to keep this scr
    with varlen, and `shared` with varlen, flex and segments; then shared varlen with
    `--compile` if time is left. About `--pairs-per-step` (32) pairs per optimizer step in
    every layout.
+   LoRA (Hu et al. 2021, arXiv:2106.09685), on the first dataset, shared varlen: full
+   fine-tuning and LoRA (rank 16, alpha 32, every projection) both with the *live*
+   reference, the frozen copy of the initial weights for full fine-tuning and the same
+   weights with the adapters off for LoRA (`training/lora.py`): peak memory and pairs/s
+   side by side, beside the full run with stored log-probs above (their MFU counts full
+   fine-tuning's FLOPs without a reference pass, so compare them by pairs/s).
    Each run: 2 untimed steps (the first compiles flex / the blocks), then timed steps until
    `--seconds` per run have passed; CUDA-synchronised wall clock (the trainer's metrics
    `.tolist()` waits for the GPU each step).
@@ -37,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,14 +68,43 @@ PADDED_MICRO_PAIRS = 4
 MAX_MICRO_ROWS = 4
 BLOCK_SIZE = 128
 DATASETS = {"UltraFeedback-like": "UltraFeedback", "HelpSteer-like": "Tulu-HelpSteer"}
-# (layout, backend, compile) timed per dataset, in this order; padded runs causal SDPA.
-RUNS: tuple[tuple[Layout, str, bool], ...] = (
-    ("padded", "auto", False),
-    ("unshared", "varlen", False),
-    ("shared", "varlen", False),
-    ("shared", "flex", False),
-    ("shared", "segments", False),
-    ("shared", "varlen", True),
+LORA_RANK = 16
+
+
+@dataclass(frozen=True)
+class Run:
+    """One timed run: the rows' layout, the attention backend (padded runs causal SDPA),
+    `--compile`, LoRA's rank (0: full fine-tuning) and whether the reference is live (a
+    model pass every step) rather than stored log-probs."""
+
+    layout: Layout
+    backend: str
+    compile: bool = False
+    lora_rank: int = 0
+    live_reference: bool = False
+
+    @property
+    def first_dataset_only(self) -> bool:
+        """Compile time and LoRA are measured once, on the first dataset."""
+        return self.compile or self.live_reference
+
+    @property
+    def label(self) -> str:
+        words = [self.backend] + ["compiled"] * self.compile
+        words += [f"LoRA r{self.lora_rank}"] * bool(self.lora_rank)
+        return " ".join(words + ["live reference"] * self.live_reference)
+
+
+# Timed per dataset, in this order.
+RUNS: tuple[Run, ...] = (
+    Run("padded", "auto"),
+    Run("unshared", "varlen"),
+    Run("shared", "varlen"),
+    Run("shared", "flex"),
+    Run("shared", "segments"),
+    Run("shared", "varlen", compile=True),
+    Run("shared", "varlen", live_reference=True),
+    Run("shared", "varlen", lora_rank=LORA_RANK, live_reference=True),
 )
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12}
 
@@ -132,22 +168,22 @@ def random_reference(rows: list[PackedRow], precision: Precision) -> ReferenceLo
 def timed_run(
     config: ModelConfig,
     rows: list[PackedRow],
-    layout: Layout,
-    backend: str,
-    compile_blocks: bool,
+    spec: Run,
     seconds: float,
     device: str,
     precision: str,
     pairs_per_step: int,
     max_len: int,
 ) -> dict:
-    """Train a fresh model on `rows`: 2 untimed steps, then steps until `seconds` passed.
+    """Train a fresh model on `rows` as `spec` says: 2 untimed steps, then steps until
+    `seconds` passed.
 
     Packed rows: about `pairs_per_step` pairs per step, in micro-batches of at most
     `MAX_MICRO_ROWS` rows. Padded rows (one pair, two documents each): micro-batches of
     `PADDED_MICRO_PAIRS` pairs accumulated to the same pairs per step, as padded trainers
     must to keep (documents x longest) activations in memory.
     """
+    layout, backend, compile_blocks = spec.layout, spec.backend, spec.compile
     per_row = sum(r.num_pairs for r in rows) / len(rows)
     if layout == "padded":
         batch_rows = min(PADDED_MICRO_PAIRS, pairs_per_step)
@@ -177,16 +213,14 @@ def timed_run(
         compile=compile_blocks,
         device=device,
         progress=False,
+        lora_rank=spec.lora_rank,
+        lora_alpha=2.0 * spec.lora_rank or 16.0,
     )
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    run = setup(
-        train_config,
-        PackedRows(rows, layout, BLOCK_SIZE, max_len),
-        model,
-        random_reference(rows, train_config.precision),
-    )
+    reference = None if spec.live_reference else random_reference(rows, precision)
+    run = setup(train_config, PackedRows(rows, layout, BLOCK_SIZE, max_len), model, reference)
     start = time.perf_counter()
     warm = [train_step(run, 0), train_step(run, 1)]
     warmup_seconds = time.perf_counter() - start
@@ -210,6 +244,9 @@ def timed_run(
         "layout": layout,
         "backend": run.backend if layout != "padded" else "causal SDPA",
         "compile": compile_blocks,
+        "lora_rank": spec.lora_rank,
+        "reference": "live" if spec.live_reference else "stored",
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "batch_rows": batch_rows,
         "grad_accum": grad_accum,
         "timed_steps": len(timed),
@@ -288,10 +325,11 @@ def main() -> None:
             print("gpu tests:", results["gpu_tests"]["summary"])
     config = llama3_2_1b()
     device, precision, runs = "cuda", "bf16", RUNS
-    if args.smoke:
+    if args.smoke:  # the CPU's backend for the packed runs: segments (LoRA's too)
         config = dataclasses.replace(tiny(), vocab_size=1024)
         device, precision = "cpu", "fp32"
-        runs = tuple(r for r in RUNS if r[1] == "segments" or r[0] == "padded")
+        runs = tuple(r for r in RUNS if r.backend == "segments" or r.layout == "padded")
+        runs += (Run("shared", "segments", lora_rank=4, live_reference=True),)
     max_len = MAX_LEN if not args.smoke else 512
     for label, name in DATASETS.items():
         p, c, r, _ = cut_lengths(name, args.pairs, max_len, seed=0)
@@ -301,21 +339,18 @@ def main() -> None:
             for layout in ("shared", "unshared", "padded")
         }
         results[label] = {"pairs": len(p), "runs": []}
-        for layout, backend, compiled in runs:
-            if compiled and label != next(iter(DATASETS)):
-                continue  # compile time is measured once, on the first dataset
+        for spec in runs:
+            if spec.first_dataset_only and label != next(iter(DATASETS)):
+                continue
+            named = {"layout": spec.layout, "backend": spec.backend, "label": spec.label}
             if time.perf_counter() - started > args.budget:
-                results[label]["runs"].append(
-                    {"layout": layout, "backend": backend, "skipped": "time budget"}
-                )
+                results[label]["runs"].append({**named, "skipped": "time budget"})
                 continue
             try:
                 result = timed_run(
                     config,
-                    rows_by_layout[layout],
-                    layout,
-                    backend,
-                    compiled,
+                    rows_by_layout[spec.layout],
+                    spec,
                     args.seconds,
                     device,
                     precision,
@@ -323,26 +358,28 @@ def main() -> None:
                     max_len,
                 )
             except Exception as err:  # one failing kernel must not lose the other numbers
-                result = {
-                    "layout": layout,
-                    "backend": backend,
-                    "compile": compiled,
-                    "error": repr(err)[:2000],
-                }
-            results[label]["runs"].append(result)
+                result = {**named, "compile": spec.compile, "error": repr(err)[:2000]}
+            results[label]["runs"].append({"label": spec.label, **result})
             print(label, json.dumps({k: v for k, v in result.items() if k != "losses"}))
             (out / "gpu.json").write_text(json.dumps(results, indent=2) + "\n")
-        done = {
-            (x["layout"], x.get("backend"), x.get("compile")): x for x in results[label]["runs"]
-        }
-        padded = next(
-            (x for x in results[label]["runs"] if x["layout"] == "padded" and "pairs/s" in x), None
-        )
+        done = [x for x in results[label]["runs"] if "pairs/s" in x]
+        padded = next((x for x in done if x["layout"] == "padded"), None)
         if padded:
             results[label]["shared/padded pairs/s"] = {
-                f"{k[1]}{' compiled' if k[2] else ''}": v["pairs/s"] / padded["pairs/s"]
-                for k, v in done.items()
-                if k[0] == "shared" and "pairs/s" in v
+                x["label"]: x["pairs/s"] / padded["pairs/s"]
+                for x in done
+                if x["layout"] == "shared" and not x["lora_rank"] and x["reference"] == "stored"
+            }
+        live = {x["lora_rank"]: x for x in done if x["reference"] == "live"}
+        if len(live) == 2:  # full fine-tuning and LoRA, both with the live reference
+            full, lora = live[0], next(x for rank, x in live.items() if rank)
+            results[label]["LoRA/full (live reference)"] = {
+                "pairs/s": lora["pairs/s"] / full["pairs/s"],
+                **(
+                    {"peak_memory": lora["peak_memory_gib"] / full["peak_memory_gib"]}
+                    if "peak_memory_gib" in full
+                    else {}
+                ),
             }
     results["seconds"] = time.perf_counter() - started
     (out / "gpu.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -12,6 +12,7 @@
 | `batch.py`           | `PackedRows`; `collate`: packed rows -> tensors, backend, targets    |
 | `logps.py`           | chunked head log-probs; `pair_logps`: sums per pair                  |
 | `losses.py`          | the preference losses and the SFT term                               |
+| `lora.py`            | LoRA adapters on the projections, adapters off, PEFT's files         |
 | `reference.py`       | reference log-probs computed once, stored keyed, looked up by pair id |
 | `device.py`          | device, precision (bf16 autocast) and backend choices, TF32          |
 | `ranks.py`           | torchrun's ranks, the process group, rank 0's decisions for all      |

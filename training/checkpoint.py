@@ -19,6 +19,9 @@ Any other architecture or setting fails with an error naming it, never a silentl
 different model: among them longrope/su/yarn RoPE (Phi-3 128k, Phi-3.5), a
 `partial_rotary_factor` below 1 (Phi-4-mini), logit softcapping and bidirectional
 attention (Gemma), Qwen's `use_sliding_window`, dropout, quantized weights.
+
+A model with LoRA adapters (`training.lora`) reads, writes and fingerprints its base
+weights alone (`hf_state_dict`): the adapters are saved apart, in PEFT's layout.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from torch.distributed.tensor import DTensor
 
 from pipeline.io import atomic_directory
 from training.export_files import TOKENIZER_FILES, ExportTokenizer, export_files
+from training.lora import is_adapter_key
 from training.model import (
     TRAITS,
     CausalLM,
@@ -413,6 +417,12 @@ def read_config(folder: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
     return config_from_hf(hf, str(path)), hf
 
 
+def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors a Hugging Face folder holds, by checkpoint key: its state dict
+    without LoRA adapters (`training.lora`), which are saved apart, in PEFT's layout."""
+    return {k: v for k, v in model.state_dict().items() if not is_adapter_key(k)}
+
+
 def read_weights(folder: str | Path, model: CausalLM) -> dict[str, torch.Tensor]:
     """The folder's tensors for `model`, every key and shape checked, in the model's dtype.
 
@@ -433,7 +443,7 @@ def stream_weights(folder: str | Path, model: CausalLM) -> Iterator[tuple[str, t
         ValueError: missing, unexpected or wrongly shaped tensors, each named.
     """
     folder = Path(folder)
-    expected = model.state_dict()  # shapes only: works for a model on the meta device
+    expected = hf_state_dict(model)  # shapes only: works for a model on the meta device
     where: dict[str, Path] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     unexpected: list[str] = []
@@ -572,16 +582,17 @@ def write_pretrained(
             as it is, or None.
         dtype: dtype of the saved tensors (default: the parameters' dtype).
         max_shard_bytes: above this, weights are split into shards plus an index.
-        tensors: the whole weights, in state dict order (default: `model.state_dict()`'s);
+        tensors: the whole weights, in state dict order (default: `hf_state_dict`'s);
             a sharded model passes them gathered one at a time
-            (`training.parallel.full_tensors`).
+            (`training.parallel.full_tensors`), a LoRA model merged
+            (`training.parallel.merged_tensors`).
         readme: the model card (`training.model_card.render_card`), written as README.md.
 
     Raises:
         FileNotFoundError, TokenizerError: the tokenizer files to export are missing or
             unreadable (before any weights are written).
     """
-    state = model.state_dict()  # shapes and order (values too, unless `tensors` are given)
+    state = hf_state_dict(model)  # shapes and order (values too, unless `tensors` are given)
     dtype = dtype or next(iter(state.values())).dtype
     element = torch.empty((), dtype=dtype).element_size()
     plan: list[list[str]] = [[]]
@@ -594,10 +605,8 @@ def write_pretrained(
         plan[-1].append(key)
         size += nbytes
         total += nbytes
-    hf = {**hf_extra_keys(model.hf_config), **config_to_hf(model.config, dtype)}
-    extra = export_files(tokenizer, hf) if isinstance(tokenizer, ExportTokenizer) else {}
-    if readme is not None:
-        extra[README_NAME] = readme.encode("utf-8")
+    hf = export_config(model, dtype)
+    extra = companion_files(hf, tokenizer, readme)  # before any weights: it may fail
     (folder / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
     names = (
         [WEIGHTS_NAME]
@@ -618,6 +627,36 @@ def write_pretrained(
         weight_map = {key: name for keys, name in zip(plan, names, strict=True) for key in keys}
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    write_companions(folder, extra, tokenizer)
+
+
+def export_config(model: CausalLM, dtype: torch.dtype) -> dict[str, Any]:
+    """The config.json of `model` exported in `dtype`: the keys we interpret, and the
+    loaded folder's others carried through."""
+    return {**hf_extra_keys(model.hf_config), **config_to_hf(model.config, dtype)}
+
+
+def companion_files(
+    hf: dict[str, Any], tokenizer: str | Path | ExportTokenizer | None, readme: str | None
+) -> dict[str, bytes]:
+    """What an exported folder holds beside config.json and the weights, by file name:
+    the tokenizer files and generation_config.json of an `ExportTokenizer` (for the
+    exported config `hf`) and the model card.
+
+    Raises:
+        FileNotFoundError, TokenizerError: as `training.export_files.export_files`.
+    """
+    extra = export_files(tokenizer, hf) if isinstance(tokenizer, ExportTokenizer) else {}
+    if readme is not None:
+        extra[README_NAME] = readme.encode("utf-8")
+    return extra
+
+
+def write_companions(
+    folder: Path, extra: dict[str, bytes], tokenizer: str | Path | ExportTokenizer | None
+) -> None:
+    """Write `companion_files`' bytes into `folder`, and copy a tokenizer given as a file or
+    folder as it is."""
     if tokenizer is not None and not isinstance(tokenizer, ExportTokenizer):
         copy_tokenizer_files(tokenizer, folder)
     for name, data in extra.items():
@@ -625,19 +664,21 @@ def write_pretrained(
 
 
 def model_fingerprint(model: CausalLM) -> str:
-    """sha256 over the config and every tensor's name, dtype, shape and bytes.
+    """sha256 over the config and every Hugging Face tensor's name, dtype, shape and bytes.
 
     Independent of how the weights were stored (sharding, file order), and different for
-    the same weights in another dtype, since log-probs differ too. Hashing reads every
-    byte (seconds for a large model), and a run asks for the fingerprint of its initial
-    model more than once (reference key, resume record), so the digest is kept on the
-    model while it still holds: see `_weights_stamp`.
+    the same weights in another dtype, since log-probs differ too. LoRA adapters are not
+    part of it (`hf_state_dict`): a LoRA run's fingerprint is its frozen base's, the model
+    its reference log-probs (stored, cached, or live with the adapters off) belong to.
+    Hashing reads every byte (seconds for a large model), and a run asks for the
+    fingerprint of its initial model more than once (reference key, resume record), so
+    the digest is kept on the model while it still holds: see `_weights_stamp`.
     """
     cached = getattr(model, "_fingerprint", None)
     if cached is not None and _same_stamp(cached[0], _weights_stamp(model)):
         return cached[1]
     return remember_fingerprint(
-        model, fingerprint_of(model.config, sorted(model.state_dict().items()))
+        model, fingerprint_of(model.config, sorted(hf_state_dict(model).items()))
     )
 
 
@@ -668,9 +709,10 @@ def _weights_stamp(model: CausalLM) -> _Stamp:
     optimizer step, `load_state_dict`) bumps a tensor's version counter, and assigning
     new tensors changes the objects; either makes a cached fingerprint stale. Weak
     references, so a replaced tensor is freed and its id cannot be mistaken for a new
-    one. (Writes through `.data` bypass the counter; nothing in prefpack makes them.)"""
+    one. (Writes through `.data` bypass the counter; nothing in prefpack makes them.) LoRA
+    adapters are left out, as from the fingerprint: training them changes nothing here."""
     tensors = itertools.chain(model.named_parameters(), model.named_buffers())
-    return [(name, weakref.ref(t), t._version) for name, t in tensors]
+    return [(n, weakref.ref(t), t._version) for n, t in tensors if not is_adapter_key(n)]
 
 
 def _same_stamp(old: _Stamp, new: _Stamp) -> bool:

@@ -3,6 +3,7 @@
     prefpack logps --shards DIR --model DIR --out ref.arrow       # reference log-probs, once
     prefpack train --shards DIR --model DIR --out runs/dpo --reference ref.arrow \
         --eval-shards EVAL --eval-every 50
+    prefpack train --shards DIR --model DIR --out runs/lora --lora-rank 16   # adapters only
     torchrun --nproc_per_node 2 -m prefpack train --shards DIR --config small --out runs/x
     prefpack difficulty --shards DIR --model DIR --reference ref.arrow --out scores/ --folds 5
 
@@ -43,6 +44,13 @@ TRAIN_FLAG_GROUPS: dict[str, tuple[str, ...]] = {
         "adam_betas",
         "max_grad_norm",
         "seed",
+    ),
+    "LoRA (low-rank adapters on frozen weights, Hu et al. 2021; rank 0: full fine-tuning)": (
+        "lora_rank",
+        "lora_alpha",
+        "lora_dropout",
+        "lora_targets",
+        "lora_merge",
     ),
     "precision, memory and parallelism": (
         "precision",
@@ -123,7 +131,8 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
         "per step, with eval/ metrics on the steps that evaluate --eval-shards), "
         "OUT/checkpoints/ (with --checkpoint-every; a rerun resumes from the latest) and "
         "OUT/final/ (Hugging Face folder with the base model's tokenizer files, or the "
-        "shards', a generation_config.json and a model card, README.md). Run under "
+        "shards', a generation_config.json and a model card, README.md; with --lora-rank the "
+        "merged model, and the adapter in OUT/final/adapter/ as PEFT loads it). Run under "
         "`torchrun --nproc_per_node N -m prefpack train ...` for data parallel. Launched by "
         "Dagster Pipes, it reports progress and the final metrics there.",
     )

@@ -245,7 +245,7 @@ def identity_of(
     training = dataclasses.asdict(train_config)
     for name in ("out_dir", "progress", "device", "checkpoint_every", *FOLD_UNUSED_FIELDS):
         training.pop(name)
-    training["adam_betas"] = list(training["adam_betas"])
+    training = {k: list(v) if isinstance(v, tuple) else v for k, v in training.items()}  # JSON
     return {
         "inputs": {
             "shard_key": reader.key,

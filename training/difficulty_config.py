@@ -16,9 +16,10 @@ from pipeline.flags import check_settings, setting
 # versions it keys stored scores.
 DIFFICULTY_VERSION = "1"
 # The TrainConfig fields fold models do not take: they are not kept, evaluated or reported
-# (no export dtype, eval or trackers). Checkpoints are: a fold a crash interrupted resumes
-# from its latest one.
-FOLD_UNUSED_FIELDS = ("export_dtype", "eval_every", "report_to")
+# (no export dtype or LoRA merge, eval or trackers). Checkpoints are: a fold a crash
+# interrupted resumes from its latest one. LoRA's other settings are the folds' too: a
+# difficulty score is the held-out loss of the model the run would train.
+FOLD_UNUSED_FIELDS = ("export_dtype", "lora_merge", "eval_every", "report_to")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 The YAML header holds only what is known (the hub reads `base_model`, `datasets`,
 `license`, `library_name`, `tags`); a value that is not known is left out, never guessed.
+A LoRA run says so: its merged model is a transformers model with a `lora` tag, and the
+folder of the adapter alone is a PEFT one (`library_name: peft`, as PEFT's own cards).
 The sections say what the model was trained on (sources, the shards' key and
 pairs, the eval shards if any), with which settings, on what hardware for how long, and
 the final metrics under the names TRL logs (`rewards/accuracies`, `eval/loss`, ...).
@@ -14,12 +16,13 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from training.report import METRICS  # TRL's names; eval ones are these with "eval/" before
 
 EVAL_PREFIX = "eval/"
 TAGS = ("dpo", "prefpack")
+LORA_TAG = "lora"
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,8 @@ class CardFacts:
             curation preset applied to each, when one was).
         datasets: hub ids of those datasets, for the header.
         license: the license, when known (usually the base model's).
+        adapter: what a LoRA run's folder holds: `merged` (base + adapter, a full
+            model), `adapter` (the adapter alone, PEFT's layout); None: full fine-tuning.
     """
 
     title: str
@@ -106,6 +111,7 @@ class CardFacts:
     sources: Sequence[str] = ()
     datasets: Sequence[str] = ()
     license: str | None = None
+    adapter: Literal["merged", "adapter"] | None = None
 
 
 def render_card(facts: CardFacts) -> str:
@@ -118,6 +124,7 @@ def render_card(facts: CardFacts) -> str:
             f"Trained from {facts.start} on preference pairs with prefpack's DPO trainer "
             "(shared-prefix packed shards; the loss and its settings are below).",
             "",
+            *_lora(facts),
             *_data(facts),
             *_settings(facts.settings),
             *_hardware(facts),
@@ -131,13 +138,37 @@ def _header(facts: CardFacts) -> str:
     lines = ["---"]
     if facts.base_model:
         lines.append(f"base_model: {_quote(facts.base_model)}")
-    lines.append("library_name: transformers")
+    lines.append(f"library_name: {'peft' if facts.adapter == 'adapter' else 'transformers'}")
     if facts.license:
         lines.append(f"license: {_quote(facts.license)}")
-    lines += _yaml_list("tags", TAGS)
+    lines += _yaml_list("tags", (*TAGS, LORA_TAG) if facts.adapter else TAGS)
     if facts.datasets:
         lines += _yaml_list("datasets", facts.datasets)
     return "\n".join([*lines, "---", ""])
+
+
+def _lora(facts: CardFacts) -> list[str]:
+    """What a LoRA run's folder holds and how to load it."""
+    if facts.adapter is None:
+        return []
+    s = facts.settings
+    trained = (
+        f"A LoRA run (Hu et al. 2021, arXiv:2106.09685): rank {s.get('lora_rank')}, alpha "
+        f"{s.get('lora_alpha')}, on {' '.join(s.get('lora_targets', ()))}; the base weights "
+        "stayed frozen."
+    )
+    if facts.adapter == "merged":
+        held = (
+            "This folder holds the merged model (base + adapter), loadable as any "
+            "transformers model; `adapter/` holds the adapter alone."
+        )
+    else:
+        held = (
+            "This folder holds the adapter alone: load it onto its base with "
+            "`peft.PeftModel.from_pretrained(base, folder)` (`adapter_config.json` names "
+            "the base)."
+        )
+    return [trained, held, ""]
 
 
 def _data(facts: CardFacts) -> list[str]:

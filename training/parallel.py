@@ -12,6 +12,12 @@ the train loop reads the same for both.
   `torch.distributed.checkpoint`, each rank writing its own shard (DDP ranks write their
   replicated state once, de-duplicated by DCP). DCP's `.metadata` file is a pickle: we only
   read checkpoints this trainer wrote.
+- LoRA (`training.lora`): the adapters live inside the blocks they adapt, so DDP reduces
+  and FSDP2 shards them with their block; only they require grad, so only their
+  gradients are reduced (DDP buckets, FSDP2's reduce-scatter) and the frozen base is never
+  synchronised again. A model loaded sharded gets its adapters before it is sharded
+  (`load_sharded`'s `lora`). Their checkpoints and exports are gathered one tensor at a
+  time like the weights (`adapter_tensors`, `merged_tensors`).
 - One process (no torchrun) is the plain module: no wrapper, no process group needed.
 """
 
@@ -20,7 +26,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar, get_args
 
@@ -39,9 +45,18 @@ from torch.nn.parallel import DistributedDataParallel
 
 from training.checkpoint import (
     fingerprint_of,
+    hf_state_dict,
     read_config,
     remember_fingerprint,
     stream_weights,
+)
+from training.lora import (
+    LoraSettings,
+    adapted,
+    add_adapters,
+    initial_adapters,
+    is_adapter_key,
+    merged_weight,
 )
 from training.model import CausalLM
 from training.ranks import is_distributed
@@ -103,23 +118,34 @@ def prepare(
 
 
 def load_sharded(
-    folder: Path, device: torch.device, precision: Precision, trainable: bool = True
+    folder: Path,
+    device: torch.device,
+    precision: Precision,
+    trainable: bool = True,
+    lora: LoraSettings | None = None,
 ) -> CausalLM:
     """A Hugging Face folder's model under FSDP, never whole in any process's memory: built
     on the meta device, sharded, then filled one tensor at a time from the safetensors
     files, each rank keeping its chunk. The fingerprint is hashed on the way and equals the
-    one the whole model gets in one process (reference files stay shared).
+    one the whole model gets in one process (reference files stay shared). With `lora`,
+    the adapters are added before sharding (FSDP2 manages the parameters a block has
+    when it is sharded) and filled with their initial values after the weights.
 
     Raises:
-        As `training.checkpoint.stream_weights` and `read_config`.
+        As `training.checkpoint.stream_weights` and `read_config`; a LoRA target the
+        model does not have (`training.lora.resolve_targets`).
     """
     config, hf = read_config(folder)
     with torch.device("meta"):
         model = CausalLM(config)
     model.hf_config = hf
+    if lora is not None:
+        add_adapters(model, lora)
     prepare(model, "fsdp", device, precision, trainable)
     model.to_empty(device=device)
     remember_fingerprint(model, fill_weights(model, folder, fingerprint=True))
+    if lora is not None:
+        fill_tensors(model, initial_adapters(model, lora.seed))
     return model
 
 
@@ -133,18 +159,14 @@ def fill_weights(model: CausalLM, folder: Path, fingerprint: bool = False) -> st
     Raises:
         As `training.checkpoint.stream_weights`.
     """
-    targets = model.state_dict()
+    targets = hf_state_dict(model)
     # Writes into a shard's local tensor leave the DTensor's version as it was: a cached
     # fingerprint cannot tell, so it goes (`load_sharded` keeps the one hashed here).
     model.__dict__.pop("_fingerprint", None)
 
     def filling() -> Iterator[tuple[str, Tensor]]:
         for key, whole in stream_weights(folder, model):
-            target = targets[key]
-            if isinstance(target, DTensor):
-                _copy_chunk(target, whole)
-            else:
-                target.copy_(whole)
+            _copy_whole(targets[key], whole)
             yield key, whole
 
     with torch.no_grad():
@@ -152,6 +174,22 @@ def fill_weights(model: CausalLM, folder: Path, fingerprint: bool = False) -> st
             return fingerprint_of(model.config, filling())
         collections.deque(filling(), maxlen=0)
     return None
+
+
+def fill_tensors(model: nn.Module, tensors: Iterable[tuple[str, Tensor]]) -> None:
+    """Copy whole tensors, by state-dict key, into `model` in place (each rank its chunk of
+    a sharded one): LoRA adapters' initial values, or a checkpoint's."""
+    targets = model.state_dict()
+    with torch.no_grad():
+        for key, whole in tensors:
+            _copy_whole(targets[key], whole)
+
+
+def _copy_whole(target: Tensor, whole: Tensor) -> None:
+    if isinstance(target, DTensor):
+        _copy_chunk(target, whole)
+    else:
+        target.copy_(whole)
 
 
 def _copy_chunk(shard: DTensor, whole: Tensor) -> None:
@@ -198,15 +236,47 @@ def full_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     its turn comes, so no process ever holds more than one of them (a collective: every
     rank must consume the whole iterator; see `write_full_weights`)."""
     for key, tensor in model.state_dict().items():
-        yield key, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        yield key, _whole(tensor)
+
+
+def _whole(tensor: Tensor) -> Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def adapter_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """Every LoRA adapter weight, whole, one at a time in state dict order (a collective,
+    as `full_tensors`)."""
+    for key, tensor in model.state_dict().items():
+        if is_adapter_key(key):
+            yield key, _whole(tensor)
+
+
+def merged_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """The Hugging Face weights of a LoRA model, whole, with each adapter merged into its
+    weight (W + scaling B A, in fp32), one at a time in state dict order: the base's
+    architecture, as `training.checkpoint.write_pretrained` writes it (a collective, as
+    `full_tensors`)."""
+    state = model.state_dict()
+    modules = {f"{path}.weight": (path, m.scaling) for path, m in adapted(model).items()}
+    for key, tensor in hf_state_dict(model).items():
+        whole = _whole(tensor)
+        if key in modules:
+            path, scaling = modules[key]
+            lora_A = _whole(state[f"{path}.lora_A.weight"])
+            lora_B = _whole(state[f"{path}.lora_B.weight"])
+            whole = merged_weight(whole, lora_A, lora_B, scaling)
+        yield key, whole
 
 
 def write_full_weights(
-    model: nn.Module, rank: int, write: Callable[[Iterator[tuple[str, Tensor]]], object]
+    model: nn.Module,
+    rank: int,
+    write: Callable[[Iterator[tuple[str, Tensor]]], object],
+    tensors: Iterator[tuple[str, Tensor]] | None = None,
 ) -> None:
-    """Rank 0 calls `write` with `full_tensors(model)`; the other ranks take part in each
-    tensor's gather. A collective: every rank calls it."""
-    weights = full_tensors(model)
+    """Rank 0 calls `write` with `tensors` (default: `full_tensors(model)`); the other
+    ranks take part in each tensor's gather. A collective: every rank calls it."""
+    weights = full_tensors(model) if tensors is None else tensors
     if rank == 0:
         write(weights)
     else:

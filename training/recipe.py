@@ -47,6 +47,7 @@ from training.difficulty import (
 )
 from training.difficulty_config import DifficultyConfig
 from training.export_files import ExportTokenizer
+from training.lora import LoraSettings, lora_settings
 from training.model import CausalLM
 from training.model_card import CardFacts, ShardFacts, render_card
 from training.parallel import load_sharded, prepare
@@ -198,11 +199,13 @@ def load_model(
     precision: str,
     sharded: bool = False,
     trainable: bool = True,
+    lora: LoraSettings | None = None,
 ) -> CausalLM:
     """The fp32 model of `inputs` for these shards: a Hugging Face folder (whose own
     tokenizer, when it has one, must be the shards', checked before any weight is read),
-    sharded over the process group on `device` when `sharded`, or a named config
-    initialised with `init_seed`.
+    sharded over the process group on `device` when `sharded` (with the `lora` adapters
+    added before sharding; a whole model gets them in `training.train.setup`), or a named
+    config initialised with `init_seed`.
 
     Raises:
         ValueError: unknown config name; a model folder whose tokenizer is not the shards'
@@ -217,7 +220,7 @@ def load_model(
         if not inputs.allow_tokenizer_mismatch:  # rank 0 reads both, every rank stops alike
             agree(lambda: tokenizer_mismatch(data.directory, inputs.model))
         if sharded:
-            model = load_sharded(inputs.model, device, precision, trainable)
+            model = load_sharded(inputs.model, device, precision, trainable, lora)
         else:
             model = load_pretrained(inputs.model)
     else:
@@ -325,7 +328,7 @@ class TrainRecipe:
     Raises:
         ValueError: settings that cannot train on this device, --eval-every or
             --eval-reference without --eval-shards, a reference flag with a reference-free
-            loss; every problem named.
+            loss, --no-lora-merge with a --config model; every problem named.
     """
 
     command = "train"
@@ -349,6 +352,11 @@ class TrainRecipe:
             if given:
                 verb = "needs" if len(given) == 1 else "need"
                 raise ValueError(f"{' and '.join(given)} {verb} --eval-shards")
+        if config.lora_rank and not config.lora_merge and inputs.model is None:
+            raise ValueError(
+                f"--no-lora-merge with --config {inputs.config}: the adapter's base is a "
+                "random init saved nowhere; export merged (the default) or train from --model"
+            )
         check_trackers([config.report_to])  # every rank: a missing package stops them all
         _hint_fine_tuning_lr(self.command, inputs, config.lr, reporter and reporter.context)
         self.run: Run | None = None
@@ -365,14 +373,16 @@ class TrainRecipe:
             eval_data = open_shards_once(inputs.eval_shards, inputs.verify)
             _same_tokenizer(self.data, eval_data)
         sharded = loads_sharded(inputs, config.parallel, config.compile)
-        model = load_model(inputs, self.data, self.device, config.precision, sharded)
+        lora = lora_settings(config)
+        model = load_model(inputs, self.data, self.device, config.precision, sharded, lora=lora)
         reference = eval_reference = None
         if config.loss not in REFERENCE_FREE_LOSSES:  # a reference-free loss reads none
             reference = stored_reference(
                 self.command, inputs.reference, inputs.reference_cache, self.data, model,
                 config.precision,
             )  # fmt: skip
-            if reference is None and sharded:  # the live reference, loaded as the policy was
+            # The live reference, loaded as the policy was (LoRA: the policy, adapters off).
+            if reference is None and sharded and lora is None:
                 reference = load_sharded(inputs.model, self.device, config.precision, False)
             if eval_data is not None:
                 eval_reference = stored_reference(
@@ -381,9 +391,10 @@ class TrainRecipe:
                 )  # fmt: skip
         if _rank() == 0:
             print(f"prefpack train: metrics: {config.out_dir / 'metrics.jsonl'}", file=sys.stderr)
+        base = None if inputs.model is None else str(inputs.model.resolve())
         self.run = setup(
             config, self.data, model, reference, inputs.random_init_seed, eval_data,
-            eval_reference,
+            eval_reference, base,
         )  # fmt: skip
         agree(self._open_trackers)  # rank 0 opens them; a failure stops every rank alike
 
@@ -416,9 +427,21 @@ class TrainRecipe:
     def export(self) -> Path:
         """Write `out/final` (a collective under FSDP): the weights, the base model's
         tokenizer files and generation config (eos: the end of turn the responses end
-        with), and a model card."""
-        card = render_card(self._card_facts()) if _rank() == 0 else None
-        return export(self.run, ExportTokenizer(self.data.directory, self.inputs.model), card)
+        with), and a model card; a LoRA run's adapter (PEFT's layout) in `final/adapter/`
+        with its own card, or alone in `final/` with --no-lora-merge."""
+        card = adapter_card = None
+        if _rank() == 0:
+            facts = self._card_facts()
+            if self.config.lora_rank:  # the adapter's card, and the merged model's
+                adapter = dataclasses.replace(facts, adapter="adapter")
+                if self.config.lora_merge:
+                    adapter_card = render_card(adapter)
+                    facts = dataclasses.replace(facts, adapter="merged")
+                else:
+                    facts = adapter
+            card = render_card(facts)
+        tokenizer = ExportTokenizer(self.data.directory, self.inputs.model)
+        return export(self.run, tokenizer, card, adapter_card)
 
     def _card_facts(self) -> CardFacts:
         """What the model card states, from the run's metrics, shards and settings."""
@@ -440,6 +463,7 @@ class TrainRecipe:
                 name: value
                 for name, value in dataclasses.asdict(config).items()
                 if name not in ("out_dir", "progress")  # where and how it printed
+                and (config.lora_rank or not name.startswith("lora_"))  # LoRA's, if on
             },
             device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             processes=run.world,
@@ -619,12 +643,14 @@ def run_difficulty(
             if needs_reference:
                 reference = _scoring_reference(inputs, data, model, fold_config, config)
             folds = folds_directory(out, identity)
+            lora = lora_settings(fold_config)
+            initial = _initial_models(inputs, model, sharded, device, fold_config.precision, lora)
             with staged_directory(out) as tmp:
                 result = score_difficulty(
                     dataclasses.replace(fold_config, out_dir=folds),
                     config,
                     data,
-                    _initial_models(inputs, model, sharded, device, fold_config.precision),
+                    initial,
                     reference,
                     init_seed=inputs.random_init_seed,
                     on_fold=lambda entry: log(_fold_line(entry, config.folds)),
@@ -639,13 +665,18 @@ def run_difficulty(
 
 
 def _initial_models(
-    inputs: Inputs, model: CausalLM, sharded: bool, device: torch.device, precision: str
+    inputs: Inputs,
+    model: CausalLM,
+    sharded: bool,
+    device: torch.device,
+    precision: str,
+    lora: LoraSettings | None,
 ) -> Callable[[], CausalLM]:
     """A fresh initial policy per fold: a copy of `model`, or one loaded sharded again
-    (a sharded model is not copied)."""
+    (a sharded model is not copied) with the `lora` adapters added before sharding."""
     if not sharded:
         return lambda: copy.deepcopy(model)
-    return lambda: load_sharded(inputs.model, device, precision)
+    return lambda: load_sharded(inputs.model, device, precision, lora=lora)
 
 
 def _scoring_reference(

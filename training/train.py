@@ -25,16 +25,28 @@ the rows together with their layout, block size, max_len and shard key.
 - `export`: the final Hugging Face folder (rank 0, from the gathered full weights).
 
 `model` is the initial policy; it is also the reference unless stored reference log-probs
-are given or the loss is reference-free. Multi-process: launch the calling script with
-`torchrun --nproc_per_node N`; `train` joins torchrun's process group (gloo on CPU, NCCL on
-CUDA) unless the caller did.
+are given or the loss is reference-free. With `--lora-rank` (`training/lora.py`, Hu et al.
+2021, arXiv:2106.09685) `setup` freezes it and adds adapters in place (before compiling and
+DDP/FSDP), the optimizer holds the adapters alone, and the live reference is the same
+model with its adapters off (`adapters_off`): no copy of the weights. Its checkpoints hold
+the adapters (PEFT's layout) rather than the whole frozen base, which the run record's
+fingerprint names, and `final/` is the merged model plus `final/adapter/` (or, with
+`--no-lora-merge`, the adapter alone). Dropout masks are drawn from the global generator
+seeded per (seed, step, micro-batch slice), so a resume, and any split of the global batch
+over processes and micro-batches, draws the same masks.
+
+Multi-process: launch the calling script with `torchrun --nproc_per_node N`; `train` joins
+torchrun's process group (gloo on CPU, NCCL on CUDA) unless the caller did.
 Outputs under `out_dir`:
 
     metrics.jsonl                one line per optimizer step (rank 0), eval/ metrics on
                                  the steps that evaluate
     checkpoints/step_000010/     HF folder + optimizer/ (DCP, sharded) + trainer_state.json
+                                 (LoRA: adapter_config.json + adapter_model.safetensors
+                                 in place of the HF folder)
     final/                       HF folder (config.json, safetensors, tokenizer files,
                                  generation_config.json, README.md: a model card)
+    final/adapter/               LoRA: the adapter as PEFT loads it (+ its card)
 
 A global step covers `batch_rows * grad_accum * world_size` packed rows. Packed rows hold
 different numbers of pairs, so the loss is the *sum* of per-pair losses divided by the
@@ -54,7 +66,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -71,8 +83,12 @@ from pipeline.progress import progress
 from training.attention import FLAT_BACKENDS
 from training.batch import Batch, PackedData, check_rows, collate
 from training.checkpoint import (
+    README_NAME,
+    companion_files,
+    export_config,
     model_fingerprint,
     save_pretrained,
+    write_companions,
     write_pretrained,
 )
 from training.device import (
@@ -86,14 +102,30 @@ from training.device import (
 )
 from training.export_files import ExportTokenizer
 from training.logps import pair_logps, table_logps
+from training.lora import (
+    LoraSettings,
+    adapter_config,
+    adapters_off,
+    add_adapters,
+    check_adapters,
+    has_adapters,
+    initial_adapters,
+    lora_settings,
+    read_adapter,
+    resolve_targets,
+    write_adapter,
+)
 from training.losses import ChosenNLL, PairLogps, PreferenceLoss, build_loss
 from training.model import CausalLM
 from training.parallel import (
+    adapter_tensors,
     clip_grad_norm,
+    fill_tensors,
     fill_weights,
     gradient_sync,
     is_sharded,
     load_optimizer,
+    merged_tensors,
     prepare,
     save_optimizer,
     write_full_weights,
@@ -113,6 +145,7 @@ from training.train_config import Backend, TrainConfig
 METRICS_NAME = "metrics.jsonl"
 STATE_NAME = "trainer_state.json"
 OPTIMIZER_DIR = "optimizer"
+ADAPTER_DIR = "adapter"  # final/adapter/: a LoRA run's adapter beside the merged model
 # Config fields that may change when a run resumes: they do not change the numbers (the
 # global batch, `rows_per_step`, is checked on its own, so the split over processes may
 # change). Every other field must match the checkpoint's.
@@ -125,9 +158,10 @@ _RESUMABLE_CHANGES = {
     "grad_accum",
     "activation_checkpointing",
     "logits_chunk",
-    "compile",
+    "compile",  # (with LoRA dropout, inductor draws other masks than eager from the seed)
     "eval_every",
     "report_to",
+    "lora_merge",  # how final/ is written, not what trains
 }
 
 
@@ -245,13 +279,17 @@ class Run:
         model: the policy's parameters (sharded in place under FSDP); export reads it.
         policy: what the forward pass runs on: `model`, or its DDP wrapper.
         ref_model: the frozen initial policy when no stored log-probs are given (None
-            too for a reference-free loss).
+            too for a reference-free loss, and for LoRA, whose live reference is `model`
+            with its adapters off).
         reference: stored reference log-probs, looked up by pair id.
         eval_data, eval_reference: the eval rows (None: no evaluation) and their
             reference log-probs (None too for a reference-free loss).
         backend: the resolved attention backend.
         start: steps already done (from a checkpoint).
         record: the settings a checkpoint stores, to refuse a mismatched resume.
+        lora: the adapters' settings (None: full fine-tuning).
+        base_model: what a LoRA adapter's `base_model_name_or_path` names (the --model
+            folder; None for a model not read from one).
     """
 
     config: TrainConfig
@@ -271,6 +309,8 @@ class Run:
     sft: ChosenNLL | None
     record: dict[str, Any]
     start: int
+    lora: LoraSettings | None = None
+    base_model: str | None = None
 
     @property
     def rows_per_step(self) -> int:
@@ -282,9 +322,10 @@ def _run_record(
 ) -> dict[str, Any]:
     """What a checkpoint stores about its run (JSON types), to refuse a mismatched resume:
     the settings, the data's shape and the inputs (`_inputs`)."""
-    settings = dataclasses.asdict(config)
+    settings = {  # as JSON reads them back: tuples (adam_betas, lora_targets) are lists
+        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()
+    }
     settings["out_dir"] = str(config.out_dir)
-    settings["adam_betas"] = list(config.adam_betas)
     shape = {
         "layout": data.layout,
         "rows": len(data),
@@ -342,6 +383,7 @@ def setup(
     init_seed: int | None = None,
     eval_data: PackedData | None = None,
     eval_reference: ReferenceLogps | ReferenceCache | None = None,
+    base_model: str | None = None,
 ) -> Run:
     """Check the data and model (the settings were checked by `check_config`), refuse a
     checkpoint this run cannot continue, check every row (and every pair against stored
@@ -349,16 +391,25 @@ def setup(
     Arguments as for `train`; under torchrun, inside the process group.
 
     Raises:
-        ValueError: a reference (model or log-probs) given with a reference-free loss; as
+        ValueError: a reference (model or log-probs) given with a reference-free loss, a
+            reference model given with LoRA, a LoRA target the model does not have; as
             for `train`.
     """
     loss_fn = loss_of(config)
     reference_free = loss_fn.is_reference_free
+    lora = lora_settings(config)
     if reference_free and (reference is not None or eval_reference is not None):
         raise ValueError(
             f"loss {config.loss} is reference-free: it takes no reference model or log-probs"
         )
+    if lora is not None:
+        resolve_targets(model, lora.targets)  # raises naming the model's projections
     ref_model = reference if isinstance(reference, nn.Module) else None
+    if ref_model is not None and lora is not None:
+        raise ValueError(
+            "--lora-rank: the live reference is the policy with its adapters off; give no "
+            "reference model (a second copy of the weights is what LoRA saves)"
+        )
     if ref_model is not None:  # a live reference, given (a sharded policy is not copied)
         if model_fingerprint(ref_model) != model_fingerprint(model):
             raise ValueError(
@@ -366,10 +417,15 @@ def setup(
                 "live reference must be the policy's starting point"
             )
         reference = None
-    elif reference is None and is_sharded(model) and not reference_free:
+    elif reference is None and is_sharded(model) and not reference_free and lora is None:
         raise ValueError(
             "a policy loaded sharded cannot be copied into the live reference: give the "
             "reference model loaded the same way, or stored log-probs"
+        )
+    if is_sharded(model) and lora is not None and not has_adapters(model):
+        raise ValueError(
+            "--lora-rank: a policy loaded sharded must get its adapters before sharding "
+            "(training.parallel.load_sharded's lora)"
         )
     world, rank = world_and_rank()
     device = resolve_device(config.device)
@@ -384,6 +440,7 @@ def setup(
         torch.cuda.set_device(device)
     use_gpu_defaults(device)
     rows_per_step = config.batch_rows * config.grad_accum * world
+    # The base's fingerprint (adapters are never part of it), before any step or resume.
     inputs = _inputs(data, model, init_seed, reference, reference_free)
     record = _run_record(config, data, rows_per_step, inputs)
     checkpoint = _agreed_checkpoint(config.out_dir, record)
@@ -395,27 +452,37 @@ def setup(
         reference.check_covers(data)
     config.out_dir.mkdir(parents=True, exist_ok=True)
 
-    # The live reference is the initial policy: copy it before resuming changes the weights.
-    if reference is None and not reference_free:
+    # The live reference is the initial policy: copy it before resuming changes the weights
+    # (LoRA: no copy, the frozen base is the reference with the adapters off).
+    if reference is None and not reference_free and lora is None:
         if ref_model is None:
             ref_model = copy.deepcopy(model)
         ref_model = ref_model.requires_grad_(False).eval()
         ref_model = prepare(ref_model, config.parallel, device, config.precision, False)
+    if lora is not None:
+        if has_adapters(model):  # added before sharding (`load_sharded`)
+            check_adapters(model, lora)
+        else:  # before compile and DDP/FSDP, which must see the adapters
+            add_adapters(model, lora)
+            fill_tensors(model, initial_adapters(model, lora.seed))
     model.activation_checkpointing = config.activation_checkpointing
     model.logits_chunk = config.logits_chunk
     backend = resolve_backend(config.backend, device, config.precision)
     if config.compile:  # flat batches change length every step: dynamic shapes from the start
         model.compile_blocks(dynamic=True if backend in FLAT_BACKENDS else None)
     policy = prepare(model, config.parallel, device, config.precision)
-    # Stored log-probs computed now, by all ranks, with the initial weights.
+    # Stored log-probs computed now, by all ranks, with the initial weights (LoRA: the base).
     initial = (ref_model if ref_model is not None else model, inputs["model_fingerprint"])
-    if isinstance(reference, ReferenceCache):
-        reference = _initial_logps(initial, data, reference, config, backend, device)
-    if eval_data is not None and not reference_free:
-        eval_reference = _initial_logps(initial, eval_data, eval_reference, config, backend, device)
+    with adapters_off(model):
+        if isinstance(reference, ReferenceCache):
+            reference = _initial_logps(initial, data, reference, config, backend, device)
+        if eval_data is not None and not reference_free:
+            eval_reference = _initial_logps(
+                initial, eval_data, eval_reference, config, backend, device
+            )
     model.train()
     optimizer = torch.optim.AdamW(
-        model.parameters(),
+        [p for p in model.parameters() if p.requires_grad],  # LoRA: the adapters alone
         lr=config.lr,
         betas=config.adam_betas,
         weight_decay=config.weight_decay,
@@ -439,6 +506,8 @@ def setup(
         sft=ChosenNLL(config.sft_weight) if config.sft_weight else None,
         record=record,
         start=0,
+        lora=lora,
+        base_model=base_model,
     )
     if checkpoint is not None:
         run.start = _resume(run, checkpoint)
@@ -500,13 +569,20 @@ def _barrier(run: Run) -> None:
 def save_checkpoint(run: Run, step: int) -> None:
     """HF folder (rank 0) + optimizer state (DCP, every rank its shard) + trainer state,
     all written into rank 0's `atomic_directory`, so the folder appears complete or not at
-    all. A collective: every rank calls it."""
+    all. A LoRA run writes its adapter (PEFT's layout, fp32) where the HF folder goes: the
+    frozen base is the run's input, named by the fingerprint in the trainer state. A
+    collective: every rank calls it."""
     final = run.config.out_dir / "checkpoints" / f"step_{step:06d}"
     with atomic_directory(final) if run.rank == 0 else contextlib.nullcontext() as own:
         tmp = Path(from_rank0(lambda: str(own)))  # rank 0's temp directory, on every rank
-        write_full_weights(
-            run.model, run.rank, lambda weights: write_pretrained(run.model, tmp, tensors=weights)
-        )
+        if run.lora is not None:
+            _write_adapter(run, tmp, torch.float32)
+        else:
+            write_full_weights(
+                run.model,
+                run.rank,
+                lambda weights: write_pretrained(run.model, tmp, tensors=weights),
+            )
         _barrier(run)
         save_optimizer(run.model, run.optimizer, tmp / OPTIMIZER_DIR)
         _barrier(run)
@@ -568,7 +644,10 @@ def _resume(run: Run, ckpt: Path) -> int:
     """Load `ckpt` (checked by `_checkpoint_to_resume`) and return the steps it holds."""
     out_dir = run.config.out_dir
     saved = json.loads((ckpt / STATE_NAME).read_text())
-    fill_weights(run.model, ckpt)
+    if run.lora is not None:  # the base is this run's own (its fingerprint was checked)
+        fill_tensors(run.model, read_adapter(ckpt, run.model))
+    else:
+        fill_weights(run.model, ckpt)
     load_optimizer(run.model, run.optimizer, ckpt / OPTIMIZER_DIR)
     step = int(saved["step"])
     metrics = out_dir / METRICS_NAME
@@ -583,16 +662,42 @@ def _resume(run: Run, ckpt: Path) -> int:
 
 
 def _reference_logps(run: Run, batch: Batch) -> PairLogps | None:
-    """Stored log-probs, or the frozen model's, computed without any autograd state; None
-    for a reference-free loss."""
+    """Stored log-probs, or the frozen model's (LoRA: the policy's own base, adapters
+    off), computed without any autograd state; None for a reference-free loss."""
     if run.loss_fn.is_reference_free:
         return None
     if run.reference is not None:
         return run.reference.lookup(batch.pair_ids, run.device)
-    with torch.inference_mode():
-        ref = pair_logps(run.ref_model, batch)
+    if run.ref_model is not None:
+        with torch.inference_mode():
+            ref = pair_logps(run.ref_model, batch)
+    else:
+        # The unwrapped module (DDP's hooks are for the training pass); no_grad rather than
+        # inference mode under FSDP2, whose gathered parameters the training pass reuses.
+        no_autograd = torch.no_grad() if is_sharded(run.model) else torch.inference_mode()
+        with adapters_off(run.model), no_autograd:
+            ref = pair_logps(run.model, batch)
     # Clones outside inference mode are ordinary tensors the loss may save for backward.
     return PairLogps(chosen=ref.chosen.clone(), rejected=ref.rejected.clone())
+
+
+@contextlib.contextmanager
+def _dropout_masks(run: Run, step: int, micro: int) -> Iterator[None]:
+    """Inside the block, the global torch generator is seeded by (seed, step, the
+    micro-batch's slice of the global batch), and restored after: LoRA's dropout masks are
+    then a function of the rows' place in the run, so a resumed run and any split of the
+    global batch over processes and micro-batches (slice `micro * world + rank`) draw the
+    masks the uninterrupted one-process run drew. Nothing else draws; without LoRA
+    dropout the generator is left alone."""
+    if run.lora is None or not run.lora.dropout:
+        yield
+        return
+    part = micro * run.world + run.rank
+    seed = int(np.random.SeedSequence([run.config.seed, step, part]).generate_state(1)[0])
+    cuda = [run.device.index or 0] if run.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
 
 
 def train_step(run: Run, step: int) -> dict[str, float]:
@@ -614,7 +719,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
             micro_rows, data.layout, run.backend, data.block_size, device, pad_to=data.max_len
         )
         last = micro == config.grad_accum - 1
-        with autocast(device, config.precision):
+        with autocast(device, config.precision), _dropout_masks(run, step, micro):
             ref = _reference_logps(run, batch)
             with gradient_sync(run.policy, enabled=last or run.world == 1):
                 logps = pair_logps(run.policy, batch)
@@ -780,22 +885,71 @@ def fit(run: Run, on_step: Callable[[dict[str, float]], None] | None = None) -> 
 
 
 def export(
-    run: Run, tokenizer: str | Path | ExportTokenizer | None = None, card: str | None = None
+    run: Run,
+    tokenizer: str | Path | ExportTokenizer | None = None,
+    card: str | None = None,
+    adapter_card: str | None = None,
 ) -> Path:
     """Write `out_dir/final` from the full weights (rank 0; a collective under FSDP), with
     the tokenizer files (`training.checkpoint.save_pretrained`) and the model card `card`
-    (README.md) when given."""
+    (README.md) when given.
+
+    A LoRA run writes `final/` as the merged model (base + scaling B A, the base's
+    architecture) and the adapter in `final/adapter/` (PEFT's layout, with `adapter_card`
+    as its README.md); with `--no-lora-merge`, `final/` is the adapter alone beside the
+    tokenizer files, generation_config.json and `card` (no config.json: it is not a
+    model folder).
+    """
     final = run.config.out_dir / "final"
     dtype = getattr(torch, run.config.export_dtype)
-    write_full_weights(
-        run.model,
-        run.rank,
-        lambda weights: save_pretrained(
-            run.model, final, tokenizer, dtype, tensors=weights, readme=card
-        ),
-    )
+    if run.lora is None:
+        write_full_weights(
+            run.model,
+            run.rank,
+            lambda weights: save_pretrained(
+                run.model, final, tokenizer, dtype, tensors=weights, readme=card
+            ),
+        )
+        _barrier(run)
+        return final
+    with atomic_directory(final) if run.rank == 0 else contextlib.nullcontext() as own:
+        tmp = Path(from_rank0(lambda: str(own)))  # rank 0's temp directory, on every rank
+        if run.config.lora_merge:
+            write_full_weights(
+                run.model,
+                run.rank,
+                lambda weights: write_pretrained(
+                    run.model, tmp, tokenizer, dtype, tensors=weights, readme=card
+                ),
+                merged_tensors(run.model),
+            )
+            if run.rank == 0:
+                (tmp / ADAPTER_DIR).mkdir()
+            _write_adapter(run, tmp / ADAPTER_DIR, dtype, adapter_card)
+        else:
+            extra = {}  # the tokenizer files and card, first: they may fail
+            if run.rank == 0:
+                extra = companion_files(export_config(run.model, dtype), tokenizer, card)
+            _write_adapter(run, tmp, dtype)
+            if run.rank == 0:
+                write_companions(tmp, extra, tokenizer)
+        _barrier(run)
     _barrier(run)
     return final
+
+
+def _write_adapter(run: Run, folder: Path, dtype: torch.dtype, card: str | None = None) -> None:
+    """The run's adapter in PEFT's layout into the existing `folder` (rank 0; a collective:
+    the adapters are gathered one at a time), with `card` as README.md when given."""
+    assert run.lora is not None
+    config = adapter_config(run.model, run.lora, run.base_model)
+
+    def write(tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+        write_adapter(folder, config, tensors, dtype)
+        if card is not None:
+            (folder / README_NAME).write_text(card)
+
+    write_full_weights(run.model, run.rank, write, adapter_tensors(run.model))
 
 
 def release(run: Run) -> None:
@@ -815,6 +969,7 @@ def train(
     eval_reference: ReferenceLogps | ReferenceCache | None = None,
     tokenizer: str | Path | ExportTokenizer | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
+    base_model: str | None = None,
 ) -> Path:
     """Train `model` with the configured preference loss and export it.
 
@@ -825,11 +980,12 @@ def train(
             so that a resume from other shards (of the same row count) is refused.
         model: the initial policy, fp32 on CPU (or loaded sharded by
             `training.parallel.load_sharded`); also the reference unless `reference` or
-            a reference-free loss.
+            a reference-free loss. With `--lora-rank` it gets its adapters in place.
         reference: stored reference log-probs covering every pair of `data`, a cache to
             compute them into first (with the initial weights, on all ranks), or the
             frozen reference model itself (required for a policy loaded sharded, which
-            cannot be copied; load it the same way with `trainable=False`). None for a
+            cannot be copied; load it the same way with `trainable=False`; not with LoRA,
+            whose live reference is the policy with its adapters off). None for a
             reference-free loss (`--loss simpo` or `orpo`), which refuses one.
         init_seed: the seed of a random init (recorded: a resume must match it); None for
             a loaded model. The model's fingerprint and the reference's key are recorded
@@ -843,6 +999,8 @@ def train(
             (`training.checkpoint.save_pretrained`).
         on_step: called on rank 0 with each step's metrics (the metrics.jsonl line), after
             the line is written; a progress sink (e.g. `training.report.PipesReporter`).
+        base_model: with `--lora-rank`, the `base_model_name_or_path` the adapter names
+            (the folder or hub id `model` was loaded from; None: not named).
 
     Returns:
         The exported Hugging Face folder `out_dir/final`.
@@ -856,7 +1014,9 @@ def train(
     device = resolve_device(config.device)
     check_config(config, device)
     with process_group(device):
-        run = setup(config, data, model, reference, init_seed, eval_data, eval_reference)
+        run = setup(
+            config, data, model, reference, init_seed, eval_data, eval_reference, base_model
+        )
         try:
             fit(run, on_step)
             return export(run, tokenizer)

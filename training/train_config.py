@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
-from pipeline.flags import SettingError, setting, setting_problems
+from pipeline.flags import SettingError, flag_name, setting, setting_problems
 
 Backend = Literal["auto", "dense", "segments", "varlen", "flex"]
 BACKENDS: tuple[Backend, ...] = get_args(Backend)
@@ -38,6 +38,21 @@ REFERENCE_VERSION = "1"
 # kernel, an initialisation). Here, torch-free, so the Dagster keys can include both.
 TRAINER_VERSION = "1"
 DEFAULT_WARMUP_STEPS = 10  # clamped to `steps` when `warmup_steps` is not given
+# The projections LoRA can adapt (`training/lora.py`), by the names of the Hugging Face
+# checkpoints: attention and MLP, Phi-3's fused ones last; `all-linear` (PEFT's word): every
+# one of them the model has.
+LORA_TARGETS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "qkv_proj",
+    "gate_up_proj",
+)
+ALL_LINEAR = "all-linear"
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -105,7 +120,35 @@ class TrainConfig:
         1.0, "gradient clipping; 0 disables it (the norm is still logged)", ge=0
     )
     seed: int = setting(
-        0, "row order (nothing else is random: no dropout; model init is seeded apart)", ge=0
+        0,
+        "row order, and with LoRA the adapters' init and dropout masks (nothing else is "
+        "random; a --config model's init is seeded apart)",
+        ge=0,
+    )
+    # LoRA (Hu et al. 2021, arXiv:2106.09685): frozen weights plus trained low-rank adapters
+    lora_rank: int = setting(
+        0,
+        "LoRA: train rank-R adapters beside the frozen weights; the live reference is the "
+        "same weights with the adapters off (no copy) and only the adapters get optimizer "
+        "state (0: full fine-tuning)",
+        ge=0,
+    )
+    lora_alpha: float = setting(16.0, "LoRA: the adapters' output is scaled by alpha / rank", gt=0)
+    lora_dropout: float = setting(
+        0.0,
+        "LoRA: dropout on the adapters' input (masks seeded per step: resume is exact)",
+        ge=0,
+        lt=1,
+    )
+    lora_targets: tuple[str, ...] = setting(
+        (ALL_LINEAR,),
+        f"LoRA: the projections that get adapters, by name ({' '.join(LORA_TARGETS)}), or "
+        f"{ALL_LINEAR}: every attention and MLP projection the model has",
+    )
+    lora_merge: bool = setting(
+        True,
+        "LoRA export: final/ is the merged model (base + adapters) and final/adapter/ the "
+        "adapter (PEFT); --no-lora-merge: final/ is the adapter alone, with the tokenizer files",
     )
     # precision and memory
     precision: Precision = setting("fp32", "bf16: autocast on CUDA with fp32 master weights")
@@ -160,9 +203,40 @@ class TrainConfig:
                 f"--sft-weight {self.sft_weight:g}: --loss orpo holds the chosen NLL already "
                 "(weight 1); leave --sft-weight at 0"
             )
+        problems += _lora_problems(self)
         if self.warmup_steps > self.steps:
             problems.append(
                 f"--warmup-steps must be at most --steps ({self.steps}), got {self.warmup_steps}"
             )
         if problems:
             raise SettingError("; ".join(problems))
+
+
+def _lora_problems(config: TrainConfig) -> list[str]:
+    """LoRA settings that cannot be meant: unknown target names, or settings given without
+    --lora-rank, which would silently train every weight."""
+    targets = config.lora_targets
+    problems = []
+    unknown = [t for t in targets if t not in (*LORA_TARGETS, ALL_LINEAR)]
+    if unknown:
+        problems.append(
+            f"--lora-targets {' '.join(unknown)}: not a projection name; choose among "
+            f"{' '.join(LORA_TARGETS)}, or {ALL_LINEAR}"
+        )
+    elif ALL_LINEAR in targets and len(targets) > 1:
+        problems.append(f"--lora-targets {ALL_LINEAR} stands alone: it names every projection")
+    elif len(set(targets)) < len(targets):
+        problems.append(f"--lora-targets {' '.join(targets)}: a projection named twice")
+    if not config.lora_rank:
+        fields = TrainConfig.__dataclass_fields__
+        given = [
+            flag_name(fields[name]) if value is not False else "--no-lora-merge"
+            for name in ("lora_alpha", "lora_dropout", "lora_targets", "lora_merge")
+            if (value := getattr(config, name)) != fields[name].default
+        ]
+        if given:
+            problems.append(
+                f"{', '.join(given)} without --lora-rank: LoRA is off (rank 0) and every "
+                "weight would train; give --lora-rank R"
+            )
+    return problems

@@ -1,5 +1,6 @@
 """The prepared GPU benchmark stays runnable: its FLOP accounting against the definition
-mask, and its whole code path on the CPU (`--smoke`: tiny model, segments and padded)."""
+mask, and its whole code path on the CPU (`--smoke`: tiny model, segments and padded, and
+LoRA against the live reference on the first dataset)."""
 
 from __future__ import annotations
 
@@ -41,4 +42,11 @@ def test_smoke_run_writes_numbers_for_every_run(tmp_path: Path) -> None:
             assert "error" not in run, run
             assert run["pairs/s"] > 0 and run["timed_steps"] >= 1
             assert all(np.isfinite(run["losses"]))
+        assert set(results[label]["shared/padded pairs/s"]) == {"segments"}  # not LoRA's
         assert results[label]["shared/padded pairs/s"]["segments"] > 0
+    lora = [r for r in results["UltraFeedback-like"]["runs"] if r["lora_rank"]]
+    assert [(r["label"], r["reference"]) for r in lora] == [
+        ("segments LoRA r4 live reference", "live")
+    ]
+    assert lora[0]["trainable_parameters"] < 100_000  # the adapters alone
+    assert lora[0]["losses"][0] == pytest.approx(np.log(2), abs=1e-6)  # the base, at step 1

@@ -5,6 +5,9 @@
   `test_train.py`, one row per process per step (a global batch of 2 rows), for `STEPS`
   steps with a checkpoint every `CHECKPOINT_EVERY` (resuming from OUT when it holds one),
   evaluating on `worker_eval_data()` every `EVAL_EVERY` steps and at the end.
+- `lora`: `train` with LoRA adapters of rank `LORA_RANK` and dropout `LORA_DROPOUT`
+  (`test_lora.py`); each rank then writes whether its part of the base weights is still
+  the initial model's, bit for bit, to OUT/base-rank<R>.json.
 - `reference`: computes the reference log-probs of `REFERENCE_ROWS` with the model sharded
   or replicated by PARALLEL; rank 0 writes them to OUT (Arrow).
   Each rank writes where its parameters live to OUT's folder (`layout-rank<R>.json`).
@@ -31,6 +34,7 @@ from torch.distributed.tensor import DTensor
 
 from tests.training.pairs import varied_rows
 from training.batch import PackedRows
+from training.checkpoint import hf_state_dict
 from training.configs import small, tiny
 from training.device import resolve_device
 from training.model import CausalLM
@@ -49,6 +53,8 @@ EVAL_EVERY = 2
 LR = 1e-3
 REFERENCE_ROWS = 11  # shares of 5 and 6 rows: the short share runs a padding pass
 REFERENCE_BATCH_ROWS = 5
+LORA_RANK = 4
+LORA_DROPOUT = 0.1
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -133,6 +139,21 @@ def layout(model: torch.nn.Module) -> dict:
     }
 
 
+def base_unchanged(model: CausalLM, initial: CausalLM, rank: int, world: int) -> bool:
+    """Whether this rank's part of every base weight (its dim-0 chunk of a sharded one)
+    equals the initial model's bit for bit (no collective: the group is gone after
+    `train`)."""
+    now, then = hf_state_dict(model), initial.state_dict()
+    for key, tensor in now.items():
+        want = then[key]
+        if isinstance(tensor, DTensor):
+            chunks = torch.chunk(want, world, dim=0)
+            want, tensor = chunks[rank] if rank < len(chunks) else want[:0], tensor.to_local()
+        if not torch.equal(tensor, want):
+            return False
+    return True
+
+
 def shard_peak(out: Path) -> None:
     """On 2 GPUs: shard a 16-block model (12M parameters, 3% of them in the small
     embedding), built on the CPU, onto this rank's GPU; write this rank's peak CUDA memory
@@ -155,6 +176,16 @@ if __name__ == "__main__":
         config = worker_config(out, batch_rows=1, parallel=parallel)
         data = PackedRows(varied_rows(0, "shared"), "shared", 16, 512)
         train(config, data, seeded_model(), eval_data=worker_eval_data())
+    elif mode == "lora":
+        config = worker_config(
+            out, batch_rows=1, parallel=parallel, lora_rank=LORA_RANK, lora_dropout=LORA_DROPOUT
+        )
+        data = PackedRows(varied_rows(0, "shared"), "shared", 16, 512)
+        model = seeded_model()
+        train(config, data, model, eval_data=worker_eval_data())
+        rank = int(os.environ["RANK"])
+        unchanged = base_unchanged(model, seeded_model(), rank, int(os.environ["WORLD_SIZE"]))
+        (out / f"base-rank{rank}.json").write_text(json.dumps({"base_unchanged": unchanged}))
     elif mode == "reference":
         dist.init_process_group("gloo")
         model = seeded_model()

@@ -85,6 +85,9 @@ def test_every_train_config_field_is_a_flag() -> None:
         elif typing.get_origin(hint) is typing.Literal:
             expected[name] = next(c for c in typing.get_args(hint) if c != default)
             argv += [flag, expected[name]]
+        elif typing.get_origin(hint) is tuple and typing.get_args(hint)[0] is str:
+            expected[name] = ("q_proj", "v_proj")  # names (--lora-targets), not numbers
+            argv += [flag, *expected[name]]
         elif typing.get_origin(hint) is tuple:
             expected[name] = (0.5, 0.75)
             argv += [flag, "0.5", "0.75"]
