@@ -1,5 +1,6 @@
 """The README's step-by-step block runs as written, on the bundled samples; every other
-`prefpack` command it shows parses with the real parser; every file it links exists."""
+`prefpack` command it and the reference pages in docs/ show parses with the real parser;
+every file they link exists; the README stays a five-minute read."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ import prefpack
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text(encoding="utf-8")
+DOCS = {path: path.read_text(encoding="utf-8") for path in sorted((REPO / "docs").glob("*.md"))}
+PAGES = {REPO / "README.md": README, **DOCS}  # every page a reader opens
+README_LINES = 250  # what a newcomer reads in five minutes; the reference is in docs/
 
 
 def _step_by_step_block() -> str:
@@ -45,10 +49,11 @@ def test_step_by_step_block_runs(tmp_path: Path) -> None:
 
 
 def _prefpack_commands() -> list[str]:
-    """The arguments of every `prefpack` command in the README's bash blocks: continuation
+    """The arguments of every `prefpack` command in the pages' bash blocks: continuation
     lines joined, comments cut, `$(prefpack ...)` and `torchrun ... -m prefpack` included."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+    blocks = [b for text in PAGES.values() for b in re.findall(r"```bash\n(.*?)```", text, re.S)]
+    for block in blocks:
         for line in re.sub(r"\\\n\s*", " ", block).splitlines():
             code = line.split(" #")[0]
             match = re.search(r"(?:^|\s|\$\()prefpack (\w.*)", code)
@@ -73,14 +78,28 @@ def test_every_prefpack_command_shown_parses() -> None:
 
 
 def test_every_linked_file_exists() -> None:
-    links = re.findall(r"\]\(((?!https?:)[^)#\s]+)\)", README)
-    assert "docs/plots/trained_model-loss_plot.png" in links
-    assert [link for link in links if not (REPO / link).exists()] == []
+    """Relative links resolve from the page that holds them, README and docs alike."""
+    missing = []
+    for path, text in PAGES.items():
+        for link in re.findall(r"\]\(((?!https?:)[^)#\s]+)\)", text):
+            if not (path.parent / link).exists():
+                missing.append(f"{path.name}: {link}")
+    assert missing == []
+    assert (
+        "docs/design.md" in README
+        and "plots/trained_model-loss_plot.png" in DOCS[REPO / "docs" / "dagster.md"]
+    )
+
+
+def test_the_readme_is_short_and_every_docs_page_is_linked() -> None:
+    assert len(README.splitlines()) <= README_LINES
+    linked = set(re.findall(r"\]\(docs/([\w-]+\.md)", README))
+    assert linked == {path.name for path in DOCS}
 
 
 def test_every_dagster_home_shown_is_absolute() -> None:
     """Dagster refuses a relative $DAGSTER_HOME (`must be an absolute path`), so a command
     shown with one would fail as written."""
-    shown = re.findall(r"DAGSTER_HOME=(\S+)", README)
+    shown = [v for text in PAGES.values() for v in re.findall(r"DAGSTER_HOME=(\S+)", text)]
     assert shown
     assert [v for v in shown if not v.lstrip('"').startswith(("/", "$PWD", "$(pwd)"))] == []
