@@ -1,13 +1,21 @@
-"""Throughput and peak memory of normalize + curate on UltraFeedback-shaped rows.
+"""Time and peak memory of normalize and curate, per stage, on UltraFeedback-shaped rows.
 
-    python -m benchmarks.normalize_curate [--rows 100000]
+    python -m benchmarks.normalize_curate [--rows 100000 1000000 10000000] [--label after]
+        [--code DIR] [--data /tmp/prefpack_bench] [--keep]
     python -m benchmarks.normalize_curate --ingest LABEL [--data /tmp/prefpack_bench] [--mib 1024]
 
-The first form generates a seeded Parquet file in the UltraFeedback-binarized schema
-(prompt, prompt_id, chosen/rejected and messages as conversations, scores; ~10% ties, ~2%
-duplicates), then runs normalize and curate (default config plus a 1,000-prompt
-contamination check) in a fresh process, so the peak resident memory is that of the stages,
-not of the generator. It writes benchmarks/results/normalize_curate.json.
+The first form, for each size: generates a seeded Parquet file in the UltraFeedback-binarized
+schema (prompt, prompt_id, chosen/rejected and messages as conversations, scores; ~10% ties,
+~2% duplicates), written batch by batch so that ten million rows take the memory of a
+hundred thousand; then runs `prefpack normalize` and `prefpack curate` on it (curate with
+the default rules plus a 1,000-prompt contamination check; and, with `--compare-rules`,
+again with the rules that compare pairs on: near-duplicates, a per-prompt cap, a
+chosen-longer share and a 5% eval split), each stage in a fresh process, and records its
+wall time and peak resident memory (`wait4`'s `ru_maxrss`: that process alone). The
+generated files and outputs are deleted afterwards unless `--keep`; a kept input is reused.
+`--code DIR` runs the stages from another checkout (e.g. `git archive` of an older commit)
+on the same input, for a before/after comparison on one machine. The numbers go to
+benchmarks/results/normalize_curate.json under `runs.<label>.<rows>`; other labels stay.
 
 The second form measures normalize alone: the 100k binarized rows as Parquet and as JSON
 lines (where ingest does the work), and a raw-UltraFeedback-shaped JSONL of about `--mib`
@@ -23,9 +31,9 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -63,11 +71,13 @@ def _text_maker(rng: np.random.Generator):
     return texts
 
 
-def generate(rows: int, seed: int, path: Path, jsonl: bool = False) -> None:
-    """Write `rows` UltraFeedback-binarized rows to `path` (Parquet, or JSON lines)."""
-    rng = np.random.default_rng(seed)
-    texts = _text_maker(rng)
+CHUNK_ROWS = 100_000  # rows generated and written at once
 
+
+def _chunk(rows: int, first: int, rng: np.random.Generator) -> pa.Table:
+    """`rows` UltraFeedback-binarized rows, prompt ids from `first` on; ~2% repeat a row of
+    this chunk."""
+    texts = _text_maker(rng)
     prompts = texts(rows, 1, 4)
     duplicates = rng.random(rows) < 0.02
     source = rng.integers(0, rows, size=rows)
@@ -80,16 +90,16 @@ def generate(rows: int, seed: int, path: Path, jsonl: bool = False) -> None:
     score_rejected = np.where(tie, score_chosen, rng.choice([2.0, 3.0, 4.5, 5.0, 6.0], rows))
 
     def conversation(answers: list[str]) -> pa.Array:
-        pairs = [
-            [{"content": p, "role": "user"}, {"content": a, "role": "assistant"}]
-            for p, a in zip(prompts, answers, strict=True)
-        ]
-        return pa.array(pairs)
+        """[user prompt, assistant answer] per row, built columnar (no dict per message)."""
+        contents = pa.array([text for pair in zip(prompts, answers, strict=True) for text in pair])
+        roles = pa.array(["user", "assistant"] * rows)
+        messages = pa.StructArray.from_arrays([contents, roles], names=["content", "role"])
+        return pa.ListArray.from_arrays(pa.array(np.arange(0, 2 * rows + 1, 2, np.int32)), messages)
 
-    table = pa.table(
+    return pa.table(
         {
             "prompt": prompts,
-            "prompt_id": [f"{i:064x}" for i in range(rows)],
+            "prompt_id": [f"{i:064x}" for i in range(first, first + rows)],
             "chosen": conversation(chosen),
             "rejected": conversation(rejected),
             "messages": conversation(chosen),
@@ -97,12 +107,30 @@ def generate(rows: int, seed: int, path: Path, jsonl: bool = False) -> None:
             "score_rejected": score_rejected,
         }
     )
+
+
+def generate(rows: int, seed: int, path: Path, jsonl: bool = False) -> None:
+    """Write `rows` UltraFeedback-binarized rows to `path` (Parquet, or JSON lines), a chunk
+    of `CHUNK_ROWS` at a time, so any size takes one chunk's memory. The first chunk is
+    seeded by `seed` (the file of earlier versions at 100k rows), chunk k by (seed, k)."""
+    chunks = (
+        _chunk(
+            min(CHUNK_ROWS, rows - first), first, np.random.default_rng([seed, k] if k else seed)
+        )
+        for k, first in enumerate(range(0, rows, CHUNK_ROWS))
+    )
     if jsonl:
         with path.open("w", encoding="utf-8") as out:
-            for row in table.to_pylist():
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
-    else:
-        pq.write_table(table, path, compression="zstd")
+            for table in chunks:
+                for row in table.to_pylist():
+                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        return
+    writer = None
+    for table in chunks:
+        writer = writer or pq.ParquetWriter(path, table.schema, compression="zstd")
+        writer.write_table(table)
+    assert writer is not None, "no rows to generate"
+    writer.close()
 
 
 def generate_ultrafeedback(mib: int, seed: int, path: Path) -> None:
@@ -213,40 +241,104 @@ def ingest_benchmark(label: str, data: Path, rows: int, mib: int, seed: int) -> 
     return results
 
 
-def measure(path: Path, eval_path: Path) -> dict:
-    """Run normalize + curate on `path`; timings and this process's peak memory."""
-    from pipeline.curate import CurateConfig, curate
-    from pipeline.normalize import normalize
+# Curate again with every rule that compares pairs on (`--compare-rules`).
+COMPARE_RULES = [
+    "--near-dup-threshold",
+    "0.8",
+    "--max-pairs-per-prompt",
+    "2",
+    "--max-chosen-longer-share",
+    "0.5",
+    "--eval-share",
+    "0.05",
+]
 
-    evals = json.loads(eval_path.read_text())
+
+def run_stage(argv: list[str], code: Path, log: Path) -> dict:
+    """Run `prefpack ARGV` from checkout `code` in a fresh process: wall seconds and that
+    process's peak resident memory (`wait4`, so no other process counts)."""
+    env = {**os.environ, "PYTHONPATH": str(code)}
     start = time.perf_counter()
-    normalized = normalize("ultrafeedback_binarized", path)
-    mid = time.perf_counter()
-    curated = curate(normalized.pairs, CurateConfig(), evals)
-    end = time.perf_counter()
-    rows = normalized.report["rows_in"]
-    return {
-        "rows": rows,
-        "pairs_out": normalized.report["pairs_out"],
-        "curated_out": curated.report["rows_out"],
-        "dropped": {k: v for k, v in curated.report["dropped"].items() if v},
-        "normalize_s": round(mid - start, 3),
-        "curate_s": round(end - mid, 3),
-        "total_s": round(end - start, 3),
-        "rows_per_s": round(rows / (end - start)),
-        "normalize_rows_per_s": round(rows / (mid - start)),
-        "curate_rows_per_s": round(normalized.report["pairs_out"] / (end - mid)),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "arrow_peak_mib": round(pa.default_memory_pool().max_memory() / 2**20, 1),
-        "input_parquet_mib": round(path.stat().st_size / 2**20, 1),
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "prefpack", *argv], cwd=code, env=env, stdout=out, stderr=out
+        )
+        _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"prefpack {argv[0]} failed:\n{log.read_text()[-3000:]}")
+    return {"s": round(seconds, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+
+
+def _mib(path: Path) -> float:
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+    return round(sum(p.stat().st_size for p in files) / 2**20, 1)
+
+
+def measure(rows: int, args: argparse.Namespace) -> dict:
+    """Generate (or reuse) `rows` rows, then normalize and curate them stage by stage."""
+    data = args.data / f"binarized_{rows}"
+    data.mkdir(parents=True, exist_ok=True)
+    source, evals = data / "train_prefs.parquet", data / "eval_prompts.txt"
+    result: dict = {"rows": rows}
+    if not source.exists():
+        start = time.perf_counter()
+        partial = source.with_name(source.name + ".partial")
+        generate(rows, args.seed, partial)
+        partial.rename(source)
+        result["generate_s"] = round(time.perf_counter() - start, 1)
+    eval_rng = np.random.default_rng(args.seed + 1)
+    evals.write_text("".join(" ".join(eval_rng.choice(WORDS, size=20)) + "\n" for _ in range(1000)))
+    result["input_parquet_mib"] = _mib(source)
+    code = (args.code or Path(__file__).resolve().parents[1]).resolve()
+    label = f"{args.label}_{rows}"
+    outs = {s: data / f"{s}_{args.label}" for s in ("normalize", "curate", "curate_compare_rules")}
+    curate = ["curate", "--pairs", str(outs["normalize"]), "--eval-prompts", str(evals)]
+    stages = {
+        "normalize": ["normalize", "--source", "ultrafeedback_binarized", "--input", str(source)],
+        "curate": curate,
     }
+    if args.compare_rules:
+        stages["curate_compare_rules"] = [*curate, *COMPARE_RULES]
+    for stage, argv in stages.items():
+        print(f"{label}: {stage} ...", flush=True)
+        out = outs[stage]
+        result[stage] = run_stage(
+            [*argv, "--out", str(out)], code, data / f"{stage}_{args.label}.log"
+        )
+        result[stage]["output_mib"] = _mib(out)
+        report = json.loads((out / "report.json").read_text())
+        if stage == "normalize":
+            result["pairs_out"] = report["pairs_out"]
+        else:
+            result[stage] |= {
+                "rows_out": report["rows_out"],
+                "eval_pairs": report["eval_pairs"],
+                "dropped": {k: v for k, v in report["dropped"].items() if v},
+            }
+        result[stage]["pairs_per_s"] = round(rows / result[stage]["s"])
+        print(f"{label}: {stage} {result[stage]}", flush=True)
+    if not args.keep:
+        shutil.rmtree(data)
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=100_000, help="rows to generate")
+    parser.add_argument(
+        "--rows", type=int, nargs="+", default=[100_000], help="sizes to generate and measure"
+    )
     parser.add_argument("--seed", type=int, default=0, help="generator seed")
-    parser.add_argument("--measure", type=Path, nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--label", default="after", help="name of this run in the results")
+    parser.add_argument(
+        "--code", type=Path, help="checkout whose `prefpack` runs the stages (default: this one)"
+    )
+    parser.add_argument(
+        "--compare-rules",
+        action="store_true",
+        help="also curate with near-duplicates, a prompt cap, a length share and an eval split",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep inputs and outputs (reused)")
     parser.add_argument("--normalize", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--ingest", metavar="LABEL", help="measure the JSONL cases as LABEL")
     parser.add_argument(
@@ -254,35 +346,27 @@ def main() -> None:
     )
     parser.add_argument("--mib", type=int, default=1024, help="size of the raw JSONL")
     args = parser.parse_args()
-    if args.measure:  # the child process
-        print(json.dumps(measure(*args.measure)))
-        return
     if args.normalize:  # the child process
         print(json.dumps(measure_normalize(args.normalize[0], Path(args.normalize[1]))))
         return
     if args.ingest:
-        result = ingest_benchmark(args.ingest, args.data, args.rows, args.mib, args.seed)
+        result = ingest_benchmark(args.ingest, args.data, args.rows[0], args.mib, args.seed)
         old = json.loads(INGEST_RESULTS.read_text()) if INGEST_RESULTS.exists() else {}
         INGEST_RESULTS.write_text(json.dumps({**old, args.ingest: result}, indent=2) + "\n")
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        path, eval_path = Path(tmp) / "train_prefs.parquet", Path(tmp) / "evals.json"
-        generate(args.rows, args.seed, path)
-        eval_rng = np.random.default_rng(args.seed + 1)
-        evals = [" ".join(eval_rng.choice(WORDS, size=20)) for _ in range(1000)]
-        eval_path.write_text(json.dumps(evals))
-        out = subprocess.run(
-            [sys.executable, "-m", "benchmarks.normalize_curate", "--measure", path, eval_path],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    result["cpu_count"] = len(os.sched_getaffinity(0))
-    for key, value in result.items():
-        print(f"{key:>22}: {value}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if "runs" not in results:  # the single-process layout of earlier versions
+        results = {"runs": {}, "earlier_layout": results or None}
+    results["machine"] = {
+        "cpu_count": len(os.sched_getaffinity(0)),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
+    }
+    run = results["runs"].setdefault(args.label, {})
+    run["code"] = str(args.code) if args.code else "this checkout"
+    for rows in args.rows:
+        run[str(rows)] = measure(rows, args)
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ JSON documents (a shard manifest, a stage report) are described field by field a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,29 +53,38 @@ class Contract:
         present = set(columns)
         return [f.name for f in self.schema if f.name not in present]
 
-    def conform(self, table: pa.Table, source: str = "table") -> pa.Table:
-        """Select the schema's columns in order and cast them to the schema's types.
+    def conform(
+        self, table: pa.Table, source: str = "table", columns: Sequence[str] | None = None
+    ) -> pa.Table:
+        """Select the schema's columns (or those of them in `columns`, for a reader that
+        needs only some) in schema order and cast them to the schema's types.
 
         Raises:
             ContractError: naming `source` and every missing column, or the column whose
                 type cannot be cast.
         """
-        missing = self.missing_columns(table.column_names)
+        fields = [f for f in self.schema if columns is None or f.name in columns]
+        missing = [
+            name
+            for name in self.missing_columns(table.column_names)
+            if columns is None or name in columns
+        ]
         if missing:
             raise ContractError(
                 f"{source}: missing column(s) for {self.name} v{self.version}: "
                 + ", ".join(missing)
             )
-        columns = []
-        for f in self.schema:
+        arrays = []
+        for f in fields:
             try:
-                columns.append(table.column(f.name).cast(f.type))
+                arrays.append(table.column(f.name).cast(f.type))
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
                 raise ContractError(
                     f"{source}: column {f.name!r} has type {table.schema.field(f.name).type}, "
                     f"{self.name} needs {f.type}: {err}"
                 ) from err
-        return pa.Table.from_arrays(columns, schema=self.schema)
+        schema = self.schema if columns is None else pa.schema(fields, self.schema.metadata)
+        return pa.Table.from_arrays(arrays, schema=schema)
 
     def _all_rules(self) -> dict[str, Rule]:
         rules: dict[str, Rule] = {}
@@ -118,9 +127,20 @@ class Contract:
                 of each.
         """
         table = self.conform(table, source)
-        labels = self.label(table).filter(pl.col("rule").is_not_null())
-        if labels.height:
-            first = labels.group_by("rule").agg(
+        self.check_labels(self.label(table), source)
+        return table
+
+    def check_labels(self, labels: pl.DataFrame, source: str = "table") -> None:
+        """Raise if `labels` (of `label`, maybe gathered batch by batch with `__row_index`
+        made the table's) holds a broken rule.
+
+        Raises:
+            ContractError: with the count of rows per broken rule and the first row index
+                of each.
+        """
+        broken = labels.filter(pl.col("rule").is_not_null())
+        if broken.height:
+            first = broken.group_by("rule").agg(
                 pl.len().alias("rows"), pl.col(ROW_INDEX).min().alias("first_row")
             )
             detail = "; ".join(
@@ -128,7 +148,6 @@ class Contract:
                 for r in first.sort("rule").iter_rows(named=True)
             )
             raise ContractError(f"{source}: {self.name} v{self.version} rules broken: {detail}")
-        return table
 
     def split(self, table: pa.Table, source: str = "table") -> tuple[pa.Table, pa.Table]:
         """Conform `table` and separate valid from invalid rows.

@@ -17,7 +17,8 @@ order, or a source's own splits; a unit is a near-duplicate group or a prompt.
 
 Version 2 added the eval split: `eval_pairs`, `eval_file`, `eval_split`, the sources'
 `eval_pairs` and the `shares_eval_prompt` reason; length bias `out` and attribute
-agreement are over the training pairs (`pairs.parquet`).
+agreement are over the training pairs (`pairs.parquet`). Version 3 added `--max-pairs`: the
+`over_max_pairs` reason and the config's `max_pairs`.
 
 Length bias is measured in characters (tokens are not known at curation), per source, on
 the pairs in and on the pairs out, so the effect of the rules shows: how many pairs have
@@ -31,7 +32,7 @@ from typing import Any
 
 from data_contracts.contract import ContractError, JsonSpec, check_fields
 
-VERSION = "2"
+VERSION = "3"
 
 # The curation rules in the order they run; each name is the drop reason of its pairs.
 REASONS = (
@@ -52,6 +53,7 @@ REASONS = (
     "score_below_min",
     "benchmark_prompt",
     "contaminated",
+    "over_max_pairs",
     "near_duplicate",
     "over_prompt_cap",
     "over_chosen_longer_share",

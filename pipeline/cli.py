@@ -86,7 +86,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "Every pair a rule drops goes to dropped.parquet with the rule as its reason. With "
         "--eval-share, --eval-pairs or --eval-splits, whole prompts (and near-duplicate "
         "groups) are held out in eval_pairs.parquet (always written; empty without a split): "
-        "pack them with `prefpack pack --pairs OUT --eval`.",
+        "pack them with `prefpack pack --pairs OUT --eval`. The rules run in the order the "
+        "report lists them; --max-pairs N samples N pairs (by content hash, seeded) after "
+        "the per-pair rules and dedup, before the rules that compare pairs with each other, "
+        "to try settings on a subset. The pairs are read in batches, so memory does not "
+        "grow with them.",
         epilog=summaries(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -122,7 +126,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _normalize(args: argparse.Namespace) -> int:
-    from pipeline.normalize import normalize, write_normalized
+    from pipeline.normalize import normalize_to
     from pipeline.sources import get_source
     from pipeline.sources.base import option_types, parse_option
 
@@ -135,21 +139,21 @@ def _normalize(args: argparse.Namespace) -> int:
                 f"bad option {item!r}; {args.source} takes {', '.join(types_)} as KEY=VALUE"
             )
         options[key] = parse_option(types_[key], value)
-    result = normalize(args.source, args.input, args.preset, **options)
-    out = write_normalized(result, args.out)
-    report = result.report
+    report = normalize_to(args.out, args.source, args.input, args.preset, **options)
     preset = f" (preset {args.preset})" if args.preset else ""
     print(
         f"{args.source}{preset}: {report['rows_in']} rows in, {report['pairs_out']} pairs, "
-        f"quarantined {report['quarantined']}, dropped {report['dropped']} -> {out}"
+        f"quarantined {report['quarantined']}, dropped {report['dropped']} -> {args.out}"
     )
     return 0
 
 
 def _curate(args: argparse.Namespace) -> int:
-    from pipeline.curate import CurateConfig, curate, load_eval_prompts, read_pairs, write_curated
+    import pyarrow as pa
+
+    from pipeline.curate import CurateConfig, Pairs, curate_to, load_eval_prompts
     from pipeline.flags import config_from
-    from pipeline.presets import curate_config, get_preset, with_preset
+    from pipeline.presets import curate_config, get_preset
 
     preset = None if args.preset is None else get_preset(args.preset)
     config_from(CurateConfig, args)  # the flags given, checked before any data is read
@@ -163,17 +167,20 @@ def _curate(args: argparse.Namespace) -> int:
             f"{preset.name} keeps prompts that ask one under other sources",
             file=sys.stderr,
         )
-    pairs = read_pairs(args.pairs)
-    result = curate(pairs, curate_config(preset, args, pairs), evals, benchmark)
-    out = write_curated(with_preset(result, preset), args.out)
-    report = result.report
+    pairs = Pairs.open(args.pairs)  # read batch by batch: any number of pairs
+    # What a preset's settings depend on: the pairs' sources and their scales.
+    sources = pa.table(
+        {"source": pairs.sources() if preset else []}, pa.schema([("source", pa.string())])
+    )
+    config = curate_config(preset, args, sources.replace_schema_metadata(pairs.schema.metadata))
+    report = curate_to(args.out, pairs, config, evals, benchmark, preset=preset and preset.name)
     dropped = {k: v for k, v in report["dropped"].items() if v}
     label = f" (preset {preset.name})" if preset else ""
     split = report["eval_split"]
     held = f", {report['eval_pairs']} eval ({split['mode']} {split['setting']})" if split else ""
     print(
         f"curate{label}: {report['rows_in']} in, dropped {dropped}, {report['rows_out']} out"
-        f"{held} -> {out}"
+        f"{held} -> {args.out}"
     )
     return 0
 

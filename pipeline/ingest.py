@@ -5,6 +5,10 @@ array of objects, or JSON lines), Parquet and Arrow IPC (file or stream, as `dat
 caches). A directory is read file by file in sorted order. A hub id (`owner/name`) loads
 through `datasets.load_dataset`; offline that fails with an error naming the id.
 
+`open_input` finds the files; `Input.pieces` reads one in pieces, so that memory does not
+grow with it: typed files in batches of rows (Parquet a row group at a time), JSON lines in
+the blocks pyarrow parses (below), read from disk and decompressed as they come.
+
 Then `conform` casts each file to a raw contract (see `data_contracts.raw_sources`). Typed
 files (Parquet, Arrow, hub) are checked per column: a missing or wrongly typed column stops
 the run with the file and column named. JSON is checked per row, and one bad row never
@@ -33,7 +37,7 @@ import json
 import math
 import re
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +49,7 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from data_contracts.contract import Contract, ContractError
+from pipeline.io import rechunk
 
 JSON_LINES = (".jsonl", ".ndjson")
 SUFFIXES = (*JSON_LINES, ".json", ".parquet", ".arrow")
@@ -61,7 +66,10 @@ KNOWN_SPLITS = (
     "train_gen",
     "test_gen",
 )
-BLOCK_BYTES = 16 << 20  # one pyarrow.json call: bounded memory, cheap to bisect
+BLOCK_BYTES = 16 << 20  # one pyarrow.json call, and one read of a JSON file: bounded memory
+PARQUET_BUFFER = 1 << 20  # Parquet read through a buffer: a row group is not loaded whole
+_SPACE = b" \t\r\n"
+_OPENING = np.frombuffer(b"{ \t\r", np.uint8)  # how a JSON object's line may open
 DEEP_BRACKETS = 1000  # more `[`/`{` in a line than this: Python's parser only (a bound on depth)
 PYTHON_LINES = 16  # a refused piece this small is parsed line by line
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -94,13 +102,15 @@ class HubOptions:
 
 @dataclass
 class RawFile:
-    """One input file (or hub split) as read, before any contract check.
+    """One input file (or hub split), or a piece of one (`Input.pieces`), as read, before
+    any contract check. Row indices are always the file's.
 
     Attributes:
         label: the path or `hub_id:split`, written to quarantine rows as `file`.
         split: the split its name or the hub gives, or None when unknown.
-        rows: rows in the file (blank JSON lines are not rows).
+        rows: rows here (blank JSON lines are not rows).
         table: a typed table (Parquet, Arrow, hub), or None for JSON input.
+        first_row: typed input: the file row of the table's first row.
         data: JSON input: the bytes, as JSON lines (an array is re-serialized).
         line_index: JSON input: per row, its 0-based line number (its row index).
         starts, ends: JSON input: per row, the byte range of its line in `data`.
@@ -110,6 +120,7 @@ class RawFile:
     split: str | None
     rows: int
     table: pa.Table | None = None
+    first_row: int = 0
     data: bytes = b""
     line_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     starts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -124,7 +135,8 @@ class RawFile:
         if self.table is None:
             positions = np.searchsorted(self.line_index, np.asarray(row_indices, np.int64))
             return [self.line(int(p)).decode("utf-8", "backslashreplace") for p in positions]
-        rows = self.table.take(pa.array(row_indices, pa.int64())).to_pylist()
+        local = np.asarray(row_indices, np.int64) - self.first_row
+        rows = self.table.take(pa.array(local, pa.int64())).to_pylist()
         return [json.dumps(r, ensure_ascii=False, default=str) for r in rows]
 
 
@@ -142,23 +154,68 @@ def is_hub_id(input: str | Path) -> bool:
     )
 
 
-def read(input: str | Path, hub: HubOptions | None = None) -> list[RawFile]:
-    """Read a local file or directory, or a hub id.
+@dataclass(frozen=True)
+class Input:
+    """One input file or hub split, not read yet: `pieces` reads it.
+
+    Attributes:
+        label: the path or `hub_id:split`, as `RawFile.label`.
+        split: the split its name or the hub gives, or None when unknown.
+        kind: one of `SUFFIXES`, or "hub".
+        path: the file (None for a hub split).
+        table: a hub split as `datasets` maps it from its cache (None for a file).
+    """
+
+    label: str
+    split: str | None
+    kind: str
+    path: Path | None = None
+    table: pa.Table | None = None
+
+    def pieces(self, rows: int | None) -> Iterator[RawFile]:
+        """The input in row order, in pieces (None: the whole input as one piece).
+
+        A typed input (Parquet, Arrow, hub) comes in pieces of at most `rows` rows, at
+        least one (empty when it has no rows, so its columns are checked). JSON comes in
+        the blocks of about `BLOCK_BYTES` that pyarrow parses at once (`_blocks`), so each
+        row parses as it does in the whole file: JSON lines are read a block at a time
+        (gzip decompressed as they are read); a JSON array is parsed whole (Python's
+        parser has no streaming mode).
+
+        Raises:
+            IngestError: naming the file when it cannot be read (also midway, e.g. a
+                truncated gzip), or is not a valid JSON array.
+        """
+        try:
+            if self.table is not None:
+                size = rows or max(self.table.num_rows, 1)
+                yield from _table_pieces(self, rechunk([self.table], size))
+            elif self.kind == ".parquet":
+                yield from _parquet_pieces(self, rows)
+            elif self.kind == ".arrow":
+                yield from _arrow_pieces(self, rows)
+            else:
+                yield from _json_pieces(self, rows)
+        except (OSError, EOFError, zlib.error, pa.ArrowInvalid) as err:
+            raise IngestError(f"{self.label}: cannot read as {self.kind}: {err}") from err
+
+
+def open_input(input: str | Path, hub: HubOptions | None = None) -> list[Input]:
+    """Find the files of a local file or directory, or load a hub id's splits.
 
     Args:
         input: a file, a directory (every supported file below it, sorted), or a hub id.
         hub: how to load a hub id (ignored for local input).
 
     Returns:
-        One `RawFile` per file or hub split, in a stable order.
+        One `Input` per file or hub split, in a stable order; nothing is read yet.
 
     Raises:
-        IngestError: a missing path, an unknown format, an unreadable file, an empty
-            directory or an input without rows (naming the path), or a hub id that cannot
-            be loaded (naming the id).
+        IngestError: a missing path, an unknown format or an empty directory (naming the
+            path), or a hub id that cannot be loaded (naming the id).
     """
     if is_hub_id(input):
-        return _read_hub(str(input), hub or HubOptions())
+        return _open_hub(str(input), hub or HubOptions())
     path = Path(input)
     if not path.exists():
         raise IngestError(f"{path}: no such file or directory")
@@ -166,11 +223,28 @@ def read(input: str | Path, hub: HubOptions | None = None) -> list[RawFile]:
         found = sorted(p for p in path.rglob("*") if p.is_file() and _format(p) is not None)
         if not found:
             raise IngestError(f"{path}: no {', '.join(SUFFIXES)} (optionally .gz) files inside")
-        files = [_read_file(p) for p in found]
-    else:
-        files = [_read_file(path)]
-    if not any(f.rows for f in files):
-        raise IngestError(f"{path}: no rows (empty file{'s' if path.is_dir() else ''})")
+        return [_open_file(p) for p in found]
+    return [_open_file(path)]
+
+
+def no_rows(input: str | Path) -> IngestError:
+    """The error for a local input whose files hold no row at all."""
+    path = Path(input)
+    return IngestError(f"{path}: no rows (empty file{'s' if path.is_dir() else ''})")
+
+
+def read(input: str | Path, hub: HubOptions | None = None) -> list[RawFile]:
+    """Read a local file or directory, or a hub id, each file whole (see `open_input`).
+
+    Returns:
+        One `RawFile` per file or hub split, in a stable order.
+
+    Raises:
+        IngestError: as `open_input` and `Input.pieces`, or an input without rows.
+    """
+    files = [piece for i in open_input(input, hub) for piece in i.pieces(None)]
+    if not any(f.rows for f in files) and not is_hub_id(input):
+        raise no_rows(input)
     return files
 
 
@@ -185,35 +259,125 @@ def split_from_name(name: str) -> str | None:
     return stem if stem in KNOWN_SPLITS else None
 
 
-def _read_file(path: Path) -> RawFile:
+def _open_file(path: Path) -> Input:
     kind = _format(path)
     if kind is None:
         raise IngestError(f"{path}: unknown format; expected one of {', '.join(SUFFIXES)}")
-    label, split = str(path), split_from_name(path.name)
+    return Input(str(path), split_from_name(path.name), kind, path=path)
+
+
+def _table_pieces(input: Input, tables: Iterable[pa.Table]) -> Iterator[RawFile]:
+    """Typed pieces, each knowing the file row of its first row; one (empty) at least."""
+    first, pieces = 0, 0
+    for table in tables:
+        yield RawFile(input.label, input.split, table.num_rows, table=table, first_row=first)
+        first, pieces = first + table.num_rows, pieces + 1
+    if not pieces:
+        yield RawFile(input.label, input.split, 0, table=_typed_schema(input).empty_table())
+
+
+def _typed_schema(input: Input) -> pa.Schema:
+    if input.table is not None:
+        return input.table.schema
+    assert input.path is not None
+    if input.kind == ".parquet":
+        return pq.read_schema(input.path)
+    with pa.OSFile(str(input.path)) as source:
+        return _arrow_batches(source)[0]
+
+
+def _parquet_pieces(input: Input, rows: int | None) -> Iterator[RawFile]:
+    assert input.path is not None
+    if rows is None:
+        yield from _table_pieces(input, [pq.ParquetFile(input.path).read()])
+    else:
+        yield from _table_pieces(input, parquet_batches(input.path, rows))
+
+
+def parquet_batches(path: Path, rows: int, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """A Parquet file's `columns` (None: all) in tables of at most `rows` rows, in order.
+
+    Each row group is read by a reader of its own: one reader over the whole file keeps
+    every row group it has read until it ends (pyarrow 26: memory grew by the input), and
+    through a buffer, so a row group's pages are read as they are decoded, not all at once.
+    """
+    file = pq.ParquetFile(path, buffer_size=PARQUET_BUFFER)
+    for group in range(file.num_row_groups):
+        for batch in file.iter_batches(batch_size=rows, row_groups=[group], columns=columns):
+            yield pa.Table.from_batches([batch])
+
+
+def _arrow_batches(source: pa.NativeFile) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    """The schema and batches of an Arrow IPC file or stream (as `datasets` caches)."""
     try:
-        if kind == ".parquet":
-            table = pq.read_table(path)
-            return RawFile(label, split, table.num_rows, table=table)
-        if kind == ".arrow":
-            table = _read_arrow(path)
-            return RawFile(label, split, table.num_rows, table=table)
-        data = path.read_bytes()
-        if path.name.lower().endswith(".gz"):
-            data = gzip.decompress(data)
-    except (OSError, EOFError, zlib.error, pa.ArrowInvalid) as err:
-        raise IngestError(f"{path}: cannot read as {kind}: {err}") from err
-    if kind == ".json" and data.lstrip(b" \t\r\n" + codecs.BOM_UTF8).startswith(b"["):
-        return _from_array(label, split, data)
-    return _from_json_lines(label, split, data)
+        reader = pa.ipc.open_file(source)
+        return reader.schema, (reader.get_batch(i) for i in range(reader.num_record_batches))
+    except pa.ArrowInvalid:
+        source.seek(0)
+        stream = pa.ipc.open_stream(source)
+        return stream.schema, iter(stream)
 
 
-def _read_arrow(path: Path) -> pa.Table:
-    with pa.memory_map(str(path)) as source:
-        try:
-            return pa.ipc.open_file(source).read_all()
-        except pa.ArrowInvalid:
-            source.seek(0)
-            return pa.ipc.open_stream(source).read_all()
+def _arrow_pieces(input: Input, rows: int | None) -> Iterator[RawFile]:
+    assert input.path is not None
+    with pa.OSFile(str(input.path)) as source:
+        schema, batches = _arrow_batches(source)
+        if rows is None:
+            yield from _table_pieces(input, [pa.Table.from_batches(list(batches), schema)])
+        else:
+            tables = (pa.Table.from_batches([b]) for b in batches)
+            yield from _table_pieces(input, rechunk(tables, rows))
+
+
+def _json_pieces(input: Input, rows: int | None) -> Iterator[RawFile]:
+    """JSON in pieces of one block each (`_blocks`), or whole when `rows` is None; JSON
+    lines are read a block at a time, a JSON array is parsed whole."""
+    assert input.path is not None
+    opener = gzip.open if input.path.name.lower().endswith(".gz") else open
+    with opener(input.path, "rb") as stream:
+        data = stream.read(BLOCK_BYTES)
+        if input.kind == ".json" and data.lstrip(_SPACE + codecs.BOM_UTF8).startswith(b"["):
+            whole = _from_array(input.label, input.split, data + stream.read())
+            yield from ([whole] if rows is None else (b for b in _blocks(whole) if b.rows))
+            return
+        if rows is None:
+            yield _from_json_lines(input.label, input.split, data + stream.read())
+            return
+        base = line = 0  # file offset and line number of data[0], a line start
+        while data:
+            # The next block opens with the first line that starts at or after the next
+            # multiple of BLOCK_BYTES: the one after the first newline from a byte before.
+            start = (base // BLOCK_BYTES + 1) * BLOCK_BYTES - 1 - base
+            newline = data.find(b"\n", start)
+            while newline < 0 and (more := stream.read(BLOCK_BYTES)):
+                searched, data = max(start, len(data)), data + more
+                newline = data.find(b"\n", searched)
+            cut = len(data) if newline < 0 else newline + 1
+            block = _from_json_lines(input.label, input.split, data[:cut], line, base == 0)
+            if block.rows:
+                yield block
+            line += data.count(b"\n", 0, cut)
+            base, data = base + cut, data[cut:]
+            if len(data) < BLOCK_BYTES:
+                data += stream.read(BLOCK_BYTES)
+
+
+def _blocks(raw: RawFile) -> Iterator[RawFile]:
+    """JSON input in the blocks `_json_chunks` parses at once (the rows that start from one
+    multiple of `BLOCK_BYTES` on, until the next), each holding only its own lines: the
+    rows of a block read alone parse as they do in the whole file."""
+    bounds = np.searchsorted(raw.starts, np.arange(0, len(raw.data), BLOCK_BYTES))
+    for low, high in itertools.pairwise(np.unique(np.append(bounds, raw.rows))):
+        begin, end = int(raw.starts[low]), int(raw.ends[high - 1])
+        yield RawFile(
+            raw.label,
+            raw.split,
+            int(high - low),
+            data=raw.data[begin:end],
+            line_index=raw.line_index[low:high],
+            starts=raw.starts[low:high] - begin,
+            ends=raw.ends[low:high] - begin,
+        )
 
 
 def _from_array(label: str, split: str | None, data: bytes) -> RawFile:
@@ -239,21 +403,28 @@ def _dumps(value: Any) -> bytes:
         return json.dumps(value).encode("ascii")
 
 
-def _from_json_lines(label: str, split: str | None, data: bytes) -> RawFile:
-    """Find the rows (non-blank lines) of JSON lines, vectorised; nothing is parsed yet."""
+def _from_json_lines(
+    label: str, split: str | None, data: bytes, first_line: int = 0, at_start: bool = True
+) -> RawFile:
+    """Find the rows (non-blank lines) of JSON lines, vectorised; nothing is parsed yet.
+
+    Args:
+        data: whole lines of the file, from line `first_line` on; `at_start` when they
+            open the file (a BOM there is no part of row 0).
+    """
     buffer = np.frombuffer(data, np.uint8)
     newlines = np.flatnonzero(buffer == ord("\n"))
     starts = np.concatenate([[0], newlines + 1]).astype(np.int64)
     ends = np.concatenate([newlines, [len(data)]]).astype(np.int64)
-    if data.startswith(codecs.BOM_UTF8):
-        starts[0] = len(codecs.BOM_UTF8)  # a BOM opening the file is no part of row 0
+    if at_start and data.startswith(codecs.BOM_UTF8):
+        starts[0] = len(codecs.BOM_UTF8)
     # Rows start with "{" almost always; only the others are checked for being blank.
     first = buffer[np.minimum(starts, max(len(data) - 1, 0))] if len(data) else starts
     maybe_blank = np.flatnonzero((starts >= ends) | (first != ord("{")))
     blank = [i for i in maybe_blank if not data[starts[i] : ends[i]].strip(b" \t\r")]
     keep = np.ones(len(starts), bool)
     keep[np.asarray(blank, np.int64)] = False
-    line_index = np.flatnonzero(keep).astype(np.int64)
+    line_index = np.flatnonzero(keep).astype(np.int64) + first_line
     return RawFile(
         label,
         split,
@@ -265,7 +436,7 @@ def _from_json_lines(label: str, split: str | None, data: bytes) -> RawFile:
     )
 
 
-def _read_hub(hub_id: str, hub: HubOptions) -> list[RawFile]:
+def _open_hub(hub_id: str, hub: HubOptions) -> list[Input]:
     try:
         import datasets  # heavy; only needed for hub ids
 
@@ -279,11 +450,10 @@ def _read_hub(hub_id: str, hub: HubOptions) -> list[RawFile]:
             f"{type(err).__name__}: {err}. Offline? Pass a local file or directory instead."
         ) from err
     splits = {hub.split: loaded} if hub.split is not None else dict(sorted(loaded.items()))
-    files = []
-    for split, dataset in splits.items():
-        table = dataset.with_format("arrow")[:]
-        files.append(RawFile(f"{hub_id}:{split}", split, table.num_rows, table=table))
-    return files
+    return [
+        Input(f"{hub_id}:{split}", split, "hub", table=dataset.with_format("arrow")[:])
+        for split, dataset in splits.items()
+    ]
 
 
 # ---------------------------------------------------------------------------------------
@@ -368,10 +538,26 @@ def conform(
     columns: Mapping[str, str] | None = None,
     column_options: Mapping[str, str] | None = None,
 ) -> Conformed:
-    """Cast `raw` to `contract`'s schema, converting fields that arrive in another shape.
+    """Cast the whole file `raw` to `contract`'s schema (see `Conformer`).
+
+    Raises:
+        ContractError, IngestError: as `Conformer.piece` and `Conformer.finish`.
+    """
+    conformer = Conformer(contract, shapes, convert, columns, column_options)
+    conformed = conformer.piece(raw)
+    conformer.finish()
+    return conformed
+
+
+class Conformer:
+    """Cast the pieces of one file to a raw contract, converting fields that arrive in
+    another shape, then check the file as a whole (`finish`).
+
+    A typed file's columns are checked with its first piece. JSON rows differ in their keys,
+    so a required column must be in some row of the file: that, and that some row of a
+    JSON file parsed at all, is known only after its last piece.
 
     Args:
-        raw: the file as read.
         contract: the source's raw contract.
         shapes: field -> other accepted types (`data_contracts.raw_sources.SHAPES`).
         convert: (field name, array of an accepted other type) -> array of the field's type.
@@ -379,44 +565,85 @@ def conform(
             chose; such a column must exist, even for an optional field.
         column_options: contract field -> the source option that names its column, for
             error messages (`-o chosen_column=...`).
-
-    Raises:
-        ContractError: naming the file, the missing required or chosen columns, the
-            columns the file has and the option that maps them; or a typed column whose
-            type fits neither the contract nor an accepted shape.
-        IngestError: a JSON file in which no row could be read.
     """
-    columns = dict(columns or {})
-    targets = [
-        _Target(f, columns.get(f.name, f.name), (f.type, *shapes.get(f.name, ())))
-        for f in contract.schema
-    ]
-    if raw.table is not None:
-        present = {t.column for t in targets if _typed_column(raw.table, t.column) is not None}
-        has = _table_paths(raw.table)
-        _check_columns(raw, contract, targets, columns, column_options, present, has)
-        return _conform_table(raw, contract, targets, convert)
-    if not raw.rows:  # an empty file in a directory that has rows elsewhere
-        empty = pa.schema([t.field for t in targets]).empty_table()
-        return Conformed(empty, pa.array([], pa.int64()), [])
-    chunks = [c for c in _json_chunks(raw, targets, convert) if len(c.row_index) or c.problems]
-    parsed = sum(len(c.row_index) for c in chunks)
-    problems = [p for c in chunks for p in c.problems]
-    if not parsed:
-        first = min(problems)
-        raise IngestError(
-            f"{raw.label}: no row could be read as a JSON object ({raw.rows} rows; "
-            f"first, row {first[0]}: {first[1]}: {first[2]})"
+
+    def __init__(
+        self,
+        contract: Contract,
+        shapes: dict[str, tuple[pa.DataType, ...]],
+        convert: Convert,
+        columns: Mapping[str, str] | None = None,
+        column_options: Mapping[str, str] | None = None,
+    ) -> None:
+        self.contract, self.convert = contract, convert
+        self.columns, self.column_options = dict(columns or {}), column_options
+        self.targets = [
+            _Target(f, self.columns.get(f.name, f.name), (f.type, *shapes.get(f.name, ())))
+            for f in contract.schema
+        ]
+        self._json: RawFile | None = None  # a JSON piece with rows, once one was cast
+        self._rows = self._parsed = 0
+        self._first_problem: Problem | None = None
+        self._present: set[str] = set()
+        self._has: set[str] = set()
+
+    def piece(self, raw: RawFile) -> Conformed:
+        """Cast one piece of the file, in row order.
+
+        Raises:
+            ContractError: a typed file without a required or chosen column (naming the
+                file, the columns it has and the option that maps them), or with a column
+                whose type fits neither the contract nor an accepted shape.
+        """
+        if raw.table is not None:
+            present = {
+                t.column for t in self.targets if _typed_column(raw.table, t.column) is not None
+            }
+            self._check_columns(raw, present, _table_paths(raw.table))
+            return _conform_table(raw, self.contract, self.targets, self.convert)
+        if not raw.rows:
+            empty = pa.schema([t.field for t in self.targets]).empty_table()
+            return Conformed(empty, pa.array([], pa.int64()), [])
+        chunks = [
+            c
+            for c in _json_chunks(raw, self.targets, self.convert)
+            if len(c.row_index) or c.problems
+        ]
+        problems = [p for c in chunks for p in c.problems]
+        self._json, self._rows = raw, self._rows + raw.rows
+        self._parsed += sum(len(c.row_index) for c in chunks)
+        if self._first_problem is None and problems:  # pieces come in row order
+            self._first_problem = min(problems)
+        self._present = self._present.union(*(c.present for c in chunks))
+        self._has = self._has.union(*(c.columns for c in chunks))
+        table = pa.concat_tables([c.table for c in chunks]).combine_chunks()
+        row_index = np.concatenate([c.row_index for c in chunks])
+        if len(row_index) > 1 and np.any(np.diff(row_index) < 0):
+            order = np.argsort(row_index, kind="stable")
+            table, row_index = table.take(pa.array(order)), row_index[order]
+        return Conformed(table, pa.array(row_index, pa.int64()), sorted(problems))
+
+    def finish(self) -> None:
+        """Check a JSON file once its last piece is cast.
+
+        Raises:
+            IngestError: no row of a file with rows could be read.
+            ContractError: no row holds a required column, or the column an option names.
+        """
+        if self._json is None:
+            return
+        if not self._parsed:
+            row, reason, message = self._first_problem or (0, "", "")
+            raise IngestError(
+                f"{self._json.label}: no row could be read as a JSON object ({self._rows} "
+                f"rows; first, row {row}: {reason}: {message})"
+            )
+        self._check_columns(self._json, self._present, self._has)
+
+    def _check_columns(self, raw: RawFile, present: set[str], has: set[str]) -> None:
+        _check_columns(
+            raw, self.contract, self.targets, self.columns, self.column_options, present, has
         )
-    present = set().union(*(c.present for c in chunks))
-    has = set().union(*(c.columns for c in chunks))
-    _check_columns(raw, contract, targets, columns, column_options, present, has)
-    table = pa.concat_tables([c.table for c in chunks]).combine_chunks()
-    row_index = np.concatenate([c.row_index for c in chunks])
-    if len(row_index) > 1 and np.any(np.diff(row_index) < 0):
-        order = np.argsort(row_index, kind="stable")
-        table, row_index = table.take(pa.array(order)), row_index[order]
-    return Conformed(table, pa.array(row_index, pa.int64()), sorted(problems))
 
 
 def _check_columns(
@@ -497,7 +724,8 @@ def _conform_table(
             )
         arrays.append(_as_field(array, target, t.field, convert))
     table = pa.Table.from_arrays(arrays, schema=contract.schema)
-    return Conformed(table, pa.array(range(raw.table.num_rows), pa.int64()), [])
+    first = raw.first_row
+    return Conformed(table, pa.array(range(first, first + raw.table.num_rows), pa.int64()), [])
 
 
 # ---------------------------------------------------------------------------------------
@@ -517,14 +745,15 @@ def _json_chunks(raw: RawFile, targets: list[_Target], convert: Convert) -> Iter
 
 
 def _needs_python(raw: RawFile, positions: np.ndarray) -> np.ndarray:
-    """Per row: True when pyarrow must not parse it (deep nesting, or not UTF-8)."""
+    """Per row: True when pyarrow must not parse it (deep nesting, not UTF-8, or no object:
+    pyarrow 26 crashes on a block that opens with a `null` line)."""
     low, high = int(raw.starts[positions[0]]), int(raw.ends[positions[-1]])
     view = memoryview(raw.data)[low:high]
     buffer = np.frombuffer(view, np.uint8)
     opens = (buffer == ord("[")) | (buffer == ord("{"))
     # Brackets from each row's start to the next one's (blank lines have none).
     per_row = np.add.reduceat(opens, raw.starts[positions] - low, dtype=np.int64)
-    slow = per_row > DEEP_BRACKETS
+    slow = (per_row > DEEP_BRACKETS) | ~np.isin(buffer[raw.starts[positions] - low], _OPENING)
     try:
         codecs.utf_8_decode(view, "strict", True)
     except UnicodeDecodeError:

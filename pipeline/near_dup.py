@@ -7,7 +7,7 @@ overlap it (about n + the word's length), where in a ten-word prompt one changed
 removes n of its word n-grams, and a prompt shorter than n words has none at all. They
 also need no word splitting, which Chinese or Japanese text does not have.
 
-The steps, all vectorised numpy over every text at once (no Python per text):
+The steps, all vectorised numpy over batches of texts (no Python per text):
 1. shingles: a polynomial hash of each run of n code points, avalanched (MurmurHash3's
    64-bit finalizer) and cut to 32 bits; a text shorter than n is padded to one shingle.
 2. MinHash: `PERMUTATIONS` affine permutations `a * h + b mod 2**32` (`a` odd, drawn from
@@ -22,13 +22,21 @@ The steps, all vectorised numpy over every text at once (no Python per text):
 5. groups: connected components of the kept pairs (scipy), so near-duplicates chain
    (A~B, B~C puts A and C together even when A and C alone are less similar).
 
+`Index` adds texts batch by batch and keeps their signatures and band keys on disk (512 +
+8 x bands bytes per text), not in memory: finding the candidates reads one band at a time
+(about 40 bytes per text at once), and verifying them reads only their signatures, so
+memory holds the candidates and the groups, not the texts' signatures.
+
 datasketch computes the same signatures one text at a time in Python; on 100k generated
 prompts this module is measured against it in `benchmarks/near_dedup.py`.
 """
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -37,6 +45,10 @@ from scipy.sparse.csgraph import connected_components
 
 PERMUTATIONS = 128  # MinHash values per text (datasketch's default); error ~ 1/sqrt(128)
 BATCH_TEXTS = 20_000  # texts shingled and hashed at once: bounds memory to ~100 MB
+# Candidate pairs whose signatures are read at once through a mapping of the file: each row
+# read maps up to 16 cached pages around it (the kernel's fault-around), so a block of 1024
+# pairs maps at most 128 MB, unmapped before the next.
+VERIFY_PAIRS = 1024
 _PRIME = np.uint64(1_000_003)  # polynomial base of the shingle hash
 
 
@@ -135,26 +147,33 @@ def lsh_bands(threshold: float, permutations: int = PERMUTATIONS) -> tuple[int, 
     return chosen
 
 
-def candidate_pairs(signature: np.ndarray, bands: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """(first, other) index pairs of texts with an equal band, each text paired with the
-    first text of its bucket, distinct and sorted."""
-    texts = len(signature)
-    codes = []
-    for band in range(bands):
-        values = signature[:, band * rows : (band + 1) * rows].astype(np.uint64)
-        key = np.zeros(texts, np.uint64)
-        with np.errstate(over="ignore"):
-            for column in values.T:
-                key = key * _PRIME + column
+def band_key(signature: np.ndarray, band: int, rows: int) -> np.ndarray:
+    """Per text, one u64 key of its MinHash values in `band` (`rows` values each): texts
+    with an equal key are candidates."""
+    values = signature[:, band * rows : (band + 1) * rows].astype(np.uint64)
+    key = np.zeros(len(signature), np.uint64)
+    with np.errstate(over="ignore"):
+        for column in values.T:
+            key = key * _PRIME + column
+    return key
+
+
+def candidates(band_keys: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(first, other) index pairs of texts with an equal key in some band (one array of
+    keys per band, a key per text), each text paired with the first text of its bucket,
+    distinct and sorted."""
+    found = np.empty(0, np.int64)
+    texts = 0
+    for key in band_keys:
+        texts = len(key)
         order = np.argsort(key, kind="stable")  # a bucket's texts stay in text order
         sorted_keys = key[order]
         opens = np.ones(texts, bool)  # the first text of each bucket
         opens[1:] = sorted_keys[1:] != sorted_keys[:-1]
         anchor = order[opens][np.cumsum(opens) - 1]
         member = anchor != order
-        codes.append(anchor[member] * texts + order[member])
-    unique = np.unique(np.concatenate(codes)) if codes else np.empty(0, np.int64)
-    return unique // texts, unique % texts
+        found = np.union1d(found, anchor[member] * texts + order[member])
+    return found // max(texts, 1), found % max(texts, 1)
 
 
 def estimated_jaccard(signature: np.ndarray, first: np.ndarray, other: np.ndarray) -> np.ndarray:
@@ -166,9 +185,69 @@ def estimated_jaccard(signature: np.ndarray, first: np.ndarray, other: np.ndarra
     return out
 
 
+class Index:
+    """MinHash signatures and LSH band keys of texts added batch by batch, on disk in
+    `directory` (which the caller removes), then grouped by `find`.
+
+    Args:
+        directory: an empty directory for the index's files.
+        threshold: Jaccard similarity in (0, 1].
+        n: shingle size in characters.
+        seed: seed of the MinHash permutations; the same seed gives the same groups.
+    """
+
+    def __init__(self, directory: Path, threshold: float, n: int, seed: int) -> None:
+        self.directory, self.threshold, self.n, self.seed = directory, threshold, n, seed
+        self.bands, self.rows = lsh_bands(threshold)
+        self.texts = 0
+
+    def _file(self, name: str) -> Path:
+        return self.directory / f"{name}.bin"
+
+    def add(self, texts: pl.Series) -> None:
+        """Append `texts` (normalized, distinct: equal texts always group), in order."""
+        signature = signatures(texts, self.n, self.seed)
+        with open(self._file("signatures"), "ab") as out:
+            signature.tofile(out)
+        for band in range(self.bands):
+            with open(self._file(f"band{band}"), "ab") as out:
+                band_key(signature, band, self.rows).tofile(out)
+        self.texts += len(texts)
+
+    def find(self) -> NearDuplicates:
+        """Group the texts added whose estimated Jaccard similarity reaches the threshold,
+        directly or through a chain of such texts."""
+        keys = (
+            np.fromfile(self._file(f"band{band}"), np.uint64) if self.texts else np.empty(0)
+            for band in range(self.bands)
+        )
+        first, other = candidates(keys)
+        similar = np.zeros(len(first), bool)
+        for i in range(0, len(first), VERIFY_PAIRS):
+            # Mapped for one block only, so the pages read never pile up in memory.
+            signature = np.memmap(
+                self._file("signatures"), np.uint32, "r", shape=(self.texts, PERMUTATIONS)
+            )
+            block = slice(i, i + VERIFY_PAIRS)
+            similar[block] = (
+                estimated_jaccard(signature, first[block], other[block]) >= self.threshold
+            )
+            del signature
+        size = self.texts
+        graph = coo_array(
+            (np.ones(int(similar.sum()), np.int8), (first[similar], other[similar])),
+            (size, size),
+        )
+        _, label = connected_components(graph, directed=False)
+        _, lowest = np.unique(label, return_index=True)  # the first text of each component
+        members = np.bincount(label)
+        group = np.where(members[label] > 1, lowest[label], -1)
+        return NearDuplicates(group, self.bands, self.rows, len(first), int(similar.sum()))
+
+
 def near_duplicates(texts: pl.Series, threshold: float, n: int, seed: int) -> NearDuplicates:
     """Group `texts` whose character n-gram sets have an estimated Jaccard similarity of at
-    least `threshold`, directly or through a chain of such texts.
+    least `threshold`, directly or through a chain of such texts (an `Index` of them).
 
     Args:
         texts: the texts to compare (normalized, distinct: equal texts always group).
@@ -176,16 +255,7 @@ def near_duplicates(texts: pl.Series, threshold: float, n: int, seed: int) -> Ne
         n: shingle size in characters.
         seed: seed of the MinHash permutations; the same seed gives the same groups.
     """
-    signature = signatures(texts, n, seed)
-    bands, rows = lsh_bands(threshold)
-    first, other = candidate_pairs(signature, bands, rows)
-    similar = estimated_jaccard(signature, first, other) >= threshold
-    size = len(texts)
-    graph = coo_array(
-        (np.ones(int(similar.sum()), np.int8), (first[similar], other[similar])), (size, size)
-    )
-    _, label = connected_components(graph, directed=False)
-    _, lowest = np.unique(label, return_index=True)  # the first text of each component
-    members = np.bincount(label)
-    group = np.where(members[label] > 1, lowest[label], -1)
-    return NearDuplicates(group, bands, rows, len(first), int(similar.sum()))
+    with tempfile.TemporaryDirectory(prefix="prefpack-near-dup-") as directory:
+        index = Index(Path(directory), threshold, n, seed)
+        index.add(texts)
+        return index.find()

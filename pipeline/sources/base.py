@@ -73,6 +73,9 @@ class Source:
     hub: ClassVar[HubOptions] = HubOptions()  # defaults for loading the canonical hub id
     default_split: ClassVar[str] = "train"  # when neither row, file name nor hub names one
     rows_per_pair: ClassVar[int] = 1  # raw rows consumed by one pair
+    # `pairs` pairs rows from anywhere in the input (HelpSteer's rating rows, by prompt), so
+    # normalize maps the input whole; otherwise a pair is one row, mapped piece by piece.
+    whole_input: ClassVar[bool] = False
 
     def make_options(self, values: Mapping[str, Any]) -> SourceOptions:
         """Build this source's options, refusing names it does not know."""

@@ -50,6 +50,7 @@ class HelpSteer(Source):
     options = HelpSteerOptions
     hub = HubOptions()
     rows_per_pair = 2
+    whole_input = True  # a prompt's responses may be anywhere in the input
 
     def check_options(self, options: HelpSteerOptions) -> None:
         unknown = sorted(set(options.weights) - set(raw.HELPSTEER_ATTRIBUTES))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 
 import polars as pl
@@ -238,12 +239,19 @@ def test_every_config_field_is_documented_and_every_rule_named() -> None:
 LONG = "Explain how photosynthesis works in plants, step by step, for a ten year old child."
 
 
+def sample_key(pair_id: str, seed: int = 0) -> int:
+    """A pair's key in the --max-pairs sample (the smallest are kept): blake2b of the seed
+    and the pair id."""
+    digest = hashlib.blake2b(f"{seed}\0{pair_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
 def test_funnel_shows_every_rule_in_order_with_counts() -> None:
     """Every rule on, one pair made for each: each is counted once, under its own name,
     and the report lists them in the order they ran; two pairs are left, and one held out.
     (`shares_eval_prompt` runs but cannot drop beside a prompt cap of 1: a prompt keeps one
     pair; test_curate_eval_split.py makes it drop.)"""
-    table = _pairs(
+    rows = (
         {"prompt": _user(LONG), "margin": 4.0},  # kept
         {"rejected": " "},
         {"rejected": "PARIS."},
@@ -269,6 +277,16 @@ def test_funnel_shows_every_rule_in_order_with_counts() -> None:
         # held out: a source of its own, chosen as long as rejected (no length rule moves)
         {"prompt": _user("Name a prime."), "chosen": "Nine.", "source": "u", "split": "test"},
     )
+    # The pairs that pass every per-pair rule; one more, of a larger sample key than
+    # theirs, is the one a sample of their number leaves out.
+    passing = _pairs(*rows).take([0, 18, 19, 20, 21, 22])["pair_id"].to_pylist()
+    largest = max(map(sample_key, passing))
+    extra = next(
+        row
+        for row in ({"prompt": _user(f"Left out of the sample {k}?")} for k in range(64))
+        if sample_key(_pairs(*rows, row)["pair_id"][-1].as_py()) > largest
+    )
+    table = _pairs(*rows, extra)
     config = CurateConfig(
         languages=("english", "french"),
         exclude_languages=("french",),
@@ -281,6 +299,7 @@ def test_funnel_shows_every_rule_in_order_with_counts() -> None:
         min_margin=1.0,
         max_margin=5.0,
         min_chosen_score=5.0,
+        max_pairs=len(passing),
         near_dup_threshold=0.9,
         max_pairs_per_prompt=1,
         max_chosen_longer_share=0.5,  # 1 chosen shorter kept: 1 of 2 chosen longer goes

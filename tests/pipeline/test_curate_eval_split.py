@@ -249,7 +249,7 @@ def test_same_bytes_twice_and_the_report_counts_the_split(tmp_path: Path) -> Non
     assert files == sorted([PAIRS_FILE, EVAL_PAIRS_FILE, DROPPED_FILE, "report.json"])
     assert all((first / f).read_bytes() == (second / f).read_bytes() for f in files)
     report = json.loads((first / "report.json").read_text())
-    assert report["version"] == curation_report.VERSION == "2"
+    assert report["version"] == curation_report.VERSION == "3"
     assert report["eval_pairs"] == pq.read_metadata(first / EVAL_PAIRS_FILE).num_rows > 0
     assert report["config"]["eval_share"] == 0.3
     per_source = report["sources"]["t"]

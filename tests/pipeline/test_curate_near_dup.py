@@ -87,7 +87,7 @@ def test_lsh_bands_match_datasketch() -> None:
 
 def test_candidates_pair_each_bucket_member_with_its_first() -> None:
     signature = np.array([[1, 2, 3, 4], [9, 9, 3, 4], [1, 2, 7, 7], [1, 2, 3, 4]], np.uint32)
-    first, other = near_dup.candidate_pairs(signature, bands=2, rows=2)
+    first, other = near_dup.candidates(near_dup.band_key(signature, b, rows=2) for b in range(2))
     # band 0: {0, 2, 3} share (1, 2); band 1: {0, 1, 3} share (3, 4).
     assert list(zip(first.tolist(), other.tolist(), strict=True)) == [(0, 1), (0, 2), (0, 3)]
 

@@ -4,6 +4,7 @@ outputs (kill -9, leftovers, concurrent runs, a full disk, modes); name and key 
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import logging
 import os
@@ -44,6 +45,37 @@ def test_rechunk_keeps_every_row_in_order_in_pieces_of_exactly_size(sizes, size)
     assert [v for p in pieces for v in p.column("x").to_pylist()] == list(range(start))
     assert all(p.num_rows == size for p in pieces[:-1])
     assert not pieces or 0 < pieces[-1].num_rows <= size
+
+
+@given(cuts=st.lists(st.integers(0, 60), max_size=6))
+def test_row_groups_do_not_depend_on_how_the_rows_came(cuts: list[int]) -> None:
+    """However the 60 rows are cut into writes, the file has the same bytes: row groups of
+    exactly ROW_GROUP rows (here 7, the last holds the rest), each one chunk."""
+    table = pa.table(
+        {"x": pa.array(range(60), pa.int64()), "s": [f"row {i}" * i for i in range(60)]}
+    )
+    bounds = [0, *sorted(cuts), 60]
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(io, "ROW_GROUP", 7)
+        with io.ParquetRowGroups(Path(tmp, "cut.parquet"), table.schema) as out:
+            for low, high in itertools.pairwise(bounds):
+                out.write(table.slice(low, high - low))
+        io.write_row_groups(table, Path(tmp, "whole.parquet"))
+        assert Path(tmp, "cut.parquet").read_bytes() == Path(tmp, "whole.parquet").read_bytes()
+        metadata = pq.read_metadata(Path(tmp, "cut.parquet"))
+        assert [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)] == [
+            *[7] * 8,
+            4,
+        ]
+
+
+def test_row_groups_of_a_small_or_empty_table_are_write_parquet_bytes(tmp_path: Path) -> None:
+    table = pa.table({"x": pa.array(range(50), pa.int64())})
+    for name, part in (("small", table), ("empty", table.slice(0, 0))):
+        write_parquet(part, tmp_path / f"{name}.a.parquet")
+        io.write_row_groups(part, tmp_path / f"{name}.b.parquet")
+        a, b = (tmp_path / f"{name}.{k}.parquet" for k in "ab")
+        assert a.read_bytes() == b.read_bytes(), name
 
 
 # ------------------------------------------------------------------ atomic outputs
@@ -226,7 +258,7 @@ def test_a_full_disk_is_one_error_naming_the_output(
     def full(*args: object, **kwargs: object) -> None:
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(pq, "write_table", full)
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", full)  # every Parquet write
     out = tmp_path / "curated"
     with pytest.raises(OSError) as raised, atomic_directory(out) as tmp:
         write_parquet(pa.table({"x": [1]}), tmp / PAIRS_FILE)
@@ -247,7 +279,7 @@ def test_the_cli_prints_a_full_disk_as_one_line(
     def full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(pq, "write_table", full)
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", full)  # every Parquet write
     out = tmp_path / "normalized"
     status, err = cli(
         ["normalize", "--source", "generic", "--input", str(fixtures_dir / "generic.jsonl"),
