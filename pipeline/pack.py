@@ -38,7 +38,9 @@ Length policy (`too_long`), for a pair whose tokens under the layout (P+C+R shar
 Packing is best-fit decreasing over windows of `pack_window` pairs, so memory stays
 bounded on millions of pairs; rows that are still under-filled when a window ends carry
 over into the next window instead of closing (up to `MAX_CARRY` of them), which keeps the
-fill ratio of one huge window. Same input, same rows, byte for byte.
+fill ratio of one huge window. Same input, same rows, byte for byte. Reading (with the
+length policy), packing and writing (with hashing) run on three threads, each over the
+batches in order (`pipeline.ahead`), so they overlap without changing a byte.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ import os
 import shutil
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -63,6 +66,7 @@ from data_contracts import packed_row, tokenized_pair
 from data_contracts.manifest import DROP_TOO_LONG
 from data_contracts.packed_row import Layout, pair_tokens
 from pipeline import ragged
+from pipeline.ahead import ahead
 from pipeline.flags import check_settings, setting
 from pipeline.io import atomic_directory, rechunk
 from pipeline.lengths import LengthCounts, power_of_two_edges
@@ -628,14 +632,17 @@ def _write_shards(
                 bar.update(table.num_rows)
                 yield policy.kept
 
-    def write(batches: Iterator[pa.RecordBatch]) -> None:
+    def packed() -> Iterator[pa.RecordBatch]:
+        for window in rechunk(ahead(kept_pairs()), config.pack_window):  # exactly that many
+            yield from packer.add(window)
+        yield from packer.finish()
+
+    # Three steps on three threads (`pipeline.ahead`), each over the batches in order:
+    # read + length policy, bin-pack + lay out rows, and here write + hash + count.
+    with closing(ahead(packed())) as batches:
         for batch in batches:
             writer.write(batch)
             stats.add(batch)
-
-    for window in rechunk(kept_pairs(), config.pack_window):  # exactly pack_window pairs
-        write(packer.add(window))
-    write(packer.finish())
     shards = writer.close()
 
     _copy_tokenizer(tokenized, directory, config.max_len)

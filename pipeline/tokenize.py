@@ -35,7 +35,10 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 
 from data_contracts import tokenized_pair
 from pipeline import ragged
+from pipeline.ahead import ahead
 from pipeline.templates import ChatTemplate, PairTexts, TurnMarkers, turn_markers
+
+ENCODE_CHUNK = 1024  # texts per encode_batch_fast call (`encode`; does not change the ids)
 
 # Names under which tokenizers commonly store bos/eos, tried in order for a bare
 # tokenizer.json (it has no config saying which special token is which).
@@ -244,14 +247,24 @@ def train_tokenizer(
 def encode(tokenizer: Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Encode a batch with the library's parallel batch encoder.
 
+    The texts go to `encode_batch_fast` in chunks of `ENCODE_CHUNK`, one chunk ahead
+    (`pipeline.ahead`): while this thread turns a chunk's encodings into ids (Python,
+    holding the GIL), the next chunk is being encoded on the library's Rayon pool, so the
+    cores do not wait for the conversion. Ids do not depend on the chunks.
+
     Returns:
         (int32 flat ids, int64 offsets [len(texts) + 1]).
     """
-    encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-    lengths = np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(encodings))
-    offsets = ragged.offsets_of(lengths)
-    ids = itertools.chain.from_iterable(e.ids for e in encodings)
-    return np.fromiter(ids, dtype=np.int32, count=int(offsets[-1])), offsets
+    chunks = (
+        tokenizer.encode_batch_fast(texts[i : i + ENCODE_CHUNK], add_special_tokens=False)
+        for i in range(0, len(texts), ENCODE_CHUNK)
+    )
+    lengths, ids = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int32)]
+    for encodings in ahead(chunks, depth=1):
+        lengths.append(np.fromiter(map(len, encodings), dtype=np.int64, count=len(encodings)))
+        flat = itertools.chain.from_iterable(e.ids for e in encodings)
+        ids.append(np.fromiter(flat, dtype=np.int32, count=int(lengths[-1].sum())))
+    return np.concatenate(ids), ragged.offsets_of(np.concatenate(lengths))
 
 
 def token_ids(tokenizer: Tokenizer, text: str) -> list[int]:

@@ -31,6 +31,13 @@ existing one with the key is reused when it proves itself, and rebuilt otherwise
 tokenized directory's were: its tokenizer as recorded (a trained BPE is reused, never
 trained again on the new pairs), its template and its settings (`pipeline.eval_shards`).
 
+Speed: the work is the tokenizer's. `encode_batch` runs on the library's Rayon pool (one
+thread per core) with the GIL released, so reading and rendering the next batch, and
+checking and writing the last one, run on threads of their own beside it
+(`pipeline.ahead`); each step still takes the batches one at a time in input order, so
+the bytes are the serial path's. `benchmarks.tokenize_speed` measures tokenize + pack
+against `encode_batch` of the same texts.
+
 Proof, as for a shard directory (`pipeline.shards`): report.json's `key` is the
 directory's name; its `checksum` (`data_contracts.manifest.checksum`) covers every other
 field and the file is exactly the text written, so an edited value (a listed sha256
@@ -44,6 +51,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -57,6 +65,7 @@ from data_contracts import manifest as sealed
 from data_contracts import preference_pair, tokenized_pair, tokenized_report
 from data_contracts.contract import ContractError
 from pipeline import ragged
+from pipeline.ahead import ahead
 from pipeline.flags import check_settings, setting
 from pipeline.io import atomic_directory, pairs_path, rechunk
 from pipeline.lengths import LengthCounts, power_of_two_edges
@@ -194,21 +203,26 @@ def _pair_batches(path: Path) -> Iterator[pa.Table]:
         start += batch.num_rows
 
 
+def _pair_ids(table: pa.Table) -> list[str]:
+    return table.column("pair_id").to_pylist()
+
+
 def _render(table: pa.Table, template: ChatTemplate, bos_eos: tuple) -> PairTexts:
     return render_pairs(
         table.column("prompt").to_pylist(),
         table.column("chosen").to_pylist(),
         table.column("rejected").to_pylist(),
-        table.column("pair_id").to_pylist(),
+        _pair_ids(table),
         template,
         *bos_eos,
     )
 
 
 def _training_texts(path: Path, template: ChatTemplate) -> Iterator[str]:
-    """Rendered prompts and responses, the corpus of a trained tokenizer."""
-    for table in _pair_batches(path):
-        texts = _render(table, template, (template.bos_token, template.eos_token))
+    """Rendered prompts and responses, the corpus of a trained tokenizer, in order; read
+    and rendered on a thread (`pipeline.ahead`) while the trainer counts the last batch."""
+    bos_eos = (template.bos_token, template.eos_token)
+    for texts in ahead(_render(table, template, bos_eos) for table in _pair_batches(path)):
         yield from texts.prompt
         yield from texts.chosen
         yield from texts.rejected
@@ -284,14 +298,22 @@ def _tokenized_batches(
     stats: _Stats,
     rows_in: int,
 ) -> Iterator[pa.Table]:
-    """Render, tokenize, check boundaries and drop by rule, batch by batch, counting."""
+    """Render, tokenize, check boundaries and drop by rule, batch by batch, counting.
+
+    Three steps on three threads (`pipeline.ahead`), each over the batches in order: one
+    reads and renders, one tokenizes (`encode_batch` on the tokenizer's Rayon pool, GIL
+    released), and the caller's checks, counts and writes; so one batch's Python runs
+    while the next is encoded, and every core stays busy.
+    """
     bos_eos = (tokenizer.bos_token, tokenizer.eos_token)
+    rendered = ((table, _render(table, template, bos_eos)) for table in _pair_batches(pairs))
+    encoded = ahead(
+        (table, texts, tokenize_pairs(texts, _pair_ids(table), tokenizer.tokenizer))
+        for table, texts in ahead(rendered)
+    )
     boundary = stats.boundary
-    with progress(total=rows_in, unit="pair", desc="tokenize") as bar:
-        for table in _pair_batches(pairs):
-            texts = _render(table, template, bos_eos)
-            pair_ids = table.column("pair_id").to_pylist()
-            tokenized = tokenize_pairs(texts, pair_ids, tokenizer.tokenizer)
+    with closing(encoded), progress(total=rows_in, unit="pair", desc="tokenize") as bar:
+        for table, texts, tokenized in encoded:
             need = config.boundary_check_pairs - boundary.checked // 2
             if need > 0:
                 head = PairTexts(texts.prompt[:need], texts.chosen[:need], texts.rejected[:need])
