@@ -7,8 +7,8 @@ dependencies (torch, dagster) inside the handlers, so `prefpack --help` stays fa
 
 Errors: the library raises `ValueError` (bad input or settings, message naming the file,
 row, column or flag) and `OSError` (a path that cannot be read or written). Either ends
-the command with one line, `prefpack <command>: error: <message>`, and exit status 2; the
-traceback is shown only with `--debug` or `PREFPACK_DEBUG=1`.
+the command with one line, `prefpack <command>: error: <message>` (`core.errors`), and
+exit status 2; the traceback is shown only with `--debug` or `PREFPACK_DEBUG=1`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-USER_ERROR = 2  # argparse's exit status for bad usage; ours for every user error
+from core.errors import USER_ERROR, error_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,15 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
     for area in (pipeline_cli, training_cli, assets_cli):
         area.add_commands(subparsers)
     return parser
-
-
-def error_line(command: str, err: BaseException) -> str:
-    """The one line a user sees for `err`; an OSError names its path first."""
-    if isinstance(err, OSError) and err.filename is not None and err.strerror:
-        text = f"{err.filename}: {err.strerror}"
-    else:
-        text = str(err) or type(err).__name__
-    return f"prefpack {command}: error: {' '.join(text.split())}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,10 +16,9 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from data_contracts import ContractError, preference_pair, quarantine
-from pipeline.folds import unpack_pairs
 from pipeline.io import PAIRS_FILE, QUARANTINE_FILE, REPORT_FILE
 from pipeline.pack import ShardResult
-from pipeline.shards import ShardError, check_files, open_shards
+from pipeline.shards import ShardError, check_files, open_shards, unpack_pairs
 
 SCHEMA = "check_schema"
 ACCOUNTING = "check_accounting"

@@ -86,7 +86,7 @@ def _run(args: argparse.Namespace) -> int:
         # Before anything launches; the assets check their resources again as steps start.
         problems = file.launch_problems(defs.resources, given)
     if problems:
-        from prefpack import USER_ERROR, error_line
+        from core.errors import USER_ERROR, error_line
 
         where = "" if args.config is None else f"{args.config}: "
         for problem in problems:

@@ -1,17 +1,23 @@
 """Run configs of the assets, built from the pipeline's own config dataclasses.
 
-The CLI builds its flags from the same dataclasses (`pipeline.flags`), so the UI's
+The CLI builds its flags from the same dataclasses (`core.settings`), so the UI's
 launchpad, the CLI and the library share one set of names, defaults, help texts and
-ranges.
+ranges; `dagster_config` turns a dataclass into a `dagster.Config`.
 """
 
 from __future__ import annotations
 
-import dagster as dg
-from pydantic import Field
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
 
+import dagster as dg
+from pydantic import Field, create_model
+
+from core.settings import without_none
 from pipeline.curate import CurateConfig
-from pipeline.flags import dagster_config
 from pipeline.pack import PackConfig
 from pipeline.presets import PRESETS
 from pipeline.selection import SelectConfig
@@ -19,6 +25,47 @@ from pipeline.sources import SOURCES
 from pipeline.tokenized import TokenizeConfig
 from training.difficulty_config import FOLD_UNUSED_FIELDS, DifficultyConfig
 from training.train_config import TrainConfig
+
+
+def _config_type(annotation: Any) -> Any:
+    """Dagster config has lists, not tuples, and strings, not paths."""
+    base, optional = without_none(annotation)
+    if typing.get_origin(base) is tuple:
+        base = list[typing.get_args(base)[0]]
+    elif base is Path:
+        base = str
+    return typing.Optional[base] if optional else base  # noqa: UP045
+
+
+def given_values(config: Any, names: typing.Iterable[str]) -> types.SimpleNamespace:
+    """The fields `names` of a config made by `dagster_config` (those its run config sets),
+    for `core.settings.config_from` to put over a preset's settings."""
+    return types.SimpleNamespace(**{name: getattr(config, name) for name in names})
+
+
+def dagster_config(cls: type, name: str, exclude: tuple[str, ...] = (), **extra: Any) -> type:
+    """A `dagster.Config` with the fields of `cls` (but `exclude`), their defaults, help
+    texts and ranges (checked by the launchpad), plus `extra` pydantic fields."""
+    hints = typing.get_type_hints(cls)
+    fields: dict[str, Any] = {
+        f.name: (
+            _config_type(hints[f.name]),
+            Field(
+                default=list(f.default) if isinstance(f.default, tuple) else f.default,
+                description=f.metadata.get("help"),
+                **(
+                    {}
+                    if typing.get_origin(hints[f.name]) is tuple
+                    else f.metadata.get("bounds", {})
+                ),
+            ),
+        )
+        for f in dataclasses.fields(cls)
+        if f.name not in exclude
+    }
+    fields.update(extra)
+    return create_model(name, __base__=dg.Config, __doc__=cls.__doc__, **fields)
+
 
 CurationConfig = dagster_config(
     CurateConfig,

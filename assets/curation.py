@@ -5,12 +5,12 @@ import numpy as np
 import pyarrow.compute as pc
 
 from assets import checks
-from assets.configs import CurationConfig
+from assets.configs import CurationConfig, given_values
 from assets.metadata import histogram, records_table
 from assets.plots import funnel_plot, length_bias_plot
 from assets.resources import StoreResource
+from core.settings import config_from
 from pipeline.curate import CurateConfig, curate, load_eval_prompts, read_pairs, write_curated
-from pipeline.flags import config_from, given_values
 from pipeline.presets import curate_config, get_preset, with_preset
 
 # 2: near-duplicates, length bias, the curation_report contract; 3: the best pairs of a

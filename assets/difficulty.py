@@ -48,10 +48,9 @@ from assets.training import (
     reads_reference,
     run_training,
 )
-from pipeline.flags import config_from
-from pipeline.scores import read_report, read_scores
+from core.settings import config_from
 from pipeline.selection import SELECT_VERSION, SelectConfig, build_selected_shards
-from pipeline.shards import ShardError, open_shards
+from pipeline.shards import ShardError, open_shards, read_report, read_scores
 from training.report import METRICS, summarize
 
 GROUP = "difficulty"

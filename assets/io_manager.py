@@ -14,7 +14,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from pipeline.io import atomic_file
+from core.atomic import atomic_file
 
 
 class PathIOManager(dg.ConfigurableIOManager):

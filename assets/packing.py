@@ -26,8 +26,8 @@ from assets.configs import PackingConfig, TokenizationConfig
 from assets.metadata import binned, count_table, layout_table, records_table
 from assets.plots import fill_plot, length_plot
 from assets.resources import StoreResource, TokenizerResource
+from core.settings import config_from
 from pipeline.eval_shards import build_eval_shards
-from pipeline.flags import config_from
 from pipeline.io import pairs_path
 from pipeline.pack import PackConfig, ShardResult, build_shards, truncation_warning
 from pipeline.tokenized import TokenizeConfig, TokenizedResult, build_tokenized, read_tokenized

@@ -25,7 +25,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from pipeline import ingest
+from core.inputs import is_hub_id
 from pipeline.presets import get_preset
 from pipeline.sample_data import sample_path
 from pipeline.sources import SOURCES, get_source
@@ -103,7 +103,7 @@ class SourcesResource(dg.ConfigurableResource):
 
     def input_problems(self, sources: Iterable[str] | None = None) -> list[str]:
         """An input of `sources` (default: every source named) that is neither a local
-        file or directory nor a hub id (`pipeline.ingest.is_hub_id`)."""
+        file or directory nor a hub id (`core.inputs.is_hub_id`)."""
         names = self.inputs if sources is None else sources
         return [
             f"sources.inputs.{name}: {self.inputs[name]!r} does not exist (neither a local "
@@ -111,7 +111,7 @@ class SourcesResource(dg.ConfigurableResource):
             for name in names
             if name in SOURCES
             and name in self.inputs
-            and not ingest.is_hub_id(self.inputs[name])
+            and not is_hub_id(self.inputs[name])
             and not Path(self.inputs[name]).exists()
         ]
 

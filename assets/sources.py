@@ -16,7 +16,7 @@ from assets import checks
 from assets.metadata import count_table
 from assets.partitions import source_partitions
 from assets.resources import SourcesResource, StoreResource
-from pipeline import ingest
+from core.inputs import is_hub_id
 from pipeline.normalize import normalize, write_normalized
 
 CODE_VERSION = "1"
@@ -24,7 +24,7 @@ CODE_VERSION = "1"
 
 def fingerprint(location: str) -> tuple[str, int, int]:
     """(sha256 over the input's files, files, bytes); a hub id is fingerprinted by name."""
-    if ingest.is_hub_id(location) and not Path(location).exists():
+    if is_hub_id(location) and not Path(location).exists():
         return "hub:" + location, 0, 0
     path = Path(location)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]

@@ -34,7 +34,7 @@ from assets.keys import model_fingerprint
 from assets.partitions import source_partitions
 from assets.resources import SourcesResource
 from assets.sources import fingerprint
-from pipeline import ingest
+from core.inputs import is_hub_id
 from pipeline.presets import PRESETS, Preset, get_preset
 from pipeline.shards import sha256_file
 from pipeline.templates import BUILTIN_TEMPLATES
@@ -248,7 +248,7 @@ def _input_changed(defs: dg.Definitions, instance: dg.DagsterInstance, partition
     materialization's fingerprint (or are gone: the asset then names the missing input)."""
     location = defs.resources["sources"].input_for(partition)
     record = latest_materialization(instance, RAW_SOURCE, partition)
-    if record is None or not (ingest.is_hub_id(location) or Path(location).exists()):
+    if record is None or not (is_hub_id(location) or Path(location).exists()):
         return True
     return _data_version(record) != fingerprint(location)[0]
 

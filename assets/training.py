@@ -27,8 +27,9 @@ from assets.keys import TRAINER_CODE_VERSION, compute_identity, content_key, mod
 from assets.packing import NO_EVAL_SHARDS
 from assets.plots import loss_plot
 from assets.resources import ComputeResource, ModelResource, SourcesResource, StoreResource
-from pipeline.ingest import is_hub_id
-from pipeline.io import REPORT_FILE, atomic_file
+from core.atomic import atomic_file
+from core.inputs import is_hub_id
+from pipeline.io import REPORT_FILE
 from training.report import materialization_metadata, summarize
 from training.tokenizer_match import tokenizer_mismatch
 from training.train_config import REFERENCE_FREE_LOSSES

@@ -40,7 +40,8 @@ from tokenizers import Tokenizer
 
 from data_contracts import preference_pair, tokenized_pair
 from pipeline import ragged
-from pipeline.pack import PackConfig, RowPacker, apply_length_policy, build_shards
+from pipeline.pack import PackConfig, apply_length_policy, build_shards
+from pipeline.packer import RowPacker
 from pipeline.templates import builtin_template, render_pairs
 from pipeline.tokenize import BoundaryReport, boundary_agreement, load_tokenizer, tokenize_pairs
 from pipeline.tokenize import train_tokenizer as train_bpe

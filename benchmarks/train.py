@@ -22,7 +22,7 @@ What is compared, fairly:
   (UltraFeedback-like and HelpSteer-like, the published medians), cut with the packer's
   own truncation rule to the *unshared* budget (2P+C+R <= max_len) so that every layout
   holds exactly the same tokens, given random token ids, and packed in each layout by the
-  real packer (`pipeline.pack.RowPacker`).
+  real packer (`pipeline.packer.RowPacker`).
 - Same model and seeds: the `small` named config (4 layers, width 256, vocabulary 8192),
   one seeded init, copied for every run; the trainer is `training.train.train` itself
   (segments backend, reference model in memory), so each step's time covers collate,
@@ -70,7 +70,8 @@ from benchmarks.pack import draw_lengths, synthetic_tokenized
 from data_contracts import tokenized_pair
 from data_contracts.packed_row import LAYOUTS, Layout, PackedRow
 from pipeline import ragged
-from pipeline.pack import RowPacker, truncated_lengths
+from pipeline.pack import truncated_lengths
+from pipeline.packer import RowPacker
 from training.batch import PackedRows
 from training.configs import small
 from training.model import CausalLM

@@ -193,3 +193,18 @@ def check_fields(obj: dict, spec: JsonSpec, where: str, source: str) -> None:
         ok = isinstance(value, (int, float)) if type_ is float else isinstance(value, type_)
         if not ok or (type_ is int and isinstance(value, bool)):
             raise ContractError(f"{source}: {where}{name} is {type(value).__name__}, not {type_}")
+
+
+def check_document(document: Any, spec: JsonSpec, contract: str, source: str) -> dict:
+    """Check that a JSON document (a report) is an object with every field of `spec` and
+    that its `contract` field is `contract`; the start of every report's `validate`.
+
+    Raises:
+        ContractError: naming `source` and what is not so.
+    """
+    if not isinstance(document, dict):
+        raise ContractError(f"{source}: not a JSON object")
+    check_fields(document, spec, "", source)
+    if document["contract"] != contract:
+        raise ContractError(f"{source}: contract is {document['contract']!r}, not {contract!r}")
+    return document

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from data_contracts.contract import ContractError, JsonSpec, check_fields
+from data_contracts.contract import ContractError, JsonSpec, check_document, check_fields
 
 VERSION = "3"
 
@@ -136,11 +136,7 @@ def validate(report: Any, source: str = "report.json") -> dict:
             broken rule (`unknown_drop_reason`, `funnel_order`, `rows_add_up`,
             `sources_add_up`, `eval_split`, `length_bias_adds_up`).
     """
-    if not isinstance(report, dict):
-        raise ContractError(f"{source}: not a JSON object")
-    check_fields(report, FIELDS, "", source)
-    if report["contract"] != "curation_report":
-        raise ContractError(f"{source}: contract is {report['contract']!r}, not 'curation_report'")
+    check_document(report, FIELDS, "curation_report", source)
     reasons = list(report["dropped"])
     unknown = sorted(set(reasons) - set(REASONS))
     if unknown:

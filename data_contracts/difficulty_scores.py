@@ -3,7 +3,7 @@
 Selective DPO ("Principled Data Selection for Alignment: The Hidden Risks of Difficult
 Examples") measures a pair's difficulty by the validation loss of models trained on other
 parts of the data. `prefpack difficulty` (`training/difficulty.py`) splits the packed
-pairs into k folds (`pipeline.folds.assign_folds`), trains one model per fold on the other
+pairs into k folds (`pipeline.shards.assign_folds`), trains one model per fold on the other
 folds' pairs, and scores the fold's pairs with it against the reference log-probs.
 
 A directory of scores holds `scores.parquet` (these rows, sorted by pair id) and
@@ -21,7 +21,14 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from data_contracts.contract import Contract, ContractError, JsonSpec, check_fields, described
+from data_contracts.contract import (
+    Contract,
+    ContractError,
+    JsonSpec,
+    check_document,
+    check_fields,
+    described,
+)
 
 VERSION = "1"
 
@@ -99,13 +106,7 @@ def validate_report(report: Any, source: str = "report.json") -> dict:
         ContractError: naming `source` and the missing or mistyped field, or the broken
             rule (`folds_cover_pairs`, `fold_splits_pairs`).
     """
-    if not isinstance(report, dict):
-        raise ContractError(f"{source}: not a JSON object")
-    check_fields(report, REPORT_FIELDS, "", source)
-    if report["contract"] != "difficulty_report":
-        raise ContractError(
-            f"{source}: contract is {report['contract']!r}, not 'difficulty_report'"
-        )
+    check_document(report, REPORT_FIELDS, "difficulty_report", source)
     for i, fold in enumerate(report["folds"]):
         check_fields(fold, FOLD_FIELDS, f"folds[{i}].", source)
         if fold["train_pairs"] + fold["held_out_pairs"] != report["pairs"]:

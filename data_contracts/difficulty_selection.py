@@ -15,7 +15,7 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from data_contracts.contract import Contract, ContractError, JsonSpec, check_fields, described
+from data_contracts.contract import Contract, ContractError, JsonSpec, check_document, described
 
 VERSION = "1"
 
@@ -68,9 +68,7 @@ def validate_report(report: Any, source: str = "report.json") -> dict:
         ContractError: naming `source` and the missing or mistyped field, or the broken
             rule (`unknown_reason`, `pairs_add_up`).
     """
-    if not isinstance(report, dict):
-        raise ContractError(f"{source}: not a JSON object")
-    check_fields(report, REPORT_FIELDS, "", source)
+    check_document(report, REPORT_FIELDS, "difficulty_selection", source)
     if unknown := set(report["dropped"]) - set(REASONS):
         raise ContractError(f"{source}: unknown_reason: {sorted(unknown)}")
     if report["pairs_out"] + sum(report["dropped"].values()) != report["pairs_in"]:

@@ -1,9 +1,9 @@
 """`packed_row`: one training sequence holding whole preference pairs, plus its mask metadata.
 
-This module is the executable form of the token layout in DESIGN.md. The functions below
-are the *definition* that every backend (dense, segments, flex) and the pack-time block
-summary are tested against; they favour clarity, but are vectorised so the trainer can use
-them at collate time.
+This module is the executable form of the token layout in docs/design.md. The functions
+below are the *definition* that every backend (dense, segments, flex) and the pack-time
+block summary are tested against; they favour clarity, but are vectorised so the trainer
+can use them at collate time.
 
 Layouts (named in the shard manifest):
 - `shared`: a pair starting at s is `prompt | chosen | rejected` (P + C + R tokens).
@@ -209,7 +209,8 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def targets(row: PackedRow, layout: Layout) -> Targets:
-    """The log-prob gather positions of every chosen and rejected token (DESIGN.md rules)."""
+    """The log-prob gather positions of every chosen and rejected token (the rules of
+    docs/design.md)."""
     s, p, c, r = (
         a.astype(np.int64)
         for a in (row.pair_start, row.prompt_len, row.chosen_len, row.rejected_len)

@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from data_contracts import tokenized_pair
-from data_contracts.contract import ContractError, JsonSpec, check_fields
+from data_contracts.contract import ContractError, JsonSpec, check_document, check_fields
 
 VERSION = "3"
 
@@ -71,11 +71,7 @@ def validate(report: Any, source: str = "report.json") -> dict:
         ContractError: naming `source` and the first missing or mistyped field, or the
             broken rule (`unknown_drop_reason`, `pairs_add_up`, `input_rows_add_up`).
     """
-    if not isinstance(report, dict):
-        raise ContractError(f"{source}: not a JSON object")
-    check_fields(report, FIELDS, "", source)
-    if report["contract"] != "tokenized_report":
-        raise ContractError(f"{source}: contract is {report['contract']!r}, not 'tokenized_report'")
+    check_document(report, FIELDS, "tokenized_report", source)
     for i, entry in enumerate(report["files"]):
         check_fields(entry, FILE_FIELDS, f"files[{i}].", source)
     stats = report["stats"]

@@ -44,8 +44,8 @@ def _add_preset(p: argparse.ArgumentParser, what: str) -> None:
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register `normalize`, `curate`, `tokenize`, `pack`, `inspect` and `select`."""
+    from core.settings import add_flags
     from pipeline.curate import CurateConfig
-    from pipeline.flags import add_flags
     from pipeline.presets import summaries
     from pipeline.sources import SOURCES
     from pipeline.sources.base import option_types
@@ -151,8 +151,8 @@ def _normalize(args: argparse.Namespace) -> int:
 def _curate(args: argparse.Namespace) -> int:
     import pyarrow as pa
 
+    from core.settings import config_from
     from pipeline.curate import CurateConfig, Pairs, curate_to, load_eval_prompts
-    from pipeline.flags import config_from
     from pipeline.presets import curate_config, get_preset
 
     preset = None if args.preset is None else get_preset(args.preset)
@@ -190,7 +190,7 @@ def _curate(args: argparse.Namespace) -> int:
 
 def _add_tokenize_flags(p: argparse.ArgumentParser) -> None:
     """Inputs and settings of the tokenize stage, shared by `tokenize` and `pack`."""
-    from pipeline.flags import add_flags
+    from core.settings import add_flags
     from pipeline.tokenized import TokenizeConfig
 
     p.add_argument(
@@ -220,7 +220,7 @@ def _add_tokenize(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_pack(subparsers: argparse._SubParsersAction) -> None:
-    from pipeline.flags import add_flags
+    from core.settings import add_flags
     from pipeline.pack import PackConfig
 
     p = subparsers.add_parser(
@@ -246,7 +246,7 @@ def _add_pack(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_tokenize(args: argparse.Namespace) -> TokenizedResult:
     """The tokenize stage from the shared flags; says on stderr what it did."""
-    from pipeline.flags import config_from
+    from core.settings import config_from
     from pipeline.tokenized import TokenizeConfig, build_tokenized
 
     config = config_from(TokenizeConfig, args)
@@ -275,8 +275,8 @@ def _tokenize(args: argparse.Namespace) -> int:
 
 
 def _pack(args: argparse.Namespace) -> int:
+    from core.settings import config_from
     from pipeline.eval_shards import build_eval_shards, eval_pairs_path
-    from pipeline.flags import config_from
     from pipeline.pack import PackConfig, build_shards
 
     config = config_from(PackConfig, args)  # checked before anything is tokenized
@@ -391,7 +391,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _add_select(subparsers: argparse._SubParsersAction) -> None:
-    from pipeline.flags import add_flags
+    from core.settings import add_flags
     from pipeline.selection import SelectConfig
 
     p = subparsers.add_parser(
@@ -411,7 +411,7 @@ def _add_select(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _select(args: argparse.Namespace) -> int:
-    from pipeline.flags import config_from
+    from core.settings import config_from
     from pipeline.selection import SelectConfig, build_selected_shards
 
     result = build_selected_shards(

@@ -73,22 +73,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from core.atomic import atomic_directory
+from core.progress import progress
+from core.settings import SettingError, check_settings, flag_name, setting
 from data_contracts import curation_report, preference_pair
 from data_contracts.contract import ROW_INDEX
 from pipeline import near_dup
-from pipeline.flags import SettingError, check_settings, flag_name, setting
 from pipeline.ingest import parquet_batches
 from pipeline.io import (
     DROPPED_FILE,
     PAIRS_FILE,
     REPORT_FILE,
     ParquetRowGroups,
-    atomic_directory,
     pairs_path,
     write_json,
     write_row_groups,
 )
-from pipeline.progress import progress
 
 EVAL_PAIRS_FILE = "eval_pairs.parquet"  # beside pairs.parquet: the held-out pairs
 BATCH_ROWS = 32_768  # pairs read at once: bounds memory, never changes the output

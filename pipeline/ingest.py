@@ -48,11 +48,10 @@ import pyarrow.compute as pc
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
+from core.inputs import SUFFIXES, is_hub_id
 from data_contracts.contract import Contract, ContractError
 from pipeline.io import rechunk
 
-JSON_LINES = (".jsonl", ".ndjson")
-SUFFIXES = (*JSON_LINES, ".json", ".parquet", ".arrow")
 # Split names recognised in file names (e.g. `train_prefs-00000-of-00001.parquet`).
 KNOWN_SPLITS = (
     "train",
@@ -72,7 +71,6 @@ _SPACE = b" \t\r\n"
 _OPENING = np.frombuffer(b"{ \t\r", np.uint8)  # how a JSON object's line may open
 DEEP_BRACKETS = 1000  # more `[`/`{` in a line than this: Python's parser only (a bound on depth)
 PYTHON_LINES = 16  # a refused piece this small is parsed line by line
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _ARROW_ERRORS = (pa.ArrowException, TypeError, OverflowError, UnicodeError)
 _INT64 = (-(2**63), 2**63)
@@ -142,16 +140,6 @@ class RawFile:
 
 # ---------------------------------------------------------------------------------------
 # Reading
-
-
-def is_hub_id(input: str | Path) -> bool:
-    """True when `input` is no local path but looks like `owner/name` without a file suffix."""
-    text = str(input)
-    return (
-        not Path(text).exists()
-        and _HUB_ID.match(text) is not None
-        and not text.lower().endswith((*SUFFIXES, ".gz"))
-    )
 
 
 @dataclass(frozen=True)

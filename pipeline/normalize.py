@@ -37,6 +37,9 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
+from core.atomic import atomic_directory
+from core.inputs import is_hub_id
+from core.progress import progress
 from data_contracts import preference_pair, quarantine
 from data_contracts.contract import described
 from data_contracts.raw_sources import SHAPES
@@ -47,12 +50,10 @@ from pipeline.io import (
     QUARANTINE_FILE,
     REPORT_FILE,
     ParquetRowGroups,
-    atomic_directory,
     write_json,
     write_row_groups,
 )
 from pipeline.presets import get_preset
-from pipeline.progress import progress
 from pipeline.sources import Source, get_source
 from pipeline.sources.base import ATTRIBUTES_DTYPE, ORDER_SHIFT, PAIR_COLUMNS, first_reason
 
@@ -251,7 +252,7 @@ class _Run:
             yield self._map(
                 pl.concat(frames), list(problems), dict(zip(numbers, raws, strict=True))
             )
-        if not any(self.rows) and not ingest.is_hub_id(self.input):
+        if not any(self.rows) and not is_hub_id(self.input):
             raise ingest.no_rows(self.input)
 
     def _map(

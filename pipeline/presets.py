@@ -23,8 +23,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from core.settings import config_from
 from pipeline.curate import CurateConfig, Curated
-from pipeline.flags import config_from
 from pipeline.sources import get_source
 
 
@@ -118,8 +118,8 @@ def get_preset(name: str) -> Preset:
 
 def curate_config(preset: Preset | None, given: Any, pairs: pa.Table) -> CurateConfig:
     """`CurateConfig` for `pairs`: its defaults, then `preset`'s settings for the sources in
-    `pairs`, then the fields `given` has (parsed `only_given` flags, or `flags.given_values`
-    of a Dagster config).
+    `pairs`, then the fields `given` has (parsed `only_given` flags, or
+    `assets.configs.given_values` of a Dagster config).
 
     Raises:
         ValueError: as `Preset.curate_settings`; SettingError for a value out of range.

@@ -27,12 +27,12 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 
+from core.atomic import atomic_directory
+from core.settings import check_settings, setting
 from data_contracts import difficulty_selection as contract
-from pipeline.flags import check_settings, setting
-from pipeline.io import DROPPED_FILE, REPORT_FILE, atomic_directory, write_json, write_parquet
+from pipeline.io import DROPPED_FILE, REPORT_FILE, write_json, write_parquet
 from pipeline.pack import PackConfig, ShardResult, build_shards
-from pipeline.scores import read_report, read_scores
-from pipeline.shards import read_manifest
+from pipeline.shards import read_manifest, read_report, read_scores
 from pipeline.tokenized import select_tokenized
 
 # Bump when this module would select other pairs or write other bytes for the same inputs.

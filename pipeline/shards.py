@@ -20,8 +20,20 @@ text written; it lists the size and sha256 of every other file. A mismatch is a
 skips only the sha256 of the shard files (the bytes that take time to read); every other
 check always runs.
 
-Training imports this module (`training -> pipeline.shards -> data_contracts`), so it
-depends on numpy, pyarrow and `pipeline.io` only.
+A directory of difficulty scores is proven the same way: `prefpack difficulty`
+(`training/difficulty.py`) writes `scores.parquet` (`data_contracts.difficulty_scores`,
+sorted by pair id) and `report.json` (what the scores depend on, one entry per fold, the
+size and sha256 of `scores.parquet`, sealed with a checksum as a manifest is) with
+`write_scores`; `read_report` and `read_scores` check and read them without torch, so the
+Dagster process and the selection (`pipeline.selection`) can reuse scores without loading
+the trainer.
+
+The k-fold split of a shard's pairs, and a fold's pairs packed again by the pack stage's
+own packer (`assign_folds`, `unpack_pairs`, `pack_pairs`), serve difficulty scoring.
+
+This is the shard reader through which training reads `pipeline/` (`training ->
+pipeline.shards -> data_contracts`; docs/design.md, "Layers"), so it depends on numpy,
+pyarrow, `pipeline.io` and the packer only, never torch.
 """
 
 from __future__ import annotations
@@ -29,24 +41,31 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import overload
+from typing import Any, overload
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from core.atomic import is_file_name, is_hex_key
+from data_contracts import difficulty_scores as scores_contract
 from data_contracts import manifest as manifest_contract
-from data_contracts import packed_row
+from data_contracts import packed_row, tokenized_pair
 from data_contracts.contract import ContractError
-from data_contracts.packed_row import PackedRow
-from pipeline.io import is_file_name, is_hex_key
+from data_contracts.packed_row import Layout, PackedRow
+from pipeline import ragged
+from pipeline.io import rechunk, write_parquet
+from pipeline.packer import RowPacker
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 TOKENIZER_FILES = (TOKENIZER, TOKENIZER_CONFIG)  # listed in the manifest's `files`
 SHARD_NAME = "shard-{:05d}.arrow"
+Validator = Callable[[Any, str], dict]  # a JSON contract's check: (document, source) -> it
+SCORES_REPORT = "report.json"  # beside `difficulty_scores.SCORES_FILE`
 
 
 class ShardError(ValueError):
@@ -126,14 +145,20 @@ def file_entries(directory: Path, names: Iterable[str]) -> list[dict]:
 
 
 def write_manifest(directory: Path, manifest: dict) -> dict:
-    """Seal (add the checksum), validate and write `manifest.json` (deterministic bytes).
+    """Seal, validate and write `manifest.json` (`write_sealed`); returns it as written."""
+    return write_sealed(directory / MANIFEST, manifest, manifest_contract.validate)
+
+
+def write_sealed(path: Path, document: dict, validate: Validator) -> dict:
+    """Seal `document` (add its `checksum`), check it with `validate` and write it to `path`
+    as `read_sealed` expects it: a manifest or report, in deterministic bytes.
 
     Returns:
-        The manifest as written, checksum included.
+        The document as written, checksum included.
     """
-    sealed = {**manifest, "checksum": manifest_contract.checksum(manifest)}
-    manifest_contract.validate(sealed, str(directory / MANIFEST))
-    (directory / MANIFEST).write_text(manifest_contract.text(sealed), encoding="utf-8")
+    sealed = {**document, "checksum": manifest_contract.checksum(document)}
+    validate(sealed, str(path))
+    path.write_text(manifest_contract.text(sealed), encoding="utf-8")
     return sealed
 
 
@@ -182,7 +207,7 @@ class _Chunk:
 
 def table_rows(table: pa.Table) -> list[PackedRow]:
     """Every row of a `packed_row` table held in memory (e.g. pairs packed again for a
-    fold, `pipeline.folds`) as `PackedRow` views of its buffers."""
+    fold, `pack_pairs`) as `PackedRow` views of its buffers."""
     return [
         chunk.row(j)
         for chunk in (_Chunk(b) for b in table.to_batches() if b.num_rows)
@@ -256,19 +281,14 @@ def read_manifest(directory: str | Path) -> dict:
             directory, or was edited.
     """
     path = Path(directory) / MANIFEST
-    try:
-        raw = path.read_bytes().decode("utf-8")  # as written: no newline translation
-        manifest = manifest_contract.validate(json.loads(raw), str(path))
-    except FileNotFoundError as err:
-        raise ShardError(f"{path}: missing; not a complete shard directory") from err
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ShardError(f"{path}: not valid JSON: {err}") from err
-    except ContractError as err:
-        raise ShardError(str(err)) from err
-    _check_names(manifest, path)
-    _check_key(manifest, path)
-    check_sealed(manifest, raw, path)
-    return manifest
+
+    def validate(document: Any, source: str) -> dict:
+        manifest = manifest_contract.validate(document, source)
+        _check_names(manifest, path)
+        _check_key(manifest, path)
+        return manifest
+
+    return read_sealed(path, validate, "shard")
 
 
 def _check_names(manifest: dict, path: Path) -> None:
@@ -316,18 +336,34 @@ def _check_key(manifest: dict, path: Path) -> None:
         )
 
 
-def check_sealed(document: dict, raw: str, path: Path) -> None:
-    """Check a sealed JSON document (manifest or report) is unedited.
+def read_sealed(path: Path, validate: Validator, kind: str) -> dict:
+    """Read a sealed JSON document (a manifest or report, `write_sealed`) and check that it
+    proves itself: JSON, accepted by `validate`, then unedited.
 
     Args:
-        document: the parsed document; its `checksum` field is checked.
-        raw: the file's text, which must be exactly what was written.
-        path: the file, named in the error.
+        path: the file.
+        validate: its contract's check (`manifest.validate`, ...), called with the parsed
+            document and `str(path)`; it may check more (names, the key) and raise
+            ShardError, before the checksum is looked at.
+        kind: the directory `path` completes, named when it is missing ("shard").
+
+    Returns:
+        The document, as `validate` returns it.
 
     Raises:
-        ShardError: naming `path` when the checksum is absent or does not match the
-            content (an edited value, a listed sha256 included), or only the bytes differ.
+        ShardError: naming `path` when it is missing, not JSON, refused by `validate`, has
+            no checksum or one that does not match its content (an edited value, a listed
+            sha256 included), or is not the exact text written.
     """
+    try:
+        raw = path.read_bytes().decode("utf-8")  # as written: no newline translation
+        document = validate(json.loads(raw), str(path))
+    except FileNotFoundError as err:
+        raise ShardError(f"{path}: missing; not a complete {kind} directory") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ShardError(f"{path}: not valid JSON: {err}") from err
+    except ContractError as err:
+        raise ShardError(str(err)) from err
     stored = document.get("checksum")
     if not isinstance(stored, str):
         raise ShardError(f"{path}: no checksum; written by an older prefpack, build it again")
@@ -339,6 +375,7 @@ def check_sealed(document: dict, raw: str, path: Path) -> None:
         )
     if raw != manifest_contract.text(document):
         raise ShardError(f"{path}: not the text that was written: {path.name} was edited")
+    return document
 
 
 def verify_files(directory: str | Path, manifest: dict, hash_shards: bool = True) -> None:
@@ -413,3 +450,145 @@ def open_shards(directory: str | Path, verify: bool = True) -> ShardReader:
             raise ShardError(f"{path}: {table.num_rows} rows, manifest says {shard['rows']}")
         tables.append(table)
     return ShardReader(directory, manifest, tables)
+
+
+# ---------------------------------------------------------------------------------------
+# Difficulty scores
+
+
+def write_scores(
+    directory: Path, scores: pa.Table, folds: Sequence[dict[str, Any]], identity: dict[str, Any]
+) -> dict[str, Any]:
+    """Write `scores.parquet` and then the sealed `report.json` into `directory`.
+
+    Args:
+        directory: an existing (temporary) directory.
+        scores: a `difficulty_scores` table.
+        folds: one `difficulty_scores.FOLD_FIELDS` entry per fold.
+        identity: `inputs`, `settings` and `code`: what the scores depend on.
+
+    Returns:
+        The report as written.
+    """
+    scores_file = scores_contract.SCORES_FILE
+    scores = scores_contract.CONTRACT.validate(scores, source=str(directory / scores_file))
+    write_parquet(scores, directory / scores_file)
+    report = {
+        "contract": "difficulty_report",
+        "version": scores_contract.VERSION,
+        **identity,
+        "pairs": scores.num_rows,
+        "folds": list(folds),
+        "files": file_entries(directory, [scores_file]),
+    }
+    return write_sealed(directory / SCORES_REPORT, report, scores_contract.validate_report)
+
+
+def read_report(directory: str | Path) -> dict[str, Any]:
+    """The report of a scores directory, after checking that it is unedited and that
+    `scores.parquet` is the file it lists (size and sha256).
+
+    Raises:
+        ShardError: naming the file that is missing, edited or not what the report lists.
+    """
+    path = Path(directory) / SCORES_REPORT
+    report = read_sealed(path, scores_contract.validate_report, "scores")
+    listed = [(f["file"], f["bytes"], f["sha256"]) for f in report["files"]]
+    if [name for name, _, _ in listed] != [scores_contract.SCORES_FILE]:
+        raise ShardError(f"{path}: files must list {scores_contract.SCORES_FILE} alone")
+    check_files(directory, listed)
+    return report
+
+
+def read_scores(directory: str | Path) -> pa.Table:
+    """The scores of a directory that `read_report` accepted, checked by their contract.
+
+    Raises:
+        ContractError: naming the file and the broken rules.
+    """
+    path = Path(directory) / scores_contract.SCORES_FILE
+    return scores_contract.CONTRACT.validate(pq.read_table(path), source=str(path))
+
+
+# ----------------------------------------------------------------------------- folds
+# K-fold splits of packed pairs, and the pairs of some folds packed again into rows.
+#
+# Difficulty scoring (`training/difficulty.py`, after Selective DPO) trains one model per fold
+# on the other folds' pairs and scores the fold's own pairs with it, so every pair is scored
+# by a model that never saw it. Here, torch-free:
+#
+# - `assign_folds`: fold of each pair id. The ids are ordered by a seeded hash of the id
+#   alone and dealt round-robin, so the folds are disjoint, cover every pair, differ in size
+#   by at most one (none is empty when there are at least k pairs), and do not depend on the
+#   order the pairs come in. They do depend on the set of ids: a new pair moves others, as
+#   any balanced split must (the shard key changes then too, so nothing stale is reused).
+# - `unpack_pairs`: the `tokenized_pair` rows inside packed rows, exactly as packed (after the
+#   length policy), read back from the token layout of `data_contracts.packed_row`.
+# - `pack_pairs`: pairs packed again by the pack stage's own packer (`pipeline.packer.RowPacker`,
+#   same layout, max_len and block size).
+
+
+def assign_folds(pair_ids: Sequence[str], k: int, seed: int = 0) -> np.ndarray:
+    """The fold (0..k-1) of each pair id, in the order given.
+
+    Args:
+        pair_ids: unique pair ids.
+        k: number of folds (>= 2).
+        seed: salts the hash: another seed, another split.
+
+    Returns:
+        int64 fold per id.
+
+    Raises:
+        ValueError: k < 2, or a pair id given twice (it would sit in two folds).
+    """
+    if k < 2:
+        raise ValueError(f"folds must be at least 2, got {k}")
+    ids = list(pair_ids)
+    if len(set(ids)) != len(ids):
+        raise ValueError("pair ids must be unique to split them into folds")
+    salt = seed.to_bytes(8, "little", signed=False)
+    # One hash per id: Python at the id boundary (about a microsecond each); the digest is
+    # stable across machines and versions, unlike a dataframe library's row hash.
+    digests = [
+        hashlib.blake2b(pid.encode("utf-8"), digest_size=8, salt=salt).digest() for pid in ids
+    ]
+    order = sorted(range(len(ids)), key=lambda i: (digests[i], ids[i]))
+    folds = np.empty(len(ids), dtype=np.int64)
+    folds[order] = np.arange(len(ids)) % k
+    return folds
+
+
+def unpack_pairs(rows: pa.Table, layout: Layout) -> pa.Table:
+    """The pairs of `packed_row` rows as `tokenized_pair` rows, in row order.
+
+    Shared rows hold `prompt | chosen | rejected`; unshared and padded rows hold
+    `prompt | chosen | prompt | rejected` (the second prompt copy is skipped).
+    """
+    tokens, row_offsets = ragged.list_parts(rows.column("input_ids"))
+    starts, pair_offsets = ragged.list_parts(rows.column("pair_start"))
+    p, c, r = (
+        ragged.list_parts(rows.column(name))[0].astype(np.int64)
+        for name in ("prompt_len", "chosen_len", "rejected_len")
+    )
+    owner_row = np.repeat(np.arange(len(pair_offsets) - 1), np.diff(pair_offsets))
+    start = row_offsets[owner_row] + starts.astype(np.int64)
+    rejected_start = start + p + c if layout == "shared" else start + 2 * p + c
+    columns = [
+        ragged.list_array(pa.array(ragged.gather(tokens, s, n)), ragged.offsets_of(n))
+        for s, n in ((start, p), (start + p, c), (rejected_start, r))
+    ]
+    ids = rows.column("pair_ids").combine_chunks().flatten()
+    return pa.Table.from_arrays([ids, *columns], schema=tokenized_pair.SCHEMA)
+
+
+def pack_pairs(
+    pairs: pa.Table, layout: Layout, max_len: int, block_size: int, window: int
+) -> pa.Table:
+    """`tokenized_pair` rows (each within max_len) packed into `packed_row` rows as the pack
+    stage packs them, `window` pairs at a time (`PackConfig.pack_window`); the trainer takes
+    them as `pipeline.shards.table_rows`."""
+    packer = RowPacker(layout, max_len, block_size)
+    batches = [b for part in rechunk([pairs], window) for b in packer.add(part)]
+    batches += packer.finish()
+    return pa.Table.from_batches(batches, schema=packed_row.SCHEMA)

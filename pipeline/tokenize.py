@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from core.errors import TokenizerError
 from data_contracts import tokenized_pair
 from pipeline import ragged
 from pipeline.ahead import ahead
@@ -51,10 +52,6 @@ _SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-
-
-class TokenizerError(ValueError):
-    """A tokenizer path cannot be loaded; the message names the file."""
 
 
 class MarkerError(ValueError):

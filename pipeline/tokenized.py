@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import closing
@@ -61,23 +60,23 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import tokenizers
 
-from data_contracts import manifest as sealed
+from core.atomic import keyed_directory
+from core.progress import progress
+from core.settings import check_settings, setting
 from data_contracts import preference_pair, tokenized_pair, tokenized_report
-from data_contracts.contract import ContractError
 from pipeline import ragged
 from pipeline.ahead import ahead
-from pipeline.flags import check_settings, setting
-from pipeline.io import atomic_directory, pairs_path, rechunk
+from pipeline.io import pairs_path, rechunk
 from pipeline.lengths import LengthCounts, power_of_two_edges
-from pipeline.progress import progress
 from pipeline.shards import (
     TOKENIZER,
     TOKENIZER_CONFIG,
     ShardError,
     check_files,
-    check_sealed,
     file_entries,
+    read_sealed,
     sha256_file,
+    write_sealed,
 )
 from pipeline.templates import (
     BUILTIN_TEMPLATES,
@@ -101,8 +100,6 @@ from pipeline.tokenize import (
     tokenize_pairs,
     train_tokenizer,
 )
-
-log = logging.getLogger(__name__)
 
 # Bump when this module's code would write different bytes for the same inputs.
 TOKENIZE_VERSION = "3"
@@ -368,7 +365,7 @@ def _write_tokenized(
         "files": file_entries(directory, DATA_FILES),
         "stats": stats.to_dict(),
     }
-    return _seal_report(directory, report)
+    return write_sealed(directory / REPORT, report, tokenized_report.validate)  # written last
 
 
 def _write_pairs(directory: Path, batches: Iterator[pa.Table]) -> None:
@@ -378,14 +375,6 @@ def _write_pairs(directory: Path, batches: Iterator[pa.Table]) -> None:
     ) as writer:
         for group in rechunk(batches, ROW_GROUP):
             writer.write_table(group, row_group_size=ROW_GROUP)
-
-
-def _seal_report(directory: Path, report: dict) -> dict:
-    """Seal, validate and write `report.json` (last, once the files it lists are written)."""
-    report["checksum"] = sealed.checksum(report)
-    tokenized_report.validate(report, str(directory / REPORT))
-    (directory / REPORT).write_text(sealed.text(report), encoding="utf-8")
-    return report
 
 
 # ---------------------------------------------------------------------------- reading
@@ -410,24 +399,20 @@ def read_tokenized(directory: str | Path, verify: bool = True) -> dict:
     """
     directory = Path(directory)
     path = directory / REPORT
-    try:
-        raw = path.read_bytes().decode("utf-8")  # as written: no newline translation
-        report = tokenized_report.validate(json.loads(raw), str(path))
-    except FileNotFoundError as err:
-        raise ShardError(f"{path}: missing; not a complete tokenized directory") from err
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ShardError(f"{path}: not valid JSON: {err}") from err
-    except ContractError as err:
-        raise ShardError(str(err)) from err
-    if report["key"] != directory.resolve().name:
-        raise ShardError(
-            f"{path}: key {report['key']!r} is not the directory's name "
-            f"{directory.resolve().name!r}"
-        )
-    listed = {entry["file"] for entry in report["files"]}
-    if unlisted := set(DATA_FILES) - listed:
-        raise ShardError(f"{path}: files does not list {sorted(unlisted)}")
-    check_sealed(report, raw, path)
+
+    def validate(document: object, source: str) -> dict:
+        report = tokenized_report.validate(document, source)
+        if report["key"] != directory.resolve().name:
+            raise ShardError(
+                f"{path}: key {report['key']!r} is not the directory's name "
+                f"{directory.resolve().name!r}"
+            )
+        listed = {entry["file"] for entry in report["files"]}
+        if unlisted := set(DATA_FILES) - listed:
+            raise ShardError(f"{path}: files does not list {sorted(unlisted)}")
+        return report
+
+    report = read_sealed(path, validate, "tokenized")
     if verify:
         check_files(directory, [(f["file"], f["bytes"], f["sha256"]) for f in report["files"]])
     data = directory / TOKENIZED
@@ -553,17 +538,17 @@ def _build(
         check_markers(loaded, template, markers)
     input_sha256 = sha256_file(pairs)
     key = tokenized_key(input_sha256, loaded, template, config)
+
+    def build(tmp: Path) -> dict:
+        tokenizer = loaded
+        if tokenizer is None:
+            texts = _training_texts(pairs, template)
+            tokenizer = train_tokenizer(texts, config.bpe_vocab_size, template)
+        return _write_tokenized(pairs, input_sha256, tokenizer, template, markers, config, key, tmp)
+
     directory = store / "tokenized" / key
-    if directory.exists():
-        try:
-            return TokenizedResult(directory, key, reused=True, report=read_tokenized(directory))
-        except ShardError as err:
-            log.warning("rebuilding %s: %s", directory, err)
-    if loaded is None:
-        loaded = train_tokenizer(_training_texts(pairs, template), config.bpe_vocab_size, template)
-    with atomic_directory(directory, keep_identical=True) as tmp:
-        report = _write_tokenized(pairs, input_sha256, loaded, template, markers, config, key, tmp)
-    return TokenizedResult(directory, key, reused=False, report=report)
+    report, reused = keyed_directory(directory, read_tokenized, build, invalid=ShardError)
+    return TokenizedResult(directory, key, reused, report)
 
 
 def select_tokenized(
@@ -595,24 +580,20 @@ def select_tokenized(
     parent = read_tokenized(directory, verify=True)
     payload = {"parent": parent["key"], "selection": selection, "code": TOKENIZE_VERSION}
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
-    out = store / "tokenized" / key
-    if out.exists():
-        try:
-            return TokenizedResult(out, key, reused=True, report=read_tokenized(out))
-        except ShardError as err:
-            log.warning("rebuilding %s: %s", out, err)
-    table = pq.read_table(directory / TOKENIZED)
-    kept = table.filter(pc.is_in(table.column("pair_id"), value_set=pair_ids))
-    if kept.num_rows != len(pc.unique(pair_ids)):
-        missing = pc.filter(pair_ids, pc.invert(pc.is_in(pair_ids, value_set=table["pair_id"])))
-        raise ValueError(
-            f"{directory}: {len(missing)} of the selected pairs are not tokenized there "
-            f"(for example {missing[0].as_py()!r}); were they selected from these pairs?"
-        )
-    stats = _Stats(_parent_boundary(parent), _ending_report(directory, parent))
-    stats.pairs_in = kept.num_rows
-    stats.add(kept)
-    with atomic_directory(out, keep_identical=True) as tmp:
+
+    def build(tmp: Path) -> dict:
+        table = pq.read_table(directory / TOKENIZED)
+        kept = table.filter(pc.is_in(table.column("pair_id"), value_set=pair_ids))
+        if kept.num_rows != len(pc.unique(pair_ids)):
+            ids = table["pair_id"]
+            missing = pc.filter(pair_ids, pc.invert(pc.is_in(pair_ids, value_set=ids)))
+            raise ValueError(
+                f"{directory}: {len(missing)} of the selected pairs are not tokenized there "
+                f"(for example {missing[0].as_py()!r}); were they selected from these pairs?"
+            )
+        stats = _Stats(_parent_boundary(parent), _ending_report(directory, parent))
+        stats.pairs_in = kept.num_rows
+        stats.add(kept)
         _write_pairs(tmp, iter([kept]))
         for name in (TOKENIZER, TOKENIZER_CONFIG):
             (tmp / name).write_bytes((directory / name).read_bytes())
@@ -624,8 +605,11 @@ def select_tokenized(
             "files": file_entries(tmp, DATA_FILES),
             "stats": stats.to_dict(),
         }
-        report = _seal_report(tmp, report)
-    return TokenizedResult(out, key, reused=False, report=report)
+        return write_sealed(tmp / REPORT, report, tokenized_report.validate)
+
+    out = store / "tokenized" / key
+    report, reused = keyed_directory(out, read_tokenized, build, invalid=ShardError)
+    return TokenizedResult(out, key, reused, report)
 
 
 def _parent_boundary(report: dict) -> BoundaryReport:

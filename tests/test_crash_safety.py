@@ -37,7 +37,7 @@ SAMPLE_LINES = 40
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 POLL = 0.001  # seconds between looks for a temp entry
 ATTEMPTS = 3  # rounds of kills, until one lands inside a write
-TEMP_TAGS = (".tmp-", ".old-")  # pipeline.io's temp entries: `.NAME.tmp-...`, `.NAME.old-...`
+TEMP_TAGS = (".tmp-", ".old-")  # core.atomic's temp entries: `.NAME.tmp-...`, `.NAME.old-...`
 # DCP writes a fresh uuid (save_id) into the optimizer's .metadata on every save, and the
 # model card states the time the run took: the only bytes of any output that differ between
 # two uninterrupted runs (the card is compared with its time masked).

@@ -1,5 +1,5 @@
-"""Attention backends: one masking rule (DESIGN.md, `data_contracts.packed_row`), four ways
-to run it, selected by name. All are exact: they compute the same softmax over the same
+"""Attention backends: one masking rule (docs/design.md, `data_contracts.packed_row`), four
+ways to run it, selected by name. All are exact: they compute the same softmax over the same
 visible keys, and differ only in how much of the row's T x T square they touch and in how
 many kernels a layer launches.
 

@@ -42,7 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
-from pipeline.io import atomic_directory
+from core.atomic import atomic_directory
 from training.export_files import TOKENIZER_FILES, ExportTokenizer, export_files
 from training.lora import is_adapter_key
 from training.model import (
@@ -536,7 +536,7 @@ def save_pretrained(
     tensors: Iterable[tuple[str, torch.Tensor]] | None = None,
     readme: str | None = None,
 ) -> Path:
-    """Write `model` as a Hugging Face folder, atomically (`pipeline.io.atomic_directory`):
+    """Write `model` as a Hugging Face folder, atomically (`core.atomic.atomic_directory`):
     a kill at any moment leaves the complete folder or none.
 
     Args:

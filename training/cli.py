@@ -19,7 +19,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.flags import add_flags, config_from
+from core.settings import add_flags, config_from
 from training.difficulty_config import FOLD_UNUSED_FIELDS, DifficultyConfig
 from training.train_config import TrainConfig
 

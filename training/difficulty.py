@@ -13,14 +13,14 @@ prefpack already has:
         loss and implicit reward margin against the reference log-probs (or, for a
         reference-free loss, from the fold model's log-probs alone)
 
-Each fold's pairs are packed again (`pipeline.folds.pack_pairs`, the pack stage's packer,
+Each fold's pairs are packed again (`pipeline.shards.pack_pairs`, the pack stage's packer,
 same layout and max_len), so a fold model's rows hold none of the pairs it scores. The
 reference log-probs are the shards' own (`ReferenceLogps`, keyed by the shard key): every
 fold trains and is scored against the same reference as a run on all the shards. A
 reference-free loss (SimPO, ORPO) has none: its folds train and score without one.
 
 Under torchrun every rank runs the folds together (DDP or FSDP, as `train` does); rank 0
-writes (`pipeline.scores.write_scores`): `scores.parquet` (`data_contracts.difficulty_scores`,
+writes (`pipeline.shards.write_scores`): `scores.parquet` (`data_contracts.difficulty_scores`,
 sorted by pair id) and `report.json` (inputs, settings, code versions, one entry per fold),
 the same bytes for the same inputs. The fold runs live beside the output
 (`folds_directory`) until the scores are written: after a crash, a rerun with the same
@@ -45,10 +45,9 @@ import pyarrow.feather as feather
 import torch
 import torch.distributed as dist
 
+from core.atomic import atomic_directory, atomic_file
 from data_contracts import difficulty_scores as contract
-from pipeline.folds import assign_folds, pack_pairs, unpack_pairs
-from pipeline.io import atomic_directory, atomic_file
-from pipeline.shards import ShardReader, table_rows
+from pipeline.shards import ShardReader, assign_folds, pack_pairs, table_rows, unpack_pairs
 from training.batch import PackedRows
 from training.device import resolve_backend, resolve_device
 from training.difficulty_config import DIFFICULTY_VERSION, FOLD_UNUSED_FIELDS, DifficultyConfig
@@ -288,9 +287,10 @@ def _barrier() -> None:
 
 @contextlib.contextmanager
 def staged_directory(out: Path) -> Iterator[Path]:
-    """`pipeline.io.atomic_directory` for a command that every rank runs: rank 0 stages
+    """`core.atomic.atomic_directory` for a command that every rank runs: rank 0 stages
     the directory, every rank gets its temporary path (the fold runs need one path on all
-    ranks), and rank 0 installs it once every rank is done."""
+    ranks), and rank 0 installs it once every rank is done. The scores' stage in
+    `core.atomic.keyed_directory` (`training.recipe.run_difficulty`)."""
     if not is_distributed():
         with atomic_directory(out, keep_identical=True) as tmp:
             yield tmp

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.flags import check_settings, setting
+from core.settings import check_settings, setting
 
 # Bumped when `prefpack difficulty` would score other numbers from the same inputs (the
 # split, the scoring pass, what a score is); with the trainer's and the reference code's

@@ -11,10 +11,10 @@ of more than 8 GB per copy. Log-softmax runs in fp32 whatever the matmul precisi
 With d = dL/d logp_t, the gradient of logits_t is d * (onehot(label_t) - softmax_t): that is
 all the backward needs, given the logsumexp of each row saved by the forward.
 
-`pair_logps` sums the token log-probs per pair by the batch's targets (DESIGN.md rules):
-only the positions that predict a response token go through the head (`logit_index`); the
-last prompt token's hidden state is gathered twice in the shared layout (it predicts chosen
-token 0 and rejected token 0). `table_logps` gives the same `PairLogps` for log-probs
+`pair_logps` sums the token log-probs per pair by the batch's targets (the rules of
+docs/design.md): only the positions that predict a response token go through the head
+(`logit_index`); the last prompt token's hidden state is gathered twice in the shared
+layout (it predicts chosen token 0 and rejected token 0). `table_logps` gives the same `PairLogps` for log-probs
 computed over whole rows (`training.reference.compute_reference_logps`: the eval set, a
 fold's held-out pairs). Both carry the responses' lengths (`batch.response_lengths`), which
 the per-token losses need.

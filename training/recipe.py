@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.ingest import is_hub_id
-from pipeline.scores import read_report, write_scores
-from pipeline.shards import ShardError, ShardReader, open_shards
+from core.atomic import keyed_directory
+from core.inputs import is_hub_id
+from pipeline.shards import ShardError, ShardReader, open_shards, read_report, write_scores
 from training.checkpoint import load_pretrained, model_fingerprint
 from training.configs import named_config
 from training.device import check_precision, resolve_backend, resolve_device
@@ -633,33 +633,42 @@ def run_difficulty(
             else:
                 print(line, file=sys.stderr)
 
-        if _same_scores(out, identity, log if rank == 0 else None):
-            if rank == 0:
-                log(f"reused {out}: the same shards, model, reference and settings")
-                # fold runs a crash left after the scores were in place
-                shutil.rmtree(folds_directory(out, identity), ignore_errors=True)
-        else:
+        def verify(scores: Path) -> None:  # on every rank: they build together or not at all
+            report = read_report(scores)  # ShardError: missing or edited
+            if changed := [part for part in identity if report[part] != identity[part]]:
+                raise ValueError(f"its {' and '.join(changed)} differ")
+
+        def build(tmp: Path) -> None:  # every rank, in rank 0's temporary directory
             reference = None
             if needs_reference:
                 reference = _scoring_reference(inputs, data, model, fold_config, config)
-            folds = folds_directory(out, identity)
             lora = lora_settings(fold_config)
             initial = _initial_models(inputs, model, sharded, device, fold_config.precision, lora)
-            with staged_directory(out) as tmp:
-                result = score_difficulty(
-                    dataclasses.replace(fold_config, out_dir=folds),
-                    config,
-                    data,
-                    initial,
-                    reference,
-                    init_seed=inputs.random_init_seed,
-                    on_fold=lambda entry: log(_fold_line(entry, config.folds)),
-                )
-                if rank == 0:
-                    write_scores(tmp, result.scores, result.folds, identity)
-                    log(_scores_line(result))
-            if rank == 0:  # the scores are in place: the fold runs are done with
-                shutil.rmtree(folds)
+            result = score_difficulty(
+                dataclasses.replace(fold_config, out_dir=folds_directory(out, identity)),
+                config,
+                data,
+                initial,
+                reference,
+                init_seed=inputs.random_init_seed,
+                on_fold=lambda entry: log(_fold_line(entry, config.folds)),
+            )
+            if rank == 0:
+                write_scores(tmp, result.scores, result.folds, identity)
+                log(_scores_line(result))
+
+        def replacing(problem: Exception) -> None:
+            if rank == 0:
+                log(f"replacing {out}: {problem}")
+
+        _, reused = keyed_directory(
+            out, verify, build, stage=staged_directory, rebuilding=replacing
+        )
+        if rank == 0:
+            if reused:
+                log(f"reused {out}: the same shards, model, reference and settings")
+            # the scores are in place: the fold runs (a crash's too) are done with
+            shutil.rmtree(folds_directory(out, identity), ignore_errors=True)
     if rank == 0 and pipes is None:  # under Pipes, the asset names the directory
         print(out)
 
@@ -707,22 +716,6 @@ def _scoring_reference(
         return cached_reference_logps(model, data, data.layout, stored, **kwargs)
     table = compute_reference_logps(model, data, data.layout, precision=precision, **kwargs)
     return ReferenceLogps(table, reference_key(data, model, precision))
-
-
-def _same_scores(out: Path, identity: dict, log: Callable[[str], None] | None) -> bool:
-    """Whether `out` holds scores (intact) of exactly these inputs, settings and code."""
-    if not out.exists():
-        return False
-    try:
-        report = read_report(out)
-    except ShardError as err:
-        if log is not None:
-            log(f"replacing {out}: {err}")
-        return False
-    changed = [part for part in identity if report[part] != identity[part]]
-    if changed and log is not None:
-        log(f"replacing {out}: its {' and '.join(changed)} differ")
-    return not changed
 
 
 def _fold_line(entry: dict, folds: int) -> str:

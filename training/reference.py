@@ -31,10 +31,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
+from core.atomic import atomic_file, is_hex_key, remove_leftovers
+from core.progress import progress as show_progress
 from data_contracts import reference_logps as contract
 from data_contracts.packed_row import DEFAULT_BLOCK_SIZE, Layout, PackedRow
-from pipeline.io import atomic_file, is_hex_key
-from pipeline.progress import progress as show_progress
 from training.attention import Backend
 from training.batch import check_rows, collate, rows_table
 from training.device import Precision, autocast, check_precision, resolve_backend, resolve_device
@@ -381,8 +381,13 @@ def cached_reference_logps(
         **compute_kwargs: passed to `compute_reference_logps`.
     """
     path = cache.path
+
+    def absent() -> bool:  # rank 0's look; dead runs' leftovers of the file go either way
+        remove_leftovers(path)
+        return not path.exists()
+
     # One decision for all ranks: they compute together or not at all.
-    if from_rank0(lambda: not path.exists()):
+    if from_rank0(absent):
         table = compute_reference_logps(
             model, rows, layout, precision=cache.key.precision, **compute_kwargs
         )

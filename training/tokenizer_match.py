@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from pipeline.tokenize import TokenizerError
+from core.errors import TokenizerError
 
 TOKENIZER = "tokenizer.json"
 # The parts of a tokenizer.json that change the ids of a text encoded without special tokens.

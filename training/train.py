@@ -77,9 +77,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from core.atomic import atomic_directory
+from core.progress import progress
 from data_contracts.packed_row import LAYOUTS
-from pipeline.io import atomic_directory
-from pipeline.progress import progress
 from training.attention import FLAT_BACKENDS
 from training.batch import Batch, PackedData, check_rows, collate
 from training.checkpoint import (

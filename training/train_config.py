@@ -2,7 +2,7 @@
 
 Kept apart from `train.py` so that `prefpack --help` and the Dagster layer can build their
 flags and configs from these fields without loading torch. Each field is a
-`pipeline.flags.setting`: its help, range and default make the `prefpack train` flags
+`core.settings.setting`: its help, range and default make the `prefpack train` flags
 (`training/cli.py`) and the Dagster run config, and a config out of range is refused
 when it is built, before any data or model is read.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
-from pipeline.flags import SettingError, flag_name, setting, setting_problems
+from core.settings import SettingError, flag_name, setting, setting_problems
 
 Backend = Literal["auto", "dense", "segments", "varlen", "flex"]
 BACKENDS: tuple[Backend, ...] = get_args(Backend)
@@ -189,7 +189,7 @@ class TrainConfig:
     checkpoint_every: int = setting(0, "save a resumable checkpoint every N steps (0: never)", ge=0)
     export_dtype: ExportDtype = setting("float32", "dtype of final/ weights")
     progress: bool = setting(
-        True, "progress on rank 0: a bar on a terminal, else a line every 5% (pipeline/progress.py)"
+        True, "progress on rank 0: a bar on a terminal, else a line every 5% (core/progress.py)"
     )
 
     def __post_init__(self) -> None:

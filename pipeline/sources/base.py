@@ -205,6 +205,15 @@ def last_content(messages: pl.Expr) -> pl.Expr:
     return messages.list.last().struct.field("content")
 
 
+def assistant_last(chosen: pl.Expr, rejected: pl.Expr) -> tuple[pl.Expr, str, str]:
+    """The `first_reason` check of two conversations: each ends with the assistant's turn."""
+    return (
+        last_role(chosen).ne_missing("assistant") | last_role(rejected).ne_missing("assistant"),
+        "no_assistant_turn",
+        "chosen and rejected must end with an assistant message",
+    )
+
+
 def attribute_list(columns: Mapping[str, pl.Expr]) -> pl.Expr:
     """name -> score expressions as a list of {key, value}, leaving out null scores."""
     entries = pl.concat_list(pl.struct(key=pl.lit(k), value=v) for k, v in columns.items())

@@ -21,10 +21,10 @@ from pipeline.sources.base import (
     MESSAGE_DTYPE,
     Source,
     SourceOptions,
+    assistant_last,
     first_reason,
     history,
     last_content,
-    last_role,
     messages_from_markers,
     single_turn,
     strings_to_messages,
@@ -126,12 +126,7 @@ class Generic(Source):
                     f"no prompt: column {options.prompt_column!r} is null or absent and "
                     "chosen holds no conversation",
                 ),
-                (
-                    last_role(chosen).ne_missing("assistant")
-                    | last_role(rejected).ne_missing("assistant"),
-                    "no_assistant_turn",
-                    "chosen and rejected must end with an assistant message",
-                ),
+                assistant_last(chosen, rejected),
                 (
                     last_content(chosen).is_null() | last_content(rejected).is_null(),
                     "null_message_content",

@@ -28,12 +28,12 @@ from pipeline.sources.base import (
     KEYS,
     Source,
     SourceOptions,
+    assistant_last,
     attribute_list,
     first_reason,
     history,
     joined_text,
     last_content,
-    last_role,
     single_turn,
     uniform,
 )
@@ -199,12 +199,7 @@ class UltraFeedbackBinarized(Source):
             pl.lit(None).alias("rejected_attributes"),
             pl.lit(None, dtype=pl.String).alias("rationale"),
             *first_reason(
-                (
-                    last_role(chosen).ne_missing("assistant")
-                    | last_role(rejected).ne_missing("assistant"),
-                    "no_assistant_turn",
-                    "chosen and rejected must end with an assistant message",
-                ),
+                assistant_last(chosen, rejected),
                 (
                     last_content(chosen).is_null() | last_content(rejected).is_null(),
                     "null_message_content",

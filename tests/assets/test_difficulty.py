@@ -20,8 +20,7 @@ from assets.definitions import ASSETS, build_definitions
 from assets.jobs import DIFFICULTY_ASSETS, STAGE_ASSETS
 from assets.partitions import source_partitions
 from assets.run import materialized_metadata
-from pipeline.scores import read_report, read_scores
-from pipeline.shards import open_shards
+from pipeline.shards import open_shards, read_report, read_scores
 from tests.assets.conftest import TEST_CONFIG
 from tests.assets.test_plots import png_bytes, png_size
 

@@ -24,7 +24,7 @@ from assets.keys import (
 )
 from assets.resources import ComputeResource, ModelResource, SourcesResource, StoreResource
 from assets.training import config_flags, reference_logps, trained_model
-from pipeline.flags import config_from
+from core.settings import config_from
 from pipeline.io import REPORT_FILE
 from training.difficulty_config import DifficultyConfig
 from training.train_config import TrainConfig

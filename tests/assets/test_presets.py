@@ -6,11 +6,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets.configs import CurationConfig
+from assets.configs import CurationConfig, given_values
 from assets.curation import curated_pairs, fields_set
 from assets.resources import SourcesResource, StoreResource
 from assets.sources import normalized_pairs
-from pipeline.flags import given_values
 from pipeline.normalize import normalize, write_normalized
 from pipeline.presets import curate_config, get_preset
 from tests.conftest import FIXTURES

@@ -21,7 +21,7 @@ from assets import run_config
 from assets.definitions import build_definitions, build_resources
 from assets.jobs import QUIET
 from assets.run_config import OP_CONFIGS, config_problems, configured_resources, launch_problems
-from pipeline.ingest import is_hub_id
+from core.inputs import is_hub_id
 from tests.conftest import FIXTURES
 
 REPO = Path(__file__).resolve().parents[2]

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import pack, tokenize, tokenized
+from pipeline import pack, packer, tokenize, tokenized
 from pipeline.ahead import ahead
 from pipeline.pack import PackConfig, build_shards
 from pipeline.templates import TemplateError
@@ -172,7 +172,7 @@ def test_threaded_steps_write_the_bytes_of_the_serial_path(
     tokenizer = tiny_tokenizer_path if given else None
     monkeypatch.setattr(tokenized, "READ_BATCH", read_batch)
     monkeypatch.setattr(tokenized, "ROW_GROUP", 16)  # several row groups (part of the bytes)
-    monkeypatch.setattr(pack, "BATCH_TOKENS", 512)  # a few rows per record batch
+    monkeypatch.setattr(packer, "BATCH_TOKENS", 512)  # a few rows per record batch
     for module in (tokenize, tokenized, pack):
         monkeypatch.setattr(module, "ahead", _serial)
     serial = _build(many_pairs, tokenizer, tmp_path / "serial")

@@ -16,10 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import prefpack
+from core.settings import SettingError
 from data_contracts import curation_report
 from pipeline import near_dup
 from pipeline.curate import EVAL_PAIRS_FILE, CurateConfig, Curated, curate, write_curated
-from pipeline.flags import SettingError
 from pipeline.io import DROPPED_FILE, PAIRS_FILE
 from tests.conftest import assert_one_error_line
 from tests.pipeline.test_curate import _pairs, _user

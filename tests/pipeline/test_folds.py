@@ -12,9 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from data_contracts.packed_row import LAYOUTS, pair_tokens
-from pipeline.folds import assign_folds, pack_pairs, unpack_pairs
 from pipeline.pack import PackConfig, apply_length_policy, build_shards, template_ids
-from pipeline.shards import open_shards, table_rows
+from pipeline.shards import assign_folds, open_shards, pack_pairs, table_rows, unpack_pairs
 from pipeline.tokenized import TOKENIZED, TokenizeConfig, build_tokenized
 from tests.pipeline.factories import tokenized_table
 

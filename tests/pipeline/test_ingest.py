@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from core.inputs import is_hub_id
 from data_contracts import ContractError
 from data_contracts.contract import Contract
 from data_contracts.raw_sources import HELPSTEER3, MESSAGES, SHAPES
@@ -120,9 +121,9 @@ def test_split_from_file_name() -> None:
 
 
 def test_hub_ids_are_told_from_paths(tmp_path) -> None:
-    assert ingest.is_hub_id("nvidia/HelpSteer3")
-    assert not ingest.is_hub_id("data/train.jsonl")  # a missing file, not a hub id
-    assert not ingest.is_hub_id(tmp_path)
+    assert is_hub_id("nvidia/HelpSteer3")
+    assert not is_hub_id("data/train.jsonl")  # a missing file, not a hub id
+    assert not is_hub_id(tmp_path)
 
 
 def test_offline_hub_load_names_the_id() -> None:

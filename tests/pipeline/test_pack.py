@@ -24,14 +24,13 @@ from data_contracts.packed_row import (
 from pipeline import ragged
 from pipeline.mask_blocks import row_block_summary
 from pipeline.pack import (
-    BestFitPacker,
     PackConfig,
-    RowPacker,
     TemplateIds,
     apply_length_policy,
     prompt_cuts,
     truncated_lengths,
 )
+from pipeline.packer import BestFitPacker, RowPacker
 from tests.pipeline.factories import tokenized_table
 
 LAYOUTS = ("shared", "unshared", "padded")

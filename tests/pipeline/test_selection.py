@@ -14,11 +14,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from data_contracts import difficulty_scores
-from pipeline.folds import assign_folds, unpack_pairs
 from pipeline.pack import PackConfig, build_shards
-from pipeline.scores import write_scores
 from pipeline.selection import SelectConfig, build_selected_shards, select_by_difficulty
-from pipeline.shards import open_shards, read_manifest
+from pipeline.shards import assign_folds, open_shards, read_manifest, unpack_pairs, write_scores
 from pipeline.tokenized import TokenizeConfig, build_tokenized, read_tokenized, select_tokenized
 from tests.conftest import assert_one_error_line
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -19,9 +20,10 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
+from core import atomic
 from data_contracts import manifest as manifest_contract
 from data_contracts import packed_row
-from pipeline import pack, tokenized
+from pipeline import pack, packer, tokenized
 from pipeline.pack import PackConfig, ShardResult, build_shards
 from pipeline.shards import (
     MANIFEST,
@@ -152,6 +154,27 @@ def test_second_call_reuses_both_stages_and_rewrites_nothing(
     assert second.reused and second.key == first.key and second.directory == first.directory
     assert {d: _stamps(d) for d in stamps} == stamps
     assert second.manifest == first.manifest
+
+
+def test_a_reuse_removes_a_killed_runs_temp_directory_of_the_key(
+    pairs_path: Path, tiny_tokenizer_path: Path, tmp_path: Path
+) -> None:
+    """A run of the same key killed inside its write left `.KEY.tmp-<host>-<pid>-...`
+    beside each directory; the next run reuses both directories and removes both."""
+    store = tmp_path / "store"
+    first = _build(pairs_path, tiny_tokenizer_path, store)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    leftovers = []
+    for directory in (first.directory, store / "tokenized" / first.manifest["tokenized"]["key"]):
+        leftover = directory.parent / f".{directory.name}.tmp-{atomic._HOST}-{dead.pid}-0123abcd"
+        leftover.mkdir()
+        (leftover / "half.arrow").write_bytes(b"x" * 100)
+        leftovers.append(leftover)
+    again = build_tokenized(pairs_path, tiny_tokenizer_path, TOK, store)
+    second = build_shards(again.directory, SMALL, store)
+    assert again.reused and second.reused
+    assert [leftover.exists() for leftover in leftovers] == [False, False]
 
 
 def test_a_new_pack_config_repacks_without_tokenizing_again(
@@ -382,7 +405,7 @@ def test_an_exception_mid_write_leaves_no_directory(
         original(self, batch)
 
     monkeypatch.setattr(ShardWriter, "write", failing_write)
-    monkeypatch.setattr(pack, "BATCH_TOKENS", 512)  # many small batches
+    monkeypatch.setattr(packer, "BATCH_TOKENS", 512)  # many small batches
     config = dataclasses.replace(SMALL, shard_bytes=1)  # and a file per batch
     with pytest.raises(RuntimeError, match="disk on fire"):
         build_shards(tokens.directory, config, store)
@@ -401,7 +424,7 @@ def test_same_input_gives_byte_identical_directories(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     tok = tiny_tokenizer_path if tokenizer else None
-    monkeypatch.setattr(pack, "BATCH_TOKENS", 2048)  # several batches and shards
+    monkeypatch.setattr(packer, "BATCH_TOKENS", 2048)  # several batches and shards
     config = dataclasses.replace(SMALL, layout=layout, shard_bytes=8192)
     tok_config = dataclasses.replace(TOK, bpe_vocab_size=400)
     a = _build(pairs_path, tok, tmp_path / "a", config, tok_config)
@@ -414,7 +437,7 @@ def test_same_input_gives_byte_identical_directories(
 def test_shards_are_bounded_and_read_back_in_order(
     pairs_path: Path, tiny_tokenizer_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(pack, "BATCH_TOKENS", 1024)  # 4 rows of 256 per record batch
+    monkeypatch.setattr(packer, "BATCH_TOKENS", 1024)  # 4 rows of 256 per record batch
     config = dataclasses.replace(SMALL, shard_bytes=8192)
     many = _build(pairs_path, tiny_tokenizer_path, tmp_path / "many", config)
     one = _build(pairs_path, tiny_tokenizer_path, tmp_path / "one")
@@ -515,11 +538,11 @@ def test_writing_the_same_pairs_twice_gives_identical_bytes(lengths, layout, see
             directory = Path(tmp) / name
             directory.mkdir()
             writer = ShardWriter(directory, shard_bytes=2048)
-            packer = pack.RowPacker(layout, 120, 8)  # the largest pair: 2 x 30 + 30 + 30
+            row_packer = packer.RowPacker(layout, 120, 8)  # the largest pair: 2 x 30 + 30 + 30
             for start in range(0, table.num_rows, 7):
-                for batch in packer.add(table.slice(start, 7)):
+                for batch in row_packer.add(table.slice(start, 7)):
                     writer.write(batch)
-            for batch in packer.finish():
+            for batch in row_packer.finish():
                 writer.write(batch)
             digests.append([(s["file"], s["sha256"]) for s in writer.close()])
     assert digests[0] == digests[1]

@@ -12,13 +12,13 @@ import pytest
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
+from core.errors import TokenizerError
 from pipeline import ragged
 from pipeline.templates import ChatTemplate, builtin_template, render_pairs, turn_markers
 from pipeline.tokenize import (
     BoundaryReport,
     EndingReport,
     MarkerError,
-    TokenizerError,
     boundary_agreement,
     check_markers,
     load_tokenizer,

@@ -234,7 +234,7 @@ def test_a_kill_mid_save_leaves_no_folder_and_the_next_save_removes_the_leftover
     [leftover] = [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt.tmp-")]
     assert (leftover / WEIGHTS_NAME).is_file()  # killed after the weights, before the rename
     size = sum(p.stat().st_size for p in leftover.iterdir())
-    with caplog.at_level(logging.WARNING, logger="pipeline.io"):
+    with caplog.at_level(logging.WARNING, logger="core.atomic"):
         save_pretrained(CausalLM(tiny()), folder)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert any(

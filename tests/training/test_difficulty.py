@@ -20,8 +20,7 @@ import prefpack
 import training.difficulty
 import training.recipe
 import training.train
-from pipeline.scores import read_report, read_scores
-from pipeline.shards import open_shards
+from pipeline.shards import open_shards, read_report, read_scores
 from tests.conftest import assert_one_error_line
 from tests.training.conftest import TINY_SHARD_PAIRS, tiny_checkpoint, with_model
 from tests.training.dist_worker import torchrun_prefpack

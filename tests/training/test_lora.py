@@ -23,7 +23,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 import prefpack
-from pipeline.flags import SettingError
+from core.settings import SettingError
 from tests.conftest import assert_one_error_line
 from tests.training.conftest import tiny_checkpoint, with_model
 from tests.training.dist_worker import (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import pyarrow.feather as feather
 import pytest
 import torch
 
+from core import atomic as io
 from data_contracts.contract import ContractError
 from tests.training.dist_worker import (
     REFERENCE_BATCH_ROWS,
@@ -205,6 +207,19 @@ def test_cache_computes_once_per_model_and_shards(
         cached_reference_logps(other, rows, "shared", _cache(tmp_path, other, "5a1d"))
 
 
+def test_a_reuse_removes_a_killed_runs_temp_file_of_the_key(tmp_path: Path) -> None:
+    rows = varied_rows(0, "shared")
+    model = _model()
+    cache = _cache(tmp_path, model, "5a1d")
+    cached_reference_logps(model, rows, "shared", cache, progress=False)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    leftover = tmp_path / f".{cache.path.name}.tmp-{io._HOST}-{dead.pid}-0123abcd"
+    leftover.write_bytes(b"x" * 100)  # a run of the same key, killed inside its write
+    cached_reference_logps(model, rows, "shared", cache, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [cache.path.name]
+
+
 def test_training_with_stored_logps_equals_training_with_a_reference_model(
     tmp_path: Path,
 ) -> None:
@@ -249,3 +264,13 @@ def test_two_processes_compute_the_reference_of_one(tmp_path: Path, parallel: st
         assert all(layout["local"] < 0.6 * total for layout in layouts)
     else:  # replicated
         assert all(layout["mesh"] == [] and layout["local"] == total for layout in layouts)
+
+
+def test_the_reference_cache_refuses_keys_that_are_not_hex(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"shard key '\.\./\.\./x' is not a hex key"):
+        ReferenceCache(tmp_path, ReferenceKey("ab" * 32, "../../x", "fp32"))
+    with pytest.raises(ValueError, match="model fingerprint '/etc' is not a hex key"):
+        ReferenceCache(tmp_path, ReferenceKey("/etc", "abc123", "fp32"))
+    path = ReferenceCache(tmp_path, ReferenceKey("ab" * 32, "abc123", "fp32")).path
+    assert path.parent == tmp_path
+    assert path.name == f"reference_logps-abc123-{'ab' * 8}-fp32-v1.arrow"

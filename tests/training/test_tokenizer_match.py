@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from tokenizers import AddedToken, Tokenizer
 
-from pipeline.tokenize import TokenizerError
+from core.errors import TokenizerError
 from tests.training.base_folders import CHATML, base_folder, chatml_shards, gpt2_folder
 from training.tokenizer_match import tokenizer_content, tokenizer_mismatch
 

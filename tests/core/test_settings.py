@@ -8,15 +8,15 @@ from typing import Literal
 
 import pytest
 
-from pipeline.curate import CurateConfig
-from pipeline.flags import (
+from assets.configs import dagster_config
+from core.settings import (
     SettingError,
     add_flags,
     check_settings,
     config_from,
-    dagster_config,
     setting,
 )
+from pipeline.curate import CurateConfig
 from pipeline.pack import PackConfig
 from pipeline.tokenized import TokenizeConfig
 from training.train_config import TrainConfig

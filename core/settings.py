@@ -3,12 +3,13 @@
 Each field of `CurateConfig`, `TokenizeConfig`, `PackConfig` and `TrainConfig` is declared
 with `setting(default, help, ...)`: its help text, its range and, rarely, a flag name.
 From that one description come the command-line flags (`add_flags`: type, choices,
-default and range shown in `--help`), the Dagster run configs (`dagster_config`) and the
-range check every config runs when it is built (`check_settings`, from `__post_init__`).
-`config_from` builds the config from either front end's values, so a bad value stops
-before any data or model is read, with the flag named; beneath them it can put a preset's
-settings (`pipeline.presets`), which only the values a user gave override (`only_given`
-flags, `given_values` of a Dagster config).
+default and range shown in `--help`), the Dagster run configs
+(`assets.configs.dagster_config`) and the range check every config runs when it is built
+(`check_settings`, from `__post_init__`). `config_from` builds the config from either
+front end's values, so a bad value stops before any data or model is read, with the flag
+named; beneath them it can put a preset's settings (`pipeline.presets`), which only the
+values a user gave override (`only_given` flags, `assets.configs.given_values` of a
+Dagster config).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import dataclasses
 import math
 import types
 import typing
-from pathlib import Path
 from typing import Any
 
 _BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
@@ -100,7 +100,7 @@ def check_settings(config: Any) -> None:
 # Types
 
 
-def _without_none(hint: Any) -> tuple[Any, bool]:
+def without_none(hint: Any) -> tuple[Any, bool]:
     """(the type inside `X | None`, whether None is allowed)."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -109,7 +109,7 @@ def _without_none(hint: Any) -> tuple[Any, bool]:
 
 
 def _choices(hint: Any) -> tuple[Any, ...]:
-    base, _ = _without_none(hint)
+    base, _ = without_none(hint)
     return typing.get_args(base) if typing.get_origin(base) is typing.Literal else ()
 
 
@@ -138,7 +138,7 @@ def add_flags(
 def _add_flag(
     group: argparse._ActionsContainer, f: dataclasses.Field, hint: Any, only_given: bool
 ) -> None:
-    base, optional = _without_none(hint)
+    base, optional = without_none(hint)
     text = f.metadata["help"]
     bounds = f.metadata.get("bounds") or {}
     shown = f.default if not isinstance(f.default, tuple) else " ".join(map(str, f.default))
@@ -177,59 +177,12 @@ def config_from(
     cls: type, values: Any, *, under: typing.Mapping[str, Any] | None = None, **given: Any
 ) -> Any:
     """`cls` built from the attributes of `values` named like its fields (parsed flags of
-    `add_flags`, or a config made by `dagster_config`; lists become tuples), with `given`
-    over them and `under` (a preset's settings) for the fields neither sets; raises
-    SettingError when out of range."""
+    `add_flags`, or a config made by `assets.configs.dagster_config`; lists become
+    tuples), with `given` over them and `under` (a preset's settings) for the fields
+    neither sets; raises SettingError when out of range."""
     fields = dict(under or {})
     for f in dataclasses.fields(cls):
         if hasattr(values, f.name):
             value = getattr(values, f.name)
             fields[f.name] = tuple(value) if isinstance(value, list) else value
     return cls(**(fields | given))
-
-
-# ---------------------------------------------------------------------------------------
-# Dagster run configs
-
-
-def _config_type(annotation: Any) -> Any:
-    """Dagster config has lists, not tuples, and strings, not paths."""
-    base, optional = _without_none(annotation)
-    if typing.get_origin(base) is tuple:
-        base = list[typing.get_args(base)[0]]
-    elif base is Path:
-        base = str
-    return typing.Optional[base] if optional else base  # noqa: UP045
-
-
-def given_values(config: Any, names: typing.Iterable[str]) -> types.SimpleNamespace:
-    """The fields `names` of a config made by `dagster_config` (those its run config sets),
-    for `config_from` to put over a preset's settings."""
-    return types.SimpleNamespace(**{name: getattr(config, name) for name in names})
-
-
-def dagster_config(cls: type, name: str, exclude: tuple[str, ...] = (), **extra: Any) -> type:
-    """A `dagster.Config` with the fields of `cls` (but `exclude`), their defaults, help
-    texts and ranges (checked by the launchpad), plus `extra` pydantic fields."""
-    import dagster as dg
-    from pydantic import Field, create_model
-
-    hints = typing.get_type_hints(cls)
-    fields: dict[str, Any] = {
-        f.name: (
-            _config_type(hints[f.name]),
-            Field(
-                default=list(f.default) if isinstance(f.default, tuple) else f.default,
-                description=f.metadata.get("help"),
-                **(
-                    {}
-                    if typing.get_origin(hints[f.name]) is tuple
-                    else f.metadata.get("bounds", {})
-                ),
-            ),
-        )
-        for f in dataclasses.fields(cls)
-        if f.name not in exclude
-    }
-    fields.update(extra)
-    return create_model(name, __base__=dg.Config, __doc__=cls.__doc__, **fields)
