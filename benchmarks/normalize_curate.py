@@ -14,7 +14,9 @@ chosen-longer share and a 5% eval split), each stage in a fresh process, and rec
 wall time and peak resident memory (`wait4`'s `ru_maxrss`: that process alone). The
 generated files and outputs are deleted afterwards unless `--keep`; a kept input is reused.
 `--code DIR` runs the stages from another checkout (e.g. `git archive` of an older commit)
-on the same input, for a before/after comparison on one machine. The numbers go to
+on the same input, for a before/after comparison on one machine. `--stages curate
+curate_compare_rules` reruns only those stages on a kept normalize output (with `--keep`),
+leaving the other numbers of that size as they were. The numbers go to
 benchmarks/results/normalize_curate.json under `runs.<label>.<rows>`; other labels stay.
 
 The second form measures normalize alone: the 100k binarized rows as Parquet and as JSON
@@ -300,6 +302,8 @@ def measure(rows: int, args: argparse.Namespace) -> dict:
     }
     if args.compare_rules:
         stages["curate_compare_rules"] = [*curate, *COMPARE_RULES]
+    if args.stages:
+        stages = {stage: argv for stage, argv in stages.items() if stage in args.stages}
     for stage, argv in stages.items():
         print(f"{label}: {stage} ...", flush=True)
         out = outs[stage]
@@ -339,6 +343,12 @@ def main() -> None:
         help="also curate with near-duplicates, a prompt cap, a length share and an eval split",
     )
     parser.add_argument("--keep", action="store_true", help="keep inputs and outputs (reused)")
+    parser.add_argument(
+        "--stages",
+        nargs="+",
+        choices=["normalize", "curate", "curate_compare_rules"],
+        help="run only these stages (the others' outputs and numbers are kept)",
+    )
     parser.add_argument("--normalize", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--ingest", metavar="LABEL", help="measure the JSONL cases as LABEL")
     parser.add_argument(
@@ -364,7 +374,7 @@ def main() -> None:
     run = results["runs"].setdefault(args.label, {})
     run["code"] = str(args.code) if args.code else "this checkout"
     for rows in args.rows:
-        run[str(rows)] = measure(rows, args)
+        run[str(rows)] = {**run.get(str(rows), {}), **measure(rows, args)}
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(results, indent=2) + "\n")
 

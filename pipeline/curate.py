@@ -49,10 +49,14 @@ every pair it keeps source and lengths (12 bytes, for the length bias) and its f
 byte: kept, held out, or the rule that dropped it); of a pair that passes, when a rule that
 compares pairs is on, a slim row: position and source (8 bytes) and what those rules need,
 margin and prompt id (16), the sample key (8), the share rule's draw (9). Those rules run
-on the slim rows. Near-duplicates and the eval split read the prompts once more, and each
-distinct prompt's MinHash signature and band keys go to disk (`pipeline.near_dup.Index`).
-The last pass writes each pair where its fate says, in input order. The output bytes do not
-depend on the batch size (`pipeline.io.ParquetRowGroups`).
+on the slim rows; the group and prompt caps sort only the pairs they may drop (those of a
+near-duplicate group, of a prompt with more pairs than the cap), not every slim row.
+Near-duplicates and the eval split read the prompts once more, and each distinct prompt's
+MinHash signature and band keys go to disk (`pipeline.near_dup.Index`). The last pass
+writes each pair where its fate says, in input order. The output bytes do not depend on
+the batch size (`pipeline.io.ParquetRowGroups`). After each batch, the memory Arrow's pool
+freed goes back to the system (`_release_arrow_memory`). Measured at ten million pairs in
+`benchmarks/normalize_curate.py` (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -375,9 +379,55 @@ def _best_first(group: str, cap: int) -> pl.Expr:
     (HelpSteer3's 0-3 beside UltraFeedback's 1-10), so margins are compared as their
     share of the source's pairs (that reached the rule) with a margin no larger: the
     same order within one source, scale-free across sources."""
+    return _rank_within(group, _standing(), pl.col("__position")) < cap
+
+
+def _standing() -> pl.Expr:
+    """`_best_first`'s sort key: minus a pair's margin standing within its source (no margin:
+    last)."""
     margin = pl.col("margin")
     standing = margin.rank("max").over("source") / margin.count().over("source")
-    return _rank_within(group, standing.fill_null(-np.inf).neg(), pl.col("__position")) < cap
+    return standing.fill_null(-np.inf).neg()
+
+
+def _near_duplicate_keep(frame: pl.DataFrame, cap: int) -> pl.Series:
+    """What `_near_duplicate_cap` keeps of `frame`, ranking only the pairs whose prompt is in
+    a group (a few in a hundred): the standings come from every pair, the sort from those."""
+    grouped = frame.select(
+        "__near_dup_group", "__position", _standing().alias("__standing")
+    ).filter(pl.col("__near_dup_group").is_not_null())
+    best = grouped.select(
+        _rank_within("__near_dup_group", pl.col("__standing"), pl.col("__position")) < cap
+    ).to_series()
+    keep = frame["__near_dup_group"].is_null().to_numpy().copy()
+    keep[~keep] = best.to_numpy()
+    return pl.Series("keep", keep)
+
+
+def _prompt_cap_keep(frame: pl.DataFrame, cap: int) -> pl.Series:
+    """What `_prompt_cap` keeps of `frame`, ranking only the pairs of prompts with more than
+    `cap` pairs: those are found by one numpy sort of the prompt ids (memory the system gets
+    back at once), the standings come from every pair, the sort by standing from those."""
+    prompt = frame["__prompt_id"].to_numpy()
+    order = np.argsort(prompt, kind="stable")
+    ordered = prompt[order]
+    opens = np.ones(len(ordered), bool)  # the first pair of each prompt, in prompt order
+    opens[1:] = ordered[1:] != ordered[:-1]
+    del ordered
+    starts = np.flatnonzero(opens)
+    sizes = np.diff(np.append(starts, len(prompt)))
+    crowded = np.zeros(len(prompt), bool)
+    crowded[order[np.repeat(sizes > cap, sizes)]] = True
+    del order, opens
+    ranked = frame.select("__prompt_id", "__position", _standing().alias("__standing")).filter(
+        pl.Series(crowded)
+    )
+    best = ranked.select(
+        _rank_within("__prompt_id", pl.col("__standing"), pl.col("__position")) < cap
+    ).to_series()
+    keep = ~crowded
+    keep[crowded] = best.to_numpy()
+    return pl.Series("keep", keep)
 
 
 def _rank_within(group: str, *keys: pl.Expr) -> pl.Expr:
@@ -632,8 +682,8 @@ def mark_near_duplicates(
     prompts = prompts.with_columns(
         pl.when(pl.Series(found.group >= 0)).then(pl.Series(first)).alias("__near_dup_group")
     )
-    frame = frame.join(
-        prompts.select("__prompt_id", "__near_dup_group"),
+    frame = frame.join(  # the prompts in a group only: a pair of another prompt gets null
+        prompts.select("__prompt_id", "__near_dup_group").drop_nulls("__near_dup_group"),
         on="__prompt_id",
         how="left",
         maintain_order="left",
@@ -678,14 +728,24 @@ def _unit_hashes(frame: pl.DataFrame, prompts: pl.DataFrame) -> pl.DataFrame:
     first = pl.col("__position").min().over("__prompt_id")
     unit = first if group is None else pl.coalesce(group, first)
     return (
-        frame.join(
-            prompts.select("__prompt_id", "__hash"),
-            on="__prompt_id",
-            how="left",
-            maintain_order="left",
-        )
+        _with_prompt_hash(frame, prompts)
         .with_columns(unit.alias("__unit"))
         .with_columns(pl.col("__hash").min().over("__unit").alias("__unit_hash"))
+    )
+
+
+def _with_prompt_hash(frame: pl.DataFrame, prompts: pl.DataFrame) -> pl.DataFrame:
+    """`frame` with `__hash`, its prompt's in `prompts`: a left join on `__prompt_id`, as a
+    binary search in the sorted prompt ids when every pair's prompt is there (numpy memory,
+    given back at once, where a join's hash table of millions of prompts stays)."""
+    ids, wanted = prompts["__prompt_id"].to_numpy(), frame["__prompt_id"].to_numpy()
+    if len(ids):
+        order = np.argsort(ids)
+        at = order[np.minimum(np.searchsorted(ids, wanted, sorter=order), len(ids) - 1)]
+        if bool((ids[at] == wanted).all()):
+            return frame.with_columns(pl.Series("__hash", prompts["__hash"].to_numpy()[at]))
+    return frame.join(
+        prompts.select("__prompt_id", "__hash"), on="__prompt_id", how="left", maintain_order="left"
     )
 
 
@@ -772,23 +832,29 @@ def length_bias(frame: pl.DataFrame) -> dict[str, dict[str, Any]]:
             (chosen > rejected).sum().alias("chosen_longer"),
             (chosen < rejected).sum().alias("rejected_longer"),
             (chosen == rejected).sum().alias("equal"),
-            *(
-                ratio.quantile(q, interpolation="linear").round(4).alias(name)
-                for name, q in curation_report.RATIO_QUANTILES.items()
-            ),
         )
         .with_columns((pl.col("chosen_longer") / pl.col("pairs")).round(4).alias("share"))
         .sort("source")
     )
     out = {}
     for row in stats.iter_rows(named=True):
+        # One source's ratios, one quantile at a time: each copies them once (as quantiles
+        # in the aggregation did, all at once: 65 bytes a pair at ten million pairs).
+        ratios = frame.filter(pl.col("source") == row["source"]).select(ratio).to_series()
+        quantiles = {
+            name: ratios.quantile(q, interpolation="linear")
+            for name, q in curation_report.RATIO_QUANTILES.items()
+        }
         out[row["source"]] = {
             "pairs": row["pairs"],
             "chosen_longer": row["chosen_longer"],
             "rejected_longer": row["rejected_longer"],
             "equal": row["equal"],
             "chosen_longer_share": row["share"],
-            "ratio_quantiles": {name: row[name] for name in curation_report.RATIO_QUANTILES},
+            "ratio_quantiles": {
+                name: pl.Series([value], dtype=pl.Float64).round(4).item()
+                for name, value in quantiles.items()
+            },
         }
     return out
 
@@ -951,6 +1017,13 @@ _RULE_COLUMNS = [
 ]
 
 
+def _release_arrow_memory() -> None:
+    """Give the memory Arrow's pool freed back to the system, once a batch is done: its
+    allocator keeps freed blocks for reuse, and over a pass of ten million pairs the blocks of
+    earlier batches pile up (hundreds of MB) more than the next batch reuses them."""
+    pa.default_memory_pool().release_unused()
+
+
 class _Curation:
     """One curation of `pairs`: `decide` gives every pair its fate, `outputs` hands the
     pairs out by fate, `report` sums it up (see the module docstring, Memory).
@@ -990,7 +1063,13 @@ class _Curation:
 
     def _apply(self, name: str, frame: pl.DataFrame) -> pl.DataFrame:
         """Rule `name` on `frame`: its dropped pairs get their fate; the kept ones return."""
-        keep = frame.select(self.rules[name].fill_null(True)).to_series()
+        if name == "near_duplicate":  # the same keep, sorting only the grouped pairs
+            keep = _near_duplicate_keep(frame, self.config.near_dup_max_pairs)
+        elif name == "over_prompt_cap":  # likewise, sorting only the crowded prompts' pairs
+            assert self.config.max_pairs_per_prompt is not None
+            keep = _prompt_cap_keep(frame, self.config.max_pairs_per_prompt)
+        else:
+            keep = frame.select(self.rules[name].fill_null(True)).to_series()
         gone = frame.filter(~keep)["__position"].to_numpy()
         self.fate[gone] = _DROPPED_BY[name]
         self.dropped[name] += len(gone)
@@ -1068,6 +1147,7 @@ class _Curation:
                 keys = _seeded_hashes(frame["pair_id"], config.seed)
                 frame = frame.with_columns(keys.alias("__sample_key"))
             slim.append(frame.select(columns))
+            _release_arrow_memory()
             bar.update(batch.num_rows)
         bar.close()
         schema = {ROW_INDEX: pl.Int64, "rule": pl.String}
@@ -1150,6 +1230,7 @@ class _Curation:
                 self.texts.update(zip(examples[low:high].tolist(), shown.to_series(), strict=True))
             bar.update(batch.num_rows)
             yield kept, held, dropped
+            _release_arrow_memory()
         bar.close()
 
     def report(self) -> dict[str, Any]:

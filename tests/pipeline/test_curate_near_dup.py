@@ -138,6 +138,24 @@ def test_near_duplicates_chain() -> None:
     assert found.group.tolist() == [0, 0, 0]
 
 
+def test_index_verifies_candidates_as_whole_signatures_do(tmp_path) -> None:
+    """Texts added in batches, verified one MinHash position at a time: the similar pairs
+    (and so the groups) are those the estimate over whole signatures gives."""
+    rng = np.random.default_rng(3)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(3, 9)))) for _ in range(300)]
+    texts = list(dict.fromkeys(texts))  # distinct, as curate adds them
+    index = near_dup.Index(tmp_path, 0.6, 5, 0)
+    for start in range(0, len(texts), 70):
+        index.add(pl.Series(texts[start : start + 70]))
+    found = index.find()
+    signature = near_dup.signatures(pl.Series(texts), 5, 0)
+    bands = (near_dup.band_key(signature, b, index.rows) for b in range(index.bands))
+    first, other = near_dup.candidates(bands)
+    similar = near_dup.estimated_jaccard(signature, first, other) >= 0.6
+    assert found.candidate_pairs == len(first) > found.similar_pairs == int(similar.sum()) > 0
+
+
 def test_no_texts_and_no_duplicates() -> None:
     assert near_dup.near_duplicates(pl.Series([], dtype=pl.String), 0.8, 5, 0).group.size == 0
     lone = near_dup.near_duplicates(pl.Series(["one thing", "quite another"]), 0.8, 5, 0)

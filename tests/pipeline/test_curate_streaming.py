@@ -22,6 +22,10 @@ from pipeline.curate import (
     CurateConfig,
     Curated,
     Pairs,
+    _near_duplicate_cap,
+    _near_duplicate_keep,
+    _prompt_cap,
+    _prompt_cap_keep,
     _rank_within,
     _SeenKeys,
     _slim_columns,
@@ -231,6 +235,53 @@ def test_rank_within_a_group_is_the_window_it_replaces(rows: list, seed: int) ->
     assert frame.select(_rank_within("g", *keys).cast(pl.Int64)).to_series().to_list() == (
         frame.select(window.cast(pl.Int64)).to_series().to_list()
     )
+
+
+@settings(max_examples=60)
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.one_of(st.none(), st.integers(0, 4)),
+            st.one_of(st.none(), st.sampled_from([0.0, 1.0, 2.5])),
+            st.sampled_from(["a", "b"]),
+        ),
+        max_size=40,
+    ),
+    cap=st.integers(1, 3),
+    seed=st.integers(0, 9),
+)
+def test_keeps_that_rank_only_crowded_pairs_are_the_rules_expressions(
+    rows: list, cap: int, seed: int
+) -> None:
+    """Pairs without a group, margins missing or tied, two sources: the masks that sort only
+    the grouped pairs (near-duplicates) or those of prompts over the cap are the rules'
+    expressions over all of them."""
+    positions = np.sort(np.random.default_rng(seed).choice(1000, len(rows), replace=False))
+    frame = pl.DataFrame(
+        {
+            "__near_dup_group": [g for g, _, _ in rows],
+            "margin": [m for _, m, _ in rows],
+            "source": [s for _, _, s in rows],
+            "__position": positions,
+        },
+        schema={
+            "__near_dup_group": pl.UInt32,
+            "margin": pl.Float64,
+            "source": pl.Categorical,
+            "__position": pl.UInt32,
+        },
+    )
+    rule = _near_duplicate_cap(CurateConfig(near_dup_threshold=0.8, near_dup_max_pairs=cap))
+    assert rule is not None
+    expected = frame.select(rule.fill_null(True)).to_series().to_list()
+    assert _near_duplicate_keep(frame, cap).to_list() == expected
+    # The per-prompt cap, the groups taken as prompts (no prompt without one).
+    prompts = frame.with_columns(pl.col("__near_dup_group").fill_null(9).cast(pl.UInt64))
+    prompts = prompts.rename({"__near_dup_group": "__prompt_id"})
+    rule = _prompt_cap(CurateConfig(max_pairs_per_prompt=cap))
+    assert rule is not None
+    expected = prompts.select(rule.fill_null(True)).to_series().to_list()
+    assert _prompt_cap_keep(prompts, cap).to_list() == expected
 
 
 def test_seen_keys_across_batches_match_a_set() -> None:
