@@ -735,18 +735,16 @@ def _unit_hashes(frame: pl.DataFrame, prompts: pl.DataFrame) -> pl.DataFrame:
 
 
 def _with_prompt_hash(frame: pl.DataFrame, prompts: pl.DataFrame) -> pl.DataFrame:
-    """`frame` with `__hash`, its prompt's in `prompts`: a left join on `__prompt_id`, as a
-    binary search in the sorted prompt ids when every pair's prompt is there (numpy memory,
-    given back at once, where a join's hash table of millions of prompts stays)."""
+    """`frame` with `__hash`, its prompt's in `prompts` (which holds every prompt of `frame`:
+    they are read from the pairs the rules kept), found by binary search in the sorted
+    prompt ids: numpy memory, given back at once, where a join's hash table of millions of
+    prompts stays."""
     ids, wanted = prompts["__prompt_id"].to_numpy(), frame["__prompt_id"].to_numpy()
-    if len(ids):
-        order = np.argsort(ids)
-        at = order[np.minimum(np.searchsorted(ids, wanted, sorter=order), len(ids) - 1)]
-        if bool((ids[at] == wanted).all()):
-            return frame.with_columns(pl.Series("__hash", prompts["__hash"].to_numpy()[at]))
-    return frame.join(
-        prompts.select("__prompt_id", "__hash"), on="__prompt_id", how="left", maintain_order="left"
-    )
+    order = np.argsort(ids)
+    at = order[np.minimum(np.searchsorted(ids, wanted, sorter=order), max(len(ids) - 1, 0))]
+    if not np.array_equal(ids[at], wanted):
+        raise RuntimeError("curate: a pair's prompt is missing from the prompt hashes")
+    return frame.with_columns(pl.Series("__hash", prompts["__hash"].to_numpy()[at]))
 
 
 def _first_units(frame: pl.DataFrame, pairs: int) -> pl.Expr:
